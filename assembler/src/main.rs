@@ -1,0 +1,94 @@
+//! std-assembler: synchronises module frames and assembles images into the ImageBuffer.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use assembler::service::{self, Assembler};
+use clap::Parser;
+use image_buffer::{Expect, RingOwner, RingReader};
+use std::path::PathBuf;
+use std::time::Duration;
+use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::{names, DetectorConfig, ImageMetadata, ModuleFrame};
+
+/// Synchronises the frames of all modules by image_id, places each module into the ImageBuffer
+/// (/dev/shm/std-daq.<detector>.image) at its module_positions place, and publishes ImageMetadata
+/// (status computed from all modules) on ipc://<ipc_dir>/std-daq-<detector>-image. Waits for every
+/// receiver's FrameBuffer to exist before it starts. Stops on SIGINT/SIGTERM after emitting every
+/// pending image.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Detector config file (std_daq JSON).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = DetectorConfig::from_file(&args.config)?;
+    init_logging(&cfg.log_level);
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+
+    let ctx = zmq::Context::new();
+    let pull = ctx.socket(zmq::PULL)?;
+    pull.set_rcvhwm(100_000)?;
+    let sync = names::sync_endpoint(&cfg);
+    pull.bind(&sync)
+        .with_context(|| format!("binding {sync}"))?;
+    let publisher = ctx.socket(zmq::PUB)?;
+    publisher.set_sndhwm(100_000)?;
+    publisher.set_linger(1000)?;
+    let image_endpoint = names::image_endpoint(&cfg);
+    publisher
+        .bind(&image_endpoint)
+        .with_context(|| format!("binding {image_endpoint}"))?;
+
+    let image_name = names::image_buffer_name(&cfg.detector_name);
+    let image_ring: RingOwner<ImageMetadata> = RingOwner::create(
+        &image_name,
+        cfg.image_buffer_slots(),
+        cfg.image_bytes() as u64,
+    )
+    .with_context(|| format!("creating ImageBuffer {image_name}"))?;
+
+    let mut module_rings = Vec::new();
+    for m in 0..cfg.n_modules {
+        let name = names::module_buffer_name(&cfg.detector_name, m);
+        let expect = Expect {
+            n_slots: Some(u64::from(cfg.module_buffer_slots)),
+            slot_bytes: Some(cfg.module_frame_bytes() as u64),
+        };
+        let ring: RingReader<ModuleFrame> = loop {
+            match RingReader::attach_wait(&name, expect, Duration::from_secs(10), || {
+                shutdown.is_triggered()
+            }) {
+                Ok(r) => break r,
+                Err(image_buffer::RingError::Timeout { .. }) if !shutdown.is_triggered() => {
+                    tracing::info!(buffer = name, "waiting for the receiver of module {m}");
+                }
+                Err(e) => return Err(e).with_context(|| format!("attaching FrameBuffer {name}")),
+            }
+        };
+        module_rings.push(ring);
+    }
+    tracing::info!(
+        modules = cfg.n_modules,
+        image_buffer = %image_ring.path().display(),
+        slots = image_ring.n_slots(),
+        %sync,
+        publish = %image_endpoint,
+        "assembling"
+    );
+    let mut assembler = Assembler::new(&cfg, module_rings, image_ring);
+    service::run(
+        &mut assembler,
+        &pull,
+        &publisher,
+        Duration::from_secs_f64(cfg.stats_collection_period),
+        &shutdown,
+    )?;
+    drop((pull, publisher));
+    names::remove_ipc_file(&sync);
+    names::remove_ipc_file(&image_endpoint);
+    Ok(())
+}

@@ -1,0 +1,607 @@
+//! The detector config: std_daq's JSON keys, parsed strictly and validated.
+//!
+//! A config is read once at service start. Every error names the file (or other origin) and the
+//! key, so an operator can fix it without reading code. Unknown keys are rejected: a typo must
+//! never silently fall back to a default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The `detector_type` values std_daq uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DetectorType {
+    #[serde(rename = "jungfrau-raw")]
+    JungfrauRaw,
+    #[serde(rename = "jungfrau-converted")]
+    JungfrauConverted,
+    #[serde(rename = "eiger")]
+    Eiger,
+    #[serde(rename = "gigafrost")]
+    Gigafrost,
+}
+
+impl DetectorType {
+    /// The std_daq spelling, as written in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectorType::JungfrauRaw => "jungfrau-raw",
+            DetectorType::JungfrauConverted => "jungfrau-converted",
+            DetectorType::Eiger => "eiger",
+            DetectorType::Gigafrost => "gigafrost",
+        }
+    }
+
+    pub fn is_jungfrau(self) -> bool {
+        matches!(
+            self,
+            DetectorType::JungfrauRaw | DetectorType::JungfrauConverted
+        )
+    }
+}
+
+impl fmt::Display for DetectorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// JUNGFRAU module geometry (pixels) and packet layout.
+pub mod jungfrau {
+    pub const MODULE_WIDTH: u32 = 1024;
+    pub const MODULE_HEIGHT: u32 = 512;
+    pub const PACKETS_PER_FRAME: u32 = 128;
+    pub const PAYLOAD_BYTES: usize = 8192;
+    pub const FRAME_BYTES: usize = PAYLOAD_BYTES * PACKETS_PER_FRAME as usize;
+}
+
+/// Where a module sits in the assembled image: std_daq's inclusive corners `[x0, y0, x1, y1]`.
+/// The corner order gives the orientation: `x1 < x0` mirrors columns, `y1 < y0` mirrors rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModulePosition {
+    pub x0: u32,
+    pub y0: u32,
+    pub x1: u32,
+    pub y1: u32,
+}
+
+impl ModulePosition {
+    pub fn left(&self) -> u32 {
+        self.x0.min(self.x1)
+    }
+    pub fn top(&self) -> u32 {
+        self.y0.min(self.y1)
+    }
+    pub fn width(&self) -> u32 {
+        self.x0.abs_diff(self.x1) + 1
+    }
+    pub fn height(&self) -> u32 {
+        self.y0.abs_diff(self.y1) + 1
+    }
+    pub fn flip_x(&self) -> bool {
+        self.x1 < self.x0
+    }
+    pub fn flip_y(&self) -> bool {
+        self.y1 < self.y0
+    }
+}
+
+/// A validated detector config. Field names are std_daq's keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectorConfig {
+    pub detector_name: String,
+    pub detector_type: DetectorType,
+    pub n_modules: u16,
+    pub bit_depth: u8,
+    pub image_pixel_height: u32,
+    pub image_pixel_width: u32,
+    pub start_udp_port: u16,
+    /// Indexed by module id (validated to hold exactly ids `0..n_modules`).
+    pub module_positions: Vec<ModulePosition>,
+    pub log_level: String,
+    pub stats_collection_period: f64,
+    pub module_sync_queue_size: u32,
+    pub ram_buffer_gb: f64,
+    /// Slots in each per-module FrameBuffer (std-daq extension; std_daq fixes 1000).
+    pub module_buffer_slots: u32,
+    /// How long the assembler waits for a module's frame before emitting the image without it.
+    pub module_sync_timeout_ms: u32,
+    /// How long a receiver waits for more packets of an open frame before committing it.
+    pub frame_timeout_ms: u32,
+    /// Address receivers bind to (std_daq binds INADDR_ANY).
+    pub udp_bind_address: String,
+    /// Where ZMQ ipc endpoints live (std_daq: /tmp).
+    pub ipc_dir: String,
+    /// The raw JSON, kept so services can publish the config they run with.
+    pub raw: serde_json::Value,
+}
+
+/// The JSON as written: every std_daq key is known here, so unknown ones can be rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    detector_name: String,
+    detector_type: DetectorType,
+    n_modules: u16,
+    bit_depth: u8,
+    image_pixel_height: u32,
+    image_pixel_width: u32,
+    start_udp_port: u16,
+    module_positions: BTreeMap<String, [i64; 4]>,
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    #[serde(default = "default_stats_period")]
+    stats_collection_period: f64,
+    #[serde(default = "default_sync_queue")]
+    module_sync_queue_size: u32,
+    #[serde(default)]
+    ram_buffer_gb: f64,
+    #[serde(default = "default_module_slots")]
+    module_buffer_slots: u32,
+    #[serde(default = "default_sync_timeout")]
+    module_sync_timeout_ms: u32,
+    #[serde(default = "default_frame_timeout")]
+    frame_timeout_ms: u32,
+    #[serde(default = "default_bind")]
+    udp_bind_address: String,
+    #[serde(default = "default_ipc_dir")]
+    ipc_dir: String,
+    // std_daq keys accepted for compatibility so existing configs load; later stages use them.
+    #[allow(dead_code)]
+    #[serde(default)]
+    max_number_of_forwarders_spawned: Option<u32>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    use_all_forwarders: Option<bool>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    sender_sends_full_images: Option<bool>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    gpfs_block_size: Option<u64>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    number_of_writers: Option<u32>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    delay_filter_timeout: Option<f64>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    switch_user_active: Option<bool>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    live_stream_configs: Option<serde_json::Value>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    writer_user_id: Option<serde_json::Value>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    submodule_info: Option<serde_json::Value>,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_stats_period() -> f64 {
+    10.0
+}
+fn default_sync_queue() -> u32 {
+    50
+}
+fn default_module_slots() -> u32 {
+    1000
+}
+fn default_sync_timeout() -> u32 {
+    200
+}
+fn default_frame_timeout() -> u32 {
+    20
+}
+fn default_bind() -> String {
+    "0.0.0.0".into()
+}
+fn default_ipc_dir() -> String {
+    "/tmp".into()
+}
+
+/// A config that could not be read or is invalid. Always names where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin}: key `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl DetectorConfig {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config JSON; `origin` names the source in errors (a path or a Redis key).
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw_value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        let raw: RawConfig =
+            serde_json::from_value(raw_value.clone()).map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+
+        if raw.detector_name.is_empty()
+            || !raw
+                .detector_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "detector_name",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '_' and '-' (it names files and sockets)",
+                    raw.detector_name
+                ),
+            ));
+        }
+        if raw.n_modules == 0 {
+            return Err(invalid("n_modules", "must be at least 1".into()));
+        }
+        let expected_bit_depth: &[u8] = match raw.detector_type {
+            DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => &[16],
+            DetectorType::Eiger => &[8, 16, 32],
+            DetectorType::Gigafrost => &[12, 16],
+        };
+        if !expected_bit_depth.contains(&raw.bit_depth) {
+            return Err(invalid(
+                "bit_depth",
+                format!(
+                    "{} is not valid for {} (allowed: {:?})",
+                    raw.bit_depth, raw.detector_type, expected_bit_depth
+                ),
+            ));
+        }
+        if raw.image_pixel_height == 0 || raw.image_pixel_width == 0 {
+            return Err(invalid(
+                "image_pixel_height",
+                "image height and width must be positive".into(),
+            ));
+        }
+        if raw.start_udp_port == 0
+            || u32::from(raw.start_udp_port) + u32::from(raw.n_modules) > 65536
+        {
+            return Err(invalid(
+                "start_udp_port",
+                format!(
+                    "{} + {} modules does not fit in the UDP port range",
+                    raw.start_udp_port, raw.n_modules
+                ),
+            ));
+        }
+        if raw.module_buffer_slots < 2 {
+            return Err(invalid("module_buffer_slots", "must be at least 2".into()));
+        }
+        if !raw.stats_collection_period.is_finite() || raw.stats_collection_period <= 0.0 {
+            return Err(invalid(
+                "stats_collection_period",
+                "must be positive".into(),
+            ));
+        }
+        if !raw.ram_buffer_gb.is_finite() || raw.ram_buffer_gb < 0.0 {
+            return Err(invalid("ram_buffer_gb", "must be zero or positive".into()));
+        }
+        if raw.udp_bind_address.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(
+                "udp_bind_address",
+                format!("{:?} is not an IP address", raw.udp_bind_address),
+            ));
+        }
+
+        let n = usize::from(raw.n_modules);
+        if raw.module_positions.len() != n {
+            return Err(invalid(
+                "module_positions",
+                format!(
+                    "has {} entries but n_modules is {}",
+                    raw.module_positions.len(),
+                    n
+                ),
+            ));
+        }
+        let mut positions: Vec<Option<ModulePosition>> = vec![None; n];
+        for (key, corners) in &raw.module_positions {
+            let module: usize = key.parse().ok().filter(|m| *m < n).ok_or_else(|| {
+                invalid(
+                    "module_positions",
+                    format!("key {key:?} is not a module id in 0..{n}"),
+                )
+            })?;
+            let key_path = format!("module_positions.{key}");
+            let mut c = [0u32; 4];
+            for (i, v) in corners.iter().enumerate() {
+                let limit = if i % 2 == 0 {
+                    raw.image_pixel_width
+                } else {
+                    raw.image_pixel_height
+                };
+                c[i] = u32::try_from(*v)
+                    .ok()
+                    .filter(|v| *v < limit)
+                    .ok_or_else(|| {
+                        invalid(
+                            &key_path,
+                            format!(
+                                "corner {corners:?} lies outside the {}x{} image",
+                                raw.image_pixel_width, raw.image_pixel_height
+                            ),
+                        )
+                    })?;
+            }
+            let pos = ModulePosition {
+                x0: c[0],
+                y0: c[1],
+                x1: c[2],
+                y1: c[3],
+            };
+            if raw.detector_type.is_jungfrau()
+                && (pos.width() != jungfrau::MODULE_WIDTH
+                    || pos.height() != jungfrau::MODULE_HEIGHT)
+            {
+                return Err(invalid(
+                    &key_path,
+                    format!(
+                        "a JUNGFRAU module is {}x{} pixels, but {corners:?} spans {}x{}",
+                        jungfrau::MODULE_WIDTH,
+                        jungfrau::MODULE_HEIGHT,
+                        pos.width(),
+                        pos.height()
+                    ),
+                ));
+            }
+            positions[module] = Some(pos);
+        }
+        let module_positions: Vec<ModulePosition> = positions.into_iter().flatten().collect();
+        if module_positions.len() != n {
+            return Err(invalid(
+                "module_positions",
+                format!("must name every module id in 0..{n} exactly once"),
+            ));
+        }
+        // Overlapping modules would silently overwrite each other's pixels.
+        for (a, pa) in module_positions.iter().enumerate() {
+            for (b, pb) in module_positions.iter().enumerate().skip(a + 1) {
+                let overlap_x =
+                    pa.left() < pb.left() + pb.width() && pb.left() < pa.left() + pa.width();
+                let overlap_y =
+                    pa.top() < pb.top() + pb.height() && pb.top() < pa.top() + pa.height();
+                if overlap_x && overlap_y {
+                    return Err(invalid(
+                        "module_positions",
+                        format!("modules {a} and {b} overlap"),
+                    ));
+                }
+            }
+        }
+
+        Ok(DetectorConfig {
+            detector_name: raw.detector_name,
+            detector_type: raw.detector_type,
+            n_modules: raw.n_modules,
+            bit_depth: raw.bit_depth,
+            image_pixel_height: raw.image_pixel_height,
+            image_pixel_width: raw.image_pixel_width,
+            start_udp_port: raw.start_udp_port,
+            module_positions,
+            log_level: raw.log_level,
+            stats_collection_period: raw.stats_collection_period,
+            module_sync_queue_size: raw.module_sync_queue_size,
+            ram_buffer_gb: raw.ram_buffer_gb,
+            module_buffer_slots: raw.module_buffer_slots,
+            module_sync_timeout_ms: raw.module_sync_timeout_ms,
+            frame_timeout_ms: raw.frame_timeout_ms,
+            udp_bind_address: raw.udp_bind_address,
+            ipc_dir: raw.ipc_dir,
+            raw: raw_value,
+        })
+    }
+
+    /// Bytes of one module frame as the receiver stores it in its FrameBuffer slot.
+    pub fn module_frame_bytes(&self) -> usize {
+        match self.detector_type {
+            DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => jungfrau::FRAME_BYTES,
+            // Later issues: EIGER half-module and GigaFRoST stream sizes.
+            DetectorType::Eiger => 512 * 256 * usize::from(self.bit_depth) / 8,
+            DetectorType::Gigafrost => {
+                let w = self.image_pixel_width as usize / 2;
+                let h = self.image_pixel_height as usize / 4;
+                w * h * 3 / 2
+            }
+        }
+    }
+
+    /// Bytes per pixel of the assembled image.
+    pub fn image_bytes_per_pixel(&self) -> usize {
+        match self.detector_type {
+            DetectorType::JungfrauConverted => 4,
+            DetectorType::Gigafrost => 2,
+            _ => usize::from(self.bit_depth).div_ceil(8),
+        }
+    }
+
+    /// The image dtype written into ImageMetadata and the file.
+    pub fn image_dtype(&self) -> crate::Dtype {
+        match (self.detector_type, self.image_bytes_per_pixel()) {
+            (DetectorType::JungfrauConverted, _) => crate::Dtype::Float32,
+            (_, 1) => crate::Dtype::Uint8,
+            (_, 4) => crate::Dtype::Uint32,
+            _ => crate::Dtype::Uint16,
+        }
+    }
+
+    pub fn image_bytes(&self) -> usize {
+        self.image_pixel_height as usize
+            * self.image_pixel_width as usize
+            * self.image_bytes_per_pixel()
+    }
+
+    /// Packets that make up one module frame.
+    pub fn packets_per_frame(&self) -> u32 {
+        match self.detector_type {
+            DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => {
+                jungfrau::PACKETS_PER_FRAME
+            }
+            DetectorType::Eiger => (512 * 256 * u32::from(self.bit_depth) / 8 / 4096).max(1),
+            DetectorType::Gigafrost => 0,
+        }
+    }
+
+    /// Slots of the ImageBuffer: from `ram_buffer_gb` as std_daq does, at least 1000 when unset.
+    pub fn image_buffer_slots(&self) -> u64 {
+        if self.ram_buffer_gb > 0.0 {
+            let bytes = self.ram_buffer_gb * f64::from(1u32 << 30);
+            ((bytes / self.image_bytes() as f64) as u64).max(2)
+        } else {
+            1000
+        }
+    }
+
+    pub fn udp_port(&self, module: u16) -> u16 {
+        self.start_udp_port + module
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const TWO_MODULE_JF: &str = r#"{
+        "detector_name": "jf-test",
+        "detector_type": "jungfrau-raw",
+        "n_modules": 2,
+        "bit_depth": 16,
+        "image_pixel_height": 1024,
+        "image_pixel_width": 1024,
+        "start_udp_port": 50020,
+        "module_positions": {"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1023]}
+    }"#;
+
+    fn with(key: &str, value: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v[key] = value;
+        v.to_string()
+    }
+
+    fn without(key: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v.as_object_mut().unwrap().remove(key);
+        v.to_string()
+    }
+
+    #[test]
+    fn parses_std_daq_example() {
+        let c = DetectorConfig::from_json_str(TWO_MODULE_JF, "t.json").unwrap();
+        assert_eq!(c.n_modules, 2);
+        assert_eq!(c.module_positions[1].top(), 512);
+        assert_eq!(c.image_bytes(), 2 * 1024 * 1024);
+        assert_eq!(c.module_frame_bytes(), 1024 * 1024);
+        assert_eq!(c.udp_port(1), 50021);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.image_buffer_slots(), 1000);
+    }
+
+    #[test]
+    fn missing_key_is_named_with_the_file() {
+        let err =
+            DetectorConfig::from_json_str(&without("n_modules"), "/etc/det.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/etc/det.json") && msg.contains("n_modules"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = DetectorConfig::from_json_str(&with("n_module", 2.into()), "d.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `n_module`"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err =
+            DetectorConfig::from_json_str(&with("detector_type", "jungfrau".into()), "d.json")
+                .unwrap_err();
+        assert!(err.to_string().contains("jungfrau"), "{err}");
+    }
+
+    #[test]
+    fn bad_module_positions_are_named() {
+        let bad = with(
+            "module_positions",
+            serde_json::json!({"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1024]}),
+        );
+        let err = DetectorConfig::from_json_str(&bad, "d.json").unwrap_err();
+        assert!(err.to_string().contains("module_positions.1"), "{err}");
+
+        let overlap = with(
+            "module_positions",
+            serde_json::json!({"0": [0, 0, 1023, 511], "1": [0, 100, 1023, 611]}),
+        );
+        let err = DetectorConfig::from_json_str(&overlap, "d.json").unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
+
+        let missing = with(
+            "module_positions",
+            serde_json::json!({"0": [0, 0, 1023, 511]}),
+        );
+        let err = DetectorConfig::from_json_str(&missing, "d.json").unwrap_err();
+        assert!(err.to_string().contains("n_modules is 2"), "{err}");
+    }
+
+    #[test]
+    fn flips_follow_corner_order() {
+        let flipped = with(
+            "module_positions",
+            serde_json::json!({"0": [1023, 511, 0, 0], "1": [0, 512, 1023, 1023]}),
+        );
+        let c = DetectorConfig::from_json_str(&flipped, "d.json").unwrap();
+        assert!(c.module_positions[0].flip_x() && c.module_positions[0].flip_y());
+        assert_eq!(c.module_positions[0].left(), 0);
+        assert!(!c.module_positions[1].flip_x());
+    }
+
+    #[test]
+    fn detector_name_must_be_safe_for_file_names() {
+        let err = DetectorConfig::from_json_str(&with("detector_name", "../x".into()), "d.json")
+            .unwrap_err();
+        assert!(err.to_string().contains("detector_name"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_path() {
+        let err = DetectorConfig::from_file(Path::new("/nonexistent/det.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/det.json"), "{err}");
+    }
+}

@@ -1,0 +1,42 @@
+//! Names of every shared-memory segment and ZMQ endpoint, in one place so that no two services
+//! can disagree. See docs/architecture.md for who binds and who connects.
+
+use crate::DetectorConfig;
+
+/// FrameBuffer of one module (owner: that module's `std-udp-recv`). Lives in /dev/shm.
+pub fn module_buffer_name(detector: &str, module: u16) -> String {
+    format!("std-daq.{detector}.module-{module}")
+}
+
+/// ImageBuffer of the assembled images (owner: `std-assembler`). Lives in /dev/shm.
+pub fn image_buffer_name(detector: &str) -> String {
+    format!("std-daq.{detector}.image")
+}
+
+/// Receivers PUSH `ModuleFrame`s here; the assembler binds the PULL end.
+pub fn sync_endpoint(cfg: &DetectorConfig) -> String {
+    format!("ipc://{}/std-daq-{}-sync", cfg.ipc_dir, cfg.detector_name)
+}
+
+/// The assembler binds a PUB here and publishes `ImageMetadata` (and empty heartbeats).
+pub fn image_endpoint(cfg: &DetectorConfig) -> String {
+    format!("ipc://{}/std-daq-{}-image", cfg.ipc_dir, cfg.detector_name)
+}
+
+/// The writer binds a REP here for JSON commands (start, stop, status).
+pub fn writer_command_endpoint(cfg: &DetectorConfig) -> String {
+    format!("ipc://{}/std-daq-{}-writer", cfg.ipc_dir, cfg.detector_name)
+}
+
+/// The file behind an `ipc://` endpoint, for clean-up checks.
+pub fn ipc_path(endpoint: &str) -> Option<&str> {
+    endpoint.strip_prefix("ipc://")
+}
+
+/// Removes the socket file a bound `ipc://` endpoint leaves behind; call after the socket closed.
+/// libzmq does not always unlink it, and a stale file would mislead operators.
+pub fn remove_ipc_file(endpoint: &str) {
+    if let Some(path) = ipc_path(endpoint) {
+        let _ = std::fs::remove_file(path);
+    }
+}

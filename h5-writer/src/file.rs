@@ -1,0 +1,887 @@
+//! One HDF5 output file of a write run, in std_daq's layout:
+//!
+//! ```text
+//! /<detector_name>/                  group
+//! /<detector_name>/data              [n, H, W] image dtype, chunks (1, H, W), maxshape (unlimited, H, W)
+//! /<detector_name>/image_id          [n] u64
+//! /<detector_name>/status            [n] u16
+//! /<detector_name>/missing_packets   [n] u32
+//! ```
+//!
+//! Images go into `data` by direct chunk writes (`H5Dwrite_chunk`, no filters) straight from the
+//! caller's slice, which in production points into shared memory. The per-image records are kept in
+//! memory and written out by [`ImageFile::close`], which also trims every dataset to the number of
+//! images written.
+//!
+//! `data` is created at its full size `n_images` and shrunk at close. Its chunks are allocated only
+//! when written (alloc time incremental) and never pre-filled (fill time never). Because a reader
+//! of an unallocated chunk under fill time never gets whatever was in its own buffer rather than
+//! zeros, `close` writes a zero chunk for every index below `images_written()` that was skipped, so
+//! every chunk of the final file exists and reads back defined values.
+
+use std::path::{Path, PathBuf};
+
+use hdf5::dataset::{AllocTime, FillTime};
+use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
+use hdf5::{Dataset, Extent, File, Group, H5Type, SimpleExtents};
+use hdf5_sys::h5::hsize_t;
+use hdf5_sys::h5d::H5Dwrite_chunk;
+use hdf5_sys::h5p::H5P_DEFAULT;
+use std_daq_common::Dtype;
+
+/// Largest chunk HDF5 can store (chunk sizes are 32-bit in the file format).
+const MAX_CHUNK_BYTES: u64 = u32::MAX as u64;
+
+/// Records kept in memory up front; more are added as images come in.
+const INITIAL_RECORD_CAPACITY: u64 = 1 << 20;
+
+/// What one file holds: the detector's group name, how many images at most, and their geometry.
+#[derive(Debug, Clone)]
+pub struct ImageFileSpec {
+    /// Name of the group the datasets go into (std_daq: the detector name). No `/`.
+    pub detector_name: String,
+    /// Most images this file may hold; `data` is created with this many rows and trimmed at close.
+    pub n_images: u64,
+    pub height: u32,
+    pub width: u32,
+    pub dtype: Dtype,
+}
+
+impl ImageFileSpec {
+    /// Bytes of one image, `height * width * dtype.bytes()`.
+    pub fn image_bytes(&self) -> u64 {
+        u64::from(self.height) * u64::from(self.width) * self.dtype.bytes() as u64
+    }
+}
+
+/// What is written into `image_id`, `status` and `missing_packets` for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageRecord {
+    pub image_id: u64,
+    /// An [`std_daq_common::ImageStatus`] code; 0 (undefined) for an index never written.
+    pub status: u16,
+    pub missing_packets: u32,
+}
+
+/// Why a file could not be created, written or closed. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}: already exists; refusing to overwrite it")]
+    AlreadyExists(PathBuf),
+    #[error("{path}: image {index} has {got} bytes, expected {expected}")]
+    WrongSize {
+        path: PathBuf,
+        index: u64,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{path}: image index {index} out of range (file holds {n_images} images)")]
+    IndexOutOfRange {
+        path: PathBuf,
+        index: u64,
+        n_images: u64,
+    },
+    #[error("{path}: unsupported image dtype {dtype:?}")]
+    UnsupportedDtype { path: PathBuf, dtype: Dtype },
+    #[error("{path}: invalid file spec: {reason}")]
+    InvalidSpec { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: HDF5 error while {op}: {source}")]
+    Hdf5 {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: hdf5::Error,
+    },
+}
+
+/// The open HDF5 objects; dropped (datasets before the file) when the file is finished.
+#[derive(Debug)]
+struct Open {
+    file: File,
+    group: Group,
+    data: Dataset,
+}
+
+/// One output file being written: create, write images by index, close.
+///
+/// Dropping an `ImageFile` without [`close`](Self::close) still finishes the file (trims it and
+/// writes the records), logging any error, so an aborted run leaves a readable file.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    spec: ImageFileSpec,
+    image_bytes: usize,
+    /// `None` once finished.
+    open: Option<Open>,
+    /// Indexed by image index; `written[i]` says whether image `i` has been written.
+    records: Vec<ImageRecord>,
+    written: Vec<bool>,
+    images_written: u64,
+    /// One zero image, allocated the first time it is needed.
+    zeros: Vec<u8>,
+}
+
+impl ImageFile {
+    /// Creates the file; fails with [`FileError::AlreadyExists`] if anything is at `path` (never
+    /// truncates existing data).
+    pub fn create(path: &Path, spec: &ImageFileSpec) -> Result<Self, FileError> {
+        let image_bytes = validate_spec(path, spec)?;
+        match path.symlink_metadata() {
+            Ok(_) => return Err(FileError::AlreadyExists(path.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(FileError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        let hdf5_err = |op| {
+            let path = path.to_owned();
+            move |source| FileError::Hdf5 { path, op, source }
+        };
+
+        // H5F_ACC_EXCL: O_EXCL underneath, so a file that appeared since the check above is not
+        // touched either.
+        let file = match File::create_excl(path) {
+            Ok(file) => file,
+            Err(_) if path.symlink_metadata().is_ok() => {
+                return Err(FileError::AlreadyExists(path.to_owned()))
+            }
+            Err(source) => return Err(hdf5_err("creating the file")(source)),
+        };
+        let group = file
+            .create_group(&spec.detector_name)
+            .map_err(hdf5_err("creating the detector group"))?;
+
+        let extents = SimpleExtents::from_vec(vec![
+            Extent::resizable(spec.n_images as usize),
+            Extent::fixed(spec.height as usize),
+            Extent::fixed(spec.width as usize),
+        ]);
+        let data = group
+            .new_dataset_builder()
+            .empty_as(&type_descriptor(path, spec.dtype)?)
+            .chunk((1, spec.height as usize, spec.width as usize))
+            .alloc_time(Some(AllocTime::Incr))
+            .fill_time(FillTime::Never)
+            // Direct chunk writes bypass the chunk cache; do not reserve memory for one.
+            .chunk_cache(0, 0, 1.0)
+            .shape(extents)
+            .create("data")
+            .map_err(hdf5_err("creating the data dataset"))?;
+
+        let capacity = spec.n_images.min(INITIAL_RECORD_CAPACITY) as usize;
+        Ok(Self {
+            path: path.to_owned(),
+            spec: spec.clone(),
+            image_bytes,
+            open: Some(Open { file, group, data }),
+            records: Vec::with_capacity(capacity),
+            written: Vec::with_capacity(capacity),
+            images_written: 0,
+            zeros: Vec::new(),
+        })
+    }
+
+    pub fn spec(&self) -> &ImageFileSpec {
+        &self.spec
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes one image must have: `height * width * dtype.bytes()`.
+    pub fn image_bytes(&self) -> usize {
+        self.image_bytes
+    }
+
+    /// Direct chunk write of one image at `index` (< `n_images`); `data.len()` must equal
+    /// [`image_bytes`](Self::image_bytes). On error nothing is written and no record changes.
+    pub fn write_image(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        record: ImageRecord,
+    ) -> Result<(), FileError> {
+        self.check_index(index)?;
+        if data.len() != self.image_bytes {
+            return Err(FileError::WrongSize {
+                path: self.path.clone(),
+                index,
+                expected: self.image_bytes,
+                got: data.len(),
+            });
+        }
+        self.write_chunk(index, data)?;
+        self.set_record(index, record);
+        Ok(())
+    }
+
+    /// Overwrites image `index` with zeros and replaces its record (used when the source turned
+    /// out to be overwritten while it was being written out).
+    pub fn write_zero_image(&mut self, index: u64, record: ImageRecord) -> Result<(), FileError> {
+        self.check_index(index)?;
+        self.ensure_zeros();
+        self.write_chunk(index, &self.zeros)?;
+        self.set_record(index, record);
+        Ok(())
+    }
+
+    /// Number of images written so far = highest index written + 1.
+    pub fn images_written(&self) -> u64 {
+        self.images_written
+    }
+
+    /// Trims data and the record datasets to [`images_written`](Self::images_written), writes the
+    /// records, flushes and closes. Returns the count.
+    ///
+    /// Indexes below the count that were never written get zero pixels and a default record
+    /// (status 0 = undefined).
+    pub fn close(mut self) -> Result<u64, FileError> {
+        self.finish()
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), FileError> {
+        if index < self.spec.n_images {
+            Ok(())
+        } else {
+            Err(FileError::IndexOutOfRange {
+                path: self.path.clone(),
+                index,
+                n_images: self.spec.n_images,
+            })
+        }
+    }
+
+    fn ensure_zeros(&mut self) {
+        if self.zeros.len() != self.image_bytes {
+            self.zeros = vec![0; self.image_bytes];
+        }
+    }
+
+    fn set_record(&mut self, index: u64, record: ImageRecord) {
+        // `index < n_images`, which was checked to fit a usize-sized dataspace at create.
+        let i = index as usize;
+        if i >= self.records.len() {
+            // Amortised growth; within the initial capacity this does not allocate.
+            self.records.resize(i + 1, ImageRecord::default());
+            self.written.resize(i + 1, false);
+        }
+        self.records[i] = record;
+        self.written[i] = true;
+        self.images_written = self.images_written.max(index + 1);
+    }
+
+    /// `H5Dwrite_chunk` of one whole image into the chunk at `[index, 0, 0]`.
+    fn write_chunk(&self, index: u64, buf: &[u8]) -> Result<(), FileError> {
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        debug_assert_eq!(buf.len(), self.image_bytes);
+        let offset: [hsize_t; 3] = [index, 0, 0];
+        let id = open.data.id();
+        hdf5::sync::sync(|| {
+            // SAFETY: we hold hdf5's global library lock (hdf5::sync::sync), which the non-
+            // threadsafe libhdf5 requires for every call. `id` is a live dataset id owned by
+            // `open.data`, borrowed for the whole call. `offset` has one element per dataset
+            // dimension (rank 3) and names a chunk inside the current extent (index < n_images,
+            // the extent until close). `buf` is valid for `buf.len()` bytes for the duration of
+            // the call, is only read, and is exactly one uncompressed chunk (1 x H x W x dtype
+            // bytes), matching filter mask 0 on a dataset without filters.
+            let ret = unsafe {
+                H5Dwrite_chunk(
+                    id,
+                    H5P_DEFAULT,
+                    0,
+                    offset.as_ptr(),
+                    buf.len(),
+                    buf.as_ptr().cast(),
+                )
+            };
+            if ret < 0 {
+                Err(hdf5::Error::query().unwrap_or_else(|e| e))
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|source| FileError::Hdf5 {
+            path: self.path.clone(),
+            op: "writing an image chunk",
+            source,
+        })
+    }
+
+    fn closed_error(&self) -> FileError {
+        FileError::Hdf5 {
+            path: self.path.clone(),
+            op: "writing",
+            source: hdf5::Error::Internal("the file is already closed".into()),
+        }
+    }
+
+    /// Fills gaps, trims, writes the records, flushes and closes. Idempotent: later calls find
+    /// nothing open and return the count.
+    fn finish(&mut self) -> Result<u64, FileError> {
+        let count = self.images_written;
+        if self.open.is_none() {
+            return Ok(count);
+        }
+        let result = self.finish_open(count);
+        // Close whatever happened: datasets and group before the file, so the file really closes
+        // (the default close degree is weak and waits for every open object).
+        if let Some(Open { file, group, data }) = self.open.take() {
+            drop(data);
+            drop(group);
+            let closed = file.close();
+            if result.is_ok() {
+                closed.map_err(|source| FileError::Hdf5 {
+                    path: self.path.clone(),
+                    op: "closing the file",
+                    source,
+                })?;
+            }
+        }
+        result.map(|()| count)
+    }
+
+    fn finish_open(&mut self, count: u64) -> Result<(), FileError> {
+        // Every index below the count gets a chunk: with fill time never an unallocated chunk
+        // would read back as the reader's uninitialised buffer.
+        let n = count as usize;
+        self.records.resize(n, ImageRecord::default());
+        self.written.resize(n, false);
+        if self.written.contains(&false) {
+            self.ensure_zeros();
+            for index in 0..n {
+                if !self.written[index] {
+                    self.write_chunk(index as u64, &self.zeros)?;
+                }
+            }
+        }
+
+        let path = self.path.clone();
+        let hdf5_err = |op| {
+            let path = path.clone();
+            move |source| FileError::Hdf5 { path, op, source }
+        };
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        open.data
+            .resize((n, self.spec.height as usize, self.spec.width as usize))
+            .map_err(hdf5_err("trimming the data dataset"))?;
+
+        let image_ids: Vec<u64> = self.records.iter().map(|r| r.image_id).collect();
+        let status: Vec<u16> = self.records.iter().map(|r| r.status).collect();
+        let missing: Vec<u32> = self.records.iter().map(|r| r.missing_packets).collect();
+        write_1d(&open.group, "image_id", &image_ids).map_err(hdf5_err("writing image_id"))?;
+        write_1d(&open.group, "status", &status).map_err(hdf5_err("writing status"))?;
+        write_1d(&open.group, "missing_packets", &missing)
+            .map_err(hdf5_err("writing missing_packets"))?;
+        open.file.flush().map_err(hdf5_err("flushing the file"))?;
+        Ok(())
+    }
+}
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        if self.open.is_some() {
+            match self.finish() {
+                Ok(n) => tracing::warn!(
+                    path = %self.path.display(),
+                    images = n,
+                    "HDF5 file dropped without close; finished it"
+                ),
+                Err(e) => tracing::error!("HDF5 file dropped without close, finishing failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Checks what HDF5 would reject later, or worse accept; returns the bytes of one image.
+fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, FileError> {
+    let invalid = |reason: String| FileError::InvalidSpec {
+        path: path.to_owned(),
+        reason,
+    };
+    let name = &spec.detector_name;
+    if name.is_empty() || name == "." || name.contains('/') || name.contains('\0') {
+        return Err(invalid(format!(
+            "detector name {name:?} is not a valid HDF5 group name"
+        )));
+    }
+    if spec.height == 0 || spec.width == 0 {
+        return Err(invalid(format!(
+            "image size {}x{} has no pixels",
+            spec.height, spec.width
+        )));
+    }
+    type_descriptor(path, spec.dtype)?;
+    let image_bytes = spec.image_bytes();
+    if image_bytes > MAX_CHUNK_BYTES {
+        return Err(invalid(format!(
+            "one image is {image_bytes} bytes, more than an HDF5 chunk can hold ({MAX_CHUNK_BYTES})"
+        )));
+    }
+    if usize::try_from(spec.n_images).is_err() || spec.n_images > i64::MAX as u64 {
+        return Err(invalid(format!("n_images {} is too large", spec.n_images)));
+    }
+    Ok(image_bytes as usize)
+}
+
+/// The in-file type of the images: native (little-endian here) integers or float.
+fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileError> {
+    Ok(match dtype {
+        Dtype::Uint8 => TypeDescriptor::Unsigned(IntSize::U1),
+        Dtype::Uint16 => TypeDescriptor::Unsigned(IntSize::U2),
+        Dtype::Uint32 => TypeDescriptor::Unsigned(IntSize::U4),
+        Dtype::Uint64 => TypeDescriptor::Unsigned(IntSize::U8),
+        Dtype::Float32 => TypeDescriptor::Float(FloatSize::U4),
+        Dtype::Unknown => {
+            return Err(FileError::UnsupportedDtype {
+                path: path.to_owned(),
+                dtype,
+            })
+        }
+    })
+}
+
+/// A contiguous 1-D dataset holding `values` (possibly none).
+fn write_1d<T: H5Type>(group: &Group, name: &str, values: &[T]) -> hdf5::Result<()> {
+    if values.is_empty() {
+        group.new_dataset::<T>().shape(0).create(name)?;
+    } else {
+        group.new_dataset_builder().with_data(values).create(name)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::process::Command;
+
+    fn spec(dtype: Dtype, n_images: u64) -> ImageFileSpec {
+        ImageFileSpec {
+            detector_name: "jf-test".into(),
+            n_images,
+            height: 6,
+            width: 8,
+            dtype,
+        }
+    }
+
+    /// Pixel value of image `i` at `(y, x)`: distinct over images and pixels.
+    fn pixel(i: u64, y: usize, x: usize) -> u16 {
+        (i as u16) * 1000 + (y as u16) * 10 + x as u16 + 1
+    }
+
+    fn u16_image(i: u64, h: usize, w: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(h * w * 2);
+        for y in 0..h {
+            for x in 0..w {
+                out.extend_from_slice(&pixel(i, y, x).to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn record(i: u64) -> ImageRecord {
+        ImageRecord {
+            image_id: 5000 + i,
+            status: 1 + (i % 2) as u16,
+            missing_packets: (i * 7) as u32,
+        }
+    }
+
+    fn read_u16(path: &Path) -> (Vec<usize>, Vec<u16>) {
+        let f = File::open(path).unwrap();
+        let ds = f.dataset("jf-test/data").unwrap();
+        let shape = ds.shape();
+        let values = ds.read_raw::<u16>().unwrap();
+        (shape, values)
+    }
+
+    #[test]
+    fn u16_round_trip_trimmed_to_images_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 4)).unwrap();
+        assert_eq!(f.image_bytes(), 8 * 6 * 2);
+        assert_eq!(f.path(), path);
+        assert_eq!(f.spec().n_images, 4);
+        // Out of order on purpose.
+        for i in [1, 0, 2] {
+            f.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        assert_eq!(f.images_written(), 3);
+        assert_eq!(f.close().unwrap(), 3);
+
+        let (shape, values) = read_u16(&path);
+        assert_eq!(shape, vec![3, 6, 8]);
+        for i in 0..3u64 {
+            for y in 0..6 {
+                for x in 0..8 {
+                    assert_eq!(values[(i as usize * 6 + y) * 8 + x], pixel(i, y, x));
+                }
+            }
+        }
+        let file = File::open(&path).unwrap();
+        let g = file.group("jf-test").unwrap();
+        let ids = g.dataset("image_id").unwrap();
+        assert_eq!(ids.shape(), vec![3]);
+        assert_eq!(ids.read_raw::<u64>().unwrap(), vec![5000, 5001, 5002]);
+        assert_eq!(
+            g.dataset("status").unwrap().read_raw::<u16>().unwrap(),
+            vec![1, 2, 1]
+        );
+        assert_eq!(
+            g.dataset("missing_packets")
+                .unwrap()
+                .read_raw::<u32>()
+                .unwrap(),
+            vec![0, 7, 14]
+        );
+        // Layout details readers rely on.
+        let data = g.dataset("data").unwrap();
+        assert_eq!(data.chunk(), Some(vec![1, 6, 8]));
+        assert!(data.filters().is_empty());
+        assert!(data.is_resizable());
+        assert_eq!(data.dtype().unwrap().size(), 2);
+        let dcpl = data.dcpl().unwrap();
+        assert_eq!(dcpl.fill_time(), FillTime::Never);
+        assert_eq!(dcpl.alloc_time(), AllocTime::Incr);
+    }
+
+    #[test]
+    fn float32_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f32.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Float32, 2)).unwrap();
+        let image = |i: u64| -> Vec<f32> {
+            (0..48)
+                .map(|p| i as f32 * 100.0 + p as f32 * 0.25 - 3.5)
+                .collect()
+        };
+        for i in 0..2 {
+            let bytes: Vec<u8> = image(i).iter().flat_map(|v| v.to_le_bytes()).collect();
+            f.write_image(i, &bytes, record(i)).unwrap();
+        }
+        assert_eq!(f.close().unwrap(), 2);
+
+        let file = File::open(&path).unwrap();
+        let ds = file.dataset("jf-test/data").unwrap();
+        assert_eq!(ds.shape(), vec![2, 6, 8]);
+        let mut expected = image(0);
+        expected.extend(image(1));
+        assert_eq!(ds.read_raw::<f32>().unwrap(), expected);
+    }
+
+    #[test]
+    fn every_dtype_has_its_element_size() {
+        for (dtype, size) in [
+            (Dtype::Uint8, 1),
+            (Dtype::Uint16, 2),
+            (Dtype::Uint32, 4),
+            (Dtype::Uint64, 8),
+            (Dtype::Float32, 4),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.h5");
+            let mut f = ImageFile::create(&path, &spec(dtype, 1)).unwrap();
+            f.write_image(0, &vec![1u8; 48 * size], ImageRecord::default())
+                .unwrap();
+            f.close().unwrap();
+            let file = File::open(&path).unwrap();
+            let ds = file.dataset("jf-test/data").unwrap();
+            assert_eq!(ds.dtype().unwrap().size(), size, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_dtype_is_rejected_before_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        let err = ImageFile::create(&path, &spec(Dtype::Unknown, 1)).unwrap_err();
+        assert!(matches!(err, FileError::UnsupportedDtype { .. }), "{err:?}");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn already_exists_leaves_the_file_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exists.h5");
+        let content = b"precious data, not HDF5".to_vec();
+        std::fs::write(&path, &content).unwrap();
+        let err = ImageFile::create(&path, &spec(Dtype::Uint16, 4)).unwrap_err();
+        assert!(matches!(err, FileError::AlreadyExists(ref p) if p == &path));
+        assert!(err.to_string().contains("exists.h5"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+
+        // A real HDF5 file too, and a dangling symlink.
+        let h5 = dir.path().join("real.h5");
+        let mut f = ImageFile::create(&h5, &spec(Dtype::Uint16, 4)).unwrap();
+        f.write_image(0, &u16_image(0, 6, 8), record(0)).unwrap();
+        f.close().unwrap();
+        let before = std::fs::read(&h5).unwrap();
+        assert!(matches!(
+            ImageFile::create(&h5, &spec(Dtype::Uint16, 4)),
+            Err(FileError::AlreadyExists(_))
+        ));
+        assert_eq!(std::fs::read(&h5).unwrap(), before);
+
+        let link = dir.path().join("dangling.h5");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        assert!(matches!(
+            ImageFile::create(&link, &spec(Dtype::Uint16, 4)),
+            Err(FileError::AlreadyExists(_))
+        ));
+        assert!(!dir.path().join("nowhere").exists());
+    }
+
+    #[test]
+    fn wrong_size_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 4)).unwrap();
+        let err = f
+            .write_image(0, &[0u8; 95], ImageRecord::default())
+            .unwrap_err();
+        match &err {
+            FileError::WrongSize {
+                expected: 96,
+                got: 95,
+                index: 0,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("t.h5"), "{err}");
+        assert!(f
+            .write_image(1, &[0u8; 97], ImageRecord::default())
+            .is_err());
+        assert_eq!(f.images_written(), 0);
+        assert_eq!(f.close().unwrap(), 0);
+
+        let (shape, _) = read_u16(&path);
+        assert_eq!(shape, vec![0, 6, 8]);
+        let file = File::open(&path).unwrap();
+        assert_eq!(file.dataset("jf-test/image_id").unwrap().shape(), vec![0]);
+        assert_eq!(file.dataset("jf-test/data").unwrap().num_chunks(), Some(0));
+    }
+
+    #[test]
+    fn index_out_of_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 2)).unwrap();
+        let err = f
+            .write_image(2, &u16_image(2, 6, 8), record(2))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FileError::IndexOutOfRange {
+                    index: 2,
+                    n_images: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(matches!(
+            f.write_zero_image(u64::MAX, record(0)),
+            Err(FileError::IndexOutOfRange { .. })
+        ));
+        assert_eq!(f.images_written(), 0);
+        f.write_image(1, &u16_image(1, 6, 8), record(1)).unwrap();
+        assert_eq!(f.close().unwrap(), 2);
+    }
+
+    #[test]
+    fn write_zero_image_replaces_a_written_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 3)).unwrap();
+        for i in 0..3 {
+            f.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        let lost = ImageRecord {
+            image_id: 5001,
+            status: 4,
+            missing_packets: 0,
+        };
+        f.write_zero_image(1, lost).unwrap();
+        f.write_zero_image(1, lost).unwrap(); // the zero buffer is reused
+        assert_eq!(f.close().unwrap(), 3);
+
+        let (shape, values) = read_u16(&path);
+        assert_eq!(shape, vec![3, 6, 8]);
+        assert!(values[48..96].iter().all(|&v| v == 0));
+        assert_eq!(values[0], pixel(0, 0, 0));
+        assert_eq!(values[96], pixel(2, 0, 0));
+        let file = File::open(&path).unwrap();
+        let status = file.dataset("jf-test/status").unwrap();
+        assert_eq!(status.read_raw::<u16>().unwrap(), vec![1, 4, 1]);
+    }
+
+    #[test]
+    fn skipped_indexes_read_back_as_zero_with_undefined_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 10)).unwrap();
+        f.write_image(0, &u16_image(0, 6, 8), record(0)).unwrap();
+        f.write_image(3, &u16_image(3, 6, 8), record(3)).unwrap();
+        assert_eq!(f.images_written(), 4);
+        assert_eq!(f.close().unwrap(), 4);
+
+        let file = File::open(&path).unwrap();
+        let data = file.dataset("jf-test/data").unwrap();
+        assert_eq!(data.num_chunks(), Some(4), "every chunk must exist");
+        let (shape, values) = read_u16(&path);
+        assert_eq!(shape, vec![4, 6, 8]);
+        assert!(values[48..144].iter().all(|&v| v == 0));
+        assert_eq!(values[144], pixel(3, 0, 0));
+        let ids = file.dataset("jf-test/image_id").unwrap();
+        assert_eq!(ids.read_raw::<u64>().unwrap(), vec![5000, 0, 0, 5003]);
+        let status = file.dataset("jf-test/status").unwrap();
+        assert_eq!(status.read_raw::<u16>().unwrap(), vec![1, 0, 0, 2]);
+    }
+
+    #[test]
+    fn drop_without_close_still_finishes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        {
+            let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 5)).unwrap();
+            f.write_image(0, &u16_image(0, 6, 8), record(0)).unwrap();
+        }
+        let (shape, values) = read_u16(&path);
+        assert_eq!(shape, vec![1, 6, 8]);
+        assert_eq!(values[47], pixel(0, 5, 7));
+    }
+
+    #[test]
+    fn invalid_specs_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.h5");
+        for bad in [
+            ImageFileSpec {
+                detector_name: "a/b".into(),
+                ..spec(Dtype::Uint16, 1)
+            },
+            ImageFileSpec {
+                detector_name: String::new(),
+                ..spec(Dtype::Uint16, 1)
+            },
+            ImageFileSpec {
+                height: 0,
+                ..spec(Dtype::Uint16, 1)
+            },
+            ImageFileSpec {
+                height: 65536,
+                width: 65536,
+                ..spec(Dtype::Uint16, 1)
+            },
+        ] {
+            let err = ImageFile::create(&path, &bad).unwrap_err();
+            assert!(matches!(err, FileError::InvalidSpec { .. }), "{err:?}");
+            assert!(!path.exists());
+        }
+    }
+
+    #[test]
+    fn h5py_reads_the_file() {
+        let python = "/usr/bin/python3";
+        let probe = Command::new(python).args(["-c", "import h5py"]).output();
+        if !probe.map(|o| o.status.success()).unwrap_or(false) {
+            eprintln!("SKIPPED h5py_reads_the_file: {python} cannot import h5py");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h5py.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 4)).unwrap();
+        for i in 0..3 {
+            f.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        f.close().unwrap();
+
+        let script = r#"
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    d = f["jf-test/data"]
+    print(d.shape, d.dtype, d.chunks, d.maxshape, int(d[2, 5, 7]))
+    print(f["jf-test/image_id"].dtype, list(f["jf-test/image_id"][:]))
+    print(f["jf-test/status"].dtype, f["jf-test/missing_packets"].dtype)
+"#;
+        let out = Command::new(python)
+            .args(["-c", script])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "h5py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("(3, 6, 8) uint16 (1, 6, 8) (None, 6, 8) {}", pixel(2, 5, 7))
+        );
+        assert_eq!(lines[1], "uint64 [5000, 5001, 5002]");
+        assert_eq!(lines[2], "uint16 uint32");
+    }
+
+    /// `cargo test -p std-h5-writer --release -- --ignored --nocapture bench_direct_chunk_throughput`
+    #[test]
+    #[ignore = "benchmark: writes 1 GB to /tmp"]
+    fn bench_direct_chunk_throughput() {
+        const N: u64 = 500;
+        let (h, w) = (1024u32, 1024u32);
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let path = dir.path().join("bench.h5");
+        let spec = ImageFileSpec {
+            detector_name: "bench".into(),
+            n_images: N,
+            height: h,
+            width: w,
+            dtype: Dtype::Uint16,
+        };
+        // A few distinct source images, as if from different shared-memory slots.
+        let images: Vec<Vec<u8>> = (0..4)
+            .map(|k| {
+                (0..(h * w) as usize)
+                    .flat_map(|p| ((p as u16).wrapping_mul(k + 1)).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        let mut f = ImageFile::create(&path, &spec).unwrap();
+        for i in 0..N {
+            let rec = ImageRecord {
+                image_id: i,
+                status: 1,
+                missing_packets: 0,
+            };
+            f.write_image(i, &images[i as usize % images.len()], rec)
+                .unwrap();
+        }
+        let written = f.close().unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        let mb = (written * spec.image_bytes()) as f64 / 1e6;
+        println!(
+            "bench_direct_chunk_throughput: {written} images of {h}x{w} u16 ({mb:.0} MB) \
+             in {secs:.3} s = {:.0} MB/s ({:.0} images/s), page cache, no fsync",
+            mb / secs,
+            written as f64 / secs
+        );
+    }
+}

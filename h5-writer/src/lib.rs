@@ -1,0 +1,8 @@
+//! std-daq's HDF5 writer: takes images out of the shared-memory ImageBuffer and writes them into
+//! HDF5 files with the std_daq layout by direct chunk writes.
+//!
+//! [`file::ImageFile`] is one output file of a write run.
+
+pub mod command;
+pub mod file;
+pub mod service;

@@ -1,0 +1,73 @@
+//! std-h5-writer: writes images from the ImageBuffer into HDF5 files on command.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use h5_writer::service::{self, Writer};
+use image_buffer::{Expect, RingReader};
+use std::path::PathBuf;
+use std::time::Duration;
+use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::{names, DetectorConfig, ImageMetadata};
+
+/// Follows std-assembler's ImageMetadata stream and, on a start command, writes the next
+/// n_images images into an HDF5 file (/<detector_name>/data [n, H, W] by direct chunk writes
+/// from the ImageBuffer, plus image_id, status and missing_packets). Commands are JSON on the
+/// REP socket ipc://<ipc_dir>/std-daq-<detector>-writer:
+/// {"command":"start","output_file":"/abs/file.h5","n_images":N}, {"command":"stop"},
+/// {"command":"status"}. Stops on SIGINT/SIGTERM, closing an open file with what it holds.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Detector config file (std_daq JSON).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = DetectorConfig::from_file(&args.config)?;
+    init_logging(&cfg.log_level);
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+
+    let ctx = zmq::Context::new();
+    let sub = ctx.socket(zmq::SUB)?;
+    sub.set_rcvhwm(100_000)?;
+    sub.set_subscribe(b"")?;
+    let image_endpoint = names::image_endpoint(&cfg);
+    sub.connect(&image_endpoint)
+        .with_context(|| format!("connecting to {image_endpoint}"))?;
+    let rep = ctx.socket(zmq::REP)?;
+    rep.set_linger(0)?;
+    let command_endpoint = names::writer_command_endpoint(&cfg);
+    rep.bind(&command_endpoint)
+        .with_context(|| format!("binding {command_endpoint}"))?;
+
+    let name = names::image_buffer_name(&cfg.detector_name);
+    let expect = Expect {
+        n_slots: Some(cfg.image_buffer_slots()),
+        slot_bytes: Some(cfg.image_bytes() as u64),
+    };
+    let ring: RingReader<ImageMetadata> = loop {
+        match RingReader::attach_wait(&name, expect, Duration::from_secs(10), || {
+            shutdown.is_triggered()
+        }) {
+            Ok(r) => break r,
+            Err(image_buffer::RingError::Timeout { .. }) if !shutdown.is_triggered() => {
+                tracing::info!(buffer = name, "waiting for std-assembler's ImageBuffer");
+            }
+            Err(e) => return Err(e).with_context(|| format!("attaching ImageBuffer {name}")),
+        }
+    };
+    tracing::info!(
+        image_buffer = %ring.path().display(),
+        stream = %image_endpoint,
+        commands = %command_endpoint,
+        "ready"
+    );
+    let mut writer = Writer::new(&cfg, ring);
+    service::run(&mut writer, &sub, &rep, &shutdown)?;
+    drop((sub, rep));
+    names::remove_ipc_file(&command_endpoint);
+    Ok(())
+}

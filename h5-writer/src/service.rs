@@ -1,0 +1,305 @@
+//! The writer service: follows the assembler's ImageMetadata stream (ZMQ SUB), and while a run is
+//! active writes each image straight from its ImageBuffer slot into the run's HDF5 file. Commands
+//! arrive on a REP socket (see [`crate::command`]). Sockets and the ring are passed in.
+//!
+//! Before an image counts as written, the slot's sequence is checked again: an image overwritten
+//! while it was being written out is replaced by zeros and flagged `LostInBuffer`, never kept as
+//! good.
+
+use crate::command::{Command, Reply, RunSummary, WriterStatus};
+use crate::file::{ImageFile, ImageFileSpec, ImageRecord};
+use image_buffer::RingReader;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use std_daq_common::service::Shutdown;
+use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
+
+const POLL_MS: i64 = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("ZMQ: {0}")]
+    Zmq(#[from] zmq::Error),
+}
+
+#[derive(Debug)]
+struct Run {
+    file: ImageFile,
+    summary: RunSummary,
+    first_image_at: Option<Instant>,
+}
+
+/// Writer state without sockets.
+#[derive(Debug)]
+pub struct Writer {
+    detector_name: String,
+    height: u32,
+    width: u32,
+    dtype: Dtype,
+    ring: RingReader<ImageMetadata>,
+    run: Option<Run>,
+    connected: bool,
+    last_run: Option<RunSummary>,
+    runs_completed: u64,
+    /// Messages on the image stream that were not valid ImageMetadata for this detector.
+    pub invalid_messages: u64,
+}
+
+impl Writer {
+    pub fn new(cfg: &DetectorConfig, ring: RingReader<ImageMetadata>) -> Self {
+        Writer {
+            detector_name: cfg.detector_name.clone(),
+            height: cfg.image_pixel_height,
+            width: cfg.image_pixel_width,
+            dtype: cfg.image_dtype(),
+            ring,
+            run: None,
+            connected: false,
+            last_run: None,
+            runs_completed: 0,
+            invalid_messages: 0,
+        }
+    }
+
+    pub fn handle_command(&mut self, cmd: Command) -> Reply {
+        match cmd {
+            Command::Start {
+                output_file,
+                n_images,
+            } => self.start(&output_file, n_images),
+            Command::Stop => match self.finish("stopped") {
+                Some(run) => Reply {
+                    ok: true,
+                    run: Some(run),
+                    ..Reply::default()
+                },
+                None => Reply::error("no run is in progress"),
+            },
+            Command::Status => Reply {
+                ok: true,
+                status: Some(self.status()),
+                ..Reply::default()
+            },
+        }
+    }
+
+    pub fn status(&self) -> WriterStatus {
+        WriterStatus {
+            state: if self.run.is_some() {
+                "writing"
+            } else {
+                "idle"
+            }
+            .into(),
+            connected: self.connected,
+            current: self.run.as_ref().map(|r| r.summary.clone()),
+            last_run: self.last_run.clone(),
+            runs_completed: self.runs_completed,
+        }
+    }
+
+    fn start(&mut self, output_file: &str, n_images: u64) -> Reply {
+        if let Some(run) = &self.run {
+            return Reply::error(format!(
+                "a run is in progress: {} ({} of {} images written)",
+                run.summary.output_file, run.summary.images_written, run.summary.n_images
+            ));
+        }
+        let path = Path::new(output_file);
+        if !path.is_absolute() {
+            return Reply::error(format!(
+                "output_file {output_file:?} must be an absolute path"
+            ));
+        }
+        if path.extension().and_then(|e| e.to_str()) != Some("h5") {
+            return Reply::error(format!("output_file {output_file:?} must end in .h5"));
+        }
+        if n_images == 0 {
+            return Reply::error("n_images must be at least 1");
+        }
+        if !path.parent().is_some_and(Path::is_dir) {
+            return Reply::error(format!(
+                "the folder of output_file {output_file:?} does not exist"
+            ));
+        }
+        let spec = ImageFileSpec {
+            detector_name: self.detector_name.clone(),
+            n_images,
+            height: self.height,
+            width: self.width,
+            dtype: self.dtype,
+        };
+        match ImageFile::create(path, &spec) {
+            Ok(file) => {
+                tracing::info!(output_file, n_images, "run started");
+                self.run = Some(Run {
+                    file,
+                    summary: RunSummary {
+                        output_file: output_file.to_string(),
+                        n_images,
+                        ..RunSummary::default()
+                    },
+                    first_image_at: None,
+                });
+                Reply {
+                    ok: true,
+                    ..Reply::default()
+                }
+            }
+            Err(e) => Reply::error(e.to_string()),
+        }
+    }
+
+    /// Takes one message from the image stream (empty = heartbeat).
+    pub fn on_message(&mut self, bytes: &[u8]) {
+        self.connected = true;
+        if bytes.is_empty() {
+            return;
+        }
+        let meta = match ImageMetadata::from_bytes(bytes) {
+            Ok(m)
+                if m.height == self.height && m.width == self.width && m.dtype() == self.dtype =>
+            {
+                m
+            }
+            _ => {
+                self.invalid_messages += 1;
+                return;
+            }
+        };
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let index = run.summary.images_written;
+        let mut record = ImageRecord {
+            image_id: meta.image_id,
+            status: meta.status,
+            missing_packets: meta.missing_packets,
+        };
+        let image_bytes = run.file.image_bytes();
+        let file = &mut run.file;
+        let written = self
+            .ring
+            .read(meta.image_id, |_, data| match data.get(..image_bytes) {
+                Some(image) => file.write_image(index, image, record),
+                None => file.write_zero_image(index, record),
+            });
+        let result = match written {
+            Ok(result) => result,
+            Err(_) => {
+                // Overwritten before or while it was written out: zeros, flagged.
+                run.summary.images_lost_in_buffer += 1;
+                record.status = ImageStatus::LostInBuffer as u16;
+                run.file.write_zero_image(index, record)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!("{e}");
+            self.finish(&format!("failed: {e}"));
+            return;
+        }
+        run.first_image_at.get_or_insert_with(Instant::now);
+        let s = &mut run.summary;
+        s.images_written += 1;
+        s.bytes_written += image_bytes as u64;
+        s.first_image_id.get_or_insert(meta.image_id);
+        s.last_image_id = Some(meta.image_id);
+        s.missing_packets += u64::from(meta.missing_packets);
+        if record.status == ImageStatus::Good as u16 {
+            s.images_good += 1;
+        } else {
+            s.images_flagged += 1;
+        }
+        if s.images_written == s.n_images {
+            self.finish("completed");
+        }
+    }
+
+    /// Closes the current run's file, if any, and returns its summary.
+    pub fn finish(&mut self, end: &str) -> Option<RunSummary> {
+        let run = self.run.take()?;
+        let mut summary = run.summary;
+        summary.end = end.to_string();
+        if let Err(e) = run.file.close() {
+            tracing::error!("closing {}: {e}", summary.output_file);
+            summary.end = format!("failed: closing the file: {e}");
+        }
+        summary.seconds = run
+            .first_image_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        tracing::info!(
+            output_file = summary.output_file,
+            images = summary.images_written,
+            good = summary.images_good,
+            flagged = summary.images_flagged,
+            missing_packets = summary.missing_packets,
+            lost_in_buffer = summary.images_lost_in_buffer,
+            end = summary.end,
+            "run finished"
+        );
+        self.runs_completed += 1;
+        self.last_run = Some(summary.clone());
+        Some(summary)
+    }
+}
+
+/// Runs until shutdown; a run still open then is closed with what it has.
+pub fn run(
+    writer: &mut Writer,
+    sub: &zmq::Socket,
+    rep: &zmq::Socket,
+    shutdown: &Shutdown,
+) -> Result<(), WriterError> {
+    let mut buf = [0u8; 512];
+    let mut last_invalid_report = 0;
+    let mut last_report = Instant::now();
+    while !shutdown.is_triggered() {
+        let (images, command) = {
+            let mut items = [sub.as_poll_item(zmq::POLLIN), rep.as_poll_item(zmq::POLLIN)];
+            poll_ignoring_signals(&mut items, POLL_MS)?;
+            (items[0].is_readable(), items[1].is_readable())
+        };
+        if images {
+            loop {
+                match sub.recv_into(&mut buf, zmq::DONTWAIT) {
+                    Ok(n) if n <= buf.len() => writer.on_message(&buf[..n]),
+                    Ok(_) => writer.invalid_messages += 1,
+                    Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if command {
+            let request = rep.recv_bytes(0)?;
+            let reply = match serde_json::from_slice::<Command>(&request) {
+                Ok(cmd) => writer.handle_command(cmd),
+                Err(e) => Reply::error(format!("invalid command: {e}")),
+            };
+            let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+            rep.send(body, 0)?;
+        }
+        if writer.invalid_messages != last_invalid_report
+            && last_report.elapsed() >= Duration::from_secs(5)
+        {
+            tracing::warn!(
+                count = writer.invalid_messages,
+                "messages on the image stream that are not this detector's ImageMetadata"
+            );
+            last_invalid_report = writer.invalid_messages;
+            last_report = Instant::now();
+        }
+    }
+    writer.finish("stopped: the writer was shut down");
+    Ok(())
+}
+
+/// `zmq::poll`, where a signal arriving (shutdown) counts as "nothing ready".
+fn poll_ignoring_signals(
+    items: &mut [zmq::PollItem<'_>],
+    timeout_ms: i64,
+) -> Result<(), zmq::Error> {
+    match zmq::poll(items, timeout_ms) {
+        Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

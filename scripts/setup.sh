@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian bookworm machine: system packages, then Redis and RabbitMQ.
+# Installs only what is missing and starts services only when they are not running.
+set -euo pipefail
+
+need_root() { if [ "$(id -u)" -ne 0 ]; then echo "setup: run as root (or with sudo)" >&2; exit 1; fi; }
+
+PKGS=(build-essential pkg-config libhdf5-dev hdf5-tools python3-h5py python3-numpy
+      redis-server rabbitmq-server iproute2 procps curl ca-certificates)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; else
+    echo "setup: no Rust toolchain found; install one with rustup (https://rustup.rs)" >&2; exit 1; fi
+fi
+
+# Redis: start when nothing answers on 6379.
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  echo "setup: starting redis-server"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+fi
+# RabbitMQ: start when nothing answers on 5672, then poll until it accepts connections.
+if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  echo "setup: starting rabbitmq-server"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break
+    sleep 0.5
+  done
+  (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || { echo "setup: rabbitmq did not start" >&2; exit 1; }
+fi
+echo "setup: ok"

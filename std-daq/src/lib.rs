@@ -1,0 +1,6 @@
+//! The `std-daq` command line's library: starting and stopping a whole pipeline of real service
+//! processes for one detector. Used by `std-daq demo` and by the end-to-end tests, so both run the
+//! system exactly as an operator would.
+#![forbid(unsafe_code)]
+
+pub mod pipeline;

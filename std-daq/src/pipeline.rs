@@ -1,0 +1,387 @@
+//! A pipeline of real processes: one `std-udp-recv` per module, `std-assembler`, `std-h5-writer`,
+//! and `std-det-sim` on demand. Children log to files in the work directory. Stopping goes
+//! upstream first (receivers, then assembler, then writer) so every stage drains into the next,
+//! and then checks that no shared-memory segment or ipc socket file is left behind.
+//!
+//! Never leaves a child running: dropping a `Pipeline` kills whatever is still alive.
+
+use anyhow::{anyhow, bail, Context, Result};
+use h5_writer::command::{Command, Reply, RunSummary, WriterClient};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+use std_daq_common::{names, DetectorConfig};
+
+/// Where to find the service binaries: next to the running executable, or one folder up (test
+/// executables live in target/<profile>/deps).
+pub fn default_bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d.join("std-udp-recv").is_file() {
+            return Ok(d);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    bail!(
+        "cannot find the std-daq service binaries near {}: build them with `cargo build --workspace --bins`",
+        exe.display()
+    )
+}
+
+/// How to set up a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub bin_dir: PathBuf,
+    /// Holds the generated config, the ipc sockets and the service logs.
+    pub work_dir: PathBuf,
+    pub detector_name: String,
+    pub n_modules: u16,
+    pub start_udp_port: u16,
+    pub module_buffer_slots: u32,
+    pub ram_buffer_gb: f64,
+    pub log_level: String,
+}
+
+/// A JUNGFRAU config with `n_modules` modules stacked vertically (1024 wide, 512 high each).
+pub fn jungfrau_config_json(opts: &PipelineOptions) -> serde_json::Value {
+    let positions: serde_json::Map<String, serde_json::Value> = (0..opts.n_modules)
+        .map(|m| {
+            let y0 = u32::from(m) * 512;
+            (m.to_string(), serde_json::json!([0, y0, 1023, y0 + 511]))
+        })
+        .collect();
+    serde_json::json!({
+        "detector_name": opts.detector_name,
+        "detector_type": "jungfrau-raw",
+        "n_modules": opts.n_modules,
+        "bit_depth": 16,
+        "image_pixel_height": u32::from(opts.n_modules) * 512,
+        "image_pixel_width": 1024,
+        "start_udp_port": opts.start_udp_port,
+        "module_positions": positions,
+        "log_level": opts.log_level,
+        "stats_collection_period": 2.0,
+        "module_buffer_slots": opts.module_buffer_slots,
+        "ram_buffer_gb": opts.ram_buffer_gb,
+        "udp_bind_address": "127.0.0.1",
+        "ipc_dir": opts.work_dir.join("ipc").display().to_string(),
+    })
+}
+
+/// What `std-det-sim` reported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimReport {
+    pub frames: u64,
+    pub packets_sent: u64,
+    pub packets_dropped: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+}
+
+/// What stopping found.
+#[derive(Debug, Clone, Default)]
+pub struct StopReport {
+    /// Services that did not exit 0 (name, status).
+    pub failed: Vec<(String, String)>,
+    /// Shared-memory segments and ipc files still present after every service exited.
+    pub leftovers: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Service {
+    name: String,
+    child: Child,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    opts: PipelineOptions,
+    pub config_path: PathBuf,
+    pub config: DetectorConfig,
+    receivers: Vec<Service>,
+    assembler: Option<Service>,
+    writer: Option<Service>,
+    pub client: WriterClient,
+}
+
+impl Pipeline {
+    /// Writes the config, starts every service and waits until the writer sees the assembler's
+    /// stream (so a run started now loses no image to ZMQ's slow-joiner effect).
+    pub fn start(opts: PipelineOptions, ready_timeout: Duration) -> Result<Self> {
+        std::fs::create_dir_all(opts.work_dir.join("ipc"))
+            .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+        let config_path = opts.work_dir.join("detector.json");
+        let json = serde_json::to_string_pretty(&jungfrau_config_json(&opts))?;
+        std::fs::write(&config_path, json)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let config = DetectorConfig::from_file(&config_path)?;
+        let ctx = zmq::Context::new();
+        let client = WriterClient::new(
+            &ctx,
+            &names::writer_command_endpoint(&config),
+            Duration::from_secs(2),
+        );
+        let mut p = Pipeline {
+            config_path,
+            config,
+            receivers: Vec::new(),
+            assembler: None,
+            writer: None,
+            client,
+            opts,
+        };
+        for m in 0..p.config.n_modules {
+            let s = p.spawn(
+                &format!("std-udp-recv-{m}"),
+                "std-udp-recv",
+                &["--module", &m.to_string()],
+            )?;
+            p.receivers.push(s);
+        }
+        p.assembler = Some(p.spawn("std-assembler", "std-assembler", &[])?);
+        p.writer = Some(p.spawn("std-h5-writer", "std-h5-writer", &[])?);
+        p.wait_ready(ready_timeout)?;
+        Ok(p)
+    }
+
+    fn spawn(&self, name: &str, binary: &str, extra: &[&str]) -> Result<Service> {
+        let log_path = self.log_path(name);
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let exe = self.opts.bin_dir.join(binary);
+        let child = Process::new(&exe)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        Ok(Service {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    pub fn log_path(&self, service: &str) -> PathBuf {
+        self.opts.work_dir.join(format!("{service}.log"))
+    }
+
+    /// The last lines of a service's log, for error messages.
+    pub fn log_tail(&self, service: &str) -> String {
+        let text = std::fs::read_to_string(self.log_path(service)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    fn services_mut(&mut self) -> impl Iterator<Item = &mut Service> {
+        self.receivers
+            .iter_mut()
+            .chain(self.assembler.as_mut())
+            .chain(self.writer.as_mut())
+    }
+
+    /// Fails if any service has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let mut dead = None;
+        for s in self.services_mut() {
+            if let Some(status) = s.child.try_wait()? {
+                dead = Some((s.name.clone(), status));
+                break;
+            }
+        }
+        if let Some((name, status)) = dead {
+            bail!(
+                "{name} exited ({status}); its log ends with:\n{}",
+                self.log_tail(&name)
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if let Ok(Reply {
+                ok: true,
+                status: Some(status),
+                ..
+            }) = self.client.request(&Command::Status)
+            {
+                if status.connected {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the pipeline was not ready within {timeout:?}; writer log:\n{}",
+                    self.log_tail("std-h5-writer")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the writer to write the next `n_images` images into `output_file`.
+    pub fn start_run(&self, output_file: &Path, n_images: u64) -> Result<()> {
+        let reply = self.client.request(&Command::Start {
+            output_file: output_file.display().to_string(),
+            n_images,
+        })?;
+        if !reply.ok {
+            bail!(
+                "the writer refused the run: {}",
+                reply.error.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `std-det-sim` to completion and returns its report.
+    pub fn run_simulator(
+        &self,
+        images: u64,
+        rate: f64,
+        drop: &str,
+        gso: bool,
+    ) -> Result<SimReport> {
+        let exe = self.opts.bin_dir.join("std-det-sim");
+        let mut cmd = Process::new(&exe);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .args(["--images", &images.to_string(), "--rate", &rate.to_string()])
+            .args(["--drop", drop])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(self.log_path("std-det-sim"))?);
+        if gso {
+            cmd.arg("--gso");
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "std-det-sim failed ({}):\n{}",
+                out.status,
+                self.log_tail("std-det-sim")
+            );
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("reading std-det-sim's JSON report")?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Ok(SimReport {
+            frames: n("frames"),
+            packets_sent: n("packets_sent"),
+            packets_dropped: n("packets_dropped"),
+            bytes_sent: n("bytes_sent"),
+            seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        })
+    }
+
+    /// Waits for the current run to finish. If no image arrives for `idle_timeout`, the run is
+    /// stopped (the file keeps what it has) and its summary returned.
+    pub fn wait_run(&mut self, idle_timeout: Duration) -> Result<RunSummary> {
+        let mut last_progress = (u64::MAX, Instant::now());
+        loop {
+            self.check_alive()?;
+            let status = self
+                .client
+                .request(&Command::Status)?
+                .status
+                .ok_or_else(|| anyhow!("the writer's status reply has no status"))?;
+            match status.current {
+                None => {
+                    return status
+                        .last_run
+                        .ok_or_else(|| anyhow!("the writer reports no run at all"))
+                }
+                Some(current) => {
+                    if current.images_written != last_progress.0 {
+                        last_progress = (current.images_written, Instant::now());
+                    } else if last_progress.1.elapsed() > idle_timeout {
+                        tracing::warn!(
+                            written = current.images_written,
+                            requested = current.n_images,
+                            "no image for {idle_timeout:?}: stopping the run"
+                        );
+                        let reply = self.client.request(&Command::Stop)?;
+                        if let Some(run) = reply.run {
+                            return Ok(run);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops every service upstream first and reports failures and leftovers.
+    pub fn stop(mut self) -> Result<StopReport> {
+        let mut report = StopReport::default();
+        let receivers = std::mem::take(&mut self.receivers);
+        let stages = [
+            receivers,
+            self.assembler.take().into_iter().collect(),
+            self.writer.take().into_iter().collect(),
+        ];
+        for stage in stages {
+            for s in &stage {
+                terminate(&s.child)?;
+            }
+            for mut s in stage {
+                let status = wait_with_deadline(&mut s.child, Duration::from_secs(20))?;
+                if !status.success() {
+                    report.failed.push((s.name.clone(), status.to_string()));
+                }
+            }
+        }
+        let prefix = format!("std-daq.{}.", self.config.detector_name);
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains(&prefix) {
+                    report.leftovers.push(e.path());
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.config.ipc_dir) {
+            report.leftovers.extend(entries.flatten().map(|e| e.path()));
+        }
+        Ok(report)
+    }
+}
+
+fn terminate(child: &Child) -> Result<()> {
+    let status = Process::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .context("running kill")?;
+    // A child that already exited cannot be signalled; its exit status tells the story.
+    let _ = status;
+    Ok(())
+}
+
+fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            return Ok(child.wait()?);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for s in self.services_mut() {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+    }
+}

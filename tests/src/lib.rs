@@ -1,0 +1,62 @@
+//! Helpers for the end-to-end tests: isolated pipelines (own detector name, UDP ports and work
+//! folder) and the independent h5py checker in `tests/python/verify_h5.py`.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std_daq::pipeline::{default_bin_dir, PipelineOptions};
+
+static NEXT: AtomicU16 = AtomicU16::new(0);
+
+/// A folder for one test, removed by the caller when the test passes.
+pub fn work_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("std-daq-test.{tag}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Pipeline options no other test (or test process) shares: detector name, ports, folders.
+pub fn options(tag: &str) -> Result<PipelineOptions> {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let port = 20_000 + (std::process::id() % 2000) as u16 * 16 + n * 4;
+    Ok(PipelineOptions {
+        bin_dir: default_bin_dir()?,
+        work_dir: work_dir(tag),
+        detector_name: format!("t{tag}{}", std::process::id()),
+        n_modules: 2,
+        start_udp_port: port,
+        module_buffer_slots: 64,
+        ram_buffer_gb: 0.125,
+        log_level: "info".into(),
+    })
+}
+
+/// The Python with h5py (Debian's, not a pyenv one first on PATH).
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Runs the h5py checker and returns its JSON report.
+pub fn verify_h5(file: &Path, detector: &str, drop: &str) -> Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_h5.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(file)
+        .args(["--detector", detector, "--drop", drop])
+        .output()
+        .context("running verify_h5.py")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().last() else {
+        bail!(
+            "verify_h5.py printed nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    serde_json::from_str(line).with_context(|| format!("verify_h5.py report: {line}"))
+}

@@ -1,0 +1,146 @@
+//! End-to-end: the real binaries as processes, real UDP on loopback, real shared memory, real
+//! ZMQ, a real HDF5 file checked by h5py.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+use std_daq::pipeline::{default_bin_dir, Pipeline};
+use std_daq_tests::{options, verify_h5, work_dir};
+
+/// Packets the simulator leaves out, and what the file must then say for those images.
+const DROPS: &str = "3:0:0,3:0:77,10:1:127,12:0:*,20:0:5,20:1:5,40:1:127";
+
+#[test]
+fn dropped_packets_are_flagged_exactly_and_everything_else_is_exact() {
+    let opts = options("drops").unwrap();
+    let work = opts.work_dir.clone();
+    let detector = opts.detector_name.clone();
+    let mut p = Pipeline::start(opts, Duration::from_secs(60)).unwrap();
+    let file = work.join("drops.h5");
+
+    // A bad request is refused with a reason and changes nothing.
+    let err = p
+        .start_run(std::path::Path::new("relative.h5"), 5)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("must be an absolute path"),
+        "{err}"
+    );
+
+    p.start_run(&file, 40).unwrap();
+    let sim = p.run_simulator(40, 200.0, DROPS, false).unwrap();
+    assert_eq!(sim.packets_dropped, 2 + 1 + 128 + 2 + 1);
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    let stop = p.stop().unwrap();
+    assert!(stop.failed.is_empty(), "{:?}", stop.failed);
+    assert!(stop.leftovers.is_empty(), "{:?}", stop.leftovers);
+
+    assert_eq!(run.end, "completed");
+    assert_eq!(run.images_written, 40);
+    assert_eq!(run.images_flagged, 5);
+    assert_eq!(run.missing_packets, 134);
+
+    let report = verify_h5(&file, &detector, DROPS).unwrap();
+    assert_eq!(report["images"], 40, "{report}");
+    assert_eq!(report["exact_images"], 40, "{report}");
+    assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+    assert_eq!(report["first_id"], 1, "{report}");
+    // Exactly these images are flagged, with exactly these missing counts (a module frame that
+    // never arrived counts all its 128 packets; the run's last frame lost its last packet).
+    assert_eq!(
+        report["flagged"],
+        serde_json::json!({"3": 2, "10": 1, "12": 128, "20": 2, "40": 1}),
+        "{report}"
+    );
+    assert_eq!(
+        report["status_counts"],
+        serde_json::json!({"1": 35, "2": 5})
+    );
+    std::fs::remove_dir_all(work).unwrap();
+}
+
+#[test]
+fn demo_command_writes_a_pixel_exact_file() {
+    let work = work_dir("demo");
+    std::fs::create_dir_all(&work).unwrap();
+    let file = work.join("demo.h5");
+    let port = 30_000 + (std::process::id() % 1000) as u16 * 4;
+    let out = Command::new(default_bin_dir().unwrap().join("std-daq"))
+        .args([
+            "demo",
+            "--images",
+            "300",
+            "--rate",
+            "300",
+            "--port",
+            &port.to_string(),
+        ])
+        .arg("--output")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("images written:     300 (good 300, flagged 0)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("clean shutdown:     yes"), "{stdout}");
+
+    let h5ls = Command::new("h5ls").arg(&file).output().unwrap();
+    let detector = String::from_utf8_lossy(&h5ls.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(
+        report["shape"],
+        serde_json::json!([300, 1024, 1024]),
+        "{report}"
+    );
+    assert_eq!(report["dtype"], "uint16");
+    assert_eq!(report["chunks"], serde_json::json!([1, 1024, 1024]));
+    assert_eq!(report["exact_images"], 300, "{report}");
+    assert_eq!(report["ids_strictly_increasing"], true);
+    assert_eq!(report["status_counts"], serde_json::json!({"1": 300}));
+    std::fs::remove_dir_all(work).unwrap();
+}
+
+#[test]
+fn a_bad_config_names_the_key_and_the_file() {
+    let work = work_dir("badcfg");
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg = work.join("bad.json");
+    std::fs::write(
+        &cfg,
+        r#"{"detector_name":"x","detector_type":"jungfrau-raw","n_modules":1,"bit_depth":16,
+            "image_pixel_height":512,"image_pixel_width":1024,"start_udp_port":50000,
+            "module_positions":{"0":[0,0,1023,511]},"modul_sync_timeout_ms":5}"#,
+    )
+    .unwrap();
+    for binary in ["std-udp-recv", "std-assembler", "std-h5-writer"] {
+        let out = Command::new(default_bin_dir().unwrap().join(binary))
+            .arg("--config")
+            .arg(&cfg)
+            .args(if binary == "std-udp-recv" {
+                &["--module", "0"][..]
+            } else {
+                &[]
+            })
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{binary} accepted a bad config");
+        assert!(
+            stderr.contains(&cfg.display().to_string())
+                && stderr.contains("unknown field `modul_sync_timeout_ms`"),
+            "{binary}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(work).unwrap();
+}

@@ -1,0 +1,115 @@
+//! std-udp-recv: receives one detector module's UDP packets into its FrameBuffer.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use image_buffer::RingOwner;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::{names, DetectorConfig, ModuleFrame};
+use udp_recv::receiver::{self, ReceiverSettings};
+use udp_recv::socket::UdpReceiver;
+
+/// Receives one detector module's UDP packets (port = start_udp_port + module) with recvmmsg,
+/// assembles each frame in place in the module's FrameBuffer (/dev/shm/std-daq.<detector>.module-<m>),
+/// zero-fills missing packets, and pushes a ModuleFrame per frame to std-assembler over ZMQ.
+/// Counters are logged every stats_collection_period seconds and at exit. Stops on SIGINT/SIGTERM.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Detector config file (std_daq JSON: detector_name, detector_type, n_modules, ...).
+    #[arg(long)]
+    config: PathBuf,
+    /// Module id, 0-based; the receiver listens on start_udp_port + module.
+    #[arg(long)]
+    module: u16,
+    /// Socket receive buffer in MiB. Above net.core.rmem_max the kernel clamps it unless the
+    /// receiver runs as root (then SO_RCVBUFFORCE is used).
+    #[arg(long, default_value_t = 128)]
+    rcvbuf_mib: usize,
+    /// Datagrams per recvmmsg call.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = DetectorConfig::from_file(&args.config)?;
+    init_logging(&cfg.log_level);
+    if args.module >= cfg.n_modules {
+        bail!(
+            "--module {} is out of range: the config {} has n_modules = {}",
+            args.module,
+            args.config.display(),
+            cfg.n_modules
+        );
+    }
+    if !cfg.detector_type.is_jungfrau() {
+        bail!(
+            "detector_type {} is not supported by this receiver yet (JUNGFRAU only)",
+            cfg.detector_type
+        );
+    }
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+
+    let bind_ip: IpAddr = cfg.udp_bind_address.parse().context("udp_bind_address")?;
+    let addr = SocketAddr::new(bind_ip, cfg.udp_port(args.module));
+    let (mut socket, rcvbuf) = UdpReceiver::bind(
+        addr,
+        args.rcvbuf_mib << 20,
+        Duration::from_millis(u64::from(cfg.frame_timeout_ms).clamp(1, 5)),
+        args.batch,
+    )
+    .with_context(|| format!("binding UDP {addr}"))?;
+    if rcvbuf.clamped() {
+        tracing::warn!(
+            requested = rcvbuf.requested,
+            effective = rcvbuf.effective,
+            rmem_max = ?rcvbuf.rmem_max,
+            "the kernel clamped the socket receive buffer: raise net.core.rmem_max or run as root"
+        );
+    }
+
+    let ring_name = names::module_buffer_name(&cfg.detector_name, args.module);
+    let mut ring: RingOwner<ModuleFrame> = RingOwner::create(
+        &ring_name,
+        u64::from(cfg.module_buffer_slots),
+        cfg.module_frame_bytes() as u64,
+    )
+    .with_context(|| format!("creating FrameBuffer {ring_name}"))?;
+
+    let ctx = zmq::Context::new();
+    let push = ctx.socket(zmq::PUSH)?;
+    push.set_sndhwm(100_000)?;
+    push.set_linger(2000)?;
+    let endpoint = names::sync_endpoint(&cfg);
+    push.connect(&endpoint)
+        .with_context(|| format!("connecting to {endpoint}"))?;
+
+    tracing::info!(
+        module = args.module,
+        %addr,
+        rcvbuf = rcvbuf.effective,
+        buffer = %ring.path().display(),
+        slots = ring.n_slots(),
+        sync = %endpoint,
+        "receiving"
+    );
+    let settings = ReceiverSettings {
+        module_id: args.module,
+        frame_timeout: Duration::from_millis(u64::from(cfg.frame_timeout_ms)),
+        stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
+        batch_size: args.batch,
+    };
+    let mut publish = |frame: &ModuleFrame| push.send(frame.as_bytes(), zmq::DONTWAIT).is_ok();
+    let stats = receiver::run(&settings, &mut socket, &mut ring, &mut publish, &shutdown)?;
+    if stats.frames_not_published > 0 {
+        tracing::warn!(
+            frames = stats.frames_not_published,
+            "frames could not be handed to the assembler (not running or too slow)"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! `std-det-sim`: a JUNGFRAU detector simulator that sends real slsDetector packets.
+//!
+//! Pixel values are a deterministic function of (frame, module, pixel index) that tests and the
+//! Python checker recompute independently:
+//!
+//! ```text
+//! offset(frame, module) = ((frame mod 65535) * 7919 + module * 104729) mod 65535
+//! value(frame, module, px) = 1 + (px + offset) mod 65535        (never 0, so lost data shows)
+//! ```
+//!
+//! Because the value only shifts with the frame, every payload is a slice of one precomputed
+//! table: sending costs no pixel generation. Chosen packets can be dropped (`--drop`).
+
+use crate::jungfrau::{self, JungfrauHeader, HEADER_BYTES, PACKETS_PER_FRAME, PAYLOAD_BYTES};
+use crate::socket::{OutMessage, UdpSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS};
+use socket2::SockAddr;
+use std::collections::HashSet;
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+use std_daq_common::service::Shutdown;
+
+const PERIOD: usize = 65535;
+const PIXELS_PER_MODULE: usize = jungfrau::FRAME_BYTES / 2;
+const PIXELS_PER_PACKET: usize = PAYLOAD_BYTES / 2;
+
+pub fn pattern_offset(frame: u64, module: u16) -> usize {
+    (((frame % PERIOD as u64) * 7919 + u64::from(module) * 104_729) % PERIOD as u64) as usize
+}
+
+/// The value the simulator sends for pixel `px` (0..524288, row-major in the module frame).
+pub fn pixel_value(frame: u64, module: u16, px: usize) -> u16 {
+    (1 + (px + pattern_offset(frame, module)) % PERIOD) as u16
+}
+
+/// All payloads as slices of one table: `table[offset + px] == value(frame, module, px)`.
+#[derive(Debug)]
+pub struct PatternTable(Vec<u16>);
+
+impl PatternTable {
+    pub fn new() -> Self {
+        PatternTable(
+            (0..PIXELS_PER_MODULE + PERIOD)
+                .map(|j| (1 + j % PERIOD) as u16)
+                .collect(),
+        )
+    }
+
+    /// The little-endian payload bytes of packet `p` of a module frame.
+    pub fn payload(&self, frame: u64, module: u16, p: u32) -> &[u8] {
+        let start = pattern_offset(frame, module) + p as usize * PIXELS_PER_PACKET;
+        bytemuck::cast_slice(&self.0[start..start + PIXELS_PER_PACKET])
+    }
+}
+
+impl Default for PatternTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The header the simulator sends for packet `p` of `frame` from `module`.
+pub fn jungfrau_header(frame: u64, module: u16, p: u32) -> JungfrauHeader {
+    JungfrauHeader {
+        framenum: frame,
+        exptime: 10,
+        packetnum: p,
+        bunchid: frame as f64,
+        timestamp: frame.wrapping_mul(1000),
+        module_id: module,
+        row: 0,
+        column: module,
+        z_coord: 0,
+        debug: 0,
+        round_robin: 0,
+        detector_type: 3,
+        header_version: 2,
+    }
+}
+
+/// One whole packet as bytes (tests).
+pub fn jungfrau_packet(table: &PatternTable, frame: u64, module: u16, p: u32) -> Vec<u8> {
+    let mut v = bytemuck::bytes_of(&jungfrau_header(frame, module, p)).to_vec();
+    v.extend_from_slice(table.payload(frame, module, p));
+    v
+}
+
+/// Packets to leave out: `frame:module:packet`, with `*` for every packet of that module frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropList {
+    packets: HashSet<(u64, u16, u32)>,
+    whole_frames: HashSet<(u64, u16)>,
+}
+
+impl DropList {
+    pub fn contains(&self, frame: u64, module: u16, packet: u32) -> bool {
+        self.whole_frames.contains(&(frame, module))
+            || self.packets.contains(&(frame, module, packet))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty() && self.whole_frames.is_empty()
+    }
+}
+
+impl FromStr for DropList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut list = DropList::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let parts: Vec<&str> = item.split(':').collect();
+            let [frame, module, packet] = parts[..] else {
+                return Err(format!("drop entry {item:?} is not frame:module:packet"));
+            };
+            let frame: u64 = frame
+                .parse()
+                .map_err(|_| format!("drop entry {item:?}: bad frame number"))?;
+            let module: u16 = module
+                .parse()
+                .map_err(|_| format!("drop entry {item:?}: bad module"))?;
+            if packet == "*" {
+                list.whole_frames.insert((frame, module));
+            } else {
+                let packet: u32 = packet
+                    .parse()
+                    .ok()
+                    .filter(|p| *p < PACKETS_PER_FRAME)
+                    .ok_or_else(|| format!("drop entry {item:?}: packet must be 0..127 or *"))?;
+                list.packets.insert((frame, module, packet));
+            }
+        }
+        Ok(list)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimSettings {
+    pub target: IpAddr,
+    pub start_port: u16,
+    pub n_modules: u16,
+    pub start_frame: u64,
+    pub n_frames: u64,
+    /// Frames per second; 0 sends as fast as possible.
+    pub rate_hz: f64,
+    pub drops: DropList,
+    pub gso: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimReport {
+    pub frames: u64,
+    pub packets_sent: u64,
+    pub packets_dropped: u64,
+    pub bytes_sent: u64,
+    pub elapsed: Duration,
+    /// Frames that started later than their slot in the schedule by more than one period.
+    pub frames_behind_schedule: u64,
+}
+
+/// Sends `n_frames` frames from every module, paced at `rate_hz`.
+pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport> {
+    let table = PatternTable::new();
+    let bind_ip: IpAddr = if settings.target.is_loopback() {
+        settings.target
+    } else if settings.target.is_ipv4() {
+        IpAddr::from([0, 0, 0, 0])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    let gso = settings.gso.then_some(jungfrau::PACKET_BYTES as u16);
+    let mut sender = UdpSender::new(SocketAddr::new(bind_ip, 0), 8 << 20, gso)?;
+    let dests: Vec<SockAddr> = (0..settings.n_modules)
+        .map(|m| SockAddr::from(SocketAddr::new(settings.target, settings.start_port + m)))
+        .collect();
+    let per_message = if settings.gso {
+        (GSO_MAX_BYTES / jungfrau::PACKET_BYTES).min(GSO_MAX_SEGMENTS)
+    } else {
+        1
+    };
+    let n_packets = usize::from(settings.n_modules) * PACKETS_PER_FRAME as usize;
+    let mut headers = vec![[0u8; HEADER_BYTES]; n_packets];
+    let period = (settings.rate_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / settings.rate_hz));
+    let mut report = SimReport::default();
+    let start = Instant::now();
+
+    for i in 0..settings.n_frames {
+        if shutdown.is_triggered() {
+            break;
+        }
+        if let Some(period) = period {
+            let due = start + period.mul_f64(i as f64);
+            let now = Instant::now();
+            if now < due {
+                std::thread::sleep(due - now);
+            } else if now - due > period {
+                report.frames_behind_schedule += 1;
+            }
+        }
+        let frame = settings.start_frame + i;
+        for m in 0..settings.n_modules {
+            for p in 0..PACKETS_PER_FRAME {
+                headers[usize::from(m) * PACKETS_PER_FRAME as usize + p as usize]
+                    .copy_from_slice(bytemuck::bytes_of(&jungfrau_header(frame, m, p)));
+            }
+        }
+        // Gather: [header, payload] per packet; with GSO, runs of up to `per_message` packets.
+        let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(2 * n_packets);
+        let mut runs: Vec<(usize, usize, u16)> = Vec::new(); // (first part, part count, module)
+        for m in 0..settings.n_modules {
+            let mut run_len = 0;
+            for p in 0..PACKETS_PER_FRAME {
+                if settings.drops.contains(frame, m, p) {
+                    report.packets_dropped += 1;
+                    run_len = 0;
+                    continue;
+                }
+                let k = usize::from(m) * PACKETS_PER_FRAME as usize + p as usize;
+                if run_len == 0 || run_len == per_message {
+                    runs.push((parts.len(), 0, m));
+                    run_len = 0;
+                }
+                parts.push(IoSlice::new(&headers[k]));
+                parts.push(IoSlice::new(table.payload(frame, m, p)));
+                run_len += 1;
+                if let Some(last) = runs.last_mut() {
+                    last.1 += 2;
+                }
+                report.packets_sent += 1;
+                report.bytes_sent += jungfrau::PACKET_BYTES as u64;
+            }
+        }
+        let messages: Vec<OutMessage<'_>> = runs
+            .iter()
+            .map(|&(first, count, m)| OutMessage {
+                dest: &dests[usize::from(m)],
+                parts: &parts[first..first + count],
+            })
+            .collect();
+        sender.send_all(&messages)?;
+        report.frames += 1;
+    }
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn table_matches_formula() {
+        let t = PatternTable::new();
+        for (frame, module, p) in [(1u64, 0u16, 0u32), (77, 1, 127), (65535 * 3 + 5, 3, 64)] {
+            let payload: Vec<u16> = t
+                .payload(frame, module, p)
+                .chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            for (i, v) in payload.iter().enumerate() {
+                assert_eq!(*v, pixel_value(frame, module, p as usize * 4096 + i));
+                assert_ne!(*v, 0);
+            }
+        }
+        // Python's checker uses the same numbers: spot values computed by hand.
+        assert_eq!(pattern_offset(1, 0), 7919);
+        assert_eq!(pixel_value(1, 0, 0), 7920);
+        assert_eq!(pixel_value(0, 1, 0), 1 + (104_729 % 65535) as u16);
+    }
+
+    #[test]
+    fn drop_list_parses_and_rejects() {
+        let d: DropList = "3:0:5, 4:1:*".parse().unwrap();
+        assert!(d.contains(3, 0, 5) && !d.contains(3, 0, 6));
+        assert!(d.contains(4, 1, 0) && d.contains(4, 1, 127) && !d.contains(4, 0, 0));
+        assert!("3:0".parse::<DropList>().is_err());
+        assert!("3:0:128".parse::<DropList>().is_err());
+        assert!("x:0:1".parse::<DropList>().is_err());
+        assert!("".parse::<DropList>().unwrap().is_empty());
+    }
+}
