@@ -1,0 +1,86 @@
+//! h5py (what scientists use) opens a file written by `ImageFile`.
+//!
+//! Its own test binary on purpose: a child process inherits every open file descriptor of the test
+//! process, and libhdf5 opens files without `O_CLOEXEC` and holds a `flock` on them. Spawned next
+//! to the unit tests, python would keep the lock of whatever file another test thread has open,
+//! and that test's own re-open would then fail with "unable to lock file".
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use h5_writer::file::{ImageFile, ImageFileSpec, ImageRecord};
+use std_daq_common::Dtype;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn pixel(i: u64, y: usize, x: usize) -> u16 {
+    (i as u16) * 1000 + (y as u16) * 10 + x as u16 + 1
+}
+
+#[test]
+fn h5py_reads_the_file() {
+    let probe = Command::new(PYTHON).args(["-c", "import h5py"]).output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        eprintln!("SKIPPED h5py_reads_the_file: {PYTHON} cannot import h5py");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h5py.h5");
+    let spec = ImageFileSpec {
+        detector_name: "jf-test".into(),
+        n_images: 4,
+        height: 6,
+        width: 8,
+        dtype: Dtype::Uint16,
+    };
+    let mut f = ImageFile::create(&path, &spec).unwrap();
+    for i in 0..3u64 {
+        let image: Vec<u8> = (0..6)
+            .flat_map(|y| (0..8).map(move |x| (y, x)))
+            .flat_map(|(y, x)| pixel(i, y, x).to_le_bytes())
+            .collect();
+        let record = ImageRecord {
+            image_id: 5000 + i,
+            status: 1,
+            missing_packets: i as u32,
+        };
+        f.write_image(i, &image, record).unwrap();
+    }
+    assert_eq!(f.close().unwrap(), 3);
+
+    let script = r#"
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    d = f["jf-test/data"]
+    print(d.shape, d.dtype, d.chunks, d.maxshape, d.compression, int(d[2, 5, 7]))
+    print(f["jf-test/image_id"].dtype, list(f["jf-test/image_id"][:]))
+    print(f["jf-test/status"].dtype, list(f["jf-test/status"][:]))
+    print(f["jf-test/missing_packets"].dtype, list(f["jf-test/missing_packets"][:]))
+"#;
+    let out = Command::new(PYTHON)
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "h5py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "(3, 6, 8) uint16 (1, 6, 8) (None, 6, 8) None {}",
+                pixel(2, 5, 7)
+            )
+            .as_str(),
+            "uint64 [5000, 5001, 5002]",
+            "uint16 [1, 1, 1]",
+            "uint32 [0, 1, 2]",
+        ],
+        "h5py output:\n{stdout}"
+    );
+}
