@@ -15,6 +15,7 @@ use std_daq_common::service::Shutdown;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
 
 const POLL_MS: i64 = 50;
+const MAX_IMAGES_PER_POLL: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -260,7 +261,8 @@ pub fn run(
             (items[0].is_readable(), items[1].is_readable())
         };
         if images {
-            loop {
+            // Bounded, so that commands (status, stop) are answered while images stream in.
+            for _ in 0..MAX_IMAGES_PER_POLL {
                 match sub.recv_into(&mut buf, zmq::DONTWAIT) {
                     Ok(n) if n <= buf.len() => writer.on_message(&buf[..n]),
                     Ok(_) => writer.invalid_messages += 1,
@@ -301,5 +303,108 @@ fn poll_ignoring_signals(
     match zmq::poll(items, timeout_ms) {
         Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image_buffer::{Expect, RingOwner};
+    use std_daq_common::messages::IMAGE_METADATA_VERSION;
+
+    const ONE_MODULE: &str = r#"{"detector_name":"wtest","detector_type":"jungfrau-raw",
+        "n_modules":1,"bit_depth":16,"image_pixel_height":512,"image_pixel_width":1024,
+        "start_udp_port":50000,"module_positions":{"0":[0,0,1023,511]}}"#;
+
+    fn meta(cfg: &DetectorConfig, image_id: u64) -> ImageMetadata {
+        ImageMetadata {
+            image_id,
+            data_bytes: cfg.image_bytes() as u64,
+            height: cfg.image_pixel_height,
+            width: cfg.image_pixel_width,
+            n_modules: 1,
+            dtype: Dtype::Uint16 as u16,
+            status: ImageStatus::Good as u16,
+            version: IMAGE_METADATA_VERSION,
+            ..bytemuck::Zeroable::zeroed()
+        }
+    }
+
+    fn publish(ring: &mut RingOwner<ImageMetadata>, cfg: &DetectorConfig, image_id: u64) {
+        let mut slot = ring.begin_write(image_id).unwrap();
+        slot.data_mut().fill(image_id as u8 + 1);
+        *slot.meta_mut() = meta(cfg, image_id);
+        slot.commit();
+    }
+
+    /// The writer is told about image 0 only after the ring (2 slots) has moved on to image 2:
+    /// the file must hold zeros flagged lost_in_buffer for it, never image 2's pixels.
+    #[test]
+    fn an_overwritten_image_is_zeroed_and_flagged_never_written_as_good() {
+        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
+        let name = format!("std-daq.wtest-{}.image", std::process::id());
+        let mut ring: RingOwner<ImageMetadata> =
+            RingOwner::create(&name, 2, cfg.image_bytes() as u64).unwrap();
+        let reader = RingReader::attach(&name, Expect::default()).unwrap();
+        let mut writer = Writer::new(&cfg, reader);
+        let dir = std::env::temp_dir().join(format!("wtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.h5");
+        let reply = writer.handle_command(Command::Start {
+            output_file: file.display().to_string(),
+            n_images: 3,
+        });
+        assert!(reply.ok, "{reply:?}");
+
+        for id in 0..3 {
+            publish(&mut ring, &cfg, id);
+        }
+        for id in 0..3 {
+            writer.on_message(meta(&cfg, id).as_bytes());
+        }
+        let run = writer.status().last_run.unwrap();
+        assert_eq!(run.end, "completed");
+        assert_eq!(run.images_written, 3);
+        assert_eq!(run.images_lost_in_buffer, 1);
+        assert_eq!(run.images_good, 2);
+
+        let f = hdf5::File::open(&file).unwrap();
+        let status: Vec<u16> = f.dataset("wtest/status").unwrap().read_raw().unwrap();
+        assert_eq!(status, [ImageStatus::LostInBuffer as u16, 1, 1]);
+        let data: Vec<u16> = f.dataset("wtest/data").unwrap().read_raw().unwrap();
+        let per_image = 512 * 1024;
+        assert!(data[..per_image].iter().all(|v| *v == 0));
+        assert!(data[per_image..2 * per_image].iter().all(|v| *v == 0x0202));
+        assert!(data[2 * per_image..].iter().all(|v| *v == 0x0303));
+        drop(f);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_start_requests_are_refused_with_the_reason() {
+        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
+        let name = format!("std-daq.wtest2-{}.image", std::process::id());
+        let _ring: RingOwner<ImageMetadata> =
+            RingOwner::create(&name, 2, cfg.image_bytes() as u64).unwrap();
+        let mut writer = Writer::new(&cfg, RingReader::attach(&name, Expect::default()).unwrap());
+        let start = |output_file: &str, n_images| Command::Start {
+            output_file: output_file.into(),
+            n_images,
+        };
+        let cases = [
+            (start("rel.h5", 1), "output_file \"rel.h5\" must be an absolute path"),
+            (start("/tmp/x.txt", 1), "output_file \"/tmp/x.txt\" must end in .h5"),
+            (start("/tmp/x.h5", 0), "n_images must be at least 1"),
+            (
+                start("/nonexistent-dir/x.h5", 1),
+                "the folder of output_file \"/nonexistent-dir/x.h5\" does not exist",
+            ),
+            (Command::Stop, "no run is in progress"),
+        ];
+        for (cmd, message) in cases {
+            let reply = writer.handle_command(cmd);
+            assert!(!reply.ok);
+            assert_eq!(reply.error.as_deref(), Some(message));
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! Never leaves a child running: dropping a `Pipeline` kills whatever is still alive.
 
 use anyhow::{anyhow, bail, Context, Result};
-use h5_writer::command::{Command, Reply, RunSummary, WriterClient};
+use h5_writer::command::{ClientError, Command, Reply, RunSummary, WriterClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -120,7 +120,7 @@ impl Pipeline {
         let client = WriterClient::new(
             &ctx,
             &names::writer_command_endpoint(&config),
-            Duration::from_secs(2),
+            Duration::from_secs(5),
         );
         let mut p = Pipeline {
             config_path,
@@ -287,11 +287,14 @@ impl Pipeline {
         let mut last_progress = (u64::MAX, Instant::now());
         loop {
             self.check_alive()?;
-            let status = self
-                .client
-                .request(&Command::Status)?
-                .status
-                .ok_or_else(|| anyhow!("the writer's status reply has no status"))?;
+            let status = match self.client.request(&Command::Status) {
+                Ok(reply) => reply
+                    .status
+                    .ok_or_else(|| anyhow!("the writer's status reply has no status"))?,
+                // A writer busy with a burst of images may answer late; it is alive (checked above).
+                Err(ClientError::Timeout(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
             match status.current {
                 None => {
                     return status
@@ -378,10 +381,15 @@ fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Result<std::proce
 }
 
 impl Drop for Pipeline {
+    /// After an error: SIGTERM everything still running (so owners unlink their segments), then
+    /// SIGKILL whatever has not exited after a few seconds.
     fn drop(&mut self) {
-        for s in self.services_mut() {
-            let _ = s.child.kill();
-            let _ = s.child.wait();
+        let services: Vec<&mut Service> = self.services_mut().collect();
+        for s in &services {
+            let _ = terminate(&s.child);
+        }
+        for s in services {
+            let _ = wait_with_deadline(&mut s.child, Duration::from_secs(5));
         }
     }
 }
