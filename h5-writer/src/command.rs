@@ -16,18 +16,27 @@ use std::time::Duration;
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Write the next `n_images` images published after this command into `output_file`.
+    /// `request_id` (optional) is echoed in the run's summary so a caller can match it.
     Start {
         output_file: String,
         n_images: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
-    /// Close the current file now, keeping what was written.
-    Stop,
+    /// Close the current file now, keeping what was written. `reason` (e.g. `killed`) becomes
+    /// the run's `end`; the default is `stopped`.
+    Stop {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     Status,
 }
 
 /// The outcome of one write run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// The `request_id` given with `start`, if any.
+    pub request_id: Option<String>,
     pub output_file: String,
     pub n_images: u64,
     pub images_written: u64,
@@ -43,7 +52,7 @@ pub struct RunSummary {
     /// From the first image received to the file closed.
     pub seconds: f64,
     pub bytes_written: u64,
-    /// `completed`, `stopped` or `failed: <why>`.
+    /// `completed`, `stopped` (or the stop command's reason, e.g. `killed`) or `failed: <why>`.
     pub end: String,
 }
 
@@ -145,6 +154,7 @@ mod tests {
         let start = Command::Start {
             output_file: "/data/a.h5".into(),
             n_images: 5,
+            request_id: None,
         };
         assert_eq!(
             serde_json::to_string(&start).unwrap(),
@@ -152,7 +162,13 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<Command>(r#"{"command":"stop"}"#).unwrap(),
-            Command::Stop
+            Command::Stop { reason: None }
+        );
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"command":"stop","reason":"killed"}"#).unwrap(),
+            Command::Stop {
+                reason: Some("killed".into())
+            }
         );
         assert!(serde_json::from_str::<Command>(r#"{"command":"start","n_images":5}"#).is_err());
         assert!(serde_json::from_str::<Command>(r#"{"command":"explode"}"#).is_err());

@@ -67,8 +67,9 @@ impl Writer {
             Command::Start {
                 output_file,
                 n_images,
-            } => self.start(&output_file, n_images),
-            Command::Stop => match self.finish("stopped") {
+                request_id,
+            } => self.start(&output_file, n_images, request_id),
+            Command::Stop { reason } => match self.finish(reason.as_deref().unwrap_or("stopped")) {
                 Some(run) => Reply {
                     ok: true,
                     run: Some(run),
@@ -99,7 +100,7 @@ impl Writer {
         }
     }
 
-    fn start(&mut self, output_file: &str, n_images: u64) -> Reply {
+    fn start(&mut self, output_file: &str, n_images: u64, request_id: Option<String>) -> Reply {
         if let Some(run) = &self.run {
             return Reply::error(format!(
                 "a run is in progress: {} ({} of {} images written)",
@@ -136,6 +137,7 @@ impl Writer {
                 self.run = Some(Run {
                     file,
                     summary: RunSummary {
+                        request_id,
                         output_file: output_file.to_string(),
                         n_images,
                         ..RunSummary::default()
@@ -353,6 +355,7 @@ mod tests {
         let reply = writer.handle_command(Command::Start {
             output_file: file.display().to_string(),
             n_images: 3,
+            request_id: None,
         });
         assert!(reply.ok, "{reply:?}");
 
@@ -390,16 +393,23 @@ mod tests {
         let start = |output_file: &str, n_images| Command::Start {
             output_file: output_file.into(),
             n_images,
+            request_id: None,
         };
         let cases = [
-            (start("rel.h5", 1), "output_file \"rel.h5\" must be an absolute path"),
-            (start("/tmp/x.txt", 1), "output_file \"/tmp/x.txt\" must end in .h5"),
+            (
+                start("rel.h5", 1),
+                "output_file \"rel.h5\" must be an absolute path",
+            ),
+            (
+                start("/tmp/x.txt", 1),
+                "output_file \"/tmp/x.txt\" must end in .h5",
+            ),
             (start("/tmp/x.h5", 0), "n_images must be at least 1"),
             (
                 start("/nonexistent-dir/x.h5", 1),
                 "the folder of output_file \"/nonexistent-dir/x.h5\" does not exist",
             ),
-            (Command::Stop, "no run is in progress"),
+            (Command::Stop { reason: None }, "no run is in progress"),
         ];
         for (cmd, message) in cases {
             let reply = writer.handle_command(cmd);

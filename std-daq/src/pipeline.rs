@@ -230,6 +230,7 @@ impl Pipeline {
         let reply = self.client.request(&Command::Start {
             output_file: output_file.display().to_string(),
             n_images,
+            request_id: None,
         })?;
         if !reply.ok {
             bail!(
@@ -310,7 +311,7 @@ impl Pipeline {
                             requested = current.n_images,
                             "no image for {idle_timeout:?}: stopping the run"
                         );
-                        let reply = self.client.request(&Command::Stop)?;
+                        let reply = self.client.request(&Command::Stop { reason: None })?;
                         if let Some(run) = reply.run {
                             return Ok(run);
                         }
