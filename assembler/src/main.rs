@@ -8,7 +8,8 @@ use image_buffer::{Expect, RingOwner, RingReader};
 use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, Shutdown};
-use std_daq_common::{names, DetectorConfig, ImageMetadata, ModuleFrame};
+use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::{names, ImageMetadata, ModuleFrame};
 
 /// Synchronises the frames of all modules by image_id, places each module into the ImageBuffer
 /// (/dev/shm/std-daq.<detector>.image) at its module_positions place, and publishes ImageMetadata
@@ -18,14 +19,16 @@ use std_daq_common::{names, DetectorConfig, ImageMetadata, ModuleFrame};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Detector config file (std_daq JSON).
+    /// Detector config file (std_daq JSON). Without it the config is read from Redis key
+    /// config.<SERVICE_NAME>.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let cfg = DetectorConfig::from_file(&args.config)?;
+    let redis = RedisEnv::from_env();
+    let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
@@ -80,11 +83,19 @@ fn main() -> Result<()> {
         "assembling"
     );
     let mut assembler = Assembler::new(&cfg, module_rings, image_ring);
+    let board = StatusBoard::default();
+    let _status = StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.assembler", cfg.detector_name),
+        &cfg,
+        board.clone(),
+    );
     service::run(
         &mut assembler,
         &pull,
         &publisher,
         Duration::from_secs_f64(cfg.stats_collection_period),
+        &board,
         &shutdown,
     )?;
     drop((pull, publisher));

@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 use std_daq_common::messages::IMAGE_METADATA_VERSION;
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus, ModuleFrame};
 
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -79,6 +80,20 @@ impl Assembler {
             packets_per_frame: cfg.packets_per_frame(),
             stats: AssemblerStats::default(),
         }
+    }
+
+    /// Shows the counters in the service's Redis status hash.
+    pub fn publish_status(&self, board: &StatusBoard) {
+        let (a, s) = (&self.stats, &self.sync.stats);
+        board.set("images", a.images);
+        board.set("images_good", a.images_good);
+        board.set("images_missing_packets", a.images_missing_packets);
+        board.set("images_lost_in_buffer", a.images_lost_in_buffer);
+        board.set("module_frames_overwritten", a.module_frames_overwritten);
+        board.set("invalid_messages", a.invalid_messages + s.invalid_frames);
+        board.set("duplicate_frames", s.duplicate_frames);
+        board.set("late_frames", s.late_frames);
+        board.set("pending_images", self.sync.n_pending());
     }
 
     /// Takes one raw message from a receiver.
@@ -184,6 +199,7 @@ pub fn run(
     pull: &zmq::Socket,
     publisher: &zmq::Socket,
     stats_period: Duration,
+    board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<AssemblerStats, AssemblerError> {
     let mut buf = [0u8; 512];
@@ -228,10 +244,12 @@ pub fn run(
         }
         if now.duration_since(last_report) >= stats_period {
             tracing::info!(pending = assembler.sync.n_pending(), "{}", assembler.stats);
+            assembler.publish_status(board);
             last_report = now;
         }
     }
     tracing::info!(sync = ?assembler.sync.stats, "final: {}", assembler.stats);
+    assembler.publish_status(board);
     Ok(assembler.stats)
 }
 

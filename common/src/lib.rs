@@ -9,6 +9,7 @@ pub mod config;
 pub mod messages;
 pub mod names;
 pub mod service;
+pub mod status;
 
 pub use config::{DetectorConfig, DetectorType};
 pub use messages::{Dtype, ImageMetadata, ImageStatus, ModuleFrame};

@@ -40,3 +40,12 @@ pub fn remove_ipc_file(endpoint: &str) {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// `std-stream-send` binds a PUB here and publishes, with status `LostInBuffer`, the ImageMetadata
+/// of every image it could not replicate (once the receiver has confirmed the stream position).
+pub fn stream_send_lost_endpoint(cfg: &DetectorConfig) -> String {
+    format!(
+        "ipc://{}/std-daq-{}-stream-send-lost",
+        cfg.ipc_dir, cfg.detector_name
+    )
+}

@@ -61,6 +61,8 @@ pub struct ImageRecord {
     /// An [`std_daq_common::ImageStatus`] code; 0 (undefined) for an index never written.
     pub status: u16,
     pub missing_packets: u32,
+    /// Bit m set = module m's frame did not arrive (ImageMetadata's mask, modules 0..256).
+    pub missing_modules: [u64; 4],
 }
 
 /// Why a file could not be created, written or closed. Every message names the file.
@@ -199,6 +201,16 @@ impl ImageFile {
             written: Vec::with_capacity(capacity),
             images_written: 0,
             zeros: Vec::new(),
+        })
+    }
+
+    /// Sets a string attribute on the file's root (config, software version, times).
+    pub fn set_file_attribute(&self, name: &str, value: &str) -> Result<(), FileError> {
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        set_str_attr(&open.file, name, value).map_err(|source| FileError::Hdf5 {
+            path: self.path.clone(),
+            op: "writing a file attribute",
+            source,
         })
     }
 
@@ -394,6 +406,31 @@ impl ImageFile {
         write_1d(&open.group, "status", &status).map_err(hdf5_err("writing status"))?;
         write_1d(&open.group, "missing_packets", &missing)
             .map_err(hdf5_err("writing missing_packets"))?;
+        let modules: Vec<u64> = self
+            .records
+            .iter()
+            .flat_map(|r| r.missing_modules)
+            .collect();
+        open.group
+            .new_dataset::<u64>()
+            .shape((n, 4))
+            .create("missing_modules")
+            .and_then(|ds| ds.write_raw(&modules))
+            .map_err(hdf5_err("writing missing_modules"))?;
+        let n_missing: Vec<u16> = self
+            .records
+            .iter()
+            .map(|r| {
+                r.missing_modules
+                    .iter()
+                    .map(|w| w.count_ones() as u16)
+                    .sum()
+            })
+            .collect();
+        write_1d(&open.group, "n_missing_modules", &n_missing)
+            .map_err(hdf5_err("writing n_missing_modules"))?;
+        set_str_attr(&open.file, "end_time", &crate::file::now_iso8601())
+            .map_err(hdf5_err("writing end_time"))?;
         open.file.flush().map_err(hdf5_err("flushing the file"))?;
         Ok(())
     }
@@ -445,6 +482,19 @@ fn create_layout(
         .shape(extents)
         .create("data")
         .map_err(hdf5_err("creating the data dataset"))?;
+    // NeXus: viewers (silx, NeXpy) open the detector group as plottable data.
+    set_str_attr(file, "NX_class", "NXroot").map_err(hdf5_err("writing NeXus attributes"))?;
+    set_str_attr(file, "default", &spec.detector_name)
+        .map_err(hdf5_err("writing NeXus attributes"))?;
+    set_str_attr(&group, "NX_class", "NXdata").map_err(hdf5_err("writing NeXus attributes"))?;
+    set_str_attr(&group, "signal", "data").map_err(hdf5_err("writing NeXus attributes"))?;
+    set_str_attr(file, "start_time", &now_iso8601()).map_err(hdf5_err("writing start_time"))?;
+    set_str_attr(
+        file,
+        "software",
+        concat!("std-daq ", env!("CARGO_PKG_VERSION")),
+    )
+    .map_err(hdf5_err("writing the software version"))?;
     Ok((group, data))
 }
 
@@ -496,6 +546,43 @@ fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileErro
     })
 }
 
+/// A scalar variable-length UTF-8 string attribute.
+fn set_str_attr(location: &hdf5::Location, name: &str, value: &str) -> hdf5::Result<()> {
+    let value: hdf5::types::VarLenUnicode = value
+        .parse()
+        .map_err(|e| hdf5::Error::from(format!("attribute {name}: {e}")))?;
+    location
+        .new_attr::<hdf5::types::VarLenUnicode>()
+        .create(name)?
+        .write_scalar(&value)
+}
+
+/// Now as UTC `YYYY-MM-DDTHH:MM:SS.mmmZ` (NeXus's ISO 8601), without a date crate.
+pub fn now_iso8601() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
 /// A contiguous 1-D dataset holding `values` (possibly none).
 fn write_1d<T: H5Type>(group: &Group, name: &str, values: &[T]) -> hdf5::Result<()> {
     if values.is_empty() {
@@ -542,6 +629,7 @@ mod tests {
             image_id: 5000 + i,
             status: 1 + (i % 2) as u16,
             missing_packets: (i * 7) as u32,
+            ..ImageRecord::default()
         }
     }
 
@@ -761,6 +849,7 @@ mod tests {
             image_id: 5001,
             status: 4,
             missing_packets: 0,
+            ..ImageRecord::default()
         };
         f.write_zero_image(1, lost).unwrap();
         f.write_zero_image(1, lost).unwrap(); // the zero buffer is reused
@@ -871,6 +960,7 @@ mod tests {
                 image_id: i,
                 status: 1,
                 missing_packets: 0,
+                ..ImageRecord::default()
             };
             f.write_image(i, &images[i as usize % images.len()], rec)
                 .unwrap();

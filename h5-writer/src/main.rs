@@ -8,7 +8,8 @@ use image_buffer::{Expect, RingReader};
 use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, Shutdown};
-use std_daq_common::{names, DetectorConfig, ImageMetadata};
+use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::{names, ImageMetadata};
 
 /// Follows std-assembler's ImageMetadata stream and, on a start command, writes the next
 /// n_images images into an HDF5 file (/<detector_name>/data [n, H, W] by direct chunk writes
@@ -19,14 +20,16 @@ use std_daq_common::{names, DetectorConfig, ImageMetadata};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Detector config file (std_daq JSON).
+    /// Detector config file (std_daq JSON). Without it the config is read from Redis key
+    /// config.<SERVICE_NAME>.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let cfg = DetectorConfig::from_file(&args.config)?;
+    let redis = RedisEnv::from_env();
+    let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
@@ -66,7 +69,14 @@ fn main() -> Result<()> {
         "ready"
     );
     let mut writer = Writer::new(&cfg, ring);
-    service::run(&mut writer, &sub, &rep, &shutdown)?;
+    let board = StatusBoard::default();
+    let _status = StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.h5-writer", cfg.detector_name),
+        &cfg,
+        board.clone(),
+    );
+    service::run(&mut writer, &sub, &rep, &board, &shutdown)?;
     drop((sub, rep));
     names::remove_ipc_file(&command_endpoint);
     Ok(())

@@ -12,6 +12,7 @@ use image_buffer::RingReader;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
 
 const POLL_MS: i64 = 50;
@@ -37,6 +38,8 @@ pub struct Writer {
     height: u32,
     width: u32,
     dtype: Dtype,
+    /// The detector config as JSON, stored in every file.
+    config_json: String,
     ring: RingReader<ImageMetadata>,
     run: Option<Run>,
     connected: bool,
@@ -53,6 +56,7 @@ impl Writer {
             height: cfg.image_pixel_height,
             width: cfg.image_pixel_width,
             dtype: cfg.image_dtype(),
+            config_json: cfg.raw.to_string(),
             ring,
             run: None,
             connected: false,
@@ -82,6 +86,20 @@ impl Writer {
                 status: Some(self.status()),
                 ..Reply::default()
             },
+        }
+    }
+
+    /// Shows the writer's state in the service's Redis status hash.
+    pub fn publish_status(&self, board: &StatusBoard) {
+        let status = self.status();
+        board.set("state", &status.state);
+        board.set("runs_completed", status.runs_completed);
+        board.set("invalid_messages", self.invalid_messages);
+        if let Some(run) = status.current.as_ref().or(status.last_run.as_ref()) {
+            board.set("output_file", &run.output_file);
+            board.set("images_written", run.images_written);
+            board.set("n_images", run.n_images);
+            board.set("last_end", &run.end);
         }
     }
 
@@ -124,6 +142,10 @@ impl Writer {
                 "the folder of output_file {output_file:?} does not exist"
             ));
         }
+        if path.exists() {
+            return Reply::error(format!("output_file {output_file:?} already exists"));
+        }
+        let partial = partial_path(path);
         let spec = ImageFileSpec {
             detector_name: self.detector_name.clone(),
             n_images,
@@ -131,8 +153,18 @@ impl Writer {
             width: self.width,
             dtype: self.dtype,
         };
-        match ImageFile::create(path, &spec) {
+        match ImageFile::create(&partial, &spec) {
             Ok(file) => {
+                let attributes = [
+                    ("detector_config", self.config_json.as_str()),
+                    ("output_file", output_file),
+                    ("request_id", request_id.as_deref().unwrap_or("")),
+                ];
+                for (name, value) in attributes {
+                    if let Err(e) = file.set_file_attribute(name, value) {
+                        tracing::warn!("{e}");
+                    }
+                }
                 tracing::info!(output_file, n_images, "run started");
                 self.run = Some(Run {
                     file,
@@ -178,6 +210,7 @@ impl Writer {
             image_id: meta.image_id,
             status: meta.status,
             missing_packets: meta.missing_packets,
+            missing_modules: meta.missing_modules,
         };
         let image_bytes = run.file.image_bytes();
         let file = &mut run.file;
@@ -219,13 +252,37 @@ impl Writer {
     }
 
     /// Closes the current run's file, if any, and returns its summary.
+    /// A file that closed cleanly (completed, stopped or killed) is renamed from its partial
+    /// name to `output_file`; after a failure the partial file stays for inspection.
     pub fn finish(&mut self, end: &str) -> Option<RunSummary> {
         let run = self.run.take()?;
         let mut summary = run.summary;
         summary.end = end.to_string();
-        if let Err(e) = run.file.close() {
-            tracing::error!("closing {}: {e}", summary.output_file);
-            summary.end = format!("failed: closing the file: {e}");
+        let partial = run.file.path().to_path_buf();
+        let output = Path::new(&summary.output_file).to_path_buf();
+        match run.file.close() {
+            Err(e) => {
+                tracing::error!("closing {}: {e}", partial.display());
+                summary.end = format!("failed: closing the file: {e}");
+            }
+            Ok(_) if end.starts_with("failed") => {}
+            // Never replace a file that appeared under the requested name meanwhile.
+            Ok(_) if output.exists() => {
+                summary.end = format!(
+                    "failed: {} appeared while writing; the data is in {}",
+                    output.display(),
+                    partial.display()
+                );
+            }
+            Ok(_) => {
+                if let Err(e) = std::fs::rename(&partial, &output) {
+                    summary.end = format!(
+                        "failed: renaming {} to {}: {e}",
+                        partial.display(),
+                        output.display()
+                    );
+                }
+            }
         }
         summary.seconds = run
             .first_image_at
@@ -246,13 +303,22 @@ impl Writer {
     }
 }
 
+/// Where a run's file is written until it is complete: `<output_file>.part`.
+pub fn partial_path(output: &Path) -> std::path::PathBuf {
+    let mut name = output.as_os_str().to_owned();
+    name.push(".part");
+    name.into()
+}
+
 /// Runs until shutdown; a run still open then is closed with what it has.
 pub fn run(
     writer: &mut Writer,
     sub: &zmq::Socket,
     rep: &zmq::Socket,
+    board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<(), WriterError> {
+    let mut last_status = Instant::now();
     let mut buf = [0u8; 512];
     let mut last_invalid_report = 0;
     let mut last_report = Instant::now();
@@ -281,6 +347,10 @@ pub fn run(
             };
             let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             rep.send(body, 0)?;
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            writer.publish_status(board);
+            last_status = Instant::now();
         }
         if writer.invalid_messages != last_invalid_report
             && last_report.elapsed() >= Duration::from_secs(5)
@@ -371,7 +441,27 @@ mod tests {
         assert_eq!(run.images_lost_in_buffer, 1);
         assert_eq!(run.images_good, 2);
 
+        assert!(
+            !partial_path(&file).exists(),
+            "the partial file was renamed"
+        );
         let f = hdf5::File::open(&file).unwrap();
+        let attr = |loc: &hdf5::Location, name: &str| -> String {
+            let v: hdf5::types::VarLenUnicode = loc.attr(name).unwrap().read_scalar().unwrap();
+            v.as_str().to_string()
+        };
+        assert_eq!(attr(&f, "NX_class"), "NXroot");
+        assert_eq!(attr(&f.group("wtest").unwrap(), "NX_class"), "NXdata");
+        assert_eq!(attr(&f.group("wtest").unwrap(), "signal"), "data");
+        assert!(attr(&f, "detector_config").contains("\"detector_name\":\"wtest\""));
+        assert!(attr(&f, "software").starts_with("std-daq "));
+        assert!(attr(&f, "end_time") >= attr(&f, "start_time"));
+        let modules: Vec<u64> = f
+            .dataset("wtest/missing_modules")
+            .unwrap()
+            .read_raw()
+            .unwrap();
+        assert_eq!(modules, vec![0; 12]);
         let status: Vec<u16> = f.dataset("wtest/status").unwrap().read_raw().unwrap();
         assert_eq!(status, [ImageStatus::LostInBuffer as u16, 1, 1]);
         let data: Vec<u16> = f.dataset("wtest/data").unwrap().read_raw().unwrap();

@@ -43,6 +43,7 @@ fn h5py_reads_the_file() {
             image_id: 5000 + i,
             status: 1,
             missing_packets: i as u32,
+            ..ImageRecord::default()
         };
         f.write_image(i, &image, record).unwrap();
     }

@@ -16,6 +16,7 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::ModuleFrame;
 
 /// An older frame number after this long without packets is a new acquisition, not a late packet.
@@ -46,6 +47,21 @@ pub struct ReceiverStats {
     pub malformed_packets: u64,
     /// Committed frames whose ModuleFrame could not be handed on (the consumer is gone or full).
     pub frames_not_published: u64,
+}
+
+impl ReceiverStats {
+    /// Shows the counters in the service's Redis status hash.
+    pub fn publish(&self, board: &StatusBoard) {
+        board.set("packets", self.packets);
+        board.set("bytes", self.bytes);
+        board.set("frames_complete", self.frames_complete);
+        board.set("frames_incomplete", self.frames_incomplete);
+        board.set("missing_packets", self.missing_packets);
+        board.set("duplicate_packets", self.duplicate_packets);
+        board.set("late_packets", self.late_packets);
+        board.set("malformed_packets", self.malformed_packets);
+        board.set("frames_not_published", self.frames_not_published);
+    }
 }
 
 impl fmt::Display for ReceiverStats {
@@ -91,6 +107,7 @@ pub fn run(
     source: &mut impl PacketSource,
     ring: &mut RingOwner<ModuleFrame>,
     publish: &mut impl FnMut(&ModuleFrame) -> bool,
+    board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<ReceiverStats, ReceiveError> {
     let mut batch = PacketBatch::new(settings.batch_size);
@@ -110,6 +127,7 @@ pub fn run(
             if cursor == batch.len() {
                 if last_report.elapsed() >= settings.stats_period {
                     log_stats(settings.module_id, &stats, &reported, last_report.elapsed());
+                    stats.publish(board);
                     reported = stats;
                     last_report = Instant::now();
                 }
@@ -235,6 +253,7 @@ pub fn run(
         }
     }
     tracing::info!(module = settings.module_id, "final: {stats}");
+    stats.publish(board);
     Ok(stats)
 }
 
@@ -331,6 +350,7 @@ mod tests {
                 frames.push(*f);
                 true
             },
+            &StatusBoard::default(),
             &Shutdown::new(),
         )
         .unwrap();

@@ -8,7 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, Shutdown};
-use std_daq_common::{names, DetectorConfig, ModuleFrame};
+use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::{names, ModuleFrame};
 use udp_recv::receiver::{self, ReceiverSettings};
 use udp_recv::socket::UdpReceiver;
 
@@ -20,8 +21,9 @@ use udp_recv::socket::UdpReceiver;
 #[command(version)]
 struct Args {
     /// Detector config file (std_daq JSON: detector_name, detector_type, n_modules, ...).
+    /// Without it the config is read from Redis key config.<SERVICE_NAME>.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Module id, 0-based; the receiver listens on start_udp_port + module.
     #[arg(long)]
     module: u16,
@@ -36,13 +38,13 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let cfg = DetectorConfig::from_file(&args.config)?;
+    let redis = RedisEnv::from_env();
+    let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
     if args.module >= cfg.n_modules {
         bail!(
-            "--module {} is out of range: the config {} has n_modules = {}",
+            "--module {} is out of range: the config has n_modules = {}",
             args.module,
-            args.config.display(),
             cfg.n_modules
         );
     }
@@ -103,8 +105,24 @@ fn main() -> Result<()> {
         stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
         batch_size: args.batch,
     };
+    let board = StatusBoard::default();
+    board.set("udp_address", addr);
+    board.set("rcvbuf_bytes", rcvbuf.effective);
+    let _status = StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
+        &cfg,
+        board.clone(),
+    );
     let mut publish = |frame: &ModuleFrame| push.send(frame.as_bytes(), zmq::DONTWAIT).is_ok();
-    let stats = receiver::run(&settings, &mut socket, &mut ring, &mut publish, &shutdown)?;
+    let stats = receiver::run(
+        &settings,
+        &mut socket,
+        &mut ring,
+        &mut publish,
+        &board,
+        &shutdown,
+    )?;
     if stats.frames_not_published > 0 {
         tracing::warn!(
             frames = stats.frames_not_published,
