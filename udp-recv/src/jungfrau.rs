@@ -40,10 +40,16 @@ pub enum Malformed {
 
 /// Parses and checks one datagram. The payload is `&packet[HEADER_BYTES..]` when this is Ok.
 pub fn parse(packet: &[u8]) -> Result<JungfrauHeader, Malformed> {
-    if packet.len() != PACKET_BYTES {
-        return Err(Malformed::WrongSize(packet.len()));
+    parse_header(packet, packet.len())
+}
+
+/// Parses and checks the header of a datagram of `datagram_len` bytes whose first bytes are
+/// `header` (the payload went elsewhere).
+pub fn parse_header(header: &[u8], datagram_len: usize) -> Result<JungfrauHeader, Malformed> {
+    if datagram_len != PACKET_BYTES || header.len() < HEADER_BYTES {
+        return Err(Malformed::WrongSize(datagram_len));
     }
-    let header: JungfrauHeader = bytemuck::pod_read_unaligned(&packet[..HEADER_BYTES]);
+    let header: JungfrauHeader = bytemuck::pod_read_unaligned(&header[..HEADER_BYTES]);
     if header.packetnum >= PACKETS_PER_FRAME {
         return Err(Malformed::PacketNumberOutOfRange(header.packetnum));
     }

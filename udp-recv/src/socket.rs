@@ -10,23 +10,26 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-/// Room for any datagram up to a 9000-byte jumbo frame; longer ones arrive truncated and are
-/// rejected by the size check like any other wrong-size packet.
+/// Room for any datagram up to a 9000-byte jumbo frame; the part of a datagram beyond its
+/// header and payload lands in a discard area, so oversize datagrams are seen by their length.
 pub const MAX_DATAGRAM: usize = 9216;
+/// Room per datagram for its header (every format's header is at most this long).
+pub const HEADER_STRIDE: usize = 64;
 
-/// A batch of received datagrams in one contiguous buffer.
+/// The headers and lengths of one scatter receive. Payloads went straight to the caller's
+/// destination (in production: the FrameBuffer slot).
 #[derive(Debug)]
-pub struct PacketBatch {
-    buf: Vec<u8>,
+pub struct ScatterBatch {
+    headers: Vec<u8>,
     lens: Vec<usize>,
     n: usize,
 }
 
-impl PacketBatch {
+impl ScatterBatch {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        PacketBatch {
-            buf: vec![0; capacity * MAX_DATAGRAM],
+        ScatterBatch {
+            headers: vec![0; capacity * HEADER_STRIDE],
             lens: vec![0; capacity],
             n: 0,
         }
@@ -36,6 +39,7 @@ impl PacketBatch {
         self.lens.len()
     }
 
+    /// Datagrams received by the last call.
     pub fn len(&self) -> usize {
         self.n
     }
@@ -44,28 +48,30 @@ impl PacketBatch {
         self.n == 0
     }
 
-    /// Datagram `i` (< len()).
-    pub fn packet(&self, i: usize) -> &[u8] {
-        let start = i * MAX_DATAGRAM;
-        &self.buf[start..start + self.lens[i]]
+    /// Full length of datagram `i` as it was on the wire (possibly more than was kept).
+    pub fn datagram_len(&self, i: usize) -> usize {
+        self.lens[i]
     }
 
-    pub fn clear(&mut self) {
-        self.n = 0;
+    /// The header bytes of datagram `i` (HEADER_STRIDE bytes; only the first `header_len` that
+    /// the receive was asked for are meaningful, and only as far as the datagram reached).
+    pub fn header(&self, i: usize) -> &[u8] {
+        &self.headers[i * HEADER_STRIDE..(i + 1) * HEADER_STRIDE]
     }
 
-    /// Appends a datagram (tests and replay); longer ones are truncated as the kernel would.
-    /// Returns false when the batch is full.
-    pub fn push(&mut self, datagram: &[u8]) -> bool {
-        if self.n == self.capacity() {
-            return false;
-        }
-        let len = datagram.len().min(MAX_DATAGRAM);
-        let start = self.n * MAX_DATAGRAM;
-        self.buf[start..start + len].copy_from_slice(&datagram[..len]);
-        self.lens[self.n] = len;
-        self.n += 1;
-        true
+    /// Scatters one datagram as the kernel would (sources other than sockets, and tests).
+    pub fn scatter(&mut self, i: usize, datagram: &[u8], header_len: usize, payload: &mut [u8]) {
+        let h = datagram.len().min(header_len);
+        self.headers[i * HEADER_STRIDE..i * HEADER_STRIDE + h].copy_from_slice(&datagram[..h]);
+        let rest = &datagram[h..];
+        let p = rest.len().min(payload.len());
+        payload[..p].copy_from_slice(&rest[..p]);
+        self.lens[i] = datagram.len();
+    }
+
+    /// Sets how many datagrams the batch holds (after `scatter`).
+    pub fn set_len(&mut self, n: usize) {
+        self.n = n.min(self.capacity());
     }
 }
 
@@ -82,7 +88,16 @@ pub enum Recv {
 
 /// Where a receiver gets its packets: a UDP socket in production, a vector in tests.
 pub trait PacketSource {
-    fn recv_batch(&mut self, batch: &mut PacketBatch) -> io::Result<Recv>;
+    /// Receives up to `min(batch.capacity(), dest.len() / payload_len)` datagrams. Datagram i's
+    /// first `header_len` bytes go to `batch.header(i)`, the next `payload_len` bytes to
+    /// `dest[i * payload_len..]`, the rest nowhere (its full length is still reported).
+    fn recv_scatter(
+        &mut self,
+        batch: &mut ScatterBatch,
+        header_len: usize,
+        dest: &mut [u8],
+        payload_len: usize,
+    ) -> io::Result<Recv>;
 }
 
 /// What the kernel granted for the receive buffer.
@@ -101,12 +116,15 @@ impl RcvBufReport {
     }
 }
 
-/// A bound UDP socket read with `recvmmsg`.
+/// A bound UDP socket read with `recvmmsg`, scattering each datagram into header, payload and
+/// discard buffers.
 #[derive(Debug)]
 pub struct UdpReceiver {
     socket: Socket,
     headers: Vec<libc::mmsghdr>,
+    /// Three per message: header, payload, discard.
     iovecs: Vec<libc::iovec>,
+    discard: Vec<u8>,
 }
 
 fn read_rmem_max() -> Option<usize> {
@@ -117,9 +135,32 @@ fn read_rmem_max() -> Option<usize> {
         .ok()
 }
 
+/// Datagrams the kernel dropped for the UDP socket bound to `port` (the `drops` column of
+/// /proc/net/udp and /proc/net/udp6), or None when it cannot be read.
+pub fn kernel_drops(port: u16) -> Option<u64> {
+    let mut total = None;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                let drops: u64 = cols.last().and_then(|d| d.parse().ok()).unwrap_or(0);
+                total = Some(total.unwrap_or(0) + drops);
+            }
+        }
+    }
+    total
+}
+
 impl UdpReceiver {
     /// Binds `addr` with a receive buffer of `rcvbuf` bytes and a receive timeout (the longest a
-    /// `recv_batch` waits when nothing arrives).
+    /// receive waits when nothing arrives).
     pub fn bind(
         addr: SocketAddr,
         rcvbuf: usize,
@@ -152,8 +193,8 @@ impl UdpReceiver {
         socket.set_read_timeout(Some(timeout.max(Duration::from_micros(100))))?;
         socket.bind(&SockAddr::from(addr))?;
         let capacity = batch_capacity.max(1);
-        // SAFETY: mmsghdr and iovec are plain C structs for which all-zero bytes are valid
-        // (null pointers, zero lengths); they are re-pointed before every use.
+        // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are valid (null pointers,
+        // zero lengths); every field used is set before each call.
         let zero_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
         let zero_iov = libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -163,7 +204,8 @@ impl UdpReceiver {
             UdpReceiver {
                 socket,
                 headers: vec![zero_hdr; capacity],
-                iovecs: vec![zero_iov; capacity],
+                iovecs: vec![zero_iov; 3 * capacity],
+                discard: vec![0; MAX_DATAGRAM],
             },
             report,
         ))
@@ -178,26 +220,53 @@ impl UdpReceiver {
 }
 
 impl PacketSource for UdpReceiver {
-    fn recv_batch(&mut self, batch: &mut PacketBatch) -> io::Result<Recv> {
-        let n = self.headers.len().min(batch.capacity());
-        let base = batch.buf.as_mut_ptr();
+    fn recv_scatter(
+        &mut self,
+        batch: &mut ScatterBatch,
+        header_len: usize,
+        dest: &mut [u8],
+        payload_len: usize,
+    ) -> io::Result<Recv> {
+        let header_len = header_len.min(HEADER_STRIDE);
+        let n = self
+            .headers
+            .len()
+            .min(batch.capacity())
+            .min(dest.len() / payload_len.max(1));
+        if n == 0 {
+            batch.n = 0;
+            return Ok(Recv::Timeout);
+        }
+        let header_base = batch.headers.as_mut_ptr();
+        let dest_base = dest.as_mut_ptr();
+        let discard = self.discard.as_mut_ptr();
         for i in 0..n {
-            // SAFETY: i < capacity, so the datagram slot [i*MAX_DATAGRAM, (i+1)*MAX_DATAGRAM) lies
-            // inside `batch.buf`, which outlives the syscall below and is not otherwise borrowed.
-            self.iovecs[i].iov_base = unsafe { base.add(i * MAX_DATAGRAM) }.cast();
-            self.iovecs[i].iov_len = MAX_DATAGRAM;
+            let iov = &mut self.iovecs[3 * i..3 * i + 3];
+            // SAFETY: i < batch.capacity(), so [i*HEADER_STRIDE, i*HEADER_STRIDE+header_len) lies
+            // inside batch.headers; i < dest.len()/payload_len, so [i*payload_len, (i+1)*payload_len)
+            // lies inside `dest`. Both buffers outlive the syscall below and are not otherwise
+            // borrowed during it; the regions of different messages are disjoint.
+            unsafe {
+                iov[0].iov_base = header_base.add(i * HEADER_STRIDE).cast();
+                iov[1].iov_base = dest_base.add(i * payload_len).cast();
+            }
+            iov[0].iov_len = header_len;
+            iov[1].iov_len = payload_len;
+            // Every message shares the discard area: its content is never read.
+            iov[2].iov_base = discard.cast();
+            iov[2].iov_len = MAX_DATAGRAM;
             let hdr = &mut self.headers[i].msg_hdr;
-            hdr.msg_iov = &mut self.iovecs[i];
-            hdr.msg_iovlen = 1;
+            hdr.msg_iov = iov.as_mut_ptr();
+            hdr.msg_iovlen = 3;
             hdr.msg_name = std::ptr::null_mut();
             hdr.msg_namelen = 0;
             hdr.msg_control = std::ptr::null_mut();
             hdr.msg_controllen = 0;
             hdr.msg_flags = 0;
         }
-        // SAFETY: `headers[..n]` are initialised and point at `iovecs[..n]`, which point at
-        // disjoint MAX_DATAGRAM-byte regions of `batch.buf`; all stay alive and unaliased for the
-        // duration of the call. The kernel writes at most iov_len bytes per message.
+        // SAFETY: `headers[..n]` are initialised and point at 3 iovecs each in `iovecs`, which
+        // point at the header, payload and discard regions described above; all stay alive and
+        // unaliased for the duration of the call. The kernel writes at most iov_len bytes each.
         let got = unsafe {
             libc::recvmmsg(
                 self.socket.as_raw_fd(),
@@ -209,19 +278,21 @@ impl PacketSource for UdpReceiver {
         };
         if got < 0 {
             let err = io::Error::last_os_error();
+            batch.n = 0;
             return match err.kind() {
                 io::ErrorKind::WouldBlock
                 | io::ErrorKind::TimedOut
-                | io::ErrorKind::Interrupted => {
-                    batch.n = 0;
-                    Ok(Recv::Timeout)
-                }
+                | io::ErrorKind::Interrupted => Ok(Recv::Timeout),
                 _ => Err(err),
             };
         }
         let got = got as usize;
         for i in 0..got {
-            batch.lens[i] = (self.headers[i].msg_len as usize).min(MAX_DATAGRAM);
+            // msg_len counts the bytes kept, which for anything up to the discard area's end is
+            // the datagram's length; MSG_TRUNC in msg_flags marks the rare longer one.
+            let kept = self.headers[i].msg_len as usize;
+            let truncated = self.headers[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            batch.lens[i] = if truncated { kept + 1 } else { kept };
         }
         batch.n = got;
         Ok(if got == 0 {
@@ -358,4 +429,71 @@ pub fn thread_cpu_time() -> Option<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_nanos(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    #[test]
+    fn kernel_drops_are_read_for_our_port() {
+        // A tiny receive buffer that nobody reads: loopback delivers in the sender's context, so
+        // all but the first datagram or two are dropped before send_to returns.
+        let (rx, _) = UdpReceiver::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            1,
+            Duration::from_millis(1),
+            4,
+        )
+        .unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let before = kernel_drops(port).expect("our socket is listed in /proc/net/udp");
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..50 {
+            tx.send_to(&[0u8; 8240], ("127.0.0.1", port)).unwrap();
+        }
+        let after = kernel_drops(port).unwrap();
+        assert!(after - before >= 40, "drops before {before}, after {after}");
+    }
+
+    #[test]
+    fn scatter_receive_splits_header_payload_and_reports_true_length() {
+        let (mut rx, _) = UdpReceiver::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            1 << 20,
+            Duration::from_millis(50),
+            4,
+        )
+        .unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let exact: Vec<u8> = (0..20u8).collect();
+        let long = vec![7u8; 9500];
+        tx.send_to(&exact, ("127.0.0.1", port)).unwrap();
+        tx.send_to(&long, ("127.0.0.1", port)).unwrap();
+        let mut batch = ScatterBatch::new(4);
+        let mut dest = [0u8; 2 * 12];
+        let mut got = 0;
+        while got < 2 {
+            if let Recv::Packets(k) = rx
+                .recv_scatter(&mut batch, 8, &mut dest[got * 12..], 12)
+                .unwrap()
+            {
+                for i in 0..k {
+                    let n = got + i;
+                    if n == 0 {
+                        assert_eq!(batch.datagram_len(i), 20);
+                        assert_eq!(&batch.header(i)[..8], &exact[..8]);
+                    } else {
+                        // Longer than header + payload + discard area: flagged as over-long.
+                        assert!(batch.datagram_len(i) > 8 + 12);
+                    }
+                }
+                got += k;
+            }
+        }
+        assert_eq!(&dest[..12], &exact[8..]);
+        assert_eq!(&dest[12..], &[7u8; 12]);
+    }
 }

@@ -12,10 +12,12 @@ use std::time::Duration;
 use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::ModuleFrame;
-use udp_recv::jungfrau::{FRAME_BYTES, PACKETS_PER_FRAME, PACKET_BYTES};
+use udp_recv::jungfrau::{
+    FRAME_BYTES, HEADER_BYTES, PACKETS_PER_FRAME, PACKET_BYTES, PAYLOAD_BYTES,
+};
 use udp_recv::receiver::{self, ReceiverSettings};
 use udp_recv::sim::{self, DropList, SimSettings};
-use udp_recv::socket::{self, PacketBatch, PacketSource, Recv, UdpReceiver};
+use udp_recv::socket::{self, PacketSource, Recv, ScatterBatch, UdpReceiver};
 
 /// Finds the highest JUNGFRAU frame rate one std-udp-recv takes without loss on loopback, fed by
 /// a UDP-GSO sender pinned to another core, alternating each trial with a drain baseline (a bare
@@ -60,8 +62,16 @@ struct UntilQuiet<'a> {
 }
 
 impl PacketSource for UntilQuiet<'_> {
-    fn recv_batch(&mut self, batch: &mut PacketBatch) -> std::io::Result<Recv> {
-        let r = self.inner.recv_batch(batch)?;
+    fn recv_scatter(
+        &mut self,
+        batch: &mut ScatterBatch,
+        header_len: usize,
+        dest: &mut [u8],
+        payload_len: usize,
+    ) -> std::io::Result<Recv> {
+        let r = self
+            .inner
+            .recv_scatter(batch, header_len, dest, payload_len)?;
         match r {
             Recv::Timeout if self.sender_done.load(Ordering::Acquire) => {
                 self.quiet_timeouts += 1;
@@ -86,6 +96,7 @@ struct Trial {
     packets_received: u64,
     sent_rate: f64,
     cpu_ns_per_packet: f64,
+    packets_copied: u64,
 }
 
 fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>) -> Result<Trial> {
@@ -123,14 +134,16 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
         sender_done: &sender_done,
         quiet_timeouts: 0,
     };
+    let mut copied = 0;
     let received = if drain {
-        let mut batch = PacketBatch::new(args.batch);
+        let mut batch = ScatterBatch::new(args.batch);
+        let mut sink = vec![0u8; args.batch * PAYLOAD_BYTES];
         let mut n = 0u64;
         loop {
-            match source.recv_batch(&mut batch)? {
+            match source.recv_scatter(&mut batch, HEADER_BYTES, &mut sink, PAYLOAD_BYTES)? {
                 Recv::Packets(k) => {
                     n += (0..k)
-                        .filter(|i| batch.packet(*i).len() == PACKET_BYTES)
+                        .filter(|i| batch.datagram_len(*i) == PACKET_BYTES)
                         .count() as u64
                 }
                 Recv::Timeout => {}
@@ -140,6 +153,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
     } else {
         let settings = ReceiverSettings {
             module_id: 0,
+            udp_port: args.port,
             frame_timeout: Duration::from_millis(20),
             stats_period: Duration::from_secs(3600),
             batch_size: args.batch,
@@ -152,6 +166,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
             &StatusBoard::default(),
             &Shutdown::new(),
         )?;
+        copied = stats.packets_copied;
         stats.packets
     };
     let cpu = socket::thread_cpu_time()
@@ -166,6 +181,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
         packets_received: received,
         sent_rate: report.frames as f64 / report.elapsed.as_secs_f64().max(1e-9),
         cpu_ns_per_packet: cpu.as_nanos() as f64 / received.max(1) as f64,
+        packets_copied: copied,
     })
 }
 
@@ -191,10 +207,11 @@ fn main() -> Result<()> {
                 let lost = r.packets_expected.saturating_sub(r.packets_received);
                 let loss_pct = 100.0 * lost as f64 / r.packets_expected.max(1) as f64;
                 println!(
-                    "rate={rate} trial={t} mode={} sent_rate={:.0} lost_packets={lost} ({loss_pct:.3}%) cpu_ns_per_packet={:.0}",
+                    "rate={rate} trial={t} mode={} sent_rate={:.0} lost_packets={lost} ({loss_pct:.3}%) cpu_ns_per_packet={:.0} packets_copied={}",
                     if drain { "drain" } else { "receiver" },
                     r.sent_rate,
-                    r.cpu_ns_per_packet
+                    r.cpu_ns_per_packet,
+                    r.packets_copied
                 );
                 if lost == 0 {
                     lossless[m] += 1;

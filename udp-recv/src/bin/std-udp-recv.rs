@@ -34,6 +34,9 @@ struct Args {
     /// Datagrams per recvmmsg call.
     #[arg(long, default_value_t = 128)]
     batch: usize,
+    /// Pin the receiver to this CPU (one core per module, away from the NIC's interrupts).
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +58,10 @@ fn main() -> Result<()> {
         );
     }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    if let Some(cpu) = args.cpu {
+        udp_recv::socket::pin_current_thread(cpu)
+            .with_context(|| format!("pinning the receiver to CPU {cpu}"))?;
+    }
 
     let bind_ip: IpAddr = cfg.udp_bind_address.parse().context("udp_bind_address")?;
     let addr = SocketAddr::new(bind_ip, cfg.udp_port(args.module));
@@ -92,6 +99,7 @@ fn main() -> Result<()> {
 
     tracing::info!(
         module = args.module,
+        cpu = ?args.cpu,
         %addr,
         rcvbuf = rcvbuf.effective,
         buffer = %ring.path().display(),
@@ -101,6 +109,7 @@ fn main() -> Result<()> {
     );
     let settings = ReceiverSettings {
         module_id: args.module,
+        udp_port: addr.port(),
         frame_timeout: Duration::from_millis(u64::from(cfg.frame_timeout_ms)),
         stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
         batch_size: args.batch,
