@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark of the whole pipeline (std-daq demo: 2 JUNGFRAU modules, 2 MiB images) at several
 # frame rates, several trials each. Prints one line per trial and a summary table in Markdown.
-# Usage: scripts/bench-pipeline.sh [seconds per trial] [trials] [rates...]
+# Usage: [MODULES=n] scripts/bench-pipeline.sh [seconds per trial] [trials] [rates...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-4}; trials=${2:-3}; shift 2 || true
@@ -14,7 +14,7 @@ for rate in "${rates[@]}"; do
   n=$(( rate * secs )); good_trials=0; mbs=()
   for t in $(seq 1 "$trials"); do
     f="$out/r$rate-$t.h5"
-    log=$(RUST_BACKTRACE=0 ./target/debug/std-daq demo --images "$n" --rate "$rate" --gso --output "$f" 2>&1 || true)
+    log=$(RUST_BACKTRACE=0 ./target/debug/std-daq demo --modules "${MODULES:-2}" --images "$n" --rate "$rate" --gso --output "$f" 2>&1 || true)
     good=$(sed -n 's/.*images written: *\([0-9]*\) (good \([0-9]*\).*/\2/p' <<<"$log")
     mb=$(sed -n 's/.*images\/s, \([0-9.]*\) MB\/s over.*/\1/p' <<<"$log")
     sent=$(sed -n 's/.*detector rate: *\([0-9.]*\) frames\/s.*/\1/p' <<<"$log")

@@ -4,5 +4,6 @@
 //! [`file::ImageFile`] is one output file of a write run.
 
 pub mod command;
+pub mod compress;
 pub mod file;
 pub mod service;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use h5_writer::file::Compression;
 use h5_writer::service::{self, Writer};
 use image_buffer::{Expect, RingReader};
 use std::path::PathBuf;
@@ -24,6 +25,11 @@ struct Args {
     /// config.<SERVICE_NAME>.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How image chunks are stored: `none`, or `bitshuffle-lz4` (HDF5 filter 32008, compressed
+    /// by the writer; readers need the bitshuffle plugin, e.g. Debian's `bitshuffle` package or
+    /// Python's hdf5plugin).
+    #[arg(long, default_value = "none", value_parser = ["none", "bitshuffle-lz4"])]
+    compression: String,
 }
 
 fn main() -> Result<()> {
@@ -68,7 +74,11 @@ fn main() -> Result<()> {
         commands = %command_endpoint,
         "ready"
     );
-    let mut writer = Writer::new(&cfg, ring);
+    let compression = match args.compression.as_str() {
+        "bitshuffle-lz4" => Compression::BitshuffleLz4,
+        _ => Compression::None,
+    };
+    let mut writer = Writer::new(&cfg, ring).with_compression(compression);
     let board = StatusBoard::default();
     let _status = StatusReporter::start(
         &redis,

@@ -7,7 +7,7 @@
 //! good.
 
 use crate::command::{Command, Reply, RunSummary, WriterStatus};
-use crate::file::{ImageFile, ImageFileSpec, ImageRecord};
+use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::RingReader;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub struct Writer {
     dtype: Dtype,
     /// The detector config as JSON, stored in every file.
     config_json: String,
+    /// How image chunks are stored (set with [`Writer::with_compression`]).
+    compression: Compression,
     ring: RingReader<ImageMetadata>,
     run: Option<Run>,
     connected: bool,
@@ -57,6 +59,7 @@ impl Writer {
             width: cfg.image_pixel_width,
             dtype: cfg.image_dtype(),
             config_json: cfg.raw.to_string(),
+            compression: Compression::None,
             ring,
             run: None,
             connected: false,
@@ -64,6 +67,12 @@ impl Writer {
             runs_completed: 0,
             invalid_messages: 0,
         }
+    }
+
+    /// Stores images of later runs with `compression` (compressed by the writer itself).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
     }
 
     pub fn handle_command(&mut self, cmd: Command) -> Reply {
@@ -152,6 +161,7 @@ impl Writer {
             height: self.height,
             width: self.width,
             dtype: self.dtype,
+            compression: self.compression,
         };
         match ImageFile::create(&partial, &spec) {
             Ok(file) => {

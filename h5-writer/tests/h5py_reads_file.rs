@@ -8,7 +8,7 @@
 
 use std::process::Command;
 
-use h5_writer::file::{ImageFile, ImageFileSpec, ImageRecord};
+use h5_writer::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use std_daq_common::Dtype;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -32,6 +32,7 @@ fn h5py_reads_the_file() {
         height: 6,
         width: 8,
         dtype: Dtype::Uint16,
+        compression: Compression::None,
     };
     let mut f = ImageFile::create(&path, &spec).unwrap();
     for i in 0..3u64 {

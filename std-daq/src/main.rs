@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Runs the whole pipeline on one machine: a simulated 2-module JUNGFRAU (1024x1024 image)
+    /// Runs the whole pipeline on one machine: a simulated JUNGFRAU (default 2 modules, 1024x1024)
     /// streamed by UDP through std-udp-recv, std-assembler and std-h5-writer into an HDF5 file,
     /// each a separate process, then prints rates and losses. Needs no RabbitMQ or Redis.
     Demo(DemoArgs),
@@ -34,6 +34,9 @@ struct DemoArgs {
     /// The HDF5 file to write (must not exist yet).
     #[arg(long, default_value = "std-daq-demo.h5")]
     output: PathBuf,
+    /// JUNGFRAU modules (1024x512 each, stacked vertically).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    modules: u16,
     /// First UDP port; module m listens on port + m.
     #[arg(long, default_value_t = 50020)]
     port: u16,
@@ -74,7 +77,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         bin_dir: default_bin_dir()?,
         work_dir: work_dir.clone(),
         detector_name: format!("demo{}", std::process::id()),
-        n_modules: 2,
+        n_modules: args.modules,
         start_udp_port: args.port,
         module_buffer_slots: args.module_buffer_slots,
         ram_buffer_gb: args.ram_buffer_gb,
@@ -96,7 +99,7 @@ fn demo(args: DemoArgs) -> Result<()> {
     let run = pipeline.wait_run(Duration::from_secs(5))?;
     let stop = pipeline.stop()?;
 
-    let image_mb = 2.0 * 1024.0 * 1024.0 / 1e6;
+    let image_mb = f64::from(args.modules) * 1024.0 * 1024.0 / 1e6;
     let sim_secs = sim.seconds.max(1e-9);
     println!();
     println!("std-daq demo summary");
