@@ -21,6 +21,59 @@ enum Cmd {
     /// streamed by UDP through std-udp-recv, std-assembler and std-h5-writer into an HDF5 file,
     /// each a separate process, then prints rates and losses. Needs no RabbitMQ or Redis.
     Demo(DemoArgs),
+    /// Asks the writer agent (over RabbitMQ) to write the next N images into a file, shows
+    /// progress, and exits 0 only when the file was written completely. Prints the request id
+    /// first, for `std-daq kill`.
+    Write(WriteArgs),
+    /// Stops a running write request; its file keeps the images written so far.
+    Kill(KillArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    /// The writer agent's tag (routing key); the agent's default is its detector name.
+    #[arg(long, env = "AGENT_TAG")]
+    tag: String,
+    /// Give up when no status arrives for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+impl BrokerArgs {
+    fn options(&self) -> std_writer_agent::client::ClientOptions {
+        std_writer_agent::client::ClientOptions {
+            broker_url: self.broker.clone(),
+            tag: self.tag.clone(),
+            idle_timeout: Duration::from_secs(self.timeout),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct WriteArgs {
+    /// Number of images to write.
+    #[arg(long)]
+    n_images: u64,
+    /// Absolute path of the HDF5 file to create (must not exist).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct KillArgs {
+    /// The request id `std-daq write` printed.
+    request_id: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +114,52 @@ fn main() -> Result<()> {
     std_daq_common::service::init_logging("info");
     match Cli::parse().command {
         Cmd::Demo(args) => demo(args),
+        Cmd::Write(args) => write(args),
+        Cmd::Kill(args) => {
+            std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
+            println!("kill sent for request {}", args.request_id);
+            Ok(())
+        }
+    }
+}
+
+fn write(args: WriteArgs) -> Result<()> {
+    use std::io::Write as _;
+    let request_id = std_writer_agent::client::new_request_id();
+    let request = serde_json::json!({
+        "output_file": args.output.display().to_string(),
+        "n_images": args.n_images,
+    });
+    println!(
+        "request {request_id}: {} images into {}",
+        args.n_images,
+        args.output.display()
+    );
+    let n = args.n_images.max(1);
+    let mut progress = |status: &std_writer_agent::protocol::StatusMessage| {
+        let written = status.body["images_written"].as_u64().unwrap_or(0);
+        let filled = (40 * written.min(n) / n) as usize;
+        eprint!(
+            "\r[{}{}] {written}/{n} images ({})",
+            "=".repeat(filled),
+            " ".repeat(40 - filled),
+            status.action
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let result = std_writer_agent::client::send_request_blocking(
+        &args.broker.options(),
+        &request_id,
+        &request,
+        &mut progress,
+    );
+    eprintln!();
+    match result {
+        Ok(done) => {
+            println!("request {request_id} succeeded: {}", done.message);
+            Ok(())
+        }
+        Err(e) => bail!("request {request_id} failed: {e}"),
     }
 }
 

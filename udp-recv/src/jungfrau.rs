@@ -31,11 +31,34 @@ pub struct JungfrauHeader {
 
 const _: () = assert!(std::mem::size_of::<JungfrauHeader>() == HEADER_BYTES);
 
-/// Why a datagram was not accepted as a JUNGFRAU packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Malformed {
-    WrongSize(usize),
-    PacketNumberOutOfRange(u32),
+pub use crate::format::Malformed;
+use crate::format::{PacketFormat, PacketInfo};
+
+/// The JUNGFRAU packet format (image_id = frame number).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Jungfrau;
+
+impl PacketFormat for Jungfrau {
+    fn header_bytes(&self) -> usize {
+        HEADER_BYTES
+    }
+    fn payload_bytes(&self) -> usize {
+        PAYLOAD_BYTES
+    }
+    fn packets_per_frame(&self) -> usize {
+        PACKETS_PER_FRAME as usize
+    }
+    fn parse(&self, header: &[u8], datagram_len: usize) -> Result<PacketInfo, Malformed> {
+        let h = parse_header(header, datagram_len)?;
+        Ok(PacketInfo {
+            frame: h.framenum,
+            packet: h.packetnum as usize,
+            timestamp: h.timestamp,
+            bunch_id_bits: h.bunchid.to_bits(),
+            debug: h.debug,
+            exptime: h.exptime,
+        })
+    }
 }
 
 /// Parses and checks one datagram. The payload is `&packet[HEADER_BYTES..]` when this is Ok.

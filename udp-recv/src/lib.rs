@@ -6,6 +6,8 @@
 //! Never: trust a header field before checking it, leave bytes of an older frame where a packet
 //! is missing, allocate or log per packet.
 
+pub mod eiger;
+pub mod format;
 pub mod jungfrau;
 pub mod receiver;
 pub mod sim;

@@ -9,7 +9,7 @@
 //! Every header field is checked before it is used (size, packet number, frame number range).
 //! Nothing here allocates or logs per packet; counters are aggregated in [`ReceiverStats`].
 
-use crate::jungfrau::{self, PACKETS_PER_FRAME, PAYLOAD_BYTES};
+use crate::format::{PacketFormat, PacketInfo};
 use crate::socket::{self, PacketSource, Recv, ScatterBatch};
 use image_buffer::{RingOwner, MAX_IMAGE_ID};
 use std::fmt;
@@ -115,14 +115,18 @@ enum FrameEnd {
 /// Copies of datagrams that did not land where they belong: placed by the copy path.
 struct Pending {
     buf: Vec<u8>,
+    header_bytes: usize,
+    packet_bytes: usize,
     len: usize,
     head: usize,
 }
 
 impl Pending {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, header_bytes: usize, packet_bytes: usize) -> Self {
         Pending {
-            buf: vec![0; capacity.max(1) * jungfrau::PACKET_BYTES],
+            buf: vec![0; capacity.max(1) * packet_bytes],
+            header_bytes,
+            packet_bytes,
             len: 0,
             head: 0,
         }
@@ -139,20 +143,20 @@ impl Pending {
             self.head = 0;
             self.len = 0;
         }
-        let at = self.len * jungfrau::PACKET_BYTES;
-        if at + jungfrau::PACKET_BYTES > self.buf.len() {
+        let (hb, pb) = (self.header_bytes, self.packet_bytes);
+        let at = self.len * pb;
+        if at + pb > self.buf.len() {
             return;
         }
-        self.buf[at..at + jungfrau::HEADER_BYTES]
-            .copy_from_slice(&header[..jungfrau::HEADER_BYTES]);
-        self.buf[at + jungfrau::HEADER_BYTES..at + jungfrau::PACKET_BYTES].copy_from_slice(payload);
+        self.buf[at..at + hb].copy_from_slice(&header[..hb]);
+        self.buf[at + hb..at + pb].copy_from_slice(payload);
         self.len += 1;
     }
 
     fn front(&self) -> Option<&[u8]> {
         (!self.is_empty()).then(|| {
-            let at = self.head * jungfrau::PACKET_BYTES;
-            &self.buf[at..at + jungfrau::PACKET_BYTES]
+            let at = self.head * self.packet_bytes;
+            &self.buf[at..at + self.packet_bytes]
         })
     }
 
@@ -164,18 +168,23 @@ impl Pending {
 }
 
 enum Class {
-    Usable(jungfrau::JungfrauHeader),
+    Usable(PacketInfo),
     Late,
     Malformed,
 }
 
 /// Checks a header; a frame at or before the last committed one is late, unless the detector has
 /// been quiet long enough for this to be a new acquisition.
-fn classify(header: &[u8], datagram_len: usize, last_committed: Option<(u64, Instant)>) -> Class {
-    match jungfrau::parse_header(header, datagram_len) {
-        Ok(h) if h.framenum > MAX_IMAGE_ID => Class::Malformed,
+fn classify(
+    format: &impl PacketFormat,
+    header: &[u8],
+    datagram_len: usize,
+    last_committed: Option<(u64, Instant)>,
+) -> Class {
+    match format.parse(header, datagram_len) {
+        Ok(h) if h.frame > MAX_IMAGE_ID => Class::Malformed,
         Ok(h) => match last_committed {
-            Some((last, at)) if h.framenum <= last && at.elapsed() < RESTART_IDLE => Class::Late,
+            Some((last, at)) if h.frame <= last && at.elapsed() < RESTART_IDLE => Class::Late,
             _ => Class::Usable(h),
         },
         Err(_) => Class::Malformed,
@@ -193,14 +202,6 @@ fn next_free_run(frame: &ModuleFrame, hint: usize, n: usize) -> Option<(usize, u
     Some((start, end))
 }
 
-fn fill_from_header(frame: &mut ModuleFrame, h: &jungfrau::JungfrauHeader) {
-    frame.frame_index = h.framenum;
-    frame.timestamp = h.timestamp;
-    frame.bunch_id_bits = h.bunchid.to_bits();
-    frame.debug = h.debug;
-    frame.exptime = h.exptime;
-}
-
 /// Runs until `shutdown` is triggered or the source closes. `publish` gets every committed frame
 /// and returns false if it could not hand it on.
 ///
@@ -208,7 +209,8 @@ fn fill_from_header(frame: &mut ModuleFrame, h: &jungfrau::JungfrauHeader) {
 /// expected next (zero copies after the kernel's); a datagram that lands elsewhere (loss,
 /// reordering, another frame) is copied aside first and then placed by copying. The header goes
 /// to a side buffer.
-pub fn run(
+pub fn run<F: PacketFormat>(
+    format: &F,
     settings: &ReceiverSettings,
     source: &mut impl PacketSource,
     ring: &mut RingOwner<ModuleFrame>,
@@ -216,10 +218,12 @@ pub fn run(
     board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<ReceiverStats, ReceiveError> {
-    const PPF: usize = PACKETS_PER_FRAME as usize;
+    let ppf = format.packets_per_frame();
+    let (header_bytes, payload_bytes) = (format.header_bytes(), format.payload_bytes());
+    let packet_bytes = format.packet_bytes();
     let mut batch = ScatterBatch::new(settings.batch_size);
-    let mut scratch = vec![0u8; batch.capacity() * PAYLOAD_BYTES];
-    let mut pending = Pending::new(batch.capacity());
+    let mut scratch = vec![0u8; batch.capacity() * payload_bytes];
+    let mut pending = Pending::new(batch.capacity(), header_bytes, packet_bytes);
     let mut stats = ReceiverStats::default();
     let mut last_committed: Option<(u64, Instant)> = None;
     let mut expected_next: Option<u64> = None;
@@ -243,9 +247,9 @@ pub fn run(
         // The frame to open: the first usable pending packet's, else the one after the last.
         let mut image_id = None;
         while let Some(packet) = pending.front() {
-            match classify(packet, packet.len(), last_committed) {
+            match classify(format, packet, packet.len(), last_committed) {
                 Class::Usable(h) => {
-                    image_id = Some(h.framenum);
+                    image_id = Some(h.frame);
                     break;
                 }
                 Class::Late => stats.late_packets += 1,
@@ -256,19 +260,14 @@ pub fn run(
         let Some(image_id) = image_id.or(expected_next) else {
             // Nothing expected: wait for packets, received aside.
             report(&mut stats);
-            match source.recv_scatter(
-                &mut batch,
-                jungfrau::HEADER_BYTES,
-                &mut scratch,
-                PAYLOAD_BYTES,
-            )? {
+            match source.recv_scatter(&mut batch, header_bytes, &mut scratch, payload_bytes)? {
                 Recv::Packets(k) => {
                     last_packet_at = Instant::now();
                     for i in 0..k {
-                        if batch.datagram_len(i) == jungfrau::PACKET_BYTES {
+                        if batch.datagram_len(i) == packet_bytes {
                             pending.push(
                                 batch.header(i),
-                                &scratch[i * PAYLOAD_BYTES..(i + 1) * PAYLOAD_BYTES],
+                                &scratch[i * payload_bytes..(i + 1) * payload_bytes],
                             );
                         } else {
                             stats.malformed_packets += 1;
@@ -282,7 +281,7 @@ pub fn run(
         };
 
         let mut slot = ring.begin_write(image_id)?;
-        let mut frame = ModuleFrame::new(image_id, settings.module_id, PPF as u16);
+        let mut frame = ModuleFrame::new(image_id, settings.module_id, ppf as u16);
         let mut header_seen = false;
         let mut received = 0usize;
         let mut hint = 0usize;
@@ -290,21 +289,21 @@ pub fn run(
         let end = loop {
             // Place what was copied aside and belongs to this frame.
             while let Some(packet) = pending.front() {
-                match classify(packet, packet.len(), last_committed) {
+                match classify(format, packet, packet.len(), last_committed) {
                     Class::Malformed => stats.malformed_packets += 1,
                     Class::Late => stats.late_packets += 1,
-                    Class::Usable(h) if h.framenum < image_id => stats.late_packets += 1,
-                    Class::Usable(h) if h.framenum > image_id => break,
+                    Class::Usable(h) if h.frame < image_id => stats.late_packets += 1,
+                    Class::Usable(h) if h.frame > image_id => break,
                     Class::Usable(h) => {
-                        // classify() checked packetnum < PPF: the range lies inside the slot.
-                        let p = h.packetnum as usize;
+                        // parse() checked packet < packets_per_frame: the range lies in the slot.
+                        let p = h.packet;
                         if frame.mark_received(p) {
                             if !header_seen {
-                                fill_from_header(&mut frame, &h);
+                                h.fill(&mut frame);
                                 header_seen = true;
                             }
-                            slot.data_mut()[p * PAYLOAD_BYTES..(p + 1) * PAYLOAD_BYTES]
-                                .copy_from_slice(&packet[jungfrau::HEADER_BYTES..]);
+                            slot.data_mut()[p * payload_bytes..(p + 1) * payload_bytes]
+                                .copy_from_slice(&packet[header_bytes..]);
                             received += 1;
                             stats.packets += 1;
                             stats.packets_copied += 1;
@@ -316,31 +315,29 @@ pub fn run(
                 }
                 pending.pop();
             }
-            if received == PPF {
+            if received == ppf {
                 break FrameEnd::Complete;
             }
             if !pending.is_empty() {
                 break FrameEnd::NewerFrame;
             }
-            let Some((start, stop)) = next_free_run(&frame, hint, PPF) else {
+            let Some((start, stop)) = next_free_run(&frame, hint, ppf) else {
                 break FrameEnd::Complete;
             };
-            let dest = &mut slot.data_mut()[start * PAYLOAD_BYTES..stop * PAYLOAD_BYTES];
-            match source.recv_scatter(&mut batch, jungfrau::HEADER_BYTES, dest, PAYLOAD_BYTES)? {
+            let dest = &mut slot.data_mut()[start * payload_bytes..stop * payload_bytes];
+            match source.recv_scatter(&mut batch, header_bytes, dest, payload_bytes)? {
                 Recv::Packets(k) => {
                     last_packet_at = Instant::now();
                     for i in 0..k {
                         let len = batch.datagram_len(i);
                         let q = start + i;
-                        match classify(batch.header(i), len, last_committed) {
+                        match classify(format, batch.header(i), len, last_committed) {
                             Class::Malformed => stats.malformed_packets += 1,
-                            Class::Usable(h)
-                                if h.framenum == image_id && h.packetnum as usize == q =>
-                            {
+                            Class::Usable(h) if h.frame == image_id && h.packet == q => {
                                 // Landed where it belongs: no copy.
                                 frame.mark_received(q);
                                 if !header_seen {
-                                    fill_from_header(&mut frame, &h);
+                                    h.fill(&mut frame);
                                     header_seen = true;
                                 }
                                 received += 1;
@@ -351,7 +348,7 @@ pub fn run(
                             // aside before anything is placed over where it landed.
                             _ => pending.push(
                                 batch.header(i),
-                                &dest[i * PAYLOAD_BYTES..(i + 1) * PAYLOAD_BYTES],
+                                &dest[i * payload_bytes..(i + 1) * payload_bytes],
                             ),
                         }
                     }
@@ -380,12 +377,12 @@ pub fn run(
         }
         // Commit: zero every region whose packet did not arrive, then publish.
         let data = slot.data_mut();
-        for p in 0..PPF {
+        for p in 0..ppf {
             if !frame.packet_received(p) {
-                data[p * PAYLOAD_BYTES..(p + 1) * PAYLOAD_BYTES].fill(0);
+                data[p * payload_bytes..(p + 1) * payload_bytes].fill(0);
             }
         }
-        let missing = PPF - received;
+        let missing = ppf - received;
         frame.n_missing_packets = missing as u16;
         *slot.meta_mut() = frame;
         slot.commit();
@@ -426,6 +423,7 @@ fn log_stats(module: u16, now: &ReceiverStats, before: &ReceiverStats, elapsed: 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::jungfrau;
     use crate::sim;
     use image_buffer::{Expect, RingReader};
     use proptest::prelude::*;
@@ -517,6 +515,7 @@ mod tests {
         let mut source = VecSource::new(packets, 7);
         let mut frames = Vec::new();
         let stats = run(
+            &crate::jungfrau::Jungfrau,
             &settings(),
             &mut source,
             &mut h.ring,

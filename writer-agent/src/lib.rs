@@ -1,3 +1,25 @@
-//! `std-writer-agent`: takes write requests from RabbitMQ (std_daq_service conventions) and drives
-//! `std-h5-writer`. Not yet implemented: the writer is started by its local command socket for now.
+//! `std-writer-agent`: takes write requests from RabbitMQ, following the std_daq_service
+//! conventions (exchanges `request`, `status`, `kill`; request id = AMQP `correlation_id`), checks
+//! them, and drives `std-h5-writer` through its ZMQ command socket. `docs/protocol.md` describes the
+//! protocol for clients in any language.
+//!
+//! - [`request`]: the request body and its validation (the only place paths are judged).
+//! - [`protocol`]: exchange names, status actions, the status message.
+//! - [`broker`]: lapin set-up shared by agent and client.
+//! - [`agent`]: the service loop.
+//! - [`client`]: publish a request and follow its status; send a kill.
+//!
+//! This crate must never write image data itself (the writer does) and never trust anything that
+//! arrives from the network: every body and header is checked, and nothing received panics.
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod broker;
+pub mod client;
+pub mod protocol;
+pub mod request;
+
+pub use agent::{Agent, AgentSettings, AgentState, ShutdownHandle};
+pub use client::{ClientError, ClientOptions};
+pub use protocol::StatusMessage;
+pub use request::{Policy, RequestError, WriteRequest};

@@ -159,6 +159,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
             batch_size: args.batch,
         };
         let stats = receiver::run(
+            &udp_recv::jungfrau::Jungfrau,
             &settings,
             &mut source,
             ring,

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::DetectorType;
 use std_daq_common::{names, ModuleFrame};
+use udp_recv::eiger::Eiger;
+use udp_recv::jungfrau::Jungfrau;
 use udp_recv::receiver::{self, ReceiverSettings};
 use udp_recv::socket::UdpReceiver;
 
@@ -51,11 +54,8 @@ fn main() -> Result<()> {
             cfg.n_modules
         );
     }
-    if !cfg.detector_type.is_jungfrau() {
-        bail!(
-            "detector_type {} is not supported by this receiver yet (JUNGFRAU only)",
-            cfg.detector_type
-        );
+    if cfg.detector_type == DetectorType::Gigafrost {
+        bail!("detector_type gigafrost is not supported by this receiver yet (JUNGFRAU and EIGER are)");
     }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     if let Some(cpu) = args.cpu {
@@ -124,14 +124,26 @@ fn main() -> Result<()> {
         board.clone(),
     );
     let mut publish = |frame: &ModuleFrame| push.send(frame.as_bytes(), zmq::DONTWAIT).is_ok();
-    let stats = receiver::run(
-        &settings,
-        &mut socket,
-        &mut ring,
-        &mut publish,
-        &board,
-        &shutdown,
-    )?;
+    let stats = match cfg.detector_type {
+        DetectorType::Eiger => receiver::run(
+            &Eiger::new(cfg.bit_depth),
+            &settings,
+            &mut socket,
+            &mut ring,
+            &mut publish,
+            &board,
+            &shutdown,
+        )?,
+        _ => receiver::run(
+            &Jungfrau,
+            &settings,
+            &mut socket,
+            &mut ring,
+            &mut publish,
+            &board,
+            &shutdown,
+        )?,
+    };
     if stats.frames_not_published > 0 {
         tracing::warn!(
             frames = stats.frames_not_published,

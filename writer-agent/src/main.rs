@@ -1,0 +1,104 @@
+//! `std-writer-agent`: the RabbitMQ front end of `std-h5-writer`. Thin: parses flags, builds the
+//! settings and runs [`std_writer_agent::Agent`] until SIGINT/SIGTERM.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+use std_daq_common::{names, DetectorConfig};
+use std_writer_agent::{Agent, AgentSettings, Policy};
+
+/// Takes write requests from RabbitMQ (std_daq_service conventions: exchanges `request`, `status`,
+/// `kill`; request id = AMQP correlation_id) and has std-h5-writer write them. Every step is
+/// reported on the `status` exchange; see docs/protocol.md.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Detector config (std_daq JSON); gives the writer's command socket and the default tag.
+    #[arg(long, env = "DETECTOR_CONFIG")]
+    config: PathBuf,
+    /// RabbitMQ URL (vhost `/` is written `%2f`).
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    /// Routing key this agent binds on `request` and `kill`. Default: the detector name, so that
+    /// two detectors sharing a broker never take each other's requests. `#` takes every request
+    /// (std_daq's primary-service default).
+    #[arg(long, env = "AGENT_TAG")]
+    tag: Option<String>,
+    /// The `source` header of every status message. Default: `<detector_name>.writer_agent`.
+    #[arg(long, env = "SERVICE_NAME")]
+    service_name: Option<String>,
+    /// Folder every output_file must resolve into (no `..`, no symbolic link out of it).
+    #[arg(long, env = "OUTPUT_ROOT")]
+    output_root: PathBuf,
+    /// Largest n_images a request may ask for.
+    #[arg(long, env = "MAX_IMAGES", default_value_t = 1_000_000)]
+    max_images: u64,
+    /// Create the missing folders of output_file (inside the output root). Off: such a request is
+    /// refused.
+    #[arg(long, env = "CREATE_DIRS")]
+    create_dirs: bool,
+    /// Milliseconds between progress polls of the writer while a run is active.
+    #[arg(long, default_value_t = 150)]
+    poll_ms: u64,
+    /// Least milliseconds between two `request_progress` messages.
+    #[arg(long, default_value_t = 500)]
+    progress_ms: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = DetectorConfig::from_file(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    std_daq_common::service::init_logging(&cfg.log_level);
+    let policy = Policy::new(&args.output_root, args.max_images, args.create_dirs)
+        .with_context(|| format!("output root {}", args.output_root.display()))?;
+    let tag = args.tag.unwrap_or_else(|| cfg.detector_name.clone());
+    let service_name = args
+        .service_name
+        .unwrap_or_else(|| format!("{}.writer_agent", cfg.detector_name));
+    let mut settings = AgentSettings::new(
+        &args.broker,
+        &tag,
+        &service_name,
+        &names::writer_command_endpoint(&cfg),
+        policy,
+    );
+    settings.poll_interval = Duration::from_millis(args.poll_ms.max(10));
+    settings.progress_interval = Duration::from_millis(args.progress_ms);
+    let agent = Agent::new(settings).context("setting up the agent")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let shutdown = agent.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shutdown.trigger();
+        });
+        agent.run().await
+    })?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

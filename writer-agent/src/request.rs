@@ -1,0 +1,349 @@
+//! Write requests: parsing the JSON body of a message on the `request` exchange and checking it
+//! against the agent's [`Policy`] before anything touches the disk.
+//!
+//! Every refusal is a [`RequestError`] whose text says exactly what is wrong; it becomes the
+//! `message` header of the `request_fail` status. This module must never create, change or remove
+//! anything on disk except in [`Policy::prepare`] (folders for a request that passed every check)
+//! and [`CreatedDirs::remove`] (exactly those folders again), and must never follow a path out of
+//! the output root.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Component, Path, PathBuf};
+
+/// The JSON body of a write request. Unknown fields are refused (a misspelt field must not be
+/// silently ignored); the fields std_daq's REST front end and clients sent are accepted and echoed
+/// back in every status, but have no effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteRequest {
+    /// Absolute path of the HDF5 file to create, ending in `.h5`, inside the agent's output root.
+    pub output_file: String,
+    /// How many images to write (1..=the agent's `--max-images`): the next `n_images` images the
+    /// assembler publishes after the writer accepted the request.
+    pub n_images: u64,
+    /// Legacy (std_daq REST): the user the data belongs to. Any JSON value; echoed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<serde_json::Value>,
+    /// Legacy (std_daq writer_agent): a run counter. Any JSON value; echoed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<serde_json::Value>,
+    /// Legacy (std_daq REST): which data sources to record. Any JSON value; echoed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<serde_json::Value>,
+    /// Legacy (std_daq REST): when the request was made. Any JSON value; echoed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<serde_json::Value>,
+}
+
+/// Why a request was refused. The `Display` text is what the client sees.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("the request body is not JSON: {0}")]
+    NotJson(String),
+    #[error("the request body is not a valid write request: {0}")]
+    BadFields(String),
+    #[error("output_file must not contain a NUL character")]
+    NulInPath,
+    #[error("output_file {0:?} must be an absolute path")]
+    NotAbsolute(String),
+    #[error("output_file {0:?} must end in .h5")]
+    NotH5(String),
+    #[error("output_file {0:?} must not contain '..'")]
+    ParentDir(String),
+    #[error("output_file {file:?} is outside the output root {root}")]
+    OutsideRoot { file: String, root: String },
+    #[error("n_images must be between 1 and {max}, got {got}")]
+    NImages { got: u64, max: u64 },
+    #[error(
+        "output_file {file:?} leaves the output root {root} through the symbolic link {link} \
+         (-> {target})"
+    )]
+    SymlinkEscape {
+        file: String,
+        root: String,
+        link: String,
+        target: String,
+    },
+    #[error("output_file {file:?} cannot be created: {path} exists and is not a folder")]
+    NotAFolder { file: String, path: String },
+    #[error("output_file {0:?} already exists (std-daq never overwrites data)")]
+    Exists(String),
+    #[error("the folder {0} does not exist and this agent does not create folders (--create-dirs is off)")]
+    MissingFolder(String),
+    #[error("cannot check {path}: {error}")]
+    Io { path: String, error: String },
+}
+
+/// Parses a request body: first as JSON, then as a [`WriteRequest`], so that a body that is not
+/// JSON and a JSON body with wrong or missing fields get different messages.
+pub fn parse(body: &[u8]) -> Result<WriteRequest, RequestError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| RequestError::BadFields(e.to_string()))
+}
+
+/// What the agent allows: where files may go, how many images, whether folders are created.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The output root as configured (lexical form users may write paths in).
+    root_given: PathBuf,
+    /// The output root with every symbolic link resolved.
+    root: PathBuf,
+    max_images: u64,
+    create_dirs: bool,
+}
+
+impl Policy {
+    /// `output_root` must be an existing folder; it is resolved once, here.
+    pub fn new(output_root: &Path, max_images: u64, create_dirs: bool) -> std::io::Result<Self> {
+        let root = std::fs::canonicalize(output_root)?;
+        if !root.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("{} is not a folder", root.display()),
+            ));
+        }
+        Ok(Policy {
+            root_given: output_root.to_path_buf(),
+            root,
+            max_images,
+            create_dirs,
+        })
+    }
+
+    pub fn output_root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn max_images(&self) -> u64 {
+        self.max_images
+    }
+
+    /// Every check that needs no change on disk. Returns the path to write, expressed under the
+    /// resolved root.
+    pub fn check(&self, request: &WriteRequest) -> Result<PathBuf, RequestError> {
+        let file = &request.output_file;
+        if file.contains('\0') {
+            return Err(RequestError::NulInPath);
+        }
+        let path = Path::new(file);
+        if !path.is_absolute() {
+            return Err(RequestError::NotAbsolute(file.clone()));
+        }
+        if path.extension().and_then(|e| e.to_str()) != Some("h5") || file.ends_with('/') {
+            return Err(RequestError::NotH5(file.clone()));
+        }
+        if path.components().any(|c| c == Component::ParentDir) {
+            return Err(RequestError::ParentDir(file.clone()));
+        }
+        let outside = || RequestError::OutsideRoot {
+            file: file.clone(),
+            root: self.root.display().to_string(),
+        };
+        let relative = path
+            .strip_prefix(&self.root)
+            .or_else(|_| path.strip_prefix(&self.root_given))
+            .map_err(|_| outside())?;
+        let parts: Vec<Component<'_>> = relative.components().collect();
+        if parts.is_empty() {
+            return Err(outside());
+        }
+        if request.n_images == 0 || request.n_images > self.max_images {
+            return Err(RequestError::NImages {
+                got: request.n_images,
+                max: self.max_images,
+            });
+        }
+        // Walk down from the root: every existing folder on the way must still resolve inside the
+        // root, and the file itself must not exist (not even as a dangling link).
+        let mut at = self.root.clone();
+        for (i, part) in parts.iter().enumerate() {
+            at.push(part);
+            let last = i + 1 == parts.len();
+            let meta = match at.symlink_metadata() {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => {
+                    return Err(RequestError::Io {
+                        path: at.display().to_string(),
+                        error: e.to_string(),
+                    })
+                }
+            };
+            if last {
+                return Err(RequestError::Exists(file.clone()));
+            }
+            if meta.file_type().is_symlink() {
+                let escape = |target: String| RequestError::SymlinkEscape {
+                    file: file.clone(),
+                    root: self.root.display().to_string(),
+                    link: at.display().to_string(),
+                    target,
+                };
+                match std::fs::canonicalize(&at) {
+                    Ok(target) if target.starts_with(&self.root) => {}
+                    Ok(target) => return Err(escape(target.display().to_string())),
+                    Err(_) => {
+                        let target = std::fs::read_link(&at)
+                            .map(|t| format!("{}, missing", t.display()))
+                            .unwrap_or_else(|_| "unreadable".into());
+                        return Err(escape(target));
+                    }
+                }
+            }
+            if !at.is_dir() {
+                return Err(RequestError::NotAFolder {
+                    file: file.clone(),
+                    path: at.display().to_string(),
+                });
+            }
+        }
+        Ok(self.root.join(relative))
+    }
+
+    /// [`Policy::check`], then creates the missing folders if allowed. The returned
+    /// [`CreatedDirs`] lists them so that a run the writer refuses leaves nothing behind.
+    pub fn prepare(&self, request: &WriteRequest) -> Result<(PathBuf, CreatedDirs), RequestError> {
+        let path = self.check(request)?;
+        let mut created = CreatedDirs::default();
+        let Some(parent) = path.parent() else {
+            return Ok((path, created));
+        };
+        if parent.is_dir() {
+            return Ok((path, created));
+        }
+        if !self.create_dirs {
+            return Err(RequestError::MissingFolder(parent.display().to_string()));
+        }
+        let missing: Vec<&Path> = parent
+            .ancestors()
+            .take_while(|p| p.symlink_metadata().is_err())
+            .collect();
+        for dir in missing.into_iter().rev() {
+            if let Err(e) = std::fs::create_dir(dir) {
+                created.remove();
+                return Err(RequestError::Io {
+                    path: dir.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+            created.0.push(dir.to_path_buf());
+        }
+        Ok((path, created))
+    }
+}
+
+/// Folders [`Policy::prepare`] created, outermost first.
+#[derive(Debug, Default)]
+pub struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    /// Removes the folders again, innermost first; a folder that is no longer empty stays.
+    pub fn remove(&mut self) {
+        while let Some(dir) = self.0.pop() {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// Keeps the folders (the run happened).
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(output_file: &str, n_images: u64) -> WriteRequest {
+        WriteRequest {
+            output_file: output_file.into(),
+            n_images,
+            user_id: None,
+            run_id: None,
+            sources: None,
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn parse_distinguishes_not_json_from_bad_fields_and_accepts_legacy_fields() {
+        assert!(matches!(parse(b"{nope"), Err(RequestError::NotJson(_))));
+        assert_eq!(
+            parse(br#"{"output_file":"/a.h5"}"#)
+                .unwrap_err()
+                .to_string(),
+            "the request body is not a valid write request: missing field `n_images`"
+        );
+        let e = parse(br#"{"output_file":"/a.h5","n_images":"ten"}"#).unwrap_err();
+        assert!(
+            matches!(e, RequestError::BadFields(ref m) if m.starts_with("invalid type: string \"ten\", expected u64")),
+            "{e}"
+        );
+        let r = parse(
+            br#"{"output_file":"/a.h5","n_images":3,"user_id":17,"run_id":"r1","sources":["jf"],"timestamp":1.5}"#,
+        )
+        .unwrap();
+        assert_eq!(r.n_images, 3);
+        assert_eq!(r.user_id, Some(serde_json::json!(17)));
+        let e = parse(br#"{"output_file":"/a.h5","n_image":3}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `n_image`"), "{e}");
+    }
+
+    #[test]
+    fn check_refuses_each_bad_path_with_its_reason_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+        std::fs::create_dir(root.join("in")).unwrap();
+        std::os::unix::fs::symlink(root.join("in"), root.join("inner-link")).unwrap();
+        std::fs::write(root.join("taken.h5"), b"x").unwrap();
+        std::fs::write(root.join("plain"), b"x").unwrap();
+        let policy = Policy::new(&root, 100, false).unwrap();
+        let r = root.display();
+        let cases = [
+            (req("rel.h5", 1), "output_file \"rel.h5\" must be an absolute path".to_string()),
+            (req(&format!("{r}/a.txt"), 1), format!("output_file \"{r}/a.txt\" must end in .h5")),
+            (req(&format!("{r}/../x.h5"), 1), format!("output_file \"{r}/../x.h5\" must not contain '..'")),
+            (req("/elsewhere/x.h5", 1), format!("output_file \"/elsewhere/x.h5\" is outside the output root {r}")),
+            (req(&format!("{r}/a.h5"), 0), "n_images must be between 1 and 100, got 0".into()),
+            (req(&format!("{r}/a.h5"), 101), "n_images must be between 1 and 100, got 101".into()),
+            (req(&format!("{r}/taken.h5"), 1), format!("output_file \"{r}/taken.h5\" already exists (std-daq never overwrites data)")),
+            (req(&format!("{r}/plain/a.h5"), 1), format!("output_file \"{r}/plain/a.h5\" cannot be created: {r}/plain exists and is not a folder")),
+            (req(&format!("{r}/new/a.h5"), 1), format!("the folder {r}/new does not exist and this agent does not create folders (--create-dirs is off)")),
+        ];
+        for (request, message) in cases {
+            let e = policy.prepare(&request).unwrap_err();
+            assert_eq!(e.to_string(), message);
+        }
+        let e = policy
+            .prepare(&req(&format!("{r}/escape/a.h5"), 1))
+            .unwrap_err();
+        assert!(matches!(e, RequestError::SymlinkEscape { .. }), "{e}");
+        assert!(e.to_string().contains("through the symbolic link"), "{e}");
+        // A link that stays inside the root is fine.
+        let (path, _) = policy
+            .prepare(&req(&format!("{r}/inner-link/a.h5"), 1))
+            .unwrap();
+        assert_eq!(path, root.join("inner-link/a.h5"));
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+        assert!(!root.join("new").exists());
+    }
+
+    #[test]
+    fn prepare_creates_missing_folders_when_allowed_and_remove_undoes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let policy = Policy::new(&root, 10, true).unwrap();
+        let file = root.join("a/b/run.h5");
+        let (path, mut created) = policy
+            .prepare(&req(&file.display().to_string(), 1))
+            .unwrap();
+        assert_eq!(path, file);
+        assert!(root.join("a/b").is_dir());
+        created.remove();
+        assert!(!root.join("a").exists());
+    }
+}

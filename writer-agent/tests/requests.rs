@@ -1,0 +1,443 @@
+//! The writer agent against the real RabbitMQ on 127.0.0.1:5672 and real pipelines (processes,
+//! UDP, shared memory, HDF5 checked by h5py). Each test binds its own tag; statuses are told
+//! apart by correlation id.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std_daq_tests::verify_h5;
+use std_writer_agent::client::{self, ClientError};
+use std_writer_agent::protocol::action;
+use std_writer_agent::{Policy, StatusMessage};
+use tokio::sync::mpsc;
+
+/// Request A (60 images) and request B (40 images, sent while A runs) each produce an exact file;
+/// B starts only after A's success; each reports start -> progress... -> success with the
+/// request echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_write_exact_files_one_after_the_other_with_start_progress_success() {
+    let (p, root, detector) = start_pipeline("agentok").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("ok");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, true).unwrap(),
+    )
+    .await;
+    let mut observed = observe_statuses().await;
+    let opts = client_options(&tag);
+    let file_a = root.join("scan/a.h5");
+    let file_b = root.join("scan/b.h5");
+    let (id_a, id_b) = (client::new_request_id(), client::new_request_id());
+
+    let body_a = serde_json::json!({
+        "output_file": file_a, "n_images": 60,
+        "user_id": "e12345", "run_id": 7, "sources": ["jf-0", "jf-1"],
+    });
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<StatusMessage>();
+    let client_a = {
+        let (opts, id, body) = (opts.clone(), id_a.clone(), body_a.to_string());
+        tokio::spawn(async move {
+            client::send_request(&opts, &id, body.as_bytes(), |s| {
+                let _ = progress_tx.send(s.clone());
+            })
+            .await
+        })
+    };
+    // The simulator starts only once A runs, so A's file holds the first images sent.
+    let start_a = next_for(&mut observed, &id_a).await;
+    assert_eq!(start_a.action, action::REQUEST_START);
+    let sim = simulate(&p, 300, 50.0);
+    let client_b = {
+        let (opts, id) = (opts.clone(), id_b.clone());
+        let body = serde_json::json!({"output_file": file_b, "n_images": 40}).to_string();
+        tokio::spawn(async move { client::send_request(&opts, &id, body.as_bytes(), |_| {}).await })
+    };
+
+    let done_a = client_a.await.unwrap().unwrap();
+    let done_b = client_b.await.unwrap().unwrap();
+    sim.await.unwrap();
+
+    // What the client saw for A: start, then progress, increasing, below 60.
+    let mut seen = Vec::new();
+    while let Ok(s) = progress_rx.try_recv() {
+        seen.push(s);
+    }
+    assert_eq!(seen[0], start_a);
+    assert_eq!(
+        start_a.message,
+        format!("writing 60 images to {}", file_a.display())
+    );
+    assert_eq!(start_a.source, format!("{tag}.writer_agent"));
+    let progress: Vec<&StatusMessage> = seen[1..].iter().collect();
+    assert!(!progress.is_empty(), "no progress message: {seen:?}");
+    let mut last = 0;
+    for s in &progress {
+        assert_eq!(s.action, action::REQUEST_PROGRESS);
+        let k = s.body["images_written"].as_u64().unwrap();
+        assert!(k > last && k <= 60, "{seen:?}");
+        assert_eq!(s.message, format!("wrote {k} of 60 images"));
+        last = k;
+    }
+    assert_eq!(done_a.action, action::REQUEST_SUCCESS);
+    assert_eq!(
+        done_a.message,
+        format!("wrote 60 of 60 images to {}", file_a.display())
+    );
+    // The body echoes the request (legacy fields included) and adds what happened.
+    for key in ["output_file", "n_images", "user_id", "run_id", "sources"] {
+        assert_eq!(done_a.body[key], body_a[key], "{key}: {}", done_a.body);
+    }
+    assert_eq!(done_a.body["request_id"], id_a.as_str());
+    assert_eq!(done_a.body["images_written"], 60);
+    assert_eq!(done_a.body["run"]["end"], "completed");
+    assert_eq!(done_a.body["run"]["images_good"], 60);
+    assert!(
+        done_a.body["end_timestamp"].as_f64().unwrap()
+            >= done_a.body["init_timestamp"].as_f64().unwrap()
+    );
+    assert_eq!(
+        done_b.message,
+        format!("wrote 40 of 40 images to {}", file_b.display())
+    );
+
+    // B waited its turn: on the status exchange, B's start comes after A's success.
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let s = tokio::time::timeout(WATCHDOG, observed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if (s.request_id == id_a && s.is_final()) || s.request_id == id_b {
+            order.push((s.request_id.clone(), s.action.clone()));
+        }
+    }
+    assert_eq!(
+        order,
+        [
+            (id_a.clone(), action::REQUEST_SUCCESS.to_string()),
+            (id_b.clone(), action::REQUEST_START.to_string())
+        ]
+    );
+
+    for (file, n) in [(&file_a, 60), (&file_b, 40)] {
+        let report = verify_h5(file, &detector, "").unwrap();
+        assert_eq!(report["images"], n, "{report}");
+        assert_eq!(report["exact_images"], n, "{report}");
+        assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+    }
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
+
+/// Kill mid-write: the file is closed, valid and holds exactly the k images written; the status
+/// is request_fail "killed after k of n images"; killing it again is answered and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_mid_write_leaves_a_trimmed_valid_file_and_an_honest_status() {
+    let (p, root, detector) = start_pipeline("agentkill").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("kill");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, false).unwrap(),
+    )
+    .await;
+    let mut observed = observe_statuses().await;
+    let opts = client_options(&tag);
+    let file = root.join("killed.h5");
+    let id = client::new_request_id();
+    let body = serde_json::json!({"output_file": file, "n_images": 1000}).to_string();
+    let request = {
+        let (opts, id) = (opts.clone(), id.clone());
+        tokio::spawn(async move { client::send_request(&opts, &id, body.as_bytes(), |_| {}).await })
+    };
+    assert_eq!(
+        next_for(&mut observed, &id).await.action,
+        action::REQUEST_START
+    );
+    let sim = simulate(&p, 200, 50.0);
+    // Kill once a few images are in.
+    loop {
+        let s = next_for(&mut observed, &id).await;
+        assert_eq!(s.action, action::REQUEST_PROGRESS, "{s:?}");
+        if s.body["images_written"].as_u64().unwrap() >= 5 {
+            break;
+        }
+    }
+    client::kill(&opts, &id).await.unwrap();
+    let err = request.await.unwrap().unwrap_err();
+    let ClientError::Failed(status) = err else {
+        panic!("expected a request_fail, got {err}")
+    };
+    let k = status.body["images_written"].as_u64().unwrap();
+    assert!((5..1000).contains(&k), "{status:?}");
+    assert_eq!(status.action, action::REQUEST_FAIL);
+    assert_eq!(
+        status.message,
+        format!(
+            "killed after {k} of 1000 images; {} holds the {k} images written",
+            file.display()
+        )
+    );
+    assert_eq!(status.body["run"]["end"], "killed");
+    assert_eq!(status.body["run"]["images_written"], k);
+
+    // A second kill for the finished request: answered, nothing changes.
+    client::kill(&opts, &id).await.unwrap();
+    // The observer still holds the run's own statuses; the answer to the kill comes after them.
+    let again = loop {
+        let s = next_for(&mut observed, &id).await;
+        if s.action == action::KILL_IGNORED {
+            break s;
+        }
+        assert!(
+            s.action == action::REQUEST_PROGRESS || s == *status,
+            "unexpected status after the kill: {s:?}"
+        );
+    };
+    assert_eq!(again.action, action::KILL_IGNORED);
+    assert_eq!(
+        again.message,
+        format!("request {id} is not running here (no request is); nothing was changed")
+    );
+    sim.await.unwrap();
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["images"], k, "{report}");
+    assert_eq!(report["exact_images"], k, "{report}");
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
+
+/// Each bad request gets request_fail with exactly what is wrong, is not requeued, and leaves
+/// nothing on disk (not even a folder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_with_exact_reasons_and_leave_nothing_on_disk() {
+    let base = tempfile::tempdir().unwrap();
+    let base_path = std::fs::canonicalize(base.path()).unwrap();
+    let root = base_path.join("root");
+    let outside = base_path.join("outside");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("taken.h5"), b"precious").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+    // No writer behind this endpoint: a valid request reaches it and is refused.
+    let endpoint = format!("ipc://{}/no-writer", base_path.display());
+    let tag = unique_tag("bad");
+    let agent = RunningAgent::start(&tag, &endpoint, Policy::new(&root, 100, true).unwrap()).await;
+    let opts = client_options(&tag);
+    let r = root.display().to_string();
+    let not_json = serde_json::from_slice::<serde_json::Value>(b"write please")
+        .unwrap_err()
+        .to_string();
+    let cases: Vec<(String, String)> = vec![
+        (
+            r#"{"output_file":"data/a.h5","n_images":5}"#.into(),
+            "output_file \"data/a.h5\" must be an absolute path".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.txt","n_images":5}}"#),
+            format!("output_file \"{r}/a.txt\" must end in .h5"),
+        ),
+        (
+            format!(r#"{{"output_file":"{}/a.h5","n_images":5}}"#, outside.display()),
+            format!(
+                "output_file \"{}/a.h5\" is outside the output root {r}",
+                outside.display()
+            ),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/../outside/a.h5","n_images":5}}"#),
+            format!("output_file \"{r}/../outside/a.h5\" must not contain '..'"),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/taken.h5","n_images":5}}"#),
+            format!("output_file \"{r}/taken.h5\" already exists (std-daq never overwrites data)"),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5","n_images":0}}"#),
+            "n_images must be between 1 and 100, got 0".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5","n_images":101}}"#),
+            "n_images must be between 1 and 100, got 101".into(),
+        ),
+        (
+            "write please".into(),
+            format!("the request body is not JSON: {not_json}"),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5","n_images":"ten"}}"#),
+            "the request body is not a valid write request: invalid type: string \"ten\", expected u64".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5","n_images":-3}}"#),
+            "the request body is not a valid write request: invalid value: integer `-3`, expected u64".into(),
+        ),
+        (
+            r#"{"output_file":17,"n_images":3}"#.into(),
+            "the request body is not a valid write request: invalid type: integer `17`, expected a string".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5"}}"#),
+            "the request body is not a valid write request: missing field `n_images`".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"overwrite":true}}"#),
+            "the request body is not a valid write request: unknown field `overwrite`, expected one of `output_file`, `n_images`, `user_id`, `run_id`, `sources`, `timestamp`".into(),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/escape/a.h5","n_images":5}}"#),
+            format!(
+                "output_file \"{r}/escape/a.h5\" leaves the output root {r} through the symbolic link {r}/escape (-> {})",
+                outside.display()
+            ),
+        ),
+        (
+            format!(r#"{{"output_file":"{r}/new/sub/a.h5","n_images":5}}"#),
+            format!(
+                "the writer at {endpoint} did not take the request: the writer did not answer within 2s"
+            ),
+        ),
+    ];
+    let n_cases = cases.len() as u64;
+    for (body, message) in cases {
+        let id = client::new_request_id();
+        let err = client::send_request(&opts, &id, body.as_bytes(), |_| {})
+            .await
+            .unwrap_err();
+        let ClientError::Failed(status) = err else {
+            panic!("{body}: expected a request_fail, got {err}")
+        };
+        assert_eq!(status.action, action::REQUEST_FAIL, "{body}");
+        assert_eq!(status.message, message, "{body}");
+        assert_eq!(status.request_id, id);
+        assert_eq!(status.body["message"], message.as_str());
+        assert_eq!(status.body["images_written"], 0);
+        match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(serde_json::Value::Object(sent)) => {
+                for (k, v) in sent {
+                    assert_eq!(status.body[&k], v, "echo of {k}");
+                }
+            }
+            _ => assert_eq!(status.body["raw_request"], body.as_str()),
+        }
+    }
+    // Rejected, not requeued: exactly one final status per request, then the agent is idle.
+    assert_eq!(agent.state.borrow().requests_finished, n_cases);
+
+    // Killing a request nobody runs is answered and changes nothing.
+    let mut observed = observe_statuses().await;
+    let unknown = client::new_request_id();
+    client::kill(&opts, &unknown).await.unwrap();
+    let answer = next_for(&mut observed, &unknown).await;
+    assert_eq!(answer.action, action::KILL_IGNORED);
+    assert_eq!(
+        answer.message,
+        format!("request {unknown} is not running here (no request is); nothing was changed")
+    );
+    agent.stop().await;
+
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["escape", "taken.h5"]);
+    assert_eq!(std::fs::read(root.join("taken.h5")).unwrap(), b"precious");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+/// A request to a tag no agent listens on fails at once with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_nobody_listens_for_fails_at_once() {
+    let opts = client_options(&unique_tag("nobody"));
+    let err = client::write(
+        &opts,
+        &serde_json::json!({"output_file": "/x/a.h5", "n_images": 1}),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no writer agent is listening for tag {:?} (the broker returned the request)",
+            opts.tag
+        )
+    );
+}
+
+/// The pika client written from docs/protocol.md alone (tests/python/pika_write.py) drives a real
+/// write: its statuses are start, progress..., success, and the file is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pika_client_written_from_the_protocol_doc_writes_a_file() {
+    use std::io::BufRead;
+    let (p, root, detector) = start_pipeline("agentpika").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("pika");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, false).unwrap(),
+    )
+    .await;
+    let file = root.join("pika.h5");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/pika_write.py");
+    let mut child = std::process::Command::new(std_daq_tests::python())
+        .arg(&script)
+        .args([BROKER, &tag])
+        .arg(&file)
+        .arg("30")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running pika_write.py (needs python3-pika)");
+    let stdout = child.stdout.take().unwrap();
+    // Lines as the script prints them; the simulator starts at request_start.
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<serde_json::Value>();
+    let reader = tokio::task::spawn_blocking(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let v = serde_json::from_str(&line).unwrap_or_else(|_| panic!("pika: {line}"));
+            let _ = line_tx.send(v);
+        }
+    });
+    let first = tokio::time::timeout(WATCHDOG, line_rx.recv())
+        .await
+        .unwrap()
+        .expect("pika_write.py printed no status (is python3-pika installed?)");
+    assert_eq!(first["action"], "request_start", "{first}");
+    assert_eq!(
+        first["message"],
+        format!("writing 30 images to {}", file.display())
+    );
+    let sim = simulate(&p, 90, 50.0);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    reader.await.unwrap();
+    sim.await.unwrap();
+    let mut lines = Vec::new();
+    while let Ok(v) = line_rx.try_recv() {
+        lines.push(v);
+    }
+    assert!(status.success(), "pika_write.py failed: {lines:?}");
+    let last = lines.pop().unwrap();
+    assert_eq!(last["action"], "request_success");
+    assert_eq!(
+        last["message"],
+        format!("wrote 30 of 30 images to {}", file.display())
+    );
+    assert_eq!(last["images_written"], 30);
+    assert!(
+        lines.iter().all(|l| l["action"] == "request_progress"),
+        "{lines:?}"
+    );
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["exact_images"], 30, "{report}");
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
