@@ -507,8 +507,8 @@ mod tests {
     }
 
     fn packet(frame: u64, p: u32) -> Vec<u8> {
-        let table = sim::PatternTable::new();
-        sim::jungfrau_packet(&table, frame, 1, p)
+        static TABLE: std::sync::OnceLock<sim::PatternTable> = std::sync::OnceLock::new();
+        sim::jungfrau_packet(TABLE.get_or_init(sim::PatternTable::new), frame, 1, p)
     }
 
     fn run_packets(h: &mut Harness, packets: Vec<Vec<u8>>) -> (ReceiverStats, Vec<ModuleFrame>) {
@@ -643,6 +643,62 @@ mod tests {
         expected[127] = false;
         assert_frame(&h, 9, &expected);
         assert_eq!(stats.missing_packets, 1);
+    }
+
+    #[test]
+    fn eiger_16_bit_frames_with_loss_are_exact() {
+        use crate::eiger::Eiger;
+        use sim::SimDetector;
+        let det = SimDetector::Eiger { bit_depth: 16 };
+        let table = sim::PatternTable::for_detector(det);
+        let format = Eiger::new(16);
+        let name = format!("std-daq.test-recv-eiger-{}", std::process::id());
+        let mut ring = RingOwner::create(&name, 4, format.frame_bytes() as u64).unwrap();
+        let reader: RingReader<ModuleFrame> = RingReader::attach(&name, Expect::default()).unwrap();
+        let dropped = |f: u64, p: u32| (f == 2 && p % 10 == 3) || (f == 3 && p == 63);
+        let packets: Vec<Vec<u8>> = (1..=3u64)
+            .flat_map(|f| (0..64u32).map(move |p| (f, p)))
+            .filter(|&(f, p)| !dropped(f, p))
+            .map(|(f, p)| sim::detector_packet(det, &table, f, 2, p))
+            .collect();
+        let mut frames = Vec::new();
+        let mut settings = settings();
+        settings.module_id = 2;
+        let stats = run(
+            &format,
+            &settings,
+            &mut VecSource::new(packets, 16),
+            &mut ring,
+            &mut |f| {
+                frames.push(*f);
+                true
+            },
+            &StatusBoard::default(),
+            &Shutdown::new(),
+        )
+        .unwrap();
+        assert_eq!(frames.iter().map(|f| f.image_id).collect::<Vec<_>>(), [1, 2, 3]);
+        for f in 1..=3u64 {
+            let mut data = vec![0u8; format.frame_bytes()];
+            let meta = reader.copy_out(f, &mut data).unwrap();
+            let px: &[u16] = bytemuck::cast_slice(&data);
+            let mut missing = 0;
+            for p in 0..64u32 {
+                let chunk = &px[p as usize * 2048..(p as usize + 1) * 2048];
+                if dropped(f, p) {
+                    missing += 1;
+                    assert!(chunk.iter().all(|v| *v == 0));
+                    assert!(!meta.packet_received(p as usize));
+                } else {
+                    for (i, v) in chunk.iter().enumerate() {
+                        assert_eq!(*v, sim::pixel_value(f, 2, p as usize * 2048 + i));
+                    }
+                }
+            }
+            assert_eq!(meta.n_missing_packets, missing);
+            assert_eq!(meta.n_packets_expected, 64);
+        }
+        assert_eq!(stats.missing_packets, 7 + 1);
     }
 
     proptest! {

@@ -11,7 +11,8 @@
 //! Because the value only shifts with the frame, every payload is a slice of one precomputed
 //! table: sending costs no pixel generation. Chosen packets can be dropped (`--drop`).
 
-use crate::jungfrau::{self, JungfrauHeader, HEADER_BYTES, PACKETS_PER_FRAME, PAYLOAD_BYTES};
+use crate::eiger::{self, EigerHeader};
+use crate::jungfrau::{self, JungfrauHeader, PACKETS_PER_FRAME};
 use crate::socket::{OutMessage, UdpSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS};
 use socket2::SockAddr;
 use std::collections::HashSet;
@@ -22,35 +23,118 @@ use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
 
 const PERIOD: usize = 65535;
-const PIXELS_PER_MODULE: usize = jungfrau::FRAME_BYTES / 2;
-const PIXELS_PER_PACKET: usize = PAYLOAD_BYTES / 2;
+
+/// Which detector the simulator plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimDetector {
+    Jungfrau,
+    /// One EIGER half-module stream per module, at bit depth 8, 16 or 32.
+    Eiger {
+        bit_depth: u8,
+    },
+}
+
+impl SimDetector {
+    pub fn header_bytes(self) -> usize {
+        48
+    }
+    pub fn payload_bytes(self) -> usize {
+        match self {
+            SimDetector::Jungfrau => jungfrau::PAYLOAD_BYTES,
+            SimDetector::Eiger { .. } => eiger::PAYLOAD_BYTES,
+        }
+    }
+    pub fn packet_bytes(self) -> usize {
+        self.header_bytes() + self.payload_bytes()
+    }
+    pub fn bytes_per_pixel(self) -> usize {
+        match self {
+            SimDetector::Jungfrau => 2,
+            SimDetector::Eiger { bit_depth } => usize::from(bit_depth).div_ceil(8),
+        }
+    }
+    pub fn pixels_per_module(self) -> usize {
+        match self {
+            SimDetector::Jungfrau => jungfrau::FRAME_BYTES / 2,
+            SimDetector::Eiger { .. } => eiger::MODULE_WIDTH * eiger::MODULE_HEIGHT,
+        }
+    }
+    pub fn packets_per_frame(self) -> u32 {
+        (self.pixels_per_module() * self.bytes_per_pixel() / self.payload_bytes()) as u32
+    }
+
+    /// The header the simulator sends for packet `p` of `frame` from `module`.
+    pub fn header(self, frame: u64, module: u16, p: u32) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        match self {
+            SimDetector::Jungfrau => {
+                out.copy_from_slice(bytemuck::bytes_of(&jungfrau_header(frame, module, p)))
+            }
+            SimDetector::Eiger { .. } => out.copy_from_slice(bytemuck::bytes_of(&EigerHeader {
+                frame_num: frame,
+                exp_length: 10,
+                packet_number: p,
+                det_spec1: 0,
+                timestamp: frame.wrapping_mul(1000),
+                module_id: module,
+                row: module / 2,
+                column: module % 2,
+                det_spec2: 0,
+                det_spec3: 0,
+                round_robin: 0,
+                detector_type: 1,
+                header_version: 2,
+            })),
+        }
+        out
+    }
+}
 
 pub fn pattern_offset(frame: u64, module: u16) -> usize {
     (((frame % PERIOD as u64) * 7919 + u64::from(module) * 104_729) % PERIOD as u64) as usize
 }
 
-/// The value the simulator sends for pixel `px` (0..524288, row-major in the module frame).
+/// The value the simulator sends for pixel `px` (row-major in the module frame), before it is
+/// narrowed to the pixel width (8-bit EIGER keeps the low byte).
 pub fn pixel_value(frame: u64, module: u16, px: usize) -> u16 {
     (1 + (px + pattern_offset(frame, module)) % PERIOD) as u16
 }
 
-/// All payloads as slices of one table: `table[offset + px] == value(frame, module, px)`.
+/// All payloads as slices of one table: pixel `j` of the table is `1 + j mod 65535`, so the
+/// pixels of (frame, module) start at `pattern_offset(frame, module)`.
 #[derive(Debug)]
-pub struct PatternTable(Vec<u16>);
+pub struct PatternTable {
+    bytes: Vec<u8>,
+    bytes_per_pixel: usize,
+    pixels_per_packet: usize,
+}
 
 impl PatternTable {
+    /// The JUNGFRAU table.
     pub fn new() -> Self {
-        PatternTable(
-            (0..PIXELS_PER_MODULE + PERIOD)
-                .map(|j| (1 + j % PERIOD) as u16)
-                .collect(),
-        )
+        Self::for_detector(SimDetector::Jungfrau)
+    }
+
+    pub fn for_detector(detector: SimDetector) -> Self {
+        let bpp = detector.bytes_per_pixel();
+        let n = detector.pixels_per_module() + PERIOD;
+        let mut bytes = Vec::with_capacity(n * bpp);
+        for j in 0..n {
+            let v = (1 + j % PERIOD) as u32;
+            bytes.extend_from_slice(&v.to_le_bytes()[..bpp]);
+        }
+        PatternTable {
+            bytes,
+            bytes_per_pixel: bpp,
+            pixels_per_packet: detector.payload_bytes() / bpp,
+        }
     }
 
     /// The little-endian payload bytes of packet `p` of a module frame.
     pub fn payload(&self, frame: u64, module: u16, p: u32) -> &[u8] {
-        let start = pattern_offset(frame, module) + p as usize * PIXELS_PER_PACKET;
-        bytemuck::cast_slice(&self.0[start..start + PIXELS_PER_PACKET])
+        let start = pattern_offset(frame, module) + p as usize * self.pixels_per_packet;
+        let len = self.pixels_per_packet * self.bytes_per_pixel;
+        &self.bytes[start * self.bytes_per_pixel..start * self.bytes_per_pixel + len]
     }
 }
 
@@ -81,7 +165,18 @@ pub fn jungfrau_header(frame: u64, module: u16, p: u32) -> JungfrauHeader {
 
 /// One whole packet as bytes (tests).
 pub fn jungfrau_packet(table: &PatternTable, frame: u64, module: u16, p: u32) -> Vec<u8> {
-    let mut v = bytemuck::bytes_of(&jungfrau_header(frame, module, p)).to_vec();
+    detector_packet(SimDetector::Jungfrau, table, frame, module, p)
+}
+
+/// One whole packet of `detector` as bytes (tests).
+pub fn detector_packet(
+    detector: SimDetector,
+    table: &PatternTable,
+    frame: u64,
+    module: u16,
+    p: u32,
+) -> Vec<u8> {
+    let mut v = detector.header(frame, module, p).to_vec();
     v.extend_from_slice(table.payload(frame, module, p));
     v
 }
@@ -137,6 +232,7 @@ impl FromStr for DropList {
 
 #[derive(Debug, Clone)]
 pub struct SimSettings {
+    pub detector: SimDetector,
     pub target: IpAddr,
     pub start_port: u16,
     pub n_modules: u16,
@@ -161,7 +257,10 @@ pub struct SimReport {
 
 /// Sends `n_frames` frames from every module, paced at `rate_hz`.
 pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport> {
-    let table = PatternTable::new();
+    let det = settings.detector;
+    let table = PatternTable::for_detector(det);
+    let ppf = det.packets_per_frame();
+    let packet_bytes = det.packet_bytes();
     let bind_ip: IpAddr = if settings.target.is_loopback() {
         settings.target
     } else if settings.target.is_ipv4() {
@@ -169,18 +268,18 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
     } else {
         IpAddr::from([0u16; 8])
     };
-    let gso = settings.gso.then_some(jungfrau::PACKET_BYTES as u16);
+    let gso = settings.gso.then_some(packet_bytes as u16);
     let mut sender = UdpSender::new(SocketAddr::new(bind_ip, 0), 8 << 20, gso)?;
     let dests: Vec<SockAddr> = (0..settings.n_modules)
         .map(|m| SockAddr::from(SocketAddr::new(settings.target, settings.start_port + m)))
         .collect();
     let per_message = if settings.gso {
-        (GSO_MAX_BYTES / jungfrau::PACKET_BYTES).min(GSO_MAX_SEGMENTS)
+        (GSO_MAX_BYTES / packet_bytes).min(GSO_MAX_SEGMENTS)
     } else {
         1
     };
-    let n_packets = usize::from(settings.n_modules) * PACKETS_PER_FRAME as usize;
-    let mut headers = vec![[0u8; HEADER_BYTES]; n_packets];
+    let n_packets = usize::from(settings.n_modules) * ppf as usize;
+    let mut headers = vec![[0u8; 48]; n_packets];
     let period = (settings.rate_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / settings.rate_hz));
     let mut report = SimReport::default();
     let start = Instant::now();
@@ -200,9 +299,8 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
         }
         let frame = settings.start_frame + i;
         for m in 0..settings.n_modules {
-            for p in 0..PACKETS_PER_FRAME {
-                headers[usize::from(m) * PACKETS_PER_FRAME as usize + p as usize]
-                    .copy_from_slice(bytemuck::bytes_of(&jungfrau_header(frame, m, p)));
+            for p in 0..ppf {
+                headers[usize::from(m) * ppf as usize + p as usize] = det.header(frame, m, p);
             }
         }
         // Gather: [header, payload] per packet; with GSO, runs of up to `per_message` packets.
@@ -210,13 +308,13 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
         let mut runs: Vec<(usize, usize, u16)> = Vec::new(); // (first part, part count, module)
         for m in 0..settings.n_modules {
             let mut run_len = 0;
-            for p in 0..PACKETS_PER_FRAME {
+            for p in 0..ppf {
                 if settings.drops.contains(frame, m, p) {
                     report.packets_dropped += 1;
                     run_len = 0;
                     continue;
                 }
-                let k = usize::from(m) * PACKETS_PER_FRAME as usize + p as usize;
+                let k = usize::from(m) * ppf as usize + p as usize;
                 if run_len == 0 || run_len == per_message {
                     runs.push((parts.len(), 0, m));
                     run_len = 0;
@@ -228,7 +326,7 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
                     last.1 += 2;
                 }
                 report.packets_sent += 1;
-                report.bytes_sent += jungfrau::PACKET_BYTES as u64;
+                report.bytes_sent += packet_bytes as u64;
             }
         }
         let messages: Vec<OutMessage<'_>> = runs

@@ -7,10 +7,12 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::DetectorConfig;
-use udp_recv::sim::{self, DropList, SimSettings};
+use std_daq_common::DetectorType;
+use udp_recv::sim::{self, DropList, SimDetector, SimSettings};
 
-/// Simulates a JUNGFRAU detector: sends real slsDetector packets (8240 bytes, 128 per module
-/// frame) for every module of the config to start_udp_port + module, paced at --rate frames/s.
+/// Simulates a JUNGFRAU or EIGER detector: sends real slsDetector packets (JUNGFRAU: 8240 bytes,
+/// 128 per module frame; EIGER: 4144 bytes, 32/64/128 per half-module frame at 8/16/32 bit) for
+/// every module of the config to start_udp_port + module, paced at --rate frames/s.
 /// Pixel values follow a formula tests recompute (see the udp_recv::sim module docs). Prints a
 /// JSON report on stdout when done.
 #[derive(Debug, Parser)]
@@ -43,17 +45,21 @@ fn main() -> Result<()> {
     let args = Args::parse();
     init_logging("info");
     let cfg = DetectorConfig::from_file(&args.config)?;
-    if !cfg.detector_type.is_jungfrau() {
-        bail!(
-            "std-det-sim simulates JUNGFRAU only for now (config has {})",
-            cfg.detector_type
-        );
-    }
+    let detector = match cfg.detector_type {
+        t if t.is_jungfrau() => SimDetector::Jungfrau,
+        DetectorType::Eiger => SimDetector::Eiger {
+            bit_depth: cfg.bit_depth,
+        },
+        other => {
+            bail!("std-det-sim simulates JUNGFRAU and EIGER only for now (config has {other})")
+        }
+    };
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         bail!("--rate must be a non-negative number of frames per second");
     }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let settings = SimSettings {
+        detector,
         target: args.target,
         start_port: cfg.start_udp_port,
         n_modules: cfg.n_modules,

@@ -16,7 +16,7 @@ use udp_recv::jungfrau::{
     FRAME_BYTES, HEADER_BYTES, PACKETS_PER_FRAME, PACKET_BYTES, PAYLOAD_BYTES,
 };
 use udp_recv::receiver::{self, ReceiverSettings};
-use udp_recv::sim::{self, DropList, SimSettings};
+use udp_recv::sim::{self, DropList, SimDetector, SimSettings};
 use udp_recv::socket::{self, PacketSource, Recv, ScatterBatch, UdpReceiver};
 
 /// Finds the highest JUNGFRAU frame rate one std-udp-recv takes without loss on loopback, fed by
@@ -111,6 +111,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
     let frames = (rate * args.seconds) as u64;
     let sender_done = Arc::new(AtomicBool::new(false));
     let settings = SimSettings {
+        detector: SimDetector::Jungfrau,
         target: IpAddr::V4(Ipv4Addr::LOCALHOST),
         start_port: args.port,
         n_modules: 1,
