@@ -364,20 +364,26 @@ impl DetectorConfig {
                 x1: c[2],
                 y1: c[3],
             };
-            if raw.detector_type.is_jungfrau()
-                && (pos.width() != jungfrau::MODULE_WIDTH
-                    || pos.height() != jungfrau::MODULE_HEIGHT)
-            {
-                return Err(invalid(
-                    &key_path,
-                    format!(
-                        "a JUNGFRAU module is {}x{} pixels, but {corners:?} spans {}x{}",
-                        jungfrau::MODULE_WIDTH,
-                        jungfrau::MODULE_HEIGHT,
-                        pos.width(),
-                        pos.height()
-                    ),
-                ));
+            let module_size = match raw.detector_type {
+                DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => Some((
+                    "JUNGFRAU module",
+                    jungfrau::MODULE_WIDTH,
+                    jungfrau::MODULE_HEIGHT,
+                )),
+                DetectorType::Eiger => Some(("EIGER half-module", 512, 256)),
+                DetectorType::Gigafrost => None,
+            };
+            if let Some((what, w, h)) = module_size {
+                if pos.width() != w || pos.height() != h {
+                    return Err(invalid(
+                        &key_path,
+                        format!(
+                            "a {what} is {w}x{h} pixels, but {corners:?} spans {}x{}",
+                            pos.width(),
+                            pos.height()
+                        ),
+                    ));
+                }
             }
             positions[module] = Some(pos);
         }

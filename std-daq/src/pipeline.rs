@@ -43,21 +43,50 @@ pub struct PipelineOptions {
     pub log_level: String,
 }
 
+/// Which detector a pipeline is configured (and simulated) as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimulatedDetector {
+    /// JUNGFRAU modules of 1024x512, raw u16.
+    Jungfrau,
+    /// EIGER half-modules of 512x256 at 8, 16 or 32 bit.
+    Eiger { bit_depth: u8 },
+}
+
+impl SimulatedDetector {
+    /// (width, height) of one module.
+    pub fn module_size(self) -> (u32, u32) {
+        match self {
+            SimulatedDetector::Jungfrau => (1024, 512),
+            SimulatedDetector::Eiger { .. } => (512, 256),
+        }
+    }
+}
+
 /// A JUNGFRAU config with `n_modules` modules stacked vertically (1024 wide, 512 high each).
 pub fn jungfrau_config_json(opts: &PipelineOptions) -> serde_json::Value {
+    config_json(opts, SimulatedDetector::Jungfrau)
+}
+
+/// A config with `n_modules` modules of `detector` stacked vertically.
+pub fn config_json(opts: &PipelineOptions, detector: SimulatedDetector) -> serde_json::Value {
+    let (w, h) = detector.module_size();
     let positions: serde_json::Map<String, serde_json::Value> = (0..opts.n_modules)
         .map(|m| {
-            let y0 = u32::from(m) * 512;
-            (m.to_string(), serde_json::json!([0, y0, 1023, y0 + 511]))
+            let y0 = u32::from(m) * h;
+            (m.to_string(), serde_json::json!([0, y0, w - 1, y0 + h - 1]))
         })
         .collect();
+    let (detector_type, bit_depth) = match detector {
+        SimulatedDetector::Jungfrau => ("jungfrau-raw", 16),
+        SimulatedDetector::Eiger { bit_depth } => ("eiger", bit_depth),
+    };
     serde_json::json!({
         "detector_name": opts.detector_name,
-        "detector_type": "jungfrau-raw",
+        "detector_type": detector_type,
         "n_modules": opts.n_modules,
-        "bit_depth": 16,
-        "image_pixel_height": u32::from(opts.n_modules) * 512,
-        "image_pixel_width": 1024,
+        "bit_depth": bit_depth,
+        "image_pixel_height": u32::from(opts.n_modules) * h,
+        "image_pixel_width": w,
         "start_udp_port": opts.start_udp_port,
         "module_positions": positions,
         "log_level": opts.log_level,
@@ -109,10 +138,19 @@ impl Pipeline {
     /// Writes the config, starts every service and waits until the writer sees the assembler's
     /// stream (so a run started now loses no image to ZMQ's slow-joiner effect).
     pub fn start(opts: PipelineOptions, ready_timeout: Duration) -> Result<Self> {
+        Self::start_detector(opts, SimulatedDetector::Jungfrau, ready_timeout)
+    }
+
+    /// [`Pipeline::start`] for any simulated detector.
+    pub fn start_detector(
+        opts: PipelineOptions,
+        detector: SimulatedDetector,
+        ready_timeout: Duration,
+    ) -> Result<Self> {
         std::fs::create_dir_all(opts.work_dir.join("ipc"))
             .with_context(|| format!("creating {}", opts.work_dir.display()))?;
         let config_path = opts.work_dir.join("detector.json");
-        let json = serde_json::to_string_pretty(&jungfrau_config_json(&opts))?;
+        let json = serde_json::to_string_pretty(&config_json(&opts, detector))?;
         std::fs::write(&config_path, json)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let config = DetectorConfig::from_file(&config_path)?;

@@ -13,22 +13,23 @@ import sys
 import h5py
 import numpy as np
 
-MODULE_W, MODULE_H = 1024, 512
-PIXELS = MODULE_W * MODULE_H
-PER_PACKET = 4096
 PERIOD = 65535
+# (module width, module height, payload bytes per packet) per detector.
+DETECTORS = {"jungfrau": (1024, 512, 8192), "eiger": (512, 256, 4096)}
 
 
-def expected_module(frame, module):
+def expected_module(frame, module, pixels, dtype):
     offset = ((frame % PERIOD) * 7919 + module * 104729) % PERIOD
-    return (1 + (np.arange(PIXELS, dtype=np.int64) + offset) % PERIOD).astype(np.uint16)
+    values = 1 + (np.arange(pixels, dtype=np.int64) + offset) % PERIOD
+    # 8-bit data keeps the low byte of the formula, as the simulator sends it.
+    return (values & np.iinfo(dtype).max).astype(dtype)
 
 
 def parse_drops(text):
     drops = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         f, m, p = item.split(":")
-        packets = range(128) if p == "*" else [int(p)]
+        packets = range(256) if p == "*" else [int(p)]
         drops.setdefault((int(f), int(m)), set()).update(packets)
     return drops
 
@@ -39,7 +40,10 @@ def main():
     ap.add_argument("--detector", required=True)
     ap.add_argument("--n-modules", type=int, default=2)
     ap.add_argument("--drop", default="")
+    ap.add_argument("--kind", choices=sorted(DETECTORS), default="jungfrau")
     args = ap.parse_args()
+    module_w, module_h, payload = DETECTORS[args.kind]
+    pixels = module_w * module_h
     drops = parse_drops(args.drop)
 
     with h5py.File(args.file, "r") as f:
@@ -66,11 +70,15 @@ def main():
             image = data[i]
             expect_missing = 0
             ok = True
+            per_packet = payload // data.dtype.itemsize
+            n_packets = pixels // per_packet
             for m in range(args.n_modules):
-                got = image[m * MODULE_H:(m + 1) * MODULE_H, :].reshape(-1)
-                want = expected_module(frame, m)
+                got = image[m * module_h:(m + 1) * module_h, :module_w].reshape(-1)
+                want = expected_module(frame, m, pixels, data.dtype)
                 for p in drops.get((frame, m), ()):
-                    want[p * PER_PACKET:(p + 1) * PER_PACKET] = 0
+                    if p >= n_packets:
+                        continue
+                    want[p * per_packet:(p + 1) * per_packet] = 0
                     expect_missing += 1
                 if not np.array_equal(got, want):
                     ok = False

@@ -42,13 +42,23 @@ pub fn python() -> &'static str {
     }
 }
 
-/// Runs the h5py checker and returns its JSON report.
+/// Runs the h5py checker on a JUNGFRAU file and returns its JSON report.
 pub fn verify_h5(file: &Path, detector: &str, drop: &str) -> Result<serde_json::Value> {
+    verify_h5_as(file, detector, drop, "jungfrau")
+}
+
+/// Runs the h5py checker for a detector `kind` (`jungfrau`, `eiger`) and returns its report.
+pub fn verify_h5_as(
+    file: &Path,
+    detector: &str,
+    drop: &str,
+    kind: &str,
+) -> Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_h5.py");
     let out = Command::new(python())
         .arg(&script)
         .arg(file)
-        .args(["--detector", detector, "--drop", drop])
+        .args(["--detector", detector, "--drop", drop, "--kind", kind])
         .output()
         .context("running verify_h5.py")?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -4,8 +4,8 @@
 
 use std::process::Command;
 use std::time::Duration;
-use std_daq::pipeline::{default_bin_dir, Pipeline};
-use std_daq_tests::{options, verify_h5, work_dir};
+use std_daq::pipeline::{default_bin_dir, Pipeline, SimulatedDetector};
+use std_daq_tests::{options, verify_h5, verify_h5_as, work_dir};
 
 /// Packets the simulator leaves out, and what the file must then say for those images.
 const DROPS: &str = "3:0:0,3:0:77,10:1:127,12:0:*,20:0:5,20:1:5,40:1:127";
@@ -142,5 +142,46 @@ fn a_bad_config_names_the_key_and_the_file() {
             "{binary}: {stderr}"
         );
     }
+    std::fs::remove_dir_all(work).unwrap();
+}
+
+/// EIGER: two 16-bit half-modules (64 packets of 4096 bytes per frame), with chosen losses.
+#[test]
+fn eiger_half_modules_stream_pixel_exact_with_losses_flagged() {
+    const EIGER_DROPS: &str = "2:0:0,5:1:63,7:0:*,30:1:63";
+    let opts = options("eiger").unwrap();
+    let work = opts.work_dir.clone();
+    let detector = opts.detector_name.clone();
+    let mut p = Pipeline::start_detector(
+        opts,
+        SimulatedDetector::Eiger { bit_depth: 16 },
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let file = work.join("eiger.h5");
+    p.start_run(&file, 30).unwrap();
+    let sim = p.run_simulator(30, 200.0, EIGER_DROPS, false).unwrap();
+    assert_eq!(sim.packets_sent, 30 * 2 * 64 - (1 + 1 + 64 + 1));
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    let stop = p.stop().unwrap();
+    assert!(
+        stop.failed.is_empty() && stop.leftovers.is_empty(),
+        "{stop:?}"
+    );
+    assert_eq!(run.images_written, 30);
+
+    let report = verify_h5_as(&file, &detector, EIGER_DROPS, "eiger").unwrap();
+    assert_eq!(
+        report["shape"],
+        serde_json::json!([30, 512, 512]),
+        "{report}"
+    );
+    assert_eq!(report["dtype"], "uint16");
+    assert_eq!(report["exact_images"], 30, "{report}");
+    assert_eq!(
+        report["flagged"],
+        serde_json::json!({"2": 1, "5": 1, "7": 64, "30": 1}),
+        "{report}"
+    );
     std::fs::remove_dir_all(work).unwrap();
 }

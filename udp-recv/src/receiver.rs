@@ -677,7 +677,10 @@ mod tests {
             &Shutdown::new(),
         )
         .unwrap();
-        assert_eq!(frames.iter().map(|f| f.image_id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         for f in 1..=3u64 {
             let mut data = vec![0u8; format.frame_bytes()];
             let meta = reader.copy_out(f, &mut data).unwrap();
