@@ -243,7 +243,8 @@ pub fn run<F: PacketFormat>(
         }
     };
 
-    'frames: while !shutdown.is_triggered() {
+    // At shutdown (or when a test source closes) packets already copied aside are still placed.
+    'frames: while !shutdown.is_triggered() || !pending.is_empty() {
         // The frame to open: the first usable pending packet's, else the one after the last.
         let mut image_id = None;
         while let Some(packet) = pending.front() {
@@ -370,7 +371,7 @@ pub fn run<F: PacketFormat>(
             // The expected frame never came (frames were skipped): drop the slot uncommitted.
             drop(slot);
             expected_next = None;
-            if matches!(end, FrameEnd::SourceClosed) {
+            if matches!(end, FrameEnd::SourceClosed) && pending.is_empty() {
                 break 'frames;
             }
             continue;
@@ -397,7 +398,7 @@ pub fn run<F: PacketFormat>(
         if !publish(&frame) {
             stats.frames_not_published += 1;
         }
-        if matches!(end, FrameEnd::SourceClosed) {
+        if matches!(end, FrameEnd::SourceClosed) && pending.is_empty() {
             break 'frames;
         }
     }
@@ -734,7 +735,12 @@ mod tests {
                     }
                 }
             }
+            let n_datagrams = packets.len() as u64;
             let (stats, frames) = run_packets(&mut h, packets);
+            prop_assert_eq!(
+                stats.packets + stats.duplicate_packets + stats.late_packets + stats.malformed_packets,
+                n_datagrams
+            );
             let sent_frames: Vec<u64> = (0..3u64).filter(|f| expected[*f as usize].iter().any(|r| *r)).map(|f| f + 10).collect();
             prop_assert_eq!(frames.iter().map(|f| f.image_id).collect::<Vec<_>>(), sent_frames.clone());
             for f in &sent_frames {
