@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod gigafrost;
 pub mod messages;
 pub mod names;
 pub mod service;

@@ -8,6 +8,7 @@
 
 pub mod eiger;
 pub mod format;
+pub mod gigafrost;
 pub mod jungfrau;
 pub mod receiver;
 pub mod sim;

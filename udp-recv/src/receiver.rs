@@ -115,6 +115,8 @@ enum FrameEnd {
 /// Copies of datagrams that did not land where they belong: placed by the copy path.
 struct Pending {
     buf: Vec<u8>,
+    /// The true length of each datagram (the payload kept may be shorter, e.g. padding).
+    lens: Vec<usize>,
     header_bytes: usize,
     packet_bytes: usize,
     len: usize,
@@ -125,6 +127,7 @@ impl Pending {
     fn new(capacity: usize, header_bytes: usize, packet_bytes: usize) -> Self {
         Pending {
             buf: vec![0; capacity.max(1) * packet_bytes],
+            lens: vec![0; capacity.max(1)],
             header_bytes,
             packet_bytes,
             len: 0,
@@ -138,7 +141,7 @@ impl Pending {
 
     /// Stores header + payload as one packet. Pending is only filled from one batch while empty,
     /// so it never holds more than its capacity.
-    fn push(&mut self, header: &[u8], payload: &[u8]) {
+    fn push(&mut self, header: &[u8], payload: &[u8], datagram_len: usize) {
         if self.is_empty() {
             self.head = 0;
             self.len = 0;
@@ -150,13 +153,15 @@ impl Pending {
         }
         self.buf[at..at + hb].copy_from_slice(&header[..hb]);
         self.buf[at + hb..at + pb].copy_from_slice(payload);
+        self.lens[self.len] = datagram_len;
         self.len += 1;
     }
 
-    fn front(&self) -> Option<&[u8]> {
+    /// The oldest packet (header + payload as kept) and its datagram's true length.
+    fn front(&self) -> Option<(&[u8], usize)> {
         (!self.is_empty()).then(|| {
             let at = self.head * self.packet_bytes;
-            &self.buf[at..at + self.packet_bytes]
+            (&self.buf[at..at + self.packet_bytes], self.lens[self.head])
         })
     }
 
@@ -247,8 +252,8 @@ pub fn run<F: PacketFormat>(
     'frames: while !shutdown.is_triggered() || !pending.is_empty() {
         // The frame to open: the first usable pending packet's, else the one after the last.
         let mut image_id = None;
-        while let Some(packet) = pending.front() {
-            match classify(format, packet, packet.len(), last_committed) {
+        while let Some((packet, len)) = pending.front() {
+            match classify(format, packet, len, last_committed) {
                 Class::Usable(h) => {
                     image_id = Some(h.frame);
                     break;
@@ -265,14 +270,12 @@ pub fn run<F: PacketFormat>(
                 Recv::Packets(k) => {
                     last_packet_at = Instant::now();
                     for i in 0..k {
-                        if batch.datagram_len(i) == packet_bytes {
-                            pending.push(
-                                batch.header(i),
-                                &scratch[i * payload_bytes..(i + 1) * payload_bytes],
-                            );
-                        } else {
-                            stats.malformed_packets += 1;
-                        }
+                        // Checked (and counted if malformed) when taken from pending.
+                        pending.push(
+                            batch.header(i),
+                            &scratch[i * payload_bytes..(i + 1) * payload_bytes],
+                            batch.datagram_len(i),
+                        );
                     }
                 }
                 Recv::Timeout => {}
@@ -289,8 +292,8 @@ pub fn run<F: PacketFormat>(
 
         let end = loop {
             // Place what was copied aside and belongs to this frame.
-            while let Some(packet) = pending.front() {
-                match classify(format, packet, packet.len(), last_committed) {
+            while let Some((packet, len)) = pending.front() {
+                match classify(format, packet, len, last_committed) {
                     Class::Malformed => stats.malformed_packets += 1,
                     Class::Late => stats.late_packets += 1,
                     Class::Usable(h) if h.frame < image_id => stats.late_packets += 1,
@@ -308,7 +311,7 @@ pub fn run<F: PacketFormat>(
                             received += 1;
                             stats.packets += 1;
                             stats.packets_copied += 1;
-                            stats.bytes += packet.len() as u64;
+                            stats.bytes += len as u64;
                         } else {
                             stats.duplicate_packets += 1;
                         }
@@ -350,6 +353,7 @@ pub fn run<F: PacketFormat>(
                             _ => pending.push(
                                 batch.header(i),
                                 &dest[i * payload_bytes..(i + 1) * payload_bytes],
+                                len,
                             ),
                         }
                     }
@@ -703,6 +707,82 @@ mod tests {
             assert_eq!(meta.n_packets_expected, 64);
         }
         assert_eq!(stats.missing_packets, 7 + 1);
+    }
+
+    /// GigaFRoST streams of 60x200 pixels: 81-row packets (odd, so each carries 36 padding
+    /// bytes) and a short 38-row last packet.
+    #[test]
+    fn gigafrost_frames_with_padding_and_a_short_last_packet_are_exact() {
+        use crate::gigafrost::Gigafrost;
+        use sim::SimDetector;
+        let g = Gigafrost::new(120, 800).unwrap();
+        assert_eq!(
+            (g.rows_per_packet, g.packets_per_frame, g.rows_in_packet(2)),
+            (81, 3, 38)
+        );
+        let det = SimDetector::Gigafrost(g);
+        assert_eq!(det.pad_bytes(0), 36);
+        let table = sim::PatternTable::for_detector(det);
+        let name = format!("std-daq.test-recv-gf-{}", std::process::id());
+        let mut ring = RingOwner::create(&name, 4, g.slot_bytes() as u64).unwrap();
+        let reader: RingReader<ModuleFrame> = RingReader::attach(&name, Expect::default()).unwrap();
+        let dropped = |f: u64, p: u32| (f == 2 && p == 1) || (f == 3 && p == 2);
+        let packets: Vec<Vec<u8>> = (1..=3u64)
+            .flat_map(|f| (0..3u32).map(move |p| (f, p)))
+            .filter(|&(f, p)| !dropped(f, p))
+            .map(|(f, p)| sim::detector_packet(det, &table, f, 5, p))
+            .collect();
+        let mut frames = Vec::new();
+        let stats = run(
+            &g,
+            &settings(),
+            &mut VecSource::new(packets, 2),
+            &mut ring,
+            &mut |f| {
+                frames.push(*f);
+                true
+            },
+            &StatusBoard::default(),
+            &Shutdown::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(stats.malformed_packets, 0);
+        let row_bytes = g.row_bytes();
+        for f in 1..=3u64 {
+            let mut data = vec![0u8; g.slot_bytes()];
+            let meta = reader.copy_out(f, &mut data).unwrap();
+            for p in 0..3u32 {
+                let start = p as usize * g.rows_per_packet * row_bytes;
+                let len = g.rows_in_packet(p as usize) * row_bytes;
+                let got = &data[start..start + len];
+                if dropped(f, p) {
+                    assert!(
+                        got.iter().all(|b| *b == 0),
+                        "frame {f} packet {p} not zeroed"
+                    );
+                } else {
+                    assert_eq!(got, table.payload(f, 5, p), "frame {f} packet {p}");
+                }
+            }
+            assert_eq!(meta.n_missing_packets, if f == 1 { 0 } else { 1 });
+        }
+        // Unpacking the stream gives the simulator's 12-bit values.
+        let mut data = vec![0u8; g.slot_bytes()];
+        reader.copy_out(1, &mut data).unwrap();
+        for (i, pair) in data[..g.module_bytes()]
+            .chunks_exact(3)
+            .enumerate()
+            .take(500)
+        {
+            let a = u16::from(pair[0]) | (u16::from(pair[1] & 0x0f) << 8);
+            let b = u16::from(pair[1] >> 4) | (u16::from(pair[2]) << 4);
+            assert_eq!(a, sim::gigafrost_pixel_value(1, 5, 2 * i));
+            assert_eq!(b, sim::gigafrost_pixel_value(1, 5, 2 * i + 1));
+        }
     }
 
     proptest! {

@@ -1,4 +1,5 @@
-//! `std-det-sim`: a JUNGFRAU detector simulator that sends real slsDetector packets.
+//! `std-det-sim`: a detector simulator that sends real packets: JUNGFRAU and EIGER
+//! (slsDetector format) and GigaFRoST.
 //!
 //! Pixel values are a deterministic function of (frame, module, pixel index) that tests and the
 //! Python checker recompute independently:
@@ -6,12 +7,17 @@
 //! ```text
 //! offset(frame, module) = ((frame mod 65535) * 7919 + module * 104729) mod 65535
 //! value(frame, module, px) = 1 + (px + offset) mod 65535        (never 0, so lost data shows)
+//! GigaFRoST (12 bit): value = 1 + (px + (2 * offset) mod 8190) mod 4095
 //! ```
+//! narrowed to the pixel width (8-bit EIGER keeps the low byte). GigaFRoST pixels are packed two
+//! in three bytes: `b0 = a & 0xff, b1 = (a >> 8) | (b & 0xf) << 4, b2 = b >> 4`.
 //!
 //! Because the value only shifts with the frame, every payload is a slice of one precomputed
 //! table: sending costs no pixel generation. Chosen packets can be dropped (`--drop`).
 
 use crate::eiger::{self, EigerHeader};
+use crate::format::PacketFormat;
+use crate::gigafrost::{Gigafrost, GigafrostHeader, PROTOCOL_ID};
 use crate::jungfrau::{self, JungfrauHeader, PACKETS_PER_FRAME};
 use crate::socket::{OutMessage, UdpSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS};
 use socket2::SockAddr;
@@ -23,6 +29,9 @@ use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
 
 const PERIOD: usize = 65535;
+const GF_PERIOD: usize = 4095;
+/// Zeros for GigaFRoST's padding bytes.
+static PADDING: [u8; 36] = [0; 36];
 
 /// Which detector the simulator plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,38 +41,60 @@ pub enum SimDetector {
     Eiger {
         bit_depth: u8,
     },
+    /// GigaFRoST streams of the given layout.
+    Gigafrost(Gigafrost),
 }
 
 impl SimDetector {
     pub fn header_bytes(self) -> usize {
-        48
+        match self {
+            SimDetector::Gigafrost(_) => crate::gigafrost::HEADER_BYTES,
+            _ => 48,
+        }
     }
-    pub fn payload_bytes(self) -> usize {
+
+    /// Pixel bytes of packet `p` (without GigaFRoST's padding).
+    pub fn data_bytes(self, p: u32) -> usize {
         match self {
             SimDetector::Jungfrau => jungfrau::PAYLOAD_BYTES,
             SimDetector::Eiger { .. } => eiger::PAYLOAD_BYTES,
+            SimDetector::Gigafrost(g) => g.rows_in_packet(p as usize) * g.row_bytes(),
         }
     }
-    pub fn packet_bytes(self) -> usize {
-        self.header_bytes() + self.payload_bytes()
-    }
-    pub fn bytes_per_pixel(self) -> usize {
+
+    /// Padding bytes after the pixels of packet `p`.
+    pub fn pad_bytes(self, p: u32) -> usize {
         match self {
-            SimDetector::Jungfrau => 2,
-            SimDetector::Eiger { bit_depth } => usize::from(bit_depth).div_ceil(8),
+            SimDetector::Gigafrost(g) => g.wire_payload_bytes(p as usize) - self.data_bytes(p),
+            _ => 0,
         }
     }
+
+    /// Whole datagram of packet `p`.
+    pub fn packet_bytes(self, p: u32) -> usize {
+        self.header_bytes() + self.data_bytes(p) + self.pad_bytes(p)
+    }
+
     pub fn pixels_per_module(self) -> usize {
         match self {
             SimDetector::Jungfrau => jungfrau::FRAME_BYTES / 2,
             SimDetector::Eiger { .. } => eiger::MODULE_WIDTH * eiger::MODULE_HEIGHT,
+            SimDetector::Gigafrost(g) => g.module_width * g.module_height,
         }
     }
+
     pub fn packets_per_frame(self) -> u32 {
-        (self.pixels_per_module() * self.bytes_per_pixel() / self.payload_bytes()) as u32
+        match self {
+            SimDetector::Jungfrau => PACKETS_PER_FRAME,
+            SimDetector::Eiger { bit_depth } => {
+                eiger::Eiger::new(bit_depth).packets_per_frame() as u32
+            }
+            SimDetector::Gigafrost(g) => g.packets_per_frame as u32,
+        }
     }
 
-    /// The header the simulator sends for packet `p` of `frame` from `module`.
+    /// The header the simulator sends for packet `p` of `frame` from `module` (the first
+    /// `header_bytes()` bytes are used).
     pub fn header(self, frame: u64, module: u16, p: u32) -> [u8; 48] {
         let mut out = [0u8; 48];
         match self {
@@ -85,6 +116,25 @@ impl SimDetector {
                 detector_type: 1,
                 header_version: 2,
             })),
+            SimDetector::Gigafrost(g) => {
+                let quadrant = (module % 8 / 2) as u8;
+                let link = (module % 2) as u8;
+                let quadrant_rows = g.module_height * 2;
+                let h = GigafrostHeader {
+                    protocol_id: PROTOCOL_ID,
+                    quadrant_row_length_in_blocks: (g.module_width / 12).min(255) as u8,
+                    quadrant_rows: (quadrant_rows & 0xff) as u8,
+                    status_flags: (quadrant << 6) | (link << 5) | ((quadrant_rows >> 8) & 3) as u8,
+                    scan_id: 1,
+                    frame_index: frame as u32,
+                    image_status_flags: 0,
+                    packet_starting_row: (p as usize * g.rows_per_packet) as u16,
+                    image_timing: (frame.wrapping_mul(1000) & 0xFF_FFFF_FFFF) | (10 << 40),
+                    sync_time: 0,
+                    scan_time: 0,
+                };
+                out[..crate::gigafrost::HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&h));
+            }
         }
         out
     }
@@ -100,13 +150,22 @@ pub fn pixel_value(frame: u64, module: u16, px: usize) -> u16 {
     (1 + (px + pattern_offset(frame, module)) % PERIOD) as u16
 }
 
-/// All payloads as slices of one table: pixel `j` of the table is `1 + j mod 65535`, so the
-/// pixels of (frame, module) start at `pattern_offset(frame, module)`.
+/// The 12-bit value the simulator sends for GigaFRoST pixel `px` of a stream frame.
+pub fn gigafrost_pixel_value(frame: u64, module: u16, px: usize) -> u16 {
+    (1 + (px + gigafrost_offset(frame, module)) % GF_PERIOD) as u16
+}
+
+/// Even, so that a frame starts on a whole 3-byte pixel pair of the packed table.
+fn gigafrost_offset(frame: u64, module: u16) -> usize {
+    (2 * pattern_offset(frame, module)) % (2 * GF_PERIOD)
+}
+
+/// All payloads as slices of one table: the pixels of (frame, module) start at the frame's
+/// offset into a table whose pixel `j` is `1 + j mod period`.
 #[derive(Debug)]
 pub struct PatternTable {
+    detector: SimDetector,
     bytes: Vec<u8>,
-    bytes_per_pixel: usize,
-    pixels_per_packet: usize,
 }
 
 impl PatternTable {
@@ -116,25 +175,56 @@ impl PatternTable {
     }
 
     pub fn for_detector(detector: SimDetector) -> Self {
-        let bpp = detector.bytes_per_pixel();
-        let n = detector.pixels_per_module() + PERIOD;
-        let mut bytes = Vec::with_capacity(n * bpp);
-        for j in 0..n {
-            let v = (1 + j % PERIOD) as u32;
-            bytes.extend_from_slice(&v.to_le_bytes()[..bpp]);
+        let mut bytes = Vec::new();
+        match detector {
+            SimDetector::Gigafrost(_) => {
+                let n = (detector.pixels_per_module() + 2 * GF_PERIOD).next_multiple_of(2);
+                bytes.reserve(n * 3 / 2);
+                for j in (0..n).step_by(2) {
+                    let a = (1 + j % GF_PERIOD) as u16;
+                    let b = (1 + (j + 1) % GF_PERIOD) as u16;
+                    bytes.extend_from_slice(&pack_12bit(a, b));
+                }
+            }
+            _ => {
+                let bpp = match detector {
+                    SimDetector::Eiger { bit_depth } => usize::from(bit_depth).div_ceil(8),
+                    _ => 2,
+                };
+                let n = detector.pixels_per_module() + PERIOD;
+                bytes.reserve(n * bpp);
+                for j in 0..n {
+                    let v = (1 + j % PERIOD) as u32;
+                    bytes.extend_from_slice(&v.to_le_bytes()[..bpp]);
+                }
+            }
         }
-        PatternTable {
-            bytes,
-            bytes_per_pixel: bpp,
-            pixels_per_packet: detector.payload_bytes() / bpp,
-        }
+        PatternTable { detector, bytes }
     }
 
-    /// The little-endian payload bytes of packet `p` of a module frame.
+    /// The pixel bytes of packet `p` of a module frame (without padding).
     pub fn payload(&self, frame: u64, module: u16, p: u32) -> &[u8] {
-        let start = pattern_offset(frame, module) + p as usize * self.pixels_per_packet;
-        let len = self.pixels_per_packet * self.bytes_per_pixel;
-        &self.bytes[start * self.bytes_per_pixel..start * self.bytes_per_pixel + len]
+        let det = self.detector;
+        let len = det.data_bytes(p);
+        let start = match det {
+            SimDetector::Gigafrost(g) => {
+                (gigafrost_offset(frame, module) + p as usize * g.rows_per_packet * g.module_width)
+                    * 3
+                    / 2
+            }
+            _ => {
+                let bpp = self.bytes_per_pixel();
+                pattern_offset(frame, module) * bpp + p as usize * det.data_bytes(0)
+            }
+        };
+        &self.bytes[start..start + len]
+    }
+
+    fn bytes_per_pixel(&self) -> usize {
+        match self.detector {
+            SimDetector::Eiger { bit_depth } => usize::from(bit_depth).div_ceil(8),
+            _ => 2,
+        }
     }
 }
 
@@ -142,6 +232,15 @@ impl Default for PatternTable {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Two 12-bit pixels in three bytes (GigaFRoST's packing as this simulator writes it).
+pub fn pack_12bit(a: u16, b: u16) -> [u8; 3] {
+    [
+        (a & 0xff) as u8,
+        ((a >> 8) & 0x0f) as u8 | ((b & 0x0f) << 4) as u8,
+        (b >> 4) as u8,
+    ]
 }
 
 /// The header the simulator sends for packet `p` of `frame` from `module`.
@@ -176,8 +275,9 @@ pub fn detector_packet(
     module: u16,
     p: u32,
 ) -> Vec<u8> {
-    let mut v = detector.header(frame, module, p).to_vec();
+    let mut v = detector.header(frame, module, p)[..detector.header_bytes()].to_vec();
     v.extend_from_slice(table.payload(frame, module, p));
+    v.resize(v.len() + detector.pad_bytes(p), 0);
     v
 }
 
@@ -260,7 +360,8 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
     let det = settings.detector;
     let table = PatternTable::for_detector(det);
     let ppf = det.packets_per_frame();
-    let packet_bytes = det.packet_bytes();
+    let hb = det.header_bytes();
+    let segment = det.packet_bytes(0);
     let bind_ip: IpAddr = if settings.target.is_loopback() {
         settings.target
     } else if settings.target.is_ipv4() {
@@ -268,13 +369,13 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
     } else {
         IpAddr::from([0u16; 8])
     };
-    let gso = settings.gso.then_some(packet_bytes as u16);
+    let gso = settings.gso.then_some(segment as u16);
     let mut sender = UdpSender::new(SocketAddr::new(bind_ip, 0), 8 << 20, gso)?;
     let dests: Vec<SockAddr> = (0..settings.n_modules)
         .map(|m| SockAddr::from(SocketAddr::new(settings.target, settings.start_port + m)))
         .collect();
     let per_message = if settings.gso {
-        (GSO_MAX_BYTES / packet_bytes).min(GSO_MAX_SEGMENTS)
+        (GSO_MAX_BYTES / segment).min(GSO_MAX_SEGMENTS)
     } else {
         1
     };
@@ -304,7 +405,7 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
             }
         }
         // Gather: [header, payload] per packet; with GSO, runs of up to `per_message` packets.
-        let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(2 * n_packets);
+        let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(3 * n_packets);
         let mut runs: Vec<(usize, usize, u16)> = Vec::new(); // (first part, part count, module)
         for m in 0..settings.n_modules {
             let mut run_len = 0;
@@ -319,14 +420,18 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
                     runs.push((parts.len(), 0, m));
                     run_len = 0;
                 }
-                parts.push(IoSlice::new(&headers[k]));
+                parts.push(IoSlice::new(&headers[k][..hb]));
                 parts.push(IoSlice::new(table.payload(frame, m, p)));
+                let pad = det.pad_bytes(p);
+                if pad > 0 {
+                    parts.push(IoSlice::new(&PADDING[..pad]));
+                }
                 run_len += 1;
                 if let Some(last) = runs.last_mut() {
-                    last.1 += 2;
+                    last.1 += if pad > 0 { 3 } else { 2 };
                 }
                 report.packets_sent += 1;
-                report.bytes_sent += packet_bytes as u64;
+                report.bytes_sent += det.packet_bytes(p) as u64;
             }
         }
         let messages: Vec<OutMessage<'_>> = runs

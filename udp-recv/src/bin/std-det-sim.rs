@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::DetectorConfig;
 use std_daq_common::DetectorType;
+use udp_recv::gigafrost::Gigafrost;
 use udp_recv::sim::{self, DropList, SimDetector, SimSettings};
 
-/// Simulates a JUNGFRAU or EIGER detector: sends real slsDetector packets (JUNGFRAU: 8240 bytes,
-/// 128 per module frame; EIGER: 4144 bytes, 32/64/128 per half-module frame at 8/16/32 bit) for
-/// every module of the config to start_udp_port + module, paced at --rate frames/s.
+/// Simulates a JUNGFRAU, EIGER or GigaFRoST detector: sends real packets (JUNGFRAU: 8240 bytes,
+/// 128 per module frame; EIGER: 4144 bytes, 32/64/128 per half-module frame at 8/16/32 bit;
+/// GigaFRoST: 32-byte header and 12-bit pixels, sizes from the image size) for every module of the
+/// config to start_udp_port + module, paced at --rate frames/s.
 /// Pixel values follow a formula tests recompute (see the udp_recv::sim module docs). Prints a
 /// JSON report on stdout when done.
 #[derive(Debug, Parser)]
@@ -46,13 +48,14 @@ fn main() -> Result<()> {
     init_logging("info");
     let cfg = DetectorConfig::from_file(&args.config)?;
     let detector = match cfg.detector_type {
-        t if t.is_jungfrau() => SimDetector::Jungfrau,
         DetectorType::Eiger => SimDetector::Eiger {
             bit_depth: cfg.bit_depth,
         },
-        other => {
-            bail!("std-det-sim simulates JUNGFRAU and EIGER only for now (config has {other})")
-        }
+        DetectorType::Gigafrost => SimDetector::Gigafrost(
+            Gigafrost::new(cfg.image_pixel_width, cfg.image_pixel_height)
+                .context("the config's image size")?,
+        ),
+        DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => SimDetector::Jungfrau,
     };
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         bail!("--rate must be a non-negative number of frames per second");

@@ -12,6 +12,7 @@ use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter}
 use std_daq_common::DetectorType;
 use std_daq_common::{names, ModuleFrame};
 use udp_recv::eiger::Eiger;
+use udp_recv::gigafrost::Gigafrost;
 use udp_recv::jungfrau::Jungfrau;
 use udp_recv::receiver::{self, ReceiverSettings};
 use udp_recv::socket::UdpReceiver;
@@ -53,9 +54,6 @@ fn main() -> Result<()> {
             args.module,
             cfg.n_modules
         );
-    }
-    if cfg.detector_type == DetectorType::Gigafrost {
-        bail!("detector_type gigafrost is not supported by this receiver yet (JUNGFRAU and EIGER are)");
     }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     if let Some(cpu) = args.cpu {
@@ -134,7 +132,17 @@ fn main() -> Result<()> {
             &board,
             &shutdown,
         )?,
-        _ => receiver::run(
+        DetectorType::Gigafrost => receiver::run(
+            &Gigafrost::new(cfg.image_pixel_width, cfg.image_pixel_height)
+                .context("the config's image size")?,
+            &settings,
+            &mut socket,
+            &mut ring,
+            &mut publish,
+            &board,
+            &shutdown,
+        )?,
+        DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => receiver::run(
             &Jungfrau,
             &settings,
             &mut socket,
