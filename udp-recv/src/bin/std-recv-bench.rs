@@ -12,18 +12,23 @@ use std::time::Duration;
 use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::ModuleFrame;
-use udp_recv::jungfrau::{
-    FRAME_BYTES, HEADER_BYTES, PACKETS_PER_FRAME, PACKET_BYTES, PAYLOAD_BYTES,
-};
+use udp_recv::eiger::Eiger;
+use udp_recv::format::PacketFormat;
+use udp_recv::gigafrost::Gigafrost;
+use udp_recv::jungfrau::Jungfrau;
 use udp_recv::receiver::{self, ReceiverSettings};
 use udp_recv::sim::{self, DropList, SimDetector, SimSettings};
 use udp_recv::socket::{self, PacketSource, Recv, ScatterBatch, UdpReceiver};
 
-/// Finds the highest JUNGFRAU frame rate one std-udp-recv takes without loss on loopback, fed by
+/// Finds the highest frame rate one std-udp-recv (JUNGFRAU module, EIGER half-module or GigaFRoST
+/// stream) takes without loss on loopback, fed by
 /// a UDP-GSO sender pinned to another core, alternating each trial with a drain baseline (a bare
 /// recvmmsg loop that discards everything). Prints one line per trial and a Markdown table.
 #[derive(Debug, Parser)]
 struct Args {
+    /// Detector: jungfrau, eiger8, eiger16, eiger32 or gigafrost (2016x2016 image, one stream).
+    #[arg(long, default_value = "jungfrau")]
+    detector: String,
     /// Frame rates to try (frames/s).
     #[arg(
         long,
@@ -99,7 +104,71 @@ struct Trial {
     packets_copied: u64,
 }
 
-fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>) -> Result<Trial> {
+/// The format under test, for the receive loop and the simulator.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Jungfrau(Jungfrau),
+    Eiger(Eiger, u8),
+    Gigafrost(Gigafrost),
+}
+
+impl Format {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "jungfrau" => Format::Jungfrau(Jungfrau),
+            "eiger8" => Format::Eiger(Eiger::new(8), 8),
+            "eiger16" => Format::Eiger(Eiger::new(16), 16),
+            "eiger32" => Format::Eiger(Eiger::new(32), 32),
+            "gigafrost" => Format::Gigafrost(Gigafrost::new(2016, 2016)?),
+            other => anyhow::bail!("unknown --detector {other}"),
+        })
+    }
+    fn sim(self) -> SimDetector {
+        match self {
+            Format::Jungfrau(_) => SimDetector::Jungfrau,
+            Format::Eiger(_, bit_depth) => SimDetector::Eiger { bit_depth },
+            Format::Gigafrost(g) => SimDetector::Gigafrost(g),
+        }
+    }
+    fn format(&self) -> &dyn FormatInfo {
+        match self {
+            Format::Jungfrau(f) => f,
+            Format::Eiger(f, _) => f,
+            Format::Gigafrost(f) => f,
+        }
+    }
+}
+
+/// Object-safe sizes of a format (PacketFormat itself is used generically).
+trait FormatInfo {
+    fn header(&self) -> usize;
+    fn payload(&self) -> usize;
+    fn frame(&self) -> usize;
+    fn packets(&self) -> usize;
+}
+
+impl<F: PacketFormat> FormatInfo for F {
+    fn header(&self) -> usize {
+        self.header_bytes()
+    }
+    fn payload(&self) -> usize {
+        self.payload_bytes()
+    }
+    fn frame(&self) -> usize {
+        self.frame_bytes()
+    }
+    fn packets(&self) -> usize {
+        self.packets_per_frame()
+    }
+}
+
+fn trial(
+    args: &Args,
+    format: Format,
+    rate: f64,
+    drain: bool,
+    ring: &mut RingOwner<ModuleFrame>,
+) -> Result<Trial> {
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.port);
     let (mut udp, _) = UdpReceiver::bind(
         addr,
@@ -111,7 +180,7 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
     let frames = (rate * args.seconds) as u64;
     let sender_done = Arc::new(AtomicBool::new(false));
     let settings = SimSettings {
-        detector: SimDetector::Jungfrau,
+        detector: format.sim(),
         target: IpAddr::V4(Ipv4Addr::LOCALHOST),
         start_port: args.port,
         n_modules: 1,
@@ -138,14 +207,13 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
     let mut copied = 0;
     let received = if drain {
         let mut batch = ScatterBatch::new(args.batch);
-        let mut sink = vec![0u8; args.batch * PAYLOAD_BYTES];
+        let (hb, pb) = (format.format().header(), format.format().payload());
+        let mut sink = vec![0u8; args.batch * pb];
         let mut n = 0u64;
         loop {
-            match source.recv_scatter(&mut batch, HEADER_BYTES, &mut sink, PAYLOAD_BYTES)? {
+            match source.recv_scatter(&mut batch, hb, &mut sink, pb)? {
                 Recv::Packets(k) => {
-                    n += (0..k)
-                        .filter(|i| batch.datagram_len(*i) == PACKET_BYTES)
-                        .count() as u64
+                    n += (0..k).filter(|i| batch.datagram_len(*i) >= hb).count() as u64
                 }
                 Recv::Timeout => {}
                 Recv::Closed => break n,
@@ -159,15 +227,37 @@ fn trial(args: &Args, rate: f64, drain: bool, ring: &mut RingOwner<ModuleFrame>)
             stats_period: Duration::from_secs(3600),
             batch_size: args.batch,
         };
-        let stats = receiver::run(
-            &udp_recv::jungfrau::Jungfrau,
-            &settings,
-            &mut source,
-            ring,
-            &mut |_| true,
-            &StatusBoard::default(),
-            &Shutdown::new(),
-        )?;
+        let (board, stop) = (StatusBoard::default(), Shutdown::new());
+        let mut publish = |_: &ModuleFrame| true;
+        let stats = match format {
+            Format::Jungfrau(f) => receiver::run(
+                &f,
+                &settings,
+                &mut source,
+                ring,
+                &mut publish,
+                &board,
+                &stop,
+            )?,
+            Format::Eiger(f, _) => receiver::run(
+                &f,
+                &settings,
+                &mut source,
+                ring,
+                &mut publish,
+                &board,
+                &stop,
+            )?,
+            Format::Gigafrost(f) => receiver::run(
+                &f,
+                &settings,
+                &mut source,
+                ring,
+                &mut publish,
+                &board,
+                &stop,
+            )?,
+        };
         copied = stats.packets_copied;
         stats.packets
     };
@@ -191,21 +281,27 @@ fn main() -> Result<()> {
     let args = Args::parse();
     socket::pin_current_thread(args.cpu).context("pinning the receiver")?;
     let name = format!("std-daq.recv-bench-{}", std::process::id());
+    let format = Format::parse(&args.detector)?;
+    let info = format.format();
     let mut ring: RingOwner<ModuleFrame> =
-        RingOwner::create(&name, args.slots, FRAME_BYTES as u64)?;
+        RingOwner::create(&name, args.slots, info.frame() as u64)?;
     println!(
-        "one JUNGFRAU module ({} packets/frame), {} s trials, rcvbuf {} MiB, batch {}",
-        PACKETS_PER_FRAME, args.seconds, args.rcvbuf_mib, args.batch
+        "one {} stream ({} packets/frame), {} s trials, rcvbuf {} MiB, batch {}",
+        args.detector,
+        info.packets(),
+        args.seconds,
+        args.rcvbuf_mib,
+        args.batch
     );
     // Warm-up: page cache, ring pages, CPU frequency.
-    trial(&args, args.rates[0], false, &mut ring)?;
+    trial(&args, format, args.rates[0], false, &mut ring)?;
     let mut table = Vec::new();
     for &rate in &args.rates {
         let mut lossless = [0usize; 2];
         let mut cpu = [0f64; 2];
         for t in 0..args.trials {
             for (m, drain) in [(0, true), (1, false)] {
-                let r = trial(&args, rate, drain, &mut ring)?;
+                let r = trial(&args, format, rate, drain, &mut ring)?;
                 let lost = r.packets_expected.saturating_sub(r.packets_received);
                 let loss_pct = 100.0 * lost as f64 / r.packets_expected.max(1) as f64;
                 println!(
@@ -228,7 +324,7 @@ fn main() -> Result<()> {
     for (rate, lossless, cpu) in table {
         println!(
             "| {rate} | {:.2} | {} of {} | {} of {} | {:.0} | {:.0} |",
-            rate * (PACKETS_PER_FRAME as usize * PACKET_BYTES) as f64 / 1e9,
+            rate * (info.packets() * (info.header() + info.payload())) as f64 / 1e9,
             lossless[0],
             args.trials,
             lossless[1],
