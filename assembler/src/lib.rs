@@ -6,6 +6,8 @@
 //! module that is missing or was overwritten in its FrameBuffer is zero-filled and flagged).
 #![forbid(unsafe_code)]
 
+pub mod calib;
+pub mod pixels;
 pub mod place;
 pub mod service;
 pub mod sync;

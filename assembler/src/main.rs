@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
+use assembler::pixels::ModulePixels;
 use assembler::service::{self, Assembler};
 use clap::Parser;
 use image_buffer::{Expect, RingOwner, RingReader};
@@ -12,7 +13,9 @@ use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter}
 use std_daq_common::{names, ImageMetadata, ModuleFrame};
 
 /// Synchronises the frames of all modules by image_id, places each module into the ImageBuffer
-/// (/dev/shm/std-daq.<detector>.image) at its module_positions place, and publishes ImageMetadata
+/// (/dev/shm/std-daq.<detector>.image) at its module_positions place (with chip gaps when
+/// `chip_gaps` is set; jungfrau-converted: float32 keV from `calibration_file`, see
+/// docs/calibration.md), and publishes ImageMetadata
 /// (status computed from all modules) on ipc://<ipc_dir>/std-daq-<detector>-image. Waits for every
 /// receiver's FrameBuffer to exist before it starts. Stops on SIGINT/SIGTERM after emitting every
 /// pending image.
@@ -31,6 +34,11 @@ fn main() -> Result<()> {
     let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    // Before waiting for receivers: a bad calibration file fails the start at once.
+    let pixels = ModulePixels::from_config(&cfg)?;
+    if let Some(file) = &cfg.calibration_file {
+        tracing::info!(calibration = %file.display(), "calibration loaded");
+    }
 
     let ctx = zmq::Context::new();
     let pull = ctx.socket(zmq::PULL)?;
@@ -82,7 +90,7 @@ fn main() -> Result<()> {
         publish = %image_endpoint,
         "assembling"
     );
-    let mut assembler = Assembler::new(&cfg, module_rings, image_ring);
+    let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
     let board = StatusBoard::default();
     let _status = StatusReporter::start(
         &redis,

@@ -1,9 +1,93 @@
-//! Placement of module frames into the image (raw mode): each module's rows are copied to its
-//! `module_positions` rectangle, mirrored when the corner order says so. Also zero-fills the
-//! rectangle of a module that is missing, so a slot never shows another image's pixels.
+//! Geometry: where each pixel of a module frame goes in the image.
+//!
+//! A module occupies its `module_positions` rectangle, mirrored when the corner order says so
+//! (`x1 < x0` mirrors columns, `y1 < y0` mirrors rows: EIGER bottom half-modules). With
+//! `chip_gaps` the rectangle has 2-pixel gaps between chips (JUNGFRAU: 4x2 chips of 256x256, so
+//! 1030x514; EIGER half-module: 2x1 chips, so 514x256). Gap positions are symmetric in the
+//! rectangle, so mirroring and gaps commute: gaps and double pixels are handled in rectangle
+//! coordinates after the rows are placed.
+//!
+//! Pixels here are opaque `bytes_per_pixel` units of the *image* format (u8/u16/u32 raw, f32
+//! converted); conversion happens before (`calib.rs`).
+//!
+//! Never: write outside the module's own rectangle, or leave a pixel of the rectangle holding a
+//! previous image's value (gap pixels are always rewritten). No allocation here.
 
+use std_daq_common::config::{DetectorType, DoublePixels};
 use std_daq_common::DetectorConfig;
 
+/// The chip structure of one module frame (as the receiver delivers it) and the gap between
+/// chips in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChipLayout {
+    pub module_width: usize,
+    pub module_height: usize,
+    pub chip_width: usize,
+    pub chip_height: usize,
+    /// Pixels between neighbouring chips in the image (0 or 2).
+    pub gap: usize,
+}
+
+impl ChipLayout {
+    pub fn jungfrau(gaps: bool) -> Self {
+        ChipLayout {
+            module_width: 1024,
+            module_height: 512,
+            chip_width: 256,
+            chip_height: 256,
+            gap: if gaps { 2 } else { 0 },
+        }
+    }
+
+    /// One EIGER half-module: 2 chips of 256x256 side by side.
+    pub fn eiger(gaps: bool) -> Self {
+        ChipLayout {
+            module_width: 512,
+            module_height: 256,
+            chip_width: 256,
+            chip_height: 256,
+            gap: if gaps { 2 } else { 0 },
+        }
+    }
+
+    /// A module without chip structure (one "chip" the size of the module).
+    pub fn plain(width: usize, height: usize) -> Self {
+        ChipLayout {
+            module_width: width,
+            module_height: height,
+            chip_width: width,
+            chip_height: height,
+            gap: 0,
+        }
+    }
+
+    pub fn chips_x(&self) -> usize {
+        self.module_width / self.chip_width
+    }
+    pub fn chips_y(&self) -> usize {
+        self.module_height / self.chip_height
+    }
+    /// Width of the module's rectangle in the image, gaps included.
+    pub fn rect_width(&self) -> usize {
+        self.module_width + (self.chips_x() - 1) * self.gap
+    }
+    pub fn rect_height(&self) -> usize {
+        self.module_height + (self.chips_y() - 1) * self.gap
+    }
+    /// Rectangle row (unmirrored) of module row `r`.
+    pub fn rect_y(&self, r: usize) -> usize {
+        r + self.gap * (r / self.chip_height)
+    }
+    /// First rectangle column of each gap (unmirrored and mirrored alike: gaps are symmetric).
+    fn gap_columns(&self) -> impl Iterator<Item = usize> + '_ {
+        (1..self.chips_x()).map(move |k| k * (self.chip_width + self.gap) - self.gap)
+    }
+    fn gap_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        (1..self.chips_y()).map(move |k| k * (self.chip_height + self.gap) - self.gap)
+    }
+}
+
+/// A module's rectangle in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     pub left: usize,
@@ -18,28 +102,51 @@ pub struct Placement {
 pub struct Geometry {
     pub image_width: usize,
     pub image_height: usize,
+    /// Bytes per pixel of the image (4 for converted JUNGFRAU, else the frame's pixel size).
     pub bytes_per_pixel: usize,
+    pub layout: ChipLayout,
     pub modules: Vec<Placement>,
 }
 
 impl Geometry {
+    /// Config validation guarantees each rectangle is `layout.rect_width() x rect_height()` and
+    /// lies inside the image.
     pub fn from_config(cfg: &DetectorConfig) -> Self {
+        let modules: Vec<Placement> = cfg
+            .module_positions
+            .iter()
+            .map(|p| Placement {
+                left: p.left() as usize,
+                top: p.top() as usize,
+                width: p.width() as usize,
+                height: p.height() as usize,
+                flip_x: p.flip_x(),
+                flip_y: p.flip_y(),
+            })
+            .collect();
+        let layout = match cfg.detector_type {
+            t if t.is_jungfrau() => ChipLayout::jungfrau(cfg.chip_gaps),
+            DetectorType::Eiger => ChipLayout::eiger(cfg.chip_gaps),
+            // Extension point: GigaFRoST quadrants are placed as plain rectangles here; its
+            // 12-bit unpacking belongs in a row converter like `calib::convert_row`.
+            _ => {
+                let p = modules.first().copied().unwrap_or(Placement {
+                    left: 0,
+                    top: 0,
+                    width: 1,
+                    height: 1,
+                    flip_x: false,
+                    flip_y: false,
+                });
+                ChipLayout::plain(p.width, p.height)
+            }
+        };
         Geometry {
             image_width: cfg.image_pixel_width as usize,
             image_height: cfg.image_pixel_height as usize,
             bytes_per_pixel: cfg.image_bytes_per_pixel(),
-            modules: cfg
-                .module_positions
-                .iter()
-                .map(|p| Placement {
-                    left: p.left() as usize,
-                    top: p.top() as usize,
-                    width: p.width() as usize,
-                    height: p.height() as usize,
-                    flip_x: p.flip_x(),
-                    flip_y: p.flip_y(),
-                })
-                .collect(),
+            layout,
+            modules,
         }
     }
 
@@ -47,50 +154,176 @@ impl Geometry {
         self.image_width * self.image_height * self.bytes_per_pixel
     }
 
-    /// Bytes of one module frame in raw mode.
-    pub fn module_bytes(&self, module: usize) -> usize {
-        let p = &self.modules[module];
-        p.width * p.height * self.bytes_per_pixel
+    /// Bytes of one module row in image pixel format.
+    pub fn row_bytes(&self) -> usize {
+        self.layout.module_width * self.bytes_per_pixel
     }
 
-    fn row_range(&self, p: &Placement, module_row: usize) -> std::ops::Range<usize> {
-        let image_row = p.top
-            + if p.flip_y {
-                p.height - 1 - module_row
-            } else {
-                module_row
-            };
-        let start = (image_row * self.image_width + p.left) * self.bytes_per_pixel;
-        start..start + p.width * self.bytes_per_pixel
+    /// Byte offset in the image of rectangle pixel (x, y) of module `p`, mirroring applied.
+    fn offset(&self, p: &Placement, x: usize, y: usize) -> usize {
+        let ix = p.left + if p.flip_x { p.width - 1 - x } else { x };
+        let iy = p.top + if p.flip_y { p.height - 1 - y } else { y };
+        (iy * self.image_width + ix) * self.bytes_per_pixel
     }
 
-    /// Copies module `module`'s frame `src` into `image`. Config validation guarantees every
-    /// rectangle lies inside the image; `src` must hold at least `module_bytes(module)` bytes.
-    pub fn place(&self, module: usize, src: &[u8], image: &mut [u8]) {
+    /// Writes module row `r` (`row`: `row_bytes()` bytes in image pixel format) into `image`.
+    pub fn place_row(&self, module: usize, r: usize, row: &[u8], image: &mut [u8]) {
         let p = self.modules[module];
-        let row_bytes = p.width * self.bytes_per_pixel;
-        for (r, src_row) in src.chunks_exact(row_bytes).take(p.height).enumerate() {
-            let dst = &mut image[self.row_range(&p, r)];
+        let l = &self.layout;
+        let bpp = self.bytes_per_pixel;
+        let y = l.rect_y(r);
+        // Without gaps the whole row is one segment.
+        let seg = if l.gap == 0 {
+            l.module_width
+        } else {
+            l.chip_width
+        };
+        for (k, src) in row.chunks_exact(seg * bpp).enumerate() {
+            let x0 = k * (seg + l.gap);
             if p.flip_x {
-                let bpp = self.bytes_per_pixel;
-                for (d, s) in dst
-                    .chunks_exact_mut(bpp)
-                    .zip(src_row.chunks_exact(bpp).rev())
-                {
-                    d.copy_from_slice(s);
-                }
+                // Rectangle columns x0..x0+seg land mirrored at image columns ending here.
+                let start = self.offset(&p, x0 + seg - 1, y);
+                let dst = &mut image[start..start + seg * bpp];
+                copy_reversed(dst, src, bpp);
             } else {
-                dst.copy_from_slice(src_row);
+                let start = self.offset(&p, x0, y);
+                image[start..start + seg * bpp].copy_from_slice(src);
             }
         }
     }
 
-    /// Zeroes module `module`'s rectangle in `image`.
+    /// Copies module `module`'s raw frame `src` (image pixel format) into `image` and zeroes its
+    /// gap pixels. `src` must hold at least `module_height * row_bytes()` bytes.
+    pub fn place(&self, module: usize, src: &[u8], image: &mut [u8]) {
+        let rb = self.row_bytes();
+        for (r, row) in src
+            .chunks_exact(rb)
+            .take(self.layout.module_height)
+            .enumerate()
+        {
+            self.place_row(module, r, row, image);
+        }
+        self.zero_gaps(module, image);
+    }
+
+    /// Zeroes module `module`'s whole rectangle in `image` (a missing module).
     pub fn zero(&self, module: usize, image: &mut [u8]) {
         let p = self.modules[module];
-        for r in 0..p.height {
-            image[self.row_range(&p, r)].fill(0);
+        for y in 0..p.height {
+            let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
+            image[start..start + p.width * self.bytes_per_pixel].fill(0);
         }
+    }
+
+    fn zero_pixel(&self, p: &Placement, x: usize, y: usize, image: &mut [u8]) {
+        let o = self.offset(p, x, y);
+        image[o..o + self.bytes_per_pixel].fill(0);
+    }
+
+    /// Zeroes the gap columns and rows of module `module`'s rectangle.
+    pub fn zero_gaps(&self, module: usize, image: &mut [u8]) {
+        let p = self.modules[module];
+        let l = &self.layout;
+        for gx in l.gap_columns() {
+            for y in 0..p.height {
+                for x in gx..gx + l.gap {
+                    self.zero_pixel(&p, x, y, image);
+                }
+            }
+        }
+        for gy in l.gap_rows() {
+            for y in gy..gy + l.gap {
+                let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
+                image[start..start + p.width * self.bytes_per_pixel].fill(0);
+            }
+        }
+    }
+
+    /// JUNGFRAU converted (f32 pixels) with 2-pixel gaps: after all rows of module `module` are
+    /// placed, handles the double pixels next to each gap and writes every gap pixel.
+    ///
+    /// `Split`: a border pixel's value v becomes v/2 in itself and v/2 in the gap pixel next to
+    /// it; done for columns (data rows), then for rows (all columns), so a pixel double in both
+    /// directions spreads v/4 over 2x2 pixels. `Mask`: border and gap pixels become 0.
+    pub fn finish_double_pixels(&self, module: usize, mode: DoublePixels, image: &mut [u8]) {
+        let l = self.layout;
+        if l.gap == 0 {
+            return;
+        }
+        debug_assert!(l.gap == 2 && self.bytes_per_pixel == 4);
+        let p = self.modules[module];
+        let get = |image: &[u8], x: usize, y: usize| {
+            let o = self.offset(&p, x, y);
+            f32::from_le_bytes([image[o], image[o + 1], image[o + 2], image[o + 3]])
+        };
+        let set = |image: &mut [u8], x: usize, y: usize, v: f32| {
+            let o = self.offset(&p, x, y);
+            image[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        };
+        match mode {
+            DoublePixels::Split => {
+                for gx in l.gap_columns() {
+                    // Data rows only: gap rows are written by the row pass below.
+                    for y in (0..p.height).filter(|y| y % (l.chip_height + l.gap) < l.chip_height) {
+                        let left = get(image, gx - 1, y) * 0.5;
+                        set(image, gx - 1, y, left);
+                        set(image, gx, y, left);
+                        let right = get(image, gx + 2, y) * 0.5;
+                        set(image, gx + 2, y, right);
+                        set(image, gx + 1, y, right);
+                    }
+                }
+                for gy in l.gap_rows() {
+                    for x in 0..p.width {
+                        let top = get(image, x, gy - 1) * 0.5;
+                        set(image, x, gy - 1, top);
+                        set(image, x, gy, top);
+                        let bottom = get(image, x, gy + 2) * 0.5;
+                        set(image, x, gy + 2, bottom);
+                        set(image, x, gy + 1, bottom);
+                    }
+                }
+            }
+            DoublePixels::Mask => {
+                for gx in l.gap_columns() {
+                    for y in 0..p.height {
+                        for x in gx - 1..gx + 3 {
+                            set(image, x, y, 0.0);
+                        }
+                    }
+                }
+                for gy in l.gap_rows() {
+                    for y in gy - 1..gy + 3 {
+                        for x in 0..p.width {
+                            set(image, x, y, 0.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst` = the pixels of `src` in reverse order (pixels of `bpp` bytes).
+fn copy_reversed(dst: &mut [u8], src: &[u8], bpp: usize) {
+    match bpp {
+        1 => dst
+            .iter_mut()
+            .zip(src.iter().rev())
+            .for_each(|(d, s)| *d = *s),
+        2 => rev::<2>(dst, src),
+        4 => rev::<4>(dst, src),
+        _ => {
+            for (d, s) in dst.chunks_exact_mut(bpp).zip(src.chunks_exact(bpp).rev()) {
+                d.copy_from_slice(s);
+            }
+        }
+    }
+}
+
+fn rev<const N: usize>(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.chunks_exact_mut(N).zip(src.chunks_exact(N).rev()) {
+        d.copy_from_slice(s);
     }
 }
 
@@ -100,35 +333,34 @@ mod tests {
 
     fn geometry(flip_x: bool, flip_y: bool) -> Geometry {
         // A 4x3 image with two 2x3 modules side by side (u16 pixels).
+        let at = |left| Placement {
+            left,
+            top: 0,
+            width: 2,
+            height: 3,
+            flip_x: left == 2 && flip_x,
+            flip_y: left == 2 && flip_y,
+        };
         Geometry {
             image_width: 4,
             image_height: 3,
             bytes_per_pixel: 2,
-            modules: vec![
-                Placement {
-                    left: 0,
-                    top: 0,
-                    width: 2,
-                    height: 3,
-                    flip_x: false,
-                    flip_y: false,
-                },
-                Placement {
-                    left: 2,
-                    top: 0,
-                    width: 2,
-                    height: 3,
-                    flip_x,
-                    flip_y,
-                },
-            ],
+            layout: ChipLayout::plain(2, 3),
+            modules: vec![at(0), at(2)],
         }
     }
 
-    fn pixels(image: &[u8]) -> Vec<u16> {
+    fn u16s(image: &[u8]) -> Vec<u16> {
         image
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect()
+    }
+
+    fn f32s(image: &[u8]) -> Vec<f32> {
+        image
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()
     }
 
@@ -150,12 +382,181 @@ mod tests {
             let mut image = vec![0xffu8; g.image_bytes()];
             g.zero(0, &mut image);
             g.place(1, &module_src(), &mut image);
-            let px = pixels(&image);
+            let px = u16s(&image);
             let right: Vec<u16> = (0..3)
                 .flat_map(|r| [px[r * 4 + 2], px[r * 4 + 3]])
                 .collect();
             assert_eq!(right, expected, "flip_x={fx} flip_y={fy}");
             assert!((0..3).all(|r| px[r * 4] == 0 && px[r * 4 + 1] == 0));
         }
+    }
+
+    /// A 4x4 module of 2x2 chips of 2x2 with 2-px gaps: a 6x6 rectangle, alone in a 6x6 image.
+    fn gapped(bpp: usize, flip_x: bool, flip_y: bool) -> Geometry {
+        Geometry {
+            image_width: 6,
+            image_height: 6,
+            bytes_per_pixel: bpp,
+            layout: ChipLayout {
+                module_width: 4,
+                module_height: 4,
+                chip_width: 2,
+                chip_height: 2,
+                gap: 2,
+            },
+            modules: vec![Placement {
+                left: 0,
+                top: 0,
+                width: 6,
+                height: 6,
+                flip_x,
+                flip_y,
+            }],
+        }
+    }
+
+    #[test]
+    fn raw_chip_gaps_are_zero_and_mirrors_apply() {
+        let src: Vec<u8> = (1u16..=16).flat_map(|v| v.to_le_bytes()).collect();
+        #[rustfmt::skip]
+        let plain: [u16; 36] = [
+             1,  2, 0, 0,  3,  4,
+             5,  6, 0, 0,  7,  8,
+             0,  0, 0, 0,  0,  0,
+             0,  0, 0, 0,  0,  0,
+             9, 10, 0, 0, 11, 12,
+            13, 14, 0, 0, 15, 16,
+        ];
+        for (fx, fy) in [(false, false), (true, false), (false, true), (true, true)] {
+            let g = gapped(2, fx, fy);
+            let mut image = vec![0xaau8; g.image_bytes()];
+            g.place(0, &src, &mut image);
+            let want: Vec<u16> = (0..36)
+                .map(|i| {
+                    let (x, y) = (i % 6, i / 6);
+                    let (sx, sy) = (if fx { 5 - x } else { x }, if fy { 5 - y } else { y });
+                    plain[sy * 6 + sx]
+                })
+                .collect();
+            assert_eq!(u16s(&image), want, "flip_x={fx} flip_y={fy}");
+        }
+    }
+
+    fn place_f32(g: &Geometry, values: &[f32], image: &mut [u8]) {
+        let row_len = g.layout.module_width;
+        for (r, row) in values.chunks_exact(row_len).enumerate() {
+            let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+            g.place_row(0, r, &bytes, image);
+        }
+    }
+
+    #[test]
+    fn double_pixels_split_keeps_the_sum_and_mask_zeroes() {
+        let values: Vec<f32> = (1..=16).map(|v| v as f32).collect();
+        #[rustfmt::skip]
+        let split: [f32; 36] = [
+            1.0, 1.0, 1.0, 1.5,  1.5,  4.0,
+            2.5, 1.5, 1.5, 1.75, 1.75, 4.0,
+            2.5, 1.5, 1.5, 1.75, 1.75, 4.0,
+            4.5, 2.5, 2.5, 2.75, 2.75, 6.0,
+            4.5, 2.5, 2.5, 2.75, 2.75, 6.0,
+            13.0, 7.0, 7.0, 7.5, 7.5, 16.0,
+        ];
+        #[rustfmt::skip]
+        let mask: [f32; 36] = [
+            1.0, 0.0, 0.0, 0.0, 0.0, 4.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            13.0, 0.0, 0.0, 0.0, 0.0, 16.0,
+        ];
+        for (mode, want) in [(DoublePixels::Split, split), (DoublePixels::Mask, mask)] {
+            for (fx, fy) in [(false, false), (true, true), (true, false)] {
+                let g = gapped(4, fx, fy);
+                // Stale values everywhere: every gap pixel must be rewritten.
+                let mut image = vec![0x41u8; g.image_bytes()];
+                place_f32(&g, &values, &mut image);
+                g.finish_double_pixels(0, mode, &mut image);
+                let want: Vec<f32> = (0..36)
+                    .map(|i| {
+                        let (x, y) = (i % 6, i / 6);
+                        let (sx, sy) = (if fx { 5 - x } else { x }, if fy { 5 - y } else { y });
+                        want[sy * 6 + sx]
+                    })
+                    .collect();
+                assert_eq!(f32s(&image), want, "{mode:?} flip_x={fx} flip_y={fy}");
+            }
+        }
+        assert_eq!(split.iter().sum::<f32>(), 136.0);
+    }
+
+    /// A full JUNGFRAU module with gaps, mirrored vertically, in a 1030x514 image.
+    #[test]
+    fn full_jungfrau_module_with_gaps_and_split() {
+        let g = Geometry {
+            image_width: 1030,
+            image_height: 514,
+            bytes_per_pixel: 4,
+            layout: ChipLayout::jungfrau(true),
+            modules: vec![Placement {
+                left: 0,
+                top: 0,
+                width: 1030,
+                height: 514,
+                flip_x: false,
+                flip_y: true,
+            }],
+        };
+        assert_eq!((g.layout.rect_width(), g.layout.rect_height()), (1030, 514));
+        let values: Vec<f32> = (0..512 * 1024).map(|i| i as f32).collect();
+        let mut image = vec![0xffu8; g.image_bytes()];
+        place_f32(&g, &values, &mut image);
+        g.finish_double_pixels(0, DoublePixels::Split, &mut image);
+        let px = f32s(&image);
+        // Image pixel at rectangle (x, y), with the vertical mirror applied.
+        let at = |x: usize, y: usize| px[(513 - y) * 1030 + x];
+        let v = |r: usize, c: usize| (r * 1024 + c) as f32;
+        // Ordinary pixels: rect x = c + 2*(c/256), rect y = r + 2*(r/256).
+        assert_eq!(at(0, 0), v(0, 0));
+        assert_eq!(at(100, 10), v(10, 100));
+        assert_eq!(at(1029, 513), v(511, 1023));
+        assert_eq!(at(700 + 4, 300 + 2), v(300, 700));
+        // Double column 255 (chip 0's last) and 256 (chip 1's first) of an ordinary row.
+        assert_eq!(
+            (at(255, 10), at(256, 10)),
+            (v(10, 255) / 2.0, v(10, 255) / 2.0)
+        );
+        assert_eq!(
+            (at(258, 10), at(257, 10)),
+            (v(10, 256) / 2.0, v(10, 256) / 2.0)
+        );
+        // Last chip border: columns 767/768 at rect 771 | 772 773 | 774.
+        assert_eq!(
+            (at(771, 10), at(772, 10)),
+            (v(10, 767) / 2.0, v(10, 767) / 2.0)
+        );
+        assert_eq!(
+            (at(774, 10), at(773, 10)),
+            (v(10, 768) / 2.0, v(10, 768) / 2.0)
+        );
+        // Double row 255 / 256 of an ordinary column.
+        assert_eq!((at(3, 255), at(3, 256)), (v(255, 3) / 2.0, v(255, 3) / 2.0));
+        assert_eq!((at(3, 258), at(3, 257)), (v(256, 3) / 2.0, v(256, 3) / 2.0));
+        // Corner pixel (255, 255): v/4 in 2x2.
+        let q = v(255, 255) / 4.0;
+        assert_eq!(
+            [at(255, 255), at(256, 255), at(255, 256), at(256, 256)],
+            [q; 4]
+        );
+        let q = v(256, 768) / 4.0;
+        assert_eq!(
+            [at(774, 258), at(773, 258), at(774, 257), at(773, 257)],
+            [q; 4]
+        );
+        // Nothing lost, nothing stale: the sum is kept (exactly, in f64).
+        let total: f64 = px.iter().map(|&p| f64::from(p)).sum();
+        let want: f64 = values.iter().map(|&p| f64::from(p)).sum();
+        assert_eq!(total, want);
     }
 }

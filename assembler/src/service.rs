@@ -4,7 +4,8 @@
 //! The PUB also carries an empty message every `HEARTBEAT` so that subscribers can tell the
 //! assembler is up (and that their subscription has reached it) before a run starts.
 
-use crate::place::Geometry;
+use crate::calib::{Calibration, CalibrationError};
+use crate::pixels::ModulePixels;
 use crate::sync::{ReadyImage, Synchronizer};
 use image_buffer::{RingOwner, RingReader};
 use std::fmt;
@@ -23,6 +24,8 @@ pub struct AssemblerStats {
     pub images_good: u64,
     pub images_missing_packets: u64,
     pub images_lost_in_buffer: u64,
+    /// Images whose modules disagreed on `frame_index`.
+    pub images_id_mismatch: u64,
     /// Module frames whose FrameBuffer slot was overwritten before the assembler read it.
     pub module_frames_overwritten: u64,
     pub invalid_messages: u64,
@@ -32,11 +35,12 @@ impl fmt::Display for AssemblerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "images={} good={} missing_packets={} lost_in_buffer={} module_frames_overwritten={} invalid_messages={}",
+            "images={} good={} missing_packets={} lost_in_buffer={} id_mismatch={} module_frames_overwritten={} invalid_messages={}",
             self.images,
             self.images_good,
             self.images_missing_packets,
             self.images_lost_in_buffer,
+            self.images_id_mismatch,
             self.module_frames_overwritten,
             self.invalid_messages
         )
@@ -47,12 +51,14 @@ impl fmt::Display for AssemblerStats {
 pub enum AssemblerError {
     #[error("ZMQ: {0}")]
     Zmq(#[from] zmq::Error),
+    #[error(transparent)]
+    Calibration(#[from] CalibrationError),
 }
 
 /// Synchroniser, geometry and the rings, without sockets.
 #[derive(Debug)]
 pub struct Assembler {
-    geometry: Geometry,
+    pixels: ModulePixels,
     sync: Synchronizer,
     module_rings: Vec<RingReader<ModuleFrame>>,
     image_ring: RingOwner<ImageMetadata>,
@@ -62,13 +68,36 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Loads the calibration file when the config converts (`jungfrau-converted`).
     pub fn new(
         cfg: &DetectorConfig,
         module_rings: Vec<RingReader<ModuleFrame>>,
         image_ring: RingOwner<ImageMetadata>,
+    ) -> Result<Self, AssemblerError> {
+        let pixels = ModulePixels::from_config(cfg)?;
+        Ok(Self::with_pixels(cfg, pixels, module_rings, image_ring))
+    }
+
+    /// With an in-memory calibration (tests); `None` = raw.
+    pub fn with_calibration(
+        cfg: &DetectorConfig,
+        calibration: Option<Calibration>,
+        module_rings: Vec<RingReader<ModuleFrame>>,
+        image_ring: RingOwner<ImageMetadata>,
+    ) -> Self {
+        let pixels = ModulePixels::with_calibration(cfg, calibration);
+        Self::with_pixels(cfg, pixels, module_rings, image_ring)
+    }
+
+    /// With module pixel handling already set up (calibration loaded).
+    pub fn with_pixels(
+        cfg: &DetectorConfig,
+        pixels: ModulePixels,
+        module_rings: Vec<RingReader<ModuleFrame>>,
+        image_ring: RingOwner<ImageMetadata>,
     ) -> Self {
         Assembler {
-            geometry: Geometry::from_config(cfg),
+            pixels,
             sync: Synchronizer::new(
                 usize::from(cfg.n_modules),
                 Duration::from_millis(u64::from(cfg.module_sync_timeout_ms)),
@@ -89,6 +118,7 @@ impl Assembler {
         board.set("images_good", a.images_good);
         board.set("images_missing_packets", a.images_missing_packets);
         board.set("images_lost_in_buffer", a.images_lost_in_buffer);
+        board.set("images_id_mismatch", a.images_id_mismatch);
         board.set("module_frames_overwritten", a.module_frames_overwritten);
         board.set("invalid_messages", a.invalid_messages + s.invalid_frames);
         board.set("duplicate_frames", s.duplicate_frames);
@@ -120,18 +150,21 @@ impl Assembler {
                 self.sync.pop_ready(now)
             };
             let Some(ready) = ready else { break };
-            if let Some(meta) = self.assemble(&ready) {
+            let meta = self.assemble(&ready);
+            self.sync.recycle(ready.frames);
+            if let Some(meta) = meta {
                 publish(&meta);
             }
         }
     }
 
     fn assemble(&mut self, ready: &ReadyImage) -> Option<ImageMetadata> {
+        let geometry = &self.pixels.geometry;
         let mut meta = ImageMetadata {
             image_id: ready.image_id,
-            data_bytes: self.geometry.image_bytes() as u64,
-            height: self.geometry.image_height as u32,
-            width: self.geometry.image_width as u32,
+            data_bytes: geometry.image_bytes() as u64,
+            height: geometry.image_height as u32,
+            width: geometry.image_width as u32,
             n_modules: ready.frames.len() as u16,
             dtype: self.dtype as u16,
             version: IMAGE_METADATA_VERSION,
@@ -146,13 +179,16 @@ impl Assembler {
             }
         };
         let mut lost_in_buffer = false;
+        let mut frame_index: Option<u64> = None;
+        let mut id_mismatch = false;
         let image = slot.data_mut();
         for (m, frame) in ready.frames.iter().enumerate() {
             let placed = frame.and_then(|frame| {
-                let geometry = &self.geometry;
-                match self.module_rings[m]
-                    .read(ready.image_id, |_, src| geometry.place(m, src, image))
-                {
+                let pixels = &mut self.pixels;
+                // The slot's own metadata says which packets the bytes hold.
+                match self.module_rings[m].read(ready.image_id, |slot_frame, src| {
+                    pixels.write(m, slot_frame, src, image)
+                }) {
                     Ok(()) => Some(frame),
                     Err(_) => {
                         self.stats.module_frames_overwritten += 1;
@@ -164,17 +200,22 @@ impl Assembler {
             match placed {
                 Some(frame) => {
                     meta.missing_packets += u32::from(frame.n_missing_packets);
+                    id_mismatch |= frame_index.is_some_and(|f| f != frame.frame_index);
+                    frame_index.get_or_insert(frame.frame_index);
                     meta.frame_index = frame.frame_index;
                     meta.timestamp = frame.timestamp;
                 }
                 None => {
-                    self.geometry.zero(m, image);
+                    self.pixels.zero(m, image);
                     meta.set_module_missing(m);
                     meta.missing_packets += self.packets_per_frame;
                 }
             }
         }
-        let status = if meta.missing_packets == 0 {
+        let status = if id_mismatch {
+            self.stats.images_id_mismatch += 1;
+            ImageStatus::IdMismatch
+        } else if meta.missing_packets == 0 {
             self.stats.images_good += 1;
             ImageStatus::Good
         } else if lost_in_buffer {
@@ -261,5 +302,167 @@ fn poll_ignoring_signals(
     match zmq::poll(items, timeout_ms) {
         Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::calib::{MaskCounts, ModuleCalibration, MODULE_HEIGHT, MODULE_WIDTH};
+    use image_buffer::Expect;
+
+    const PIXELS: usize = MODULE_WIDTH * MODULE_HEIGHT;
+
+    /// Two JUNGFRAU modules side by side as `detector_type`, with chip gaps; module 1 mirrored in x.
+    fn config(name: &str, detector_type: &str) -> DetectorConfig {
+        let mut json = serde_json::json!({
+            "detector_name": name, "detector_type": detector_type, "n_modules": 2,
+            "bit_depth": 16, "image_pixel_height": 514, "image_pixel_width": 2060,
+            "start_udp_port": 50000, "chip_gaps": true,
+            "module_positions": {"0": [0, 0, 1029, 513], "1": [2059, 0, 1030, 513]},
+        });
+        if detector_type == "jungfrau-converted" {
+            json["calibration_file"] = "/unused.h5".into();
+        }
+        DetectorConfig::from_json_str(&json.to_string(), "test").unwrap()
+    }
+
+    struct Rig {
+        modules: Vec<RingOwner<ModuleFrame>>,
+        assembler: Assembler,
+        images: RingReader<ImageMetadata>,
+    }
+
+    fn rig(cfg: &DetectorConfig, calibration: Option<Calibration>) -> Rig {
+        let tag = format!("{}-{}", cfg.detector_name, std::process::id());
+        let modules: Vec<RingOwner<ModuleFrame>> = (0..2)
+            .map(|m| RingOwner::create(&format!("asm-test-{tag}-m{m}"), 4, 1 << 20).unwrap())
+            .collect();
+        let readers = (0..2)
+            .map(|m| {
+                RingReader::attach(&format!("asm-test-{tag}-m{m}"), Expect::default()).unwrap()
+            })
+            .collect();
+        let image_name = format!("asm-test-{tag}-image");
+        let owner = RingOwner::create(&image_name, 4, cfg.image_bytes() as u64).unwrap();
+        let images = RingReader::attach(&image_name, Expect::default()).unwrap();
+        let assembler = Assembler::with_calibration(cfg, calibration, readers, owner);
+        Rig {
+            modules,
+            assembler,
+            images,
+        }
+    }
+
+    impl Rig {
+        /// Module m's frame for `id`: every pixel `raw`, all packets but `lost`.
+        fn send(&mut self, m: u16, id: u64, frame_index: u64, raw: u16, lost: Option<usize>) {
+            let mut frame = ModuleFrame::new(id, m, 128);
+            for p in (0..128).filter(|p| Some(*p) != lost) {
+                frame.mark_received(p);
+            }
+            frame.n_missing_packets = u16::from(lost.is_some());
+            frame.frame_index = frame_index;
+            let mut slot = self.modules[usize::from(m)].begin_write(id).unwrap();
+            for (i, px) in slot.data_mut().chunks_exact_mut(2).enumerate() {
+                // Lost packets are zero in the slot, as the receiver leaves them.
+                let v = if lost == Some(i / 4096) { 0 } else { raw };
+                px.copy_from_slice(&v.to_le_bytes());
+            }
+            *slot.meta_mut() = frame;
+            slot.commit();
+            self.assembler.on_message(frame.as_bytes(), Instant::now());
+        }
+
+        fn emit(&mut self) -> Vec<ImageMetadata> {
+            let mut out = Vec::new();
+            self.assembler
+                .emit_ready(Instant::now(), true, &mut |m| out.push(*m));
+            out
+        }
+
+        fn image_f32(&self, id: u64) -> Vec<f32> {
+            self.images
+                .read(id, |_, data| {
+                    data.chunks_exact(4)
+                        .take(514 * 2060)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                })
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn status_comes_from_all_modules_and_id_mismatch_is_flagged() {
+        let cfg = config("st", "jungfrau-raw");
+        let mut rig = rig(&cfg, None);
+        rig.send(0, 1, 10, 7, None);
+        rig.send(1, 1, 10, 7, Some(3)); // second module lost a packet
+        rig.send(0, 2, 11, 7, None);
+        rig.send(1, 2, 12, 7, None); // modules disagree on the frame
+        rig.send(0, 3, 13, 7, None);
+        rig.send(1, 3, 13, 7, None);
+        let out = rig.emit();
+        let s: Vec<(u64, u16, u32)> = out
+            .iter()
+            .map(|m| (m.image_id, m.status, m.missing_packets))
+            .collect();
+        assert_eq!(s, vec![(1, 2, 1), (2, 3, 0), (3, 1, 0)]);
+        assert_eq!(out[0].dtype, 2);
+        assert_eq!(rig.assembler.stats.images_id_mismatch, 1);
+    }
+
+    #[test]
+    fn converted_images_are_float32_with_lost_rows_zero() {
+        let cfg = config("cv", "jungfrau-converted");
+        // Pedestal 1000 / 2000 / 3000, gains 10 / -1 / -0.125 ADU/keV everywhere; pixel 5 masked.
+        let cal_module = || {
+            let p: [Vec<f32>; 3] = std::array::from_fn(|s| vec![1000.0 * (s + 1) as f32; PIXELS]);
+            let g: [Vec<f32>; 3] = std::array::from_fn(|s| vec![[10.0, -1.0, -0.125][s]; PIXELS]);
+            let mut mask = vec![false; PIXELS];
+            mask[5] = true;
+            ModuleCalibration::from_values(
+                [&p[0], &p[1], &p[2]],
+                [&g[0], &g[1], &g[2]],
+                &mask,
+                &mut MaskCounts::default(),
+            )
+        };
+        let calibration = Calibration {
+            modules: vec![cal_module(), cal_module()],
+            masked: MaskCounts::default(),
+        };
+        let mut rig = rig(&cfg, Some(calibration));
+        // Module 0: G0, adc 1500 -> 50 keV. Module 1: G2 (bits 11), adc 1000 -> 16000 keV,
+        // packet 0 (rows 0..3) lost.
+        rig.send(0, 4, 4, 1500, None);
+        rig.send(1, 4, 4, 0xc000 | 1000, Some(0));
+        let out = rig.emit();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].dtype, out[0].status, out[0].missing_packets),
+            (24, 2, 1)
+        );
+        assert_eq!(out[0].data_bytes, 514 * 2060 * 4);
+        let img = rig.image_f32(4);
+        let at = |x: usize, y: usize| img[y * 2060 + x];
+        // Module 0 (not mirrored): ordinary pixels 50; pixel 5 masked; doubles split (25).
+        assert_eq!(
+            (at(0, 0), at(5, 0), at(4, 0), at(6, 10)),
+            (50.0, 0.0, 50.0, 50.0)
+        );
+        assert_eq!(
+            (at(255, 10), at(256, 10), at(257, 10), at(258, 10)),
+            (25.0, 25.0, 25.0, 25.0)
+        );
+        assert_eq!(at(256, 256), 12.5);
+        // Module 1 mirrored in x: module column c at image x = 2059 - rect_x(c).
+        assert_eq!(at(2059, 100), 16000.0);
+        assert_eq!(at(2059 - 5, 100), 16000.0);
+        // Rows 0..3 came from the lost packet: zero, never (0 - pedestal) * gain.
+        assert!((0..4).all(|y| (1030..2060).all(|x| at(x, y) == 0.0)));
+        assert_eq!(at(1500, 4), 16000.0);
     }
 }

@@ -55,6 +55,8 @@ pub struct Synchronizer {
     /// Highest image_id each module has delivered.
     latest: Vec<Option<u64>>,
     last_emitted: Option<(u64, Instant)>,
+    /// Frame vectors of emitted images, reused so that steady state allocates no vectors.
+    pool: Vec<Vec<Option<ModuleFrame>>>,
     pub stats: SyncStats,
 }
 
@@ -67,6 +69,7 @@ impl Synchronizer {
             pending: BTreeMap::new(),
             latest: vec![None; n_modules],
             last_emitted: None,
+            pool: Vec::new(),
             stats: SyncStats::default(),
         }
     }
@@ -91,11 +94,12 @@ impl Synchronizer {
             }
         }
         let n_modules = self.n_modules;
+        let pool = &mut self.pool;
         let entry = self
             .pending
             .entry(frame.image_id)
             .or_insert_with(|| Pending {
-                frames: vec![None; n_modules],
+                frames: pool.pop().unwrap_or_else(|| vec![None; n_modules]),
                 n_present: 0,
                 first_seen: now,
             });
@@ -144,6 +148,14 @@ impl Synchronizer {
             image_id,
             frames: p.frames,
         })
+    }
+
+    /// Gives an emitted image's frame vector back for reuse.
+    pub fn recycle(&mut self, mut frames: Vec<Option<ModuleFrame>>) {
+        if frames.len() == self.n_modules && self.pool.len() < self.max_pending + 1 {
+            frames.fill(None);
+            self.pool.push(frames);
+        }
     }
 
     pub fn n_pending(&self) -> usize {

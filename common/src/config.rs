@@ -56,6 +56,19 @@ pub mod jungfrau {
     pub const FRAME_BYTES: usize = PAYLOAD_BYTES * PACKETS_PER_FRAME as usize;
 }
 
+/// What the assembler does with the double-size pixels at JUNGFRAU chip borders when
+/// `chip_gaps` is on and the data is converted (`jungfrau-converted`). Raw data is never changed:
+/// in raw mode the border pixels keep their values and the gap pixels are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DoublePixels {
+    /// A double-width (or double-height) pixel's value is shared equally with the gap pixel next
+    /// to it (v/2 each; a corner pixel spreads v/4 over 2x2 pixels), so the total is kept.
+    #[default]
+    Split,
+    /// Double pixels and the gap pixels next to them are zero.
+    Mask,
+}
+
 /// Where a module sits in the assembled image: std_daq's inclusive corners `[x0, y0, x1, y1]`.
 /// The corner order gives the orientation: `x1 < x0` mirrors columns, `y1 < y0` mirrors rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +126,15 @@ pub struct DetectorConfig {
     pub udp_bind_address: String,
     /// Where ZMQ ipc endpoints live (std_daq: /tmp).
     pub ipc_dir: String,
+    /// HDF5 calibration (gains, pedestals, pixel mask) for `jungfrau-converted`; required there,
+    /// rejected for every other detector type. Layout: docs/calibration.md.
+    pub calibration_file: Option<PathBuf>,
+    /// JUNGFRAU and EIGER: 2-pixel gaps between chips, so a JUNGFRAU module spans 1030x514 and
+    /// an EIGER half-module 514x256 in the image (std-daq extension, default false; std_daq's
+    /// EIGER converter always has them).
+    pub chip_gaps: bool,
+    /// JUNGFRAU converted with `chip_gaps`: how double pixels at chip borders are handled.
+    pub double_pixels: DoublePixels,
     /// The raw JSON, kept so services can publish the config they run with.
     pub raw: serde_json::Value,
 }
@@ -147,6 +169,12 @@ struct RawConfig {
     udp_bind_address: String,
     #[serde(default = "default_ipc_dir")]
     ipc_dir: String,
+    #[serde(default)]
+    calibration_file: Option<PathBuf>,
+    #[serde(default)]
+    chip_gaps: bool,
+    #[serde(default)]
+    double_pixels: Option<String>,
     // std_daq keys accepted for compatibility so existing configs load; later stages use them.
     #[allow(dead_code)]
     #[serde(default)]
@@ -203,6 +231,22 @@ fn default_bind() -> String {
 }
 fn default_ipc_dir() -> String {
     "/tmp".into()
+}
+
+/// The (width, height) a module occupies in the image, gaps included; None when not fixed
+/// (GigaFRoST).
+pub fn module_rect_size(detector_type: DetectorType, chip_gaps: bool) -> Option<(u32, u32)> {
+    let gap = if chip_gaps { 2 } else { 0 };
+    match detector_type {
+        // 4x2 chips of 256x256.
+        DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => Some((
+            jungfrau::MODULE_WIDTH + 3 * gap,
+            jungfrau::MODULE_HEIGHT + gap,
+        )),
+        // 2x1 chips of 256x256.
+        DetectorType::Eiger => Some((512 + gap, 256)),
+        DetectorType::Gigafrost => None,
+    }
 }
 
 /// A config that could not be read or is invalid. Always names where it came from.
@@ -299,6 +343,13 @@ impl DetectorConfig {
                 ),
             ));
         }
+        if raw.detector_type == DetectorType::Gigafrost {
+            if let Err(e) =
+                crate::gigafrost::Gigafrost::new(raw.image_pixel_width, raw.image_pixel_height)
+            {
+                return Err(invalid("image_pixel_width", e.to_string()));
+            }
+        }
         if raw.module_buffer_slots < 2 {
             return Err(invalid("module_buffer_slots", "must be at least 2".into()));
         }
@@ -317,6 +368,48 @@ impl DetectorConfig {
                 format!("{:?} is not an IP address", raw.udp_bind_address),
             ));
         }
+
+        match (&raw.calibration_file, raw.detector_type) {
+            (None, DetectorType::JungfrauConverted) => {
+                return Err(invalid(
+                    "calibration_file",
+                    "is required for jungfrau-converted (an HDF5 file with gains, pedestals and pixel_mask; see docs/calibration.md)".into(),
+                ))
+            }
+            (Some(p), DetectorType::JungfrauConverted) if p.as_os_str().is_empty() => {
+                return Err(invalid("calibration_file", "must not be empty".into()))
+            }
+            (Some(_), t) if t != DetectorType::JungfrauConverted => {
+                return Err(invalid(
+                    "calibration_file",
+                    format!("is only used by jungfrau-converted, not {t}"),
+                ))
+            }
+            _ => {}
+        }
+        if raw.chip_gaps && raw.detector_type == DetectorType::Gigafrost {
+            return Err(invalid(
+                "chip_gaps",
+                "applies to JUNGFRAU and EIGER only, not gigafrost".into(),
+            ));
+        }
+        let double_pixels = match raw.double_pixels.as_deref() {
+            None => DoublePixels::default(),
+            Some(_) if !(raw.chip_gaps && raw.detector_type == DetectorType::JungfrauConverted) => {
+                return Err(invalid(
+                    "double_pixels",
+                    "only applies to jungfrau-converted with chip_gaps: true".into(),
+                ))
+            }
+            Some("split") => DoublePixels::Split,
+            Some("mask") => DoublePixels::Mask,
+            Some(other) => {
+                return Err(invalid(
+                    "double_pixels",
+                    format!("{other:?} is not one of \"split\", \"mask\""),
+                ))
+            }
+        };
 
         let n = usize::from(raw.n_modules);
         if raw.module_positions.len() != n {
@@ -364,21 +457,22 @@ impl DetectorConfig {
                 x1: c[2],
                 y1: c[3],
             };
-            let module_size = match raw.detector_type {
-                DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => Some((
-                    "JUNGFRAU module",
-                    jungfrau::MODULE_WIDTH,
-                    jungfrau::MODULE_HEIGHT,
-                )),
-                DetectorType::Eiger => Some(("EIGER half-module", 512, 256)),
-                DetectorType::Gigafrost => None,
-            };
-            if let Some((what, w, h)) = module_size {
+            if let Some((w, h)) = module_rect_size(raw.detector_type, raw.chip_gaps) {
                 if pos.width() != w || pos.height() != h {
+                    let what = if raw.detector_type == DetectorType::Eiger {
+                        "EIGER half-module"
+                    } else {
+                        "JUNGFRAU module"
+                    };
+                    let gaps = if raw.chip_gaps {
+                        "with chip_gaps: true"
+                    } else {
+                        "without chip gaps"
+                    };
                     return Err(invalid(
                         &key_path,
                         format!(
-                            "a {what} is {w}x{h} pixels, but {corners:?} spans {}x{}",
+                            "a {what} {gaps} is {w}x{h} pixels, but {corners:?} spans {}x{}",
                             pos.width(),
                             pos.height()
                         ),
@@ -428,6 +522,9 @@ impl DetectorConfig {
             frame_timeout_ms: raw.frame_timeout_ms,
             udp_bind_address: raw.udp_bind_address,
             ipc_dir: raw.ipc_dir,
+            calibration_file: raw.calibration_file,
+            chip_gaps: raw.chip_gaps,
+            double_pixels,
             raw: raw_value,
         })
     }
@@ -438,10 +535,11 @@ impl DetectorConfig {
             DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => jungfrau::FRAME_BYTES,
             // Later issues: EIGER half-module and GigaFRoST stream sizes.
             DetectorType::Eiger => 512 * 256 * usize::from(self.bit_depth) / 8,
+            // 12-bit packed stream frames, one packet position per rows_per_packet rows (the
+            // config checked that the layout exists).
             DetectorType::Gigafrost => {
-                let w = self.image_pixel_width as usize / 2;
-                let h = self.image_pixel_height as usize / 4;
-                w * h * 3 / 2
+                crate::gigafrost::Gigafrost::new(self.image_pixel_width, self.image_pixel_height)
+                    .map_or(0, |g| g.slot_bytes())
             }
         }
     }
@@ -478,7 +576,10 @@ impl DetectorConfig {
                 jungfrau::PACKETS_PER_FRAME
             }
             DetectorType::Eiger => (512 * 256 * u32::from(self.bit_depth) / 8 / 4096).max(1),
-            DetectorType::Gigafrost => 0,
+            DetectorType::Gigafrost => {
+                crate::gigafrost::Gigafrost::new(self.image_pixel_width, self.image_pixel_height)
+                    .map_or(0, |g| g.packets_per_frame as u32)
+            }
         }
     }
 
@@ -603,6 +704,126 @@ mod tests {
         let err = DetectorConfig::from_json_str(&with("detector_name", "../x".into()), "d.json")
             .unwrap_err();
         assert!(err.to_string().contains("detector_name"), "{err}");
+    }
+
+    fn converted(extra: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v["detector_type"] = "jungfrau-converted".into();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn converted_needs_a_calibration_file_and_others_refuse_it() {
+        let err = DetectorConfig::from_json_str(&converted(serde_json::json!({})), "/c/jf.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/c/jf.json")
+                && err.contains("`calibration_file`")
+                && err.contains("required"),
+            "{err}"
+        );
+        let c = DetectorConfig::from_json_str(
+            &converted(serde_json::json!({"calibration_file": "/cal/jf.h5"})),
+            "c.json",
+        )
+        .unwrap();
+        assert_eq!(c.calibration_file, Some(PathBuf::from("/cal/jf.h5")));
+        assert!(!c.chip_gaps);
+        assert_eq!(c.image_bytes_per_pixel(), 4);
+        assert_eq!(c.image_dtype() as u16, 24);
+
+        let err =
+            DetectorConfig::from_json_str(&with("calibration_file", "/x.h5".into()), "r.json")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("`calibration_file`") && err.contains("jungfrau-raw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chip_gaps_change_the_module_size() {
+        // Without gaps a 1030x514 rectangle is refused, naming the key and the gapped size.
+        let gapped = serde_json::json!({"0": [0, 0, 1029, 513], "1": [0, 514, 1029, 1027]});
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v["image_pixel_height"] = 1028.into();
+        v["image_pixel_width"] = 1030.into();
+        v["module_positions"] = gapped;
+        let err = DetectorConfig::from_json_str(&v.to_string(), "g.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("module_positions.0")
+                && err.contains("1024x512")
+                && err.contains("1030x514"),
+            "{err}"
+        );
+        v["chip_gaps"] = true.into();
+        let c = DetectorConfig::from_json_str(&v.to_string(), "g.json").unwrap();
+        assert!(c.chip_gaps);
+        assert_eq!(c.module_positions[1].height(), 514);
+        // ... and a plain 1024x512 module is then refused.
+        v["module_positions"] =
+            serde_json::json!({"0": [0, 0, 1023, 511], "1": [0, 514, 1029, 1027]});
+        let err = DetectorConfig::from_json_str(&v.to_string(), "g.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("module_positions.0") && err.contains("chip_gaps: true"),
+            "{err}"
+        );
+
+        assert_eq!(
+            module_rect_size(DetectorType::Eiger, true),
+            Some((514, 256))
+        );
+        assert_eq!(
+            module_rect_size(DetectorType::Eiger, false),
+            Some((512, 256))
+        );
+        assert_eq!(module_rect_size(DetectorType::Gigafrost, false), None);
+    }
+
+    #[test]
+    fn double_pixels_is_checked() {
+        let gapped = serde_json::json!({
+            "calibration_file": "/c.h5", "chip_gaps": true, "image_pixel_height": 1028,
+            "image_pixel_width": 1030,
+            "module_positions": {"0": [0, 0, 1029, 513], "1": [0, 514, 1029, 1027]}});
+        let mut v: serde_json::Value = serde_json::from_str(&converted(gapped)).unwrap();
+        assert_eq!(
+            DetectorConfig::from_json_str(&v.to_string(), "d.json")
+                .unwrap()
+                .double_pixels,
+            DoublePixels::Split
+        );
+        v["double_pixels"] = "mask".into();
+        assert_eq!(
+            DetectorConfig::from_json_str(&v.to_string(), "d.json")
+                .unwrap()
+                .double_pixels,
+            DoublePixels::Mask
+        );
+        v["double_pixels"] = "spilt".into();
+        let err = DetectorConfig::from_json_str(&v.to_string(), "d.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`double_pixels`") && err.contains("spilt"),
+            "{err}"
+        );
+        let err = DetectorConfig::from_json_str(&with("double_pixels", "mask".into()), "d.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`double_pixels`") && err.contains("chip_gaps"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,487 @@
+//! JUNGFRAU conversion (`jungfrau-converted`): raw u16 pixels to float32 energies.
+//!
+//! A raw pixel is `gain bits (15..14) | adc (13..0)`. Gain bits 00 -> G0, 01 -> G1, 11 -> G2;
+//! 10 is invalid and gives 0. Output = `(adc - pedestal[g][px]) / gain[g][px]` in keV, where the
+//! file's `gains` are in ADU/keV (the JUNGFRAU calibration convention, as in PSI's
+//! jungfrau_utils); the reciprocal `1/gain` is computed once at load (in f64, stored as f32), so
+//! the loop is `(adc - pedestal) * inv_gain`. A masked pixel (`pixel_mask` nonzero), or a stage
+//! whose gain is 0 or whose pedestal/gain is not finite, gives exactly +0.0: masking is folded
+//! into the tables (pedestal 0, inv_gain 0), so the hot loop has no mask branch.
+//!
+//! Tables are per module, in the receiver's module orientation (row-major 512x1024, before any
+//! mirroring), one contiguous array per stage and quantity (6 streams of f32: 24 bytes per pixel),
+//! so a row converts as a straight vectorisable loop. File layout: docs/calibration.md.
+//!
+//! Never: convert a pixel with another stage's parameters, or allocate or log per image.
+
+use std::path::{Path, PathBuf};
+
+/// Module frame size (pixels) the tables describe.
+pub const MODULE_WIDTH: usize = 1024;
+pub const MODULE_HEIGHT: usize = 512;
+const MODULE_PIXELS: usize = MODULE_WIDTH * MODULE_HEIGHT;
+/// Gain stages in the file (G0, G1, G2).
+pub const N_STAGES: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("calibration file {file}: cannot open: {source}")]
+    Open { file: PathBuf, source: hdf5::Error },
+    #[error("calibration file {file}: dataset `{dataset}`: {message}")]
+    Dataset {
+        file: PathBuf,
+        dataset: &'static str,
+        message: String,
+    },
+    #[error(
+        "calibration file {file}: dataset `{dataset}` has shape {found:?}, expected {expected:?} ({what})"
+    )]
+    Shape {
+        file: PathBuf,
+        dataset: &'static str,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        what: &'static str,
+    },
+}
+
+/// Conversion tables for one module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleCalibration {
+    /// `pedestal[s][px]` in ADU, s = G0, G1, G2.
+    pub pedestal: [Vec<f32>; N_STAGES],
+    /// `inv_gain[s][px]` in keV/ADU (0 where masked).
+    pub inv_gain: [Vec<f32>; N_STAGES],
+}
+
+/// Pixels masked for a reason, counted at load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskCounts {
+    /// Pixels with a nonzero `pixel_mask` entry.
+    pub pixel_mask: usize,
+    /// (pixel, stage) pairs with gain 0 or a non-finite pedestal or gain.
+    pub bad_stage: usize,
+}
+
+impl ModuleCalibration {
+    /// Tables from plain per-pixel values (module orientation, `MODULE_PIXELS` each): `gain` in
+    /// ADU/keV, `mask[px]` true = bad pixel. Counts what was masked into `counts`.
+    pub fn from_values(
+        pedestal: [&[f32]; N_STAGES],
+        gain: [&[f32]; N_STAGES],
+        mask: &[bool],
+        counts: &mut MaskCounts,
+    ) -> Self {
+        counts.pixel_mask += mask.iter().filter(|m| **m).count();
+        let mut out = ModuleCalibration {
+            pedestal: std::array::from_fn(|_| vec![0.0; mask.len()]),
+            inv_gain: std::array::from_fn(|_| vec![0.0; mask.len()]),
+        };
+        for s in 0..N_STAGES {
+            for px in 0..mask.len() {
+                let (p, g) = (pedestal[s][px], gain[s][px]);
+                if mask[px] {
+                    continue;
+                }
+                if !(p.is_finite() && g.is_finite() && g != 0.0) {
+                    counts.bad_stage += 1;
+                    continue;
+                }
+                out.pedestal[s][px] = p;
+                out.inv_gain[s][px] = (1.0 / f64::from(g)) as f32;
+            }
+        }
+        out
+    }
+
+    pub fn n_pixels(&self) -> usize {
+        self.pedestal[0].len()
+    }
+}
+
+/// Pixels per block in [`convert_row`]: a block whose pixels are all in one gain stage reads
+/// only that stage's tables (8 bytes per pixel instead of 24), which is what most real frames
+/// are (G0 background). 64 pixels = 4 cache lines of each f32 table.
+const BLOCK: usize = 64;
+
+/// Converts one row: `raw` holds `out.len()` little-endian u16 pixels starting at module pixel
+/// `start`. Branch-free per pixel (selects), so it vectorises; per block of [`BLOCK`] pixels in
+/// a single gain stage, only that stage's tables are read.
+pub fn convert_row(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let raw = &raw[..2 * n];
+    let mut i = 0;
+    while i < n {
+        let len = BLOCK.min(n - i);
+        let (r, o, px) = (&raw[2 * i..2 * (i + len)], &mut out[i..i + len], start + i);
+        let (mut all, mut any) = (0xffffu16, 0u16);
+        for b in r.chunks_exact(2) {
+            let v = u16::from_le_bytes([b[0], b[1]]);
+            all &= v;
+            any |= v;
+        }
+        // Same gain bits in every pixel of the block iff AND and OR agree on bits 15..14.
+        if (all ^ any) >> 14 == 0 {
+            match any >> 14 {
+                0 => convert_stage(cal, 0, px, r, o),
+                1 => convert_stage(cal, 1, px, r, o),
+                3 => convert_stage(cal, 2, px, r, o),
+                _ => o.fill(0.0),
+            }
+        } else {
+            convert_mixed(cal, px, r, o);
+        }
+        i += len;
+    }
+}
+
+fn convert_stage(cal: &ModuleCalibration, s: usize, px: usize, raw: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let (p, g) = (&cal.pedestal[s][px..px + n], &cal.inv_gain[s][px..px + n]);
+    for (((o, b), p), g) in out.iter_mut().zip(raw.chunks_exact(2)).zip(p).zip(g) {
+        let adc = f32::from(u16::from_le_bytes([b[0], b[1]]) & 0x3fff);
+        *o = (adc - p) * g;
+    }
+}
+
+fn convert_mixed(cal: &ModuleCalibration, px: usize, raw: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let (p0, p1, p2) = (
+        &cal.pedestal[0][px..px + n],
+        &cal.pedestal[1][px..px + n],
+        &cal.pedestal[2][px..px + n],
+    );
+    let (g0, g1, g2) = (
+        &cal.inv_gain[0][px..px + n],
+        &cal.inv_gain[1][px..px + n],
+        &cal.inv_gain[2][px..px + n],
+    );
+    for i in 0..n {
+        let v = u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]);
+        let adc = f32::from(v & 0x3fff);
+        let gain_bits = v >> 14;
+        let e0 = (adc - p0[i]) * g0[i];
+        let e1 = (adc - p1[i]) * g1[i];
+        let e2 = (adc - p2[i]) * g2[i];
+        let e = if gain_bits == 0 { e0 } else { e1 };
+        let e = if gain_bits == 3 { e2 } else { e };
+        out[i] = if gain_bits == 2 { 0.0 } else { e };
+    }
+}
+
+/// Calibration of a whole detector: one table set per module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    pub modules: Vec<ModuleCalibration>,
+    pub masked: MaskCounts,
+}
+
+impl Calibration {
+    /// Loads `file` for `n_modules` modules. Datasets (module m = rows m*512..m*512+511 of the
+    /// stacked axis, in module orientation):
+    /// `gains` [3, n*512, 1024] float (ADU/keV), `pedestals` [3, n*512, 1024] float (ADU),
+    /// `pixel_mask` [n*512, 1024] integer (nonzero = bad).
+    pub fn load(file: &Path, n_modules: usize) -> Result<Self, CalibrationError> {
+        let f = hdf5::File::open(file).map_err(|source| CalibrationError::Open {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let h = n_modules * MODULE_HEIGHT;
+        let gains = read_f32(&f, file, "gains", &[N_STAGES, h, MODULE_WIDTH])?;
+        let pedestals = read_f32(&f, file, "pedestals", &[N_STAGES, h, MODULE_WIDTH])?;
+        let mask = read_mask(&f, file, &[h, MODULE_WIDTH])?;
+        let stage = |data: &[f32], s: usize, m: usize| {
+            let base = s * h * MODULE_WIDTH + m * MODULE_PIXELS;
+            data[base..base + MODULE_PIXELS].to_vec()
+        };
+        let mut masked = MaskCounts::default();
+        let modules = (0..n_modules)
+            .map(|m| {
+                let g: [Vec<f32>; N_STAGES] = std::array::from_fn(|s| stage(&gains, s, m));
+                let p: [Vec<f32>; N_STAGES] = std::array::from_fn(|s| stage(&pedestals, s, m));
+                let mk = &mask[m * MODULE_PIXELS..(m + 1) * MODULE_PIXELS];
+                ModuleCalibration::from_values(
+                    [&p[0], &p[1], &p[2]],
+                    [&g[0], &g[1], &g[2]],
+                    mk,
+                    &mut masked,
+                )
+            })
+            .collect();
+        Ok(Calibration { modules, masked })
+    }
+}
+
+fn dataset(
+    f: &hdf5::File,
+    file: &Path,
+    name: &'static str,
+    expected: &[usize],
+    what: &'static str,
+) -> Result<hdf5::Dataset, CalibrationError> {
+    let ds = f.dataset(name).map_err(|e| CalibrationError::Dataset {
+        file: file.to_path_buf(),
+        dataset: name,
+        message: format!("missing or unreadable: {e}"),
+    })?;
+    let found = ds.shape();
+    if found != expected {
+        return Err(CalibrationError::Shape {
+            file: file.to_path_buf(),
+            dataset: name,
+            expected: expected.to_vec(),
+            found,
+            what,
+        });
+    }
+    Ok(ds)
+}
+
+fn read_f32(
+    f: &hdf5::File,
+    file: &Path,
+    name: &'static str,
+    expected: &[usize],
+) -> Result<Vec<f32>, CalibrationError> {
+    let ds = dataset(
+        f,
+        file,
+        name,
+        expected,
+        "[3 gain stages G0,G1,G2, n_modules*512 rows, 1024 columns]",
+    )?;
+    ds.read_raw::<f32>().map_err(|e| CalibrationError::Dataset {
+        file: file.to_path_buf(),
+        dataset: name,
+        message: format!("cannot read as floating point: {e}"),
+    })
+}
+
+fn read_mask(
+    f: &hdf5::File,
+    file: &Path,
+    expected: &[usize],
+) -> Result<Vec<bool>, CalibrationError> {
+    let name = "pixel_mask";
+    let ds = dataset(
+        f,
+        file,
+        name,
+        expected,
+        "[n_modules*512 rows, 1024 columns]",
+    )?;
+    let values = ds
+        .read_raw::<i64>()
+        .map_err(|e| CalibrationError::Dataset {
+            file: file.to_path_buf(),
+            dataset: name,
+            message: format!("cannot read as integers: {e}"),
+        })?;
+    Ok(values.iter().map(|v| *v != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One 4-pixel "module" with hand-chosen parameters (G0 / G1 / G2):
+    /// px 0: pedestals 100 / 200 / 300, gains 2 / -0.5 / -0.25 ADU/keV (inv 0.5 / -2 / -4)
+    /// px 1: same, but masked
+    /// px 2: pedestals 10 / 20 / 30, gains 4 / 0 (bad) / 8
+    /// px 3: pedestals 0 / 0 / 0, gains 1 / 1 / NaN (bad)
+    fn tiny() -> (ModuleCalibration, MaskCounts) {
+        let p = [
+            vec![100.0, 100.0, 10.0, 0.0],
+            vec![200.0, 200.0, 20.0, 0.0],
+            vec![300.0, 300.0, 30.0, 0.0],
+        ];
+        let g = [
+            vec![2.0, 2.0, 4.0, 1.0],
+            vec![-0.5, -0.5, 0.0, 1.0],
+            vec![-0.25, -0.25, 8.0, f32::NAN],
+        ];
+        let mut counts = MaskCounts::default();
+        let c = ModuleCalibration::from_values(
+            [&p[0], &p[1], &p[2]],
+            [&g[0], &g[1], &g[2]],
+            &[false, true, false, false],
+            &mut counts,
+        );
+        (c, counts)
+    }
+
+    fn convert(c: &ModuleCalibration, raw: [u16; 4]) -> [f32; 4] {
+        let bytes: Vec<u8> = raw.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = [f32::NAN; 4];
+        convert_row(c, 0, &bytes, &mut out);
+        out
+    }
+
+    const G0: u16 = 0b00 << 14;
+    const G1: u16 = 0b01 << 14;
+    const INVALID: u16 = 0b10 << 14;
+    const G2: u16 = 0b11 << 14;
+
+    #[test]
+    fn every_gain_stage_uses_its_own_parameters() {
+        let (c, counts) = tiny();
+        assert_eq!(
+            counts,
+            MaskCounts {
+                pixel_mask: 1,
+                bad_stage: 2
+            }
+        );
+        // px0 G0: (150-100)*0.5 = 25; px2 G0: (10-10)*0.25 = 0; px3 G0: 7*1 = 7.
+        assert_eq!(
+            convert(&c, [G0 | 150, G0 | 150, G0 | 10, G0 | 7]),
+            [25.0, 0.0, 0.0, 7.0]
+        );
+        // G1: px0 (180-200)*-2 = 40; px2 has gain 0 in G1 -> 0; px3 (5-0)*1 = 5.
+        assert_eq!(
+            convert(&c, [G1 | 180, G1 | 180, G1 | 50, G1 | 5]),
+            [40.0, 0.0, 0.0, 5.0]
+        );
+        // G2 (bits 11, not G0!): px0 (260-300)*-4 = 160; px2 (46-30)*0.125 = 2; px3 NaN gain -> 0.
+        assert_eq!(
+            convert(&c, [G2 | 260, G2 | 260, G2 | 46, G2 | 9]),
+            [160.0, 0.0, 2.0, 0.0]
+        );
+        // Max adc in G2: (16383-300)*-4 = -64332.
+        assert_eq!(convert(&c, [G2 | 0x3fff, 0, 0, 0])[0], -64332.0);
+    }
+
+    #[test]
+    fn invalid_gain_code_and_masked_pixels_are_exactly_zero() {
+        let (c, _) = tiny();
+        let out = convert(&c, [INVALID | 150, INVALID, INVALID | 0x3fff, G0 | 0x3fff]);
+        assert_eq!(out[..3], [0.0, 0.0, 0.0]);
+        assert_eq!(out[3], 16383.0);
+        // Masked pixel: +0.0 in every stage (not -0.0).
+        for raw in [G0 | 5, G1 | 0x3fff, G2 | 1] {
+            let v = convert(&c, [0, raw, 0, 0])[1];
+            assert_eq!(v.to_bits(), 0, "{raw:#x}");
+        }
+    }
+
+    #[test]
+    fn rows_use_the_tables_at_their_offset() {
+        // Module-sized tables: pedestal[s][px] = px % 1000 + s, gains 1 / 2 / 4 (inv 1, .5, .25).
+        let p: [Vec<f32>; 3] =
+            std::array::from_fn(|s| (0..MODULE_PIXELS).map(|i| (i % 1000 + s) as f32).collect());
+        let g: [Vec<f32>; 3] = std::array::from_fn(|s| vec![[1.0, 2.0, 4.0][s]; MODULE_PIXELS]);
+        let mut counts = MaskCounts::default();
+        let c = ModuleCalibration::from_values(
+            [&p[0], &p[1], &p[2]],
+            [&g[0], &g[1], &g[2]],
+            &vec![false; MODULE_PIXELS],
+            &mut counts,
+        );
+        // Row 300: pixel px = 300*1024 + col; raw = G1 | 5000 everywhere.
+        let raw: Vec<u8> = (0..1024).flat_map(|_| (G1 | 5000).to_le_bytes()).collect();
+        let mut out = vec![0.0f32; 1024];
+        convert_row(&c, 300 * 1024, &raw, &mut out);
+        for col in [0usize, 1, 511, 1023] {
+            let px = 300 * 1024 + col;
+            let want = (5000.0 - (px % 1000 + 1) as f32) * 0.5;
+            assert_eq!(out[col], want, "col {col}");
+        }
+    }
+
+    /// Writes a one-module calibration file, without dataset `skip`, with a 4-d `gains` when
+    /// `bad_gains_shape`.
+    fn write_file(path: &Path, skip: Option<&str>, bad_gains_shape: bool) {
+        let f = hdf5::File::create(path).unwrap();
+        let h = MODULE_HEIGHT;
+        // gains[s][px] = 2^s ADU/keV except px 7 of G1 = 0; pedestals[s][px] = 100*(s+1) (f64).
+        let mut gains: Vec<f32> = (0..3 * MODULE_PIXELS)
+            .map(|i| (1u32 << (i / MODULE_PIXELS)) as f32)
+            .collect();
+        gains[MODULE_PIXELS + 7] = 0.0;
+        let peds: Vec<f64> = (0..3 * MODULE_PIXELS)
+            .map(|i| 100.0 * (i / MODULE_PIXELS + 1) as f64)
+            .collect();
+        let mut mask = vec![0u8; MODULE_PIXELS];
+        mask[3] = 1;
+        let gains_shape = if bad_gains_shape {
+            vec![3, h, MODULE_WIDTH / 2, 2]
+        } else {
+            vec![3, h, MODULE_WIDTH]
+        };
+        if skip != Some("gains") {
+            let ds = f
+                .new_dataset::<f32>()
+                .shape(gains_shape)
+                .create("gains")
+                .unwrap();
+            ds.write_raw(&gains).unwrap();
+        }
+        if skip != Some("pedestals") {
+            let ds = f
+                .new_dataset::<f64>()
+                .shape([3, h, MODULE_WIDTH])
+                .create("pedestals")
+                .unwrap();
+            ds.write_raw(&peds).unwrap();
+        }
+        if skip != Some("pixel_mask") {
+            let ds = f
+                .new_dataset::<u8>()
+                .shape([h, MODULE_WIDTH])
+                .create("pixel_mask")
+                .unwrap();
+            ds.write_raw(&mask).unwrap();
+        }
+    }
+
+    #[test]
+    fn loads_a_file_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("cal.h5");
+        write_file(&good, None, false);
+        let cal = Calibration::load(&good, 1).unwrap();
+        assert_eq!(
+            cal.masked,
+            MaskCounts {
+                pixel_mask: 1,
+                bad_stage: 1
+            }
+        );
+        let m = &cal.modules[0];
+        assert_eq!((m.pedestal[2][9], m.inv_gain[2][9]), (300.0, 0.25));
+        assert_eq!((m.pedestal[1][7], m.inv_gain[1][7]), (0.0, 0.0));
+        assert_eq!((m.pedestal[0][3], m.inv_gain[0][3]), (0.0, 0.0));
+        assert_eq!((m.pedestal[0][4], m.inv_gain[0][4]), (100.0, 1.0));
+
+        // Two modules expected, one in the file: expected vs found shape, file and dataset named.
+        let err = Calibration::load(&good, 2).unwrap_err().to_string();
+        assert!(
+            err.contains(&good.display().to_string())
+                && err.contains("`gains`")
+                && err.contains("expected [3, 1024, 1024]")
+                && err.contains("[3, 512, 1024]"),
+            "{err}"
+        );
+        let missing = dir.path().join("nomask.h5");
+        write_file(&missing, Some("pixel_mask"), false);
+        let err = Calibration::load(&missing, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("nomask.h5") && err.contains("`pixel_mask`"),
+            "{err}"
+        );
+        let shaped = dir.path().join("shaped.h5");
+        write_file(&shaped, None, true);
+        let err = Calibration::load(&shaped, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("found [3, 512, 512, 2]") || err.contains("shape [3, 512, 512, 2]"),
+            "{err}"
+        );
+        let err = Calibration::load(&dir.path().join("none.h5"), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("none.h5") && err.contains("cannot open"),
+            "{err}"
+        );
+    }
+}
