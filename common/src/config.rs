@@ -488,9 +488,26 @@ impl DetectorConfig {
                 format!("must name every module id in 0..{n} exactly once"),
             ));
         }
+        // GigaFRoST's streams have a fixed place (quadrant = module / 2, rows interleaved by
+        // module % 2, north quadrants mirrored): it needs 8 modules; its module_positions are
+        // accepted as std_daq configs carry them, but not used.
+        if raw.detector_type == DetectorType::Gigafrost && raw.n_modules != 8 {
+            return Err(invalid(
+                "n_modules",
+                format!(
+                    "GigaFRoST images come from 8 streams, not {}",
+                    raw.n_modules
+                ),
+            ));
+        }
         // Overlapping modules would silently overwrite each other's pixels.
-        for (a, pa) in module_positions.iter().enumerate() {
-            for (b, pb) in module_positions.iter().enumerate().skip(a + 1) {
+        let placed = if raw.detector_type == DetectorType::Gigafrost {
+            &module_positions[..0]
+        } else {
+            &module_positions[..]
+        };
+        for (a, pa) in placed.iter().enumerate() {
+            for (b, pb) in placed.iter().enumerate().skip(a + 1) {
                 let overlap_x =
                     pa.left() < pb.left() + pb.width() && pb.left() < pa.left() + pa.width();
                 let overlap_y =

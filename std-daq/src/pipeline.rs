@@ -50,6 +50,8 @@ pub enum SimulatedDetector {
     Jungfrau,
     /// EIGER half-modules of 512x256 at 8, 16 or 32 bit.
     Eiger { bit_depth: u8 },
+    /// A GigaFRoST image of width x height pixels from 8 streams (`n_modules` must be 8).
+    Gigafrost { width: u32, height: u32 },
 }
 
 impl SimulatedDetector {
@@ -58,6 +60,7 @@ impl SimulatedDetector {
         match self {
             SimulatedDetector::Jungfrau => (1024, 512),
             SimulatedDetector::Eiger { .. } => (512, 256),
+            SimulatedDetector::Gigafrost { width, height } => (width / 2, height / 4),
         }
     }
 }
@@ -72,21 +75,37 @@ pub fn config_json(opts: &PipelineOptions, detector: SimulatedDetector) -> serde
     let (w, h) = detector.module_size();
     let positions: serde_json::Map<String, serde_json::Value> = (0..opts.n_modules)
         .map(|m| {
-            let y0 = u32::from(m) * h;
-            (m.to_string(), serde_json::json!([0, y0, w - 1, y0 + h - 1]))
+            let corners = match detector {
+                // Fixed quadrant geometry; the positions are only carried along (quadrant m/2).
+                SimulatedDetector::Gigafrost { .. } => {
+                    let q = u32::from(m % 8 / 2);
+                    let (x0, y0) = ((q % 2) * w, if q < 2 { 2 * h } else { 0 });
+                    serde_json::json!([x0, y0, x0 + w - 1, y0 + 2 * h - 1])
+                }
+                _ => {
+                    let y0 = u32::from(m) * h;
+                    serde_json::json!([0, y0, w - 1, y0 + h - 1])
+                }
+            };
+            (m.to_string(), corners)
         })
         .collect();
     let (detector_type, bit_depth) = match detector {
         SimulatedDetector::Jungfrau => ("jungfrau-raw", 16),
         SimulatedDetector::Eiger { bit_depth } => ("eiger", bit_depth),
+        SimulatedDetector::Gigafrost { .. } => ("gigafrost", 12),
+    };
+    let (image_width, image_height) = match detector {
+        SimulatedDetector::Gigafrost { width, height } => (width, height),
+        _ => (w, u32::from(opts.n_modules) * h),
     };
     serde_json::json!({
         "detector_name": opts.detector_name,
         "detector_type": detector_type,
         "n_modules": opts.n_modules,
         "bit_depth": bit_depth,
-        "image_pixel_height": u32::from(opts.n_modules) * h,
-        "image_pixel_width": w,
+        "image_pixel_height": image_height,
+        "image_pixel_width": image_width,
         "start_udp_port": opts.start_udp_port,
         "module_positions": positions,
         "log_level": opts.log_level,

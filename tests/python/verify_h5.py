@@ -15,7 +15,40 @@ import numpy as np
 
 PERIOD = 65535
 # (module width, module height, payload bytes per packet) per detector.
-DETECTORS = {"jungfrau": (1024, 512, 8192), "eiger": (512, 256, 4096)}
+DETECTORS = {"jungfrau": (1024, 512, 8192), "eiger": (512, 256, 4096), "gigafrost": None}
+GF_PERIOD = 4095
+
+
+def gigafrost_rows_per_packet(module_w, module_h):
+    """std_daq's gf::n_rows_per_packet, with its integer rounding."""
+    blocks = module_w // 12
+    cache_line_blocks = (7400 // (36 * blocks)) * blocks // 2
+    return min(cache_line_blocks * 48 // module_w, module_h)
+
+
+def expected_gigafrost(frame, height, width, drops):
+    """The image PSI's converter assembles from the simulator's 8 streams (see sim.rs)."""
+    image = np.zeros((height, width), dtype=np.uint16)
+    sw, sh = width // 2, height // 4
+    rows_pp = gigafrost_rows_per_packet(sw, sh)
+    missing = 0
+    for m in range(8):
+        offset = ((frame % PERIOD) * 7919 + m * 104729) % PERIOD
+        offset = (2 * offset) % (2 * GF_PERIOD)
+        px = np.arange(sw * sh, dtype=np.int64)
+        stream = ((1 + (px + offset) % GF_PERIOD).astype(np.uint16)).reshape(sh, sw)
+        lost = drops.get((frame, m), set())
+        n_packets = -(-sh // rows_pp)
+        for p in lost:
+            if p < n_packets:
+                stream[p * rows_pp:(p + 1) * rows_pp, :] = 0
+                missing += 1
+        quadrant, link = m // 2, m % 2
+        col = width // 2 if quadrant % 2 == 1 else 0
+        for r in range(sh):
+            row = height // 2 + link + 2 * r if quadrant < 2 else (height - 1) // 2 - link - 2 * r
+            image[row, col:col + sw] = stream[r]
+    return image, missing
 
 
 def expected_module(frame, module, pixels, dtype):
@@ -42,8 +75,9 @@ def main():
     ap.add_argument("--drop", default="")
     ap.add_argument("--kind", choices=sorted(DETECTORS), default="jungfrau")
     args = ap.parse_args()
-    module_w, module_h, payload = DETECTORS[args.kind]
-    pixels = module_w * module_h
+    if args.kind != "gigafrost":
+        module_w, module_h, payload = DETECTORS[args.kind]
+        pixels = module_w * module_h
     drops = parse_drops(args.drop)
 
     with h5py.File(args.file, "r") as f:
@@ -70,9 +104,17 @@ def main():
             image = data[i]
             expect_missing = 0
             ok = True
-            per_packet = payload // data.dtype.itemsize
-            n_packets = pixels // per_packet
-            for m in range(args.n_modules):
+            if args.kind == "gigafrost":
+                want, expect_missing = expected_gigafrost(frame, data.shape[1], data.shape[2], drops)
+                if not np.array_equal(image, want):
+                    ok = False
+                    bad = np.argwhere(image != want)[0]
+                    report["mismatches"].append(
+                        {"index": i, "image_id": frame, "pixel": [int(bad[0]), int(bad[1])],
+                         "got": int(image[bad[0], bad[1]]), "want": int(want[bad[0], bad[1]])})
+            per_packet = 1 if args.kind == "gigafrost" else payload // data.dtype.itemsize
+            n_packets = 0 if args.kind == "gigafrost" else pixels // per_packet
+            for m in range(0 if args.kind == "gigafrost" else args.n_modules):
                 got = image[m * module_h:(m + 1) * module_h, :module_w].reshape(-1)
                 want = expected_module(frame, m, pixels, data.dtype)
                 for p in drops.get((frame, m), ()):

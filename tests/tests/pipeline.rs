@@ -185,3 +185,49 @@ fn eiger_half_modules_stream_pixel_exact_with_losses_flagged() {
     );
     std::fs::remove_dir_all(work).unwrap();
 }
+
+/// GigaFRoST: 8 streams of a 480x128 image (240x32 per stream, 2 packets of 20 and 12 rows),
+/// 12-bit pixels unpacked and placed in quadrants with the north ones mirrored, with losses.
+#[test]
+fn gigafrost_streams_assemble_pixel_exact_with_losses_flagged() {
+    const GF_DROPS: &str = "3:0:0,4:5:1,9:7:*";
+    let mut opts = options("gigafrost").unwrap();
+    opts.n_modules = 8;
+    let work = opts.work_dir.clone();
+    let detector = opts.detector_name.clone();
+    let mut p = Pipeline::start_detector(
+        opts,
+        SimulatedDetector::Gigafrost {
+            width: 480,
+            height: 128,
+        },
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let file = work.join("gigafrost.h5");
+    p.start_run(&file, 20).unwrap();
+    let sim = p.run_simulator(20, 100.0, GF_DROPS, false).unwrap();
+    assert_eq!(sim.packets_sent, 20 * 8 * 2 - (1 + 1 + 2));
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    let stop = p.stop().unwrap();
+    assert!(
+        stop.failed.is_empty() && stop.leftovers.is_empty(),
+        "{stop:?}"
+    );
+    assert_eq!(run.images_written, 20);
+
+    let report = verify_h5_as(&file, &detector, GF_DROPS, "gigafrost").unwrap();
+    assert_eq!(
+        report["shape"],
+        serde_json::json!([20, 128, 480]),
+        "{report}"
+    );
+    assert_eq!(report["dtype"], "uint16");
+    assert_eq!(report["exact_images"], 20, "{report}");
+    assert_eq!(
+        report["flagged"],
+        serde_json::json!({"3": 1, "4": 1, "9": 2}),
+        "{report}"
+    );
+    std::fs::remove_dir_all(work).unwrap();
+}
