@@ -306,17 +306,28 @@ impl Pipeline {
         drop: &str,
         gso: bool,
     ) -> Result<SimReport> {
+        let mut args = vec!["--drop".to_string(), drop.to_string()];
+        if gso {
+            args.push("--gso".into());
+        }
+        self.run_simulator_with(images, rate, &args)
+    }
+
+    /// Runs `std-det-sim` with extra arguments (fault injection, `--fault-log`, ...).
+    pub fn run_simulator_with(
+        &self,
+        images: u64,
+        rate: f64,
+        extra: &[String],
+    ) -> Result<SimReport> {
         let exe = self.opts.bin_dir.join("std-det-sim");
         let mut cmd = Process::new(&exe);
         cmd.arg("--config")
             .arg(&self.config_path)
             .args(["--images", &images.to_string(), "--rate", &rate.to_string()])
-            .args(["--drop", drop])
+            .args(extra)
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(self.log_path("std-det-sim"))?);
-        if gso {
-            cmd.arg("--gso");
-        }
         let out = cmd
             .output()
             .with_context(|| format!("running {}", exe.display()))?;

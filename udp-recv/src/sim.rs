@@ -342,6 +342,130 @@ pub struct SimSettings {
     pub rate_hz: f64,
     pub drops: DropList,
     pub gso: bool,
+    /// Loss, reordering, duplication, malformed packets and bursts, by rate and by list.
+    pub faults: Faults,
+}
+
+/// Faults injected on purpose, each by rate (probability per packet) and by explicit list.
+/// Random choices come from a seeded generator, so a run is reproducible.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    pub loss_rate: f64,
+    pub reorder_rate: f64,
+    pub duplicate_rate: f64,
+    pub malformed_rate: f64,
+    /// Probability per packet that a burst of `burst_len` consecutive packets is lost.
+    pub burst_rate: f64,
+    pub burst_len: u32,
+    /// Packets sent twice.
+    pub duplicates: DropList,
+    /// Packets sent cut short (a malformed datagram) instead of whole.
+    pub malformed: DropList,
+    /// Packets swapped with the packet after them.
+    pub reorders: DropList,
+    pub seed: u64,
+}
+
+/// How one packet goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outgoing {
+    Whole(u32),
+    /// Cut short: header plus a few payload bytes.
+    Truncated(u32),
+}
+
+/// A small seeded generator (xorshift64*), enough to pick faults reproducibly.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn chance(&mut self, p: f64) -> bool {
+        if p <= 0.0 {
+            return false;
+        }
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((x >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// Decides, packet by packet, what the simulator sends: drops by list, and faults by list and by
+/// rate (reproducible from the seed).
+#[derive(Debug)]
+struct FaultInjector<'a> {
+    drops: &'a DropList,
+    faults: &'a Faults,
+    rng: Rng,
+    burst_left: u32,
+}
+
+impl<'a> FaultInjector<'a> {
+    fn new(drops: &'a DropList, faults: &'a Faults) -> Self {
+        FaultInjector {
+            drops,
+            faults,
+            rng: Rng(faults.seed | 1),
+            burst_left: 0,
+        }
+    }
+
+    /// The packets of one module frame in sending order; counts what was injected in `report`.
+    fn sequence(
+        &mut self,
+        frame: u64,
+        module: u16,
+        ppf: u32,
+        report: &mut SimReport,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let (drops, faults) = (self.drops, self.faults);
+        let rng = &mut self.rng;
+        let burst_left = &mut self.burst_left;
+        out.clear();
+        for p in 0..ppf {
+            if *burst_left > 0 {
+                *burst_left -= 1;
+                report.packets_dropped += 1;
+                continue;
+            }
+            if rng.chance(faults.burst_rate) && faults.burst_len > 0 {
+                *burst_left = faults.burst_len - 1;
+                report.packets_dropped += 1;
+                report.bursts += 1;
+                continue;
+            }
+            if drops.contains(frame, module, p) || rng.chance(faults.loss_rate) {
+                report.packets_dropped += 1;
+                continue;
+            }
+            if faults.malformed.contains(frame, module, p) || rng.chance(faults.malformed_rate) {
+                out.push(Outgoing::Truncated(p));
+                report.packets_malformed += 1;
+                continue;
+            }
+            out.push(Outgoing::Whole(p));
+            if faults.duplicates.contains(frame, module, p) || rng.chance(faults.duplicate_rate) {
+                out.push(Outgoing::Whole(p));
+                report.packets_duplicated += 1;
+            }
+        }
+        // Reorder: swap a packet with the one after it in the sequence.
+        let mut i = 0;
+        while i + 1 < out.len() {
+            let p = match out[i] {
+                Outgoing::Whole(p) | Outgoing::Truncated(p) => p,
+            };
+            if faults.reorders.contains(frame, module, p) || rng.chance(faults.reorder_rate) {
+                out.swap(i, i + 1);
+                report.packets_reordered += 1;
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -353,10 +477,24 @@ pub struct SimReport {
     pub elapsed: Duration,
     /// Frames that started later than their slot in the schedule by more than one period.
     pub frames_behind_schedule: u64,
+    pub packets_duplicated: u64,
+    pub packets_reordered: u64,
+    pub packets_malformed: u64,
+    pub bursts: u64,
 }
 
 /// Sends `n_frames` frames from every module, paced at `rate_hz`.
 pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport> {
+    run_logging_losses(settings, shutdown, None)
+}
+
+/// [`run`], also listing in `lost` every (frame, module, packet) a receiver will not get whole
+/// (dropped, in a burst, or sent malformed), so a test can tell exactly which pixels must be 0.
+pub fn run_logging_losses(
+    settings: &SimSettings,
+    shutdown: &Shutdown,
+    mut lost: Option<&mut Vec<(u64, u16, u32)>>,
+) -> io::Result<SimReport> {
     let det = settings.detector;
     let table = PatternTable::for_detector(det);
     let ppf = det.packets_per_frame();
@@ -383,6 +521,8 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
     let mut headers = vec![[0u8; 48]; n_packets];
     let period = (settings.rate_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / settings.rate_hz));
     let mut report = SimReport::default();
+    let mut injector = FaultInjector::new(&settings.drops, &settings.faults);
+    let mut sequence: Vec<Outgoing> = Vec::with_capacity(2 * ppf as usize);
     let start = Instant::now();
 
     for i in 0..settings.n_frames {
@@ -408,30 +548,57 @@ pub fn run(settings: &SimSettings, shutdown: &Shutdown) -> io::Result<SimReport>
         let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(3 * n_packets);
         let mut runs: Vec<(usize, usize, u16)> = Vec::new(); // (first part, part count, module)
         for m in 0..settings.n_modules {
-            let mut run_len = 0;
-            for p in 0..ppf {
-                if settings.drops.contains(frame, m, p) {
-                    report.packets_dropped += 1;
-                    run_len = 0;
-                    continue;
+            injector.sequence(frame, m, ppf, &mut report, &mut sequence);
+            if let Some(lost) = lost.as_deref_mut() {
+                let mut whole = [false; 256];
+                for send in &sequence {
+                    if let Outgoing::Whole(p) = send {
+                        whole[*p as usize] = true;
+                    }
                 }
+                lost.extend(
+                    (0..ppf)
+                        .filter(|p| !whole[*p as usize])
+                        .map(|p| (frame, m, p)),
+                );
+            }
+            // A GSO message is a run of equal-size datagrams in order (only its last may be
+            // shorter): every packet that is not the next one of a full size starts a new run.
+            let mut run_len = 0;
+            let mut next_in_order = None;
+            for &send in &sequence {
+                let (p, whole) = match send {
+                    Outgoing::Whole(p) => (p, true),
+                    Outgoing::Truncated(p) => (p, false),
+                };
                 let k = usize::from(m) * ppf as usize + p as usize;
-                if run_len == 0 || run_len == per_message {
+                let full = whole && det.packet_bytes(p) == segment;
+                if run_len == 0 || run_len == per_message || next_in_order != Some(p) || !full {
                     runs.push((parts.len(), 0, m));
                     run_len = 0;
                 }
                 parts.push(IoSlice::new(&headers[k][..hb]));
-                parts.push(IoSlice::new(table.payload(frame, m, p)));
+                let payload = table.payload(frame, m, p);
                 let pad = det.pad_bytes(p);
-                if pad > 0 {
-                    parts.push(IoSlice::new(&PADDING[..pad]));
+                let mut n_parts = 2;
+                if whole {
+                    parts.push(IoSlice::new(payload));
+                    if pad > 0 {
+                        parts.push(IoSlice::new(&PADDING[..pad]));
+                        n_parts = 3;
+                    }
+                    report.bytes_sent += det.packet_bytes(p) as u64;
+                } else {
+                    parts.push(IoSlice::new(&payload[..payload.len().min(100)]));
+                    report.bytes_sent += (hb + payload.len().min(100)) as u64;
                 }
-                run_len += 1;
                 if let Some(last) = runs.last_mut() {
-                    last.1 += if pad > 0 { 3 } else { 2 };
+                    last.1 += n_parts;
                 }
                 report.packets_sent += 1;
-                report.bytes_sent += det.packet_bytes(p) as u64;
+                // A short datagram must end its GSO run.
+                run_len = if full { run_len + 1 } else { per_message };
+                next_in_order = Some(p + 1);
             }
         }
         let messages: Vec<OutMessage<'_>> = runs
@@ -471,6 +638,69 @@ mod tests {
         assert_eq!(pattern_offset(1, 0), 7919);
         assert_eq!(pixel_value(1, 0, 0), 7920);
         assert_eq!(pixel_value(0, 1, 0), 1 + (104_729 % 65535) as u16);
+    }
+
+    #[test]
+    fn faults_by_list_shape_the_sending_order() {
+        let faults = Faults {
+            duplicates: "1:0:2".parse().unwrap(),
+            malformed: "1:0:4".parse().unwrap(),
+            reorders: "1:0:0".parse().unwrap(),
+            ..Faults::default()
+        };
+        let drops: DropList = "1:0:5".parse().unwrap();
+        let (mut report, mut out) = (SimReport::default(), Vec::new());
+        FaultInjector::new(&drops, &faults).sequence(1, 0, 7, &mut report, &mut out);
+        use Outgoing::*;
+        assert_eq!(
+            out,
+            [
+                Whole(1),
+                Whole(0),
+                Whole(2),
+                Whole(2),
+                Whole(3),
+                Truncated(4),
+                Whole(6)
+            ]
+        );
+        assert_eq!(
+            (
+                report.packets_dropped,
+                report.packets_duplicated,
+                report.packets_malformed
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(report.packets_reordered, 1);
+    }
+
+    #[test]
+    fn faults_by_rate_are_reproducible_and_near_their_rate() {
+        let faults = Faults {
+            loss_rate: 0.1,
+            burst_rate: 0.01,
+            burst_len: 5,
+            seed: 42,
+            ..Faults::default()
+        };
+        let run = || {
+            let (mut report, mut out) = (SimReport::default(), Vec::new());
+            let no_drops = DropList::default();
+            let mut injector = FaultInjector::new(&no_drops, &faults);
+            let mut sent = 0;
+            for f in 0..100 {
+                injector.sequence(f, 0, 128, &mut report, &mut out);
+                sent += out.len();
+            }
+            (report.packets_dropped, report.bursts, sent)
+        };
+        let (dropped, bursts, sent) = run();
+        assert_eq!(run(), (dropped, bursts, sent), "same seed, same faults");
+        assert_eq!(dropped as usize + sent, 12_800);
+        // ~10% random loss plus ~1% bursts of 5: well inside these bounds.
+        assert!((1000..2600).contains(&dropped), "dropped {dropped}");
+        assert!(bursts > 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::DetectorConfig;
 use std_daq_common::DetectorType;
 use udp_recv::gigafrost::Gigafrost;
-use udp_recv::sim::{self, DropList, SimDetector, SimSettings};
+use udp_recv::sim::{self, DropList, Faults, SimDetector, SimSettings};
 
 /// Simulates a JUNGFRAU, EIGER or GigaFRoST detector: sends real packets (JUNGFRAU: 8240 bytes,
 /// 128 per module frame; EIGER: 4144 bytes, 32/64/128 per half-module frame at 8/16/32 bit;
@@ -41,6 +41,53 @@ struct Args {
     /// Use UDP GSO (UDP_SEGMENT) so the kernel splits runs of packets: needed above ~1 GB/s.
     #[arg(long)]
     gso: bool,
+    /// Probability that a packet is lost.
+    #[arg(long, default_value_t = 0.0)]
+    loss_rate: f64,
+    /// Probability that a packet is swapped with the next one.
+    #[arg(long, default_value_t = 0.0)]
+    reorder_rate: f64,
+    /// Probability that a packet is sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_rate: f64,
+    /// Probability that a packet is sent cut short (malformed).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_rate: f64,
+    /// Bursts of loss: LEN:RATE, a burst of LEN consecutive packets starting with probability RATE.
+    #[arg(long, value_parser = parse_burst)]
+    burst: Option<(u32, f64)>,
+    /// Packets to send twice: frame:module:packet,...
+    #[arg(long, default_value = "")]
+    duplicate: DropList,
+    /// Packets to send cut short: frame:module:packet,...
+    #[arg(long, default_value = "")]
+    malformed: DropList,
+    /// Packets to swap with the packet after them: frame:module:packet,...
+    #[arg(long, default_value = "")]
+    reorder: DropList,
+    /// Seed of the fault generator (same seed, same faults).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write every packet a receiver will not get whole (frame:module:packet, comma-separated,
+    /// the --drop syntax) to this file.
+    #[arg(long)]
+    fault_log: Option<std::path::PathBuf>,
+}
+
+fn parse_burst(s: &str) -> Result<(u32, f64), String> {
+    let (len, rate) = s
+        .split_once(':')
+        .ok_or("expected LEN:RATE, e.g. 20:0.001")?;
+    let len = len
+        .parse()
+        .map_err(|_| format!("bad burst length {len:?}"))?;
+    let rate: f64 = rate
+        .parse()
+        .map_err(|_| format!("bad burst rate {rate:?}"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(format!("burst rate {rate} is not a probability"));
+    }
+    Ok((len, rate))
 }
 
 fn main() -> Result<()> {
@@ -71,8 +118,44 @@ fn main() -> Result<()> {
         rate_hz: args.rate,
         drops: args.drop,
         gso: args.gso,
+        faults: Faults {
+            loss_rate: args.loss_rate,
+            reorder_rate: args.reorder_rate,
+            duplicate_rate: args.duplicate_rate,
+            malformed_rate: args.malformed_rate,
+            burst_rate: args.burst.map_or(0.0, |b| b.1),
+            burst_len: args.burst.map_or(0, |b| b.0),
+            duplicates: args.duplicate,
+            malformed: args.malformed,
+            reorders: args.reorder,
+            seed: args.seed,
+        },
     };
-    let report = sim::run(&settings, &shutdown).context("sending packets")?;
+    for (name, rate) in [
+        ("--loss-rate", args.loss_rate),
+        ("--reorder-rate", args.reorder_rate),
+        ("--duplicate-rate", args.duplicate_rate),
+        ("--malformed-rate", args.malformed_rate),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            bail!("{name} {rate} is not a probability (0..1)");
+        }
+    }
+    let mut lost = Vec::new();
+    let report = sim::run_logging_losses(
+        &settings,
+        &shutdown,
+        args.fault_log.is_some().then_some(&mut lost),
+    )
+    .context("sending packets")?;
+    if let Some(path) = &args.fault_log {
+        let text: Vec<String> = lost
+            .iter()
+            .map(|(f, m, p)| format!("{f}:{m}:{p}"))
+            .collect();
+        std::fs::write(path, text.join(","))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     tracing::info!(
         frames = report.frames,
@@ -84,13 +167,17 @@ fn main() -> Result<()> {
         "done"
     );
     println!(
-        "{{\"frames\":{},\"packets_sent\":{},\"packets_dropped\":{},\"bytes_sent\":{},\"seconds\":{:.6},\"frames_behind_schedule\":{}}}",
+        "{{\"frames\":{},\"packets_sent\":{},\"packets_dropped\":{},\"bytes_sent\":{},\"seconds\":{:.6},\"frames_behind_schedule\":{},\"packets_duplicated\":{},\"packets_reordered\":{},\"packets_malformed\":{},\"bursts\":{}}}",
         report.frames,
         report.packets_sent,
         report.packets_dropped,
         report.bytes_sent,
         secs,
-        report.frames_behind_schedule
+        report.frames_behind_schedule,
+        report.packets_duplicated,
+        report.packets_reordered,
+        report.packets_malformed,
+        report.bursts
     );
     Ok(())
 }

@@ -189,6 +189,7 @@ fn trial(
         rate_hz: rate,
         drops: DropList::default(),
         gso: true,
+        faults: Default::default(),
     };
     let sender_cpu = if args.cpu == 0 { 1 } else { 0 };
     let done = Arc::clone(&sender_done);

@@ -1,0 +1,332 @@
+//! Two "hosts" on one machine: network namespaces `<near>` and `<far>` joined by a veth pair
+//! (10.213.x.1/30 <-> 10.213.x.2/30), created here and removed by a Drop guard even when the test
+//! fails. Needs root (CI runs as root); skipped with a message otherwise.
+//!
+//! The near host is the ordinary pipeline (receivers, assembler, writer, in the root namespace on
+//! 127.0.0.1) plus `std-stream-send`, run in `<near>` so that its TCP goes over the veth pair (it
+//! reaches the near ImageBuffer and ipc sockets through the shared file system).
+//! The far host runs `std-stream-recv` and an unchanged `std-h5-writer` in `<far>` and in their
+//! own mount namespace with a private tmpfs on /dev/shm: both hosts use the same detector name,
+//! so without it the two ImageBuffers would collide. The far config differs from the near one
+//! only in `ipc_dir` (a folder of its own, reachable from the test for writer commands).
+//!
+//! Checks: a run streamed across is pixel-exact in the far writer's file (h5py); then the link is
+//! cut (`ip link set ... down`) mid-run while the near ring laps, restored, and every image of
+//! that run is in the far file either exact or flagged lost (status 4), with the same lost count
+//! from std-stream-send, std-stream-recv and the file.
+#![allow(clippy::unwrap_used)]
+
+use h5_writer::command::{Command as WCmd, Reply, WriterClient};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use std_daq::pipeline::{default_bin_dir, Pipeline, PipelineOptions};
+use std_daq_common::names;
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Owns the namespaces; deleting a namespace removes its end of the veth pair (and the pair).
+struct Netns {
+    near: String,
+    far: String,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let id = std::process::id();
+        let n = Netns {
+            near: format!("ssnear{id}"),
+            far: format!("ssfar{id}"),
+        };
+        let sub = id % 250;
+        let ok = sh(&format!(
+            "set -e; ip netns add {near}; ip netns add {far}; \
+             ip link add vn{id} type veth peer name vf{id}; \
+             ip link set vn{id} netns {near}; ip link set vf{id} netns {far}; \
+             ip -n {near} addr add 10.213.{sub}.1/30 dev vn{id}; \
+             ip -n {far} addr add 10.213.{sub}.2/30 dev vf{id}; \
+             ip -n {near} link set vn{id} up; ip -n {far} link set vf{id} up; \
+             ip -n {near} link set lo up; ip -n {far} link set lo up",
+            near = n.near,
+            far = n.far
+        ));
+        assert!(ok, "creating network namespaces failed");
+        n
+    }
+    fn far_addr(&self) -> String {
+        format!("10.213.{}.2", std::process::id() % 250)
+    }
+    fn set_link(&self, up: bool) {
+        let id = std::process::id();
+        let state = if up { "up" } else { "down" };
+        assert!(sh(&format!("ip -n {} link set vn{id} {state}", self.near)));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "ip netns del {} 2>/dev/null; ip netns del {} 2>/dev/null",
+            self.near, self.far
+        ));
+    }
+}
+
+/// Kills (SIGTERM, then SIGKILL) a child on drop.
+struct Proc(Child);
+impl Proc {
+    fn term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+    }
+    fn wait_output(mut self, what: &str) -> String {
+        self.term();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{what} did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut s = String::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut o, &mut s).unwrap();
+        }
+        s
+    }
+}
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.term();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn verify(file: &Path, detector: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/verify_h5.py");
+    let out = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg(file)
+        .args(["--detector", detector])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
+}
+
+fn far_run(client: &WriterClient, file: &Path, n: u64) {
+    let r = client
+        .request(&WCmd::Start {
+            output_file: file.display().to_string(),
+            n_images: n,
+            request_id: None,
+        })
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+}
+
+fn wait_far_run(client: &WriterClient, timeout: Duration) -> h5_writer::command::RunSummary {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Reply {
+            status: Some(st), ..
+        }) = client.request(&WCmd::Status)
+        {
+            if st.current.is_none() {
+                if let Some(run) = st.last_run {
+                    return run;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "far run did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
+    if !sh("[ $(id -u) = 0 ] && command -v ip >/dev/null && command -v unshare >/dev/null") {
+        eprintln!("SKIPPED: needs root, ip and unshare");
+        return;
+    }
+    let bin = default_bin_dir().unwrap();
+    let id = std::process::id();
+    let work = std::env::temp_dir().join(format!("std-stream-netns.{id}"));
+    let _ = std::fs::remove_dir_all(&work);
+    let detector = format!("ssn{id}");
+    let opts = PipelineOptions {
+        bin_dir: bin.clone(),
+        work_dir: work.join("near"),
+        detector_name: detector.clone(),
+        n_modules: 2,
+        start_udp_port: 40_000 + (id % 1000) as u16 * 8,
+        module_buffer_slots: 64,
+        // 32 slots of 2 MiB: a short outage laps the ring.
+        ram_buffer_gb: 0.0625,
+        log_level: "info".into(),
+    };
+    let ns = Netns::create();
+    let near = Pipeline::start(opts, Duration::from_secs(60)).unwrap();
+
+    // Far config: the same detector, its own ipc_dir.
+    let far_dir = work.join("far");
+    std::fs::create_dir_all(far_dir.join("ipc")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&near.config_path).unwrap()).unwrap();
+    cfg["ipc_dir"] = far_dir.join("ipc").display().to_string().into();
+    // After the outage the sender catches up at link speed, faster than the far writer writes
+    // HDF5: the far ring (256 slots) must absorb that burst, or the writer itself flags images
+    // lost_in_buffer. Slot size (the layout replication relies on) is the same on both hosts.
+    cfg["ram_buffer_gb"] = 0.5.into();
+    let far_cfg = far_dir.join("detector.json");
+    std::fs::write(&far_cfg, cfg.to_string()).unwrap();
+    let far_config = std_daq_common::DetectorConfig::from_file(&far_cfg).unwrap();
+    let port = 41_000 + (id % 1000) as u16 * 8;
+    let recv = env!("CARGO_BIN_EXE_std-stream-recv");
+    // The writer is stopped with the receiver (trap), so no process outlives the test.
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /dev/shm; \
+         {writer} --config {cfg} >/dev/null 2>{dir}/writer.log & W=$!; \
+         {recv} --config {cfg} --listen {addr}:{port} 2>{dir}/recv.log & R=$!; \
+         trap 'kill -TERM $R $W' TERM INT; \
+         wait $R || true; kill -TERM $W 2>/dev/null || true; wait $W || true",
+        writer = bin.join("std-h5-writer").display(),
+        cfg = far_cfg.display(),
+        dir = far_dir.display(),
+        addr = ns.far_addr(),
+    );
+    // `unshare --mount` makes mounts private by default; the tmpfs vanishes with the namespace.
+    let far = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.far, "unshare", "--mount", "sh", "-c"])
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let client = WriterClient::new(
+        &zmq::Context::new(),
+        &names::writer_command_endpoint(&far_config),
+        Duration::from_secs(5),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Reply {
+            status: Some(st), ..
+        }) = client.request(&WCmd::Status)
+        {
+            if st.connected {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "far writer not connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sender = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.near])
+            .arg(env!("CARGO_BIN_EXE_std-stream-send"))
+            .arg("--config")
+            .arg(&near.config_path)
+            .args(["--target", &format!("{}:{port}", ns.far_addr())])
+            .args(["--connections", "2", "--parts", "2", "--link-timeout", "1"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(work.join("send.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // The sender connects only once its subscription to the near stream is live.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(far_dir.join("recv.log"))
+        .unwrap_or_default()
+        .contains("replication session open")
+    {
+        assert!(Instant::now() < deadline, "the sender never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // 1: a run streamed across is pixel-exact on the far side.
+    let file1 = far_dir.join("run1.h5");
+    far_run(&client, &file1, 100);
+    let sim = near.run_simulator(100, 100.0, "", false).unwrap();
+    assert_eq!(sim.frames, 100);
+    let run = wait_far_run(&client, Duration::from_secs(60));
+    assert_eq!(run.images_written, 100, "{run:?}");
+    let report = verify(&file1, &detector);
+    assert_eq!(report["exact_images"], 100, "{report}");
+    assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+
+    // 2: cut the link mid-run; the near ring (32 slots) laps while it is down.
+    let ctx = zmq::Context::new();
+    let watch = ctx.socket(zmq::SUB).unwrap();
+    watch.set_subscribe(b"").unwrap();
+    watch.set_rcvtimeo(30_000).unwrap();
+    watch.connect(&names::image_endpoint(&near.config)).unwrap();
+    while !watch.recv_bytes(0).unwrap().is_empty() {} // subscribed: a heartbeat arrived
+    let file2 = far_dir.join("run2.h5");
+    far_run(&client, &file2, 400);
+    std::thread::scope(|s| {
+        // Frames 101..=500: the detector's frame numbers (image ids) go on from run 1.
+        let sim = s.spawn(|| {
+            let out = Command::new(bin.join("std-det-sim"))
+                .arg("--config")
+                .arg(&near.config_path)
+                .args(["--images", "400", "--rate", "100", "--start-frame", "101"])
+                .stderr(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["frames"].as_u64().unwrap()
+        });
+        let mut seen = 0;
+        while seen < 400 {
+            if !watch.recv_bytes(0).unwrap().is_empty() {
+                seen += 1;
+                if seen == 100 {
+                    ns.set_link(false);
+                }
+                if seen == 250 {
+                    ns.set_link(true);
+                }
+            }
+        }
+        assert_eq!(sim.join().unwrap(), 400);
+    });
+    let run = wait_far_run(&client, Duration::from_secs(120));
+    assert_eq!(run.images_written, 400, "{run:?}");
+    let sent: serde_json::Value =
+        serde_json::from_str(sender.wait_output("std-stream-send").trim()).unwrap();
+    let received: serde_json::Value =
+        serde_json::from_str(far.wait_output("std-stream-recv").trim()).unwrap();
+    let report = verify(&file2, &detector);
+    let lost_in_file = report["status_counts"]["4"].as_u64().unwrap_or(0);
+    eprintln!("sender {sent}\nreceiver {received}\nfile {report}");
+    assert!(lost_in_file > 0, "the outage lost nothing: {report}");
+    assert_eq!(sent["lost"], lost_in_file, "{sent} {report}");
+    assert_eq!(received["lost"], lost_in_file, "{received} {report}");
+    assert_eq!(sent["unconfirmed"], 0);
+    assert_eq!(sent["delivered"], received["delivered"]);
+    assert_eq!(received["checksum_errors"], 0);
+    assert_eq!(
+        report["exact_images"].as_u64().unwrap() + lost_in_file,
+        400,
+        "{report}"
+    );
+    assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+    let stop = near.stop().unwrap();
+    assert!(stop.failed.is_empty(), "{:?}", stop.failed);
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&work);
+    let _: PathBuf = work;
+}
