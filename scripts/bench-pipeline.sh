@@ -9,6 +9,11 @@ rates=("$@"); [ ${#rates[@]} -gt 0 ] || rates=(100 200 300 400 500 600 800)
 cargo build --workspace --bins -q
 out=$(mktemp -d)
 declare -A ok
+# Warm-up (not counted): the first run after a pause touches fresh page-cache memory, which is
+# very slow on these VMs.
+RUST_BACKTRACE=0 ./target/debug/std-daq demo --modules "${MODULES:-2}" --images "$(( ${rates[0]} * secs ))" \
+  --rate "${rates[0]}" --gso --output "$out/warmup.h5" >/dev/null 2>&1 || true
+rm -f "$out/warmup.h5"
 printf '| rate (Hz) | images/trial | lossless trials | written MB/s (median) |\n|---|---|---|---|\n' > "$out/table"
 for rate in "${rates[@]}"; do
   n=$(( rate * secs )); good_trials=0; mbs=()

@@ -69,17 +69,14 @@ fn main() -> Result<()> {
             n_slots: Some(u64::from(cfg.module_buffer_slots)),
             slot_bytes: Some(cfg.module_frame_bytes() as u64),
         };
-        let ring: RingReader<ModuleFrame> = loop {
-            match RingReader::attach_wait(&name, expect, Duration::from_secs(10), || {
-                shutdown.is_triggered()
-            }) {
-                Ok(r) => break r,
-                Err(image_buffer::RingError::Timeout { .. }) if !shutdown.is_triggered() => {
-                    tracing::info!(buffer = name, "waiting for the receiver of module {m}");
-                }
-                Err(e) => return Err(e).with_context(|| format!("attaching FrameBuffer {name}")),
-            }
-        };
+        let ring: RingReader<ModuleFrame> = RingReader::attach_for_service(
+            &name,
+            expect,
+            &format!("the receiver of module {m}"),
+            Duration::from_secs(10),
+            || shutdown.is_triggered(),
+        )
+        .with_context(|| format!("attaching FrameBuffer {name}"))?;
         module_rings.push(ring);
     }
     tracing::info!(

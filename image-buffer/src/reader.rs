@@ -111,6 +111,26 @@ impl<M: Pod> RingReader<M> {
         })
     }
 
+    /// For services: waits until the segment's owner has created it, however long that takes,
+    /// logging every `log_every` what it waits for (`owner`, e.g. "the receiver of module 0"),
+    /// and gives up only when `cancel()` returns true or the segment can never fit.
+    pub fn attach_for_service(
+        name: &str,
+        expect: Expect,
+        owner: &str,
+        log_every: Duration,
+        cancel: impl Fn() -> bool,
+    ) -> Result<Self, RingError> {
+        loop {
+            match Self::attach_wait(name, expect, log_every, &cancel) {
+                Err(RingError::Timeout { last, .. }) => {
+                    tracing::info!(buffer = name, "waiting for {owner} ({last})");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Polls every 10 ms until the segment exists and is valid, `timeout` passes
     /// ([`RingError::Timeout`] with the last reason) or `cancel()` returns true.
     pub fn attach_wait(

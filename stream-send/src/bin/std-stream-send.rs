@@ -75,17 +75,14 @@ fn main() -> Result<()> {
         n_slots: Some(cfg.image_buffer_slots()),
         slot_bytes: Some(cfg.image_bytes() as u64),
     };
-    let ring: RingReader<ImageMetadata> = loop {
-        match RingReader::attach_wait(&name, expect, Duration::from_secs(10), || {
-            shutdown.is_triggered()
-        }) {
-            Ok(r) => break r,
-            Err(image_buffer::RingError::Timeout { .. }) if !shutdown.is_triggered() => {
-                tracing::info!(buffer = name, "waiting for the ImageBuffer");
-            }
-            Err(e) => return Err(e).with_context(|| format!("attaching ImageBuffer {name}")),
-        }
-    };
+    let ring: RingReader<ImageMetadata> = RingReader::attach_for_service(
+        &name,
+        expect,
+        "std-assembler's ImageBuffer",
+        Duration::from_secs(10),
+        || shutdown.is_triggered(),
+    )
+    .with_context(|| format!("attaching ImageBuffer {name}"))?;
     let opts = SenderOptions {
         target,
         connections: args.connections,
