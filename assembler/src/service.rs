@@ -7,7 +7,7 @@
 use crate::calib::{Calibration, CalibrationError};
 use crate::pixels::ModulePixels;
 use crate::sync::{ReadyImage, Synchronizer};
-use image_buffer::{RingOwner, RingReader};
+use image_buffer::{Expect, RingOwner, RingReader};
 use std::fmt;
 use std::time::{Duration, Instant};
 use std_daq_common::messages::IMAGE_METADATA_VERSION;
@@ -29,20 +29,23 @@ pub struct AssemblerStats {
     /// Module frames whose FrameBuffer slot was overwritten before the assembler read it.
     pub module_frames_overwritten: u64,
     pub invalid_messages: u64,
+    /// FrameBuffers re-attached because their receiver restarted.
+    pub receiver_restarts: u64,
 }
 
 impl fmt::Display for AssemblerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "images={} good={} missing_packets={} lost_in_buffer={} id_mismatch={} module_frames_overwritten={} invalid_messages={}",
+            "images={} good={} missing_packets={} lost_in_buffer={} id_mismatch={} module_frames_overwritten={} invalid_messages={} receiver_restarts={}",
             self.images,
             self.images_good,
             self.images_missing_packets,
             self.images_lost_in_buffer,
             self.images_id_mismatch,
             self.module_frames_overwritten,
-            self.invalid_messages
+            self.invalid_messages,
+            self.receiver_restarts
         )
     }
 }
@@ -124,6 +127,31 @@ impl Assembler {
         board.set("duplicate_frames", s.duplicate_frames);
         board.set("late_frames", s.late_frames);
         board.set("pending_images", self.sync.n_pending());
+    }
+
+    /// A receiver that restarted created a new FrameBuffer under the same name: map the new
+    /// one (the old mapping would never see its frames). Cheap (one `stat` per module); called a
+    /// few times a second, never per image.
+    pub fn reattach_restarted_receivers(&mut self) {
+        for (m, ring) in self.module_rings.iter_mut().enumerate() {
+            if !ring.is_replaced() {
+                continue;
+            }
+            let expect = Expect {
+                n_slots: Some(ring.n_slots()),
+                slot_bytes: Some(ring.slot_bytes()),
+            };
+            // Not there yet (the receiver is still starting): try again next time.
+            if let Ok(new) = RingReader::attach(ring.name(), expect) {
+                tracing::info!(
+                    module = m,
+                    buffer = ring.name(),
+                    "receiver restarted: FrameBuffer re-attached"
+                );
+                *ring = new;
+                self.stats.receiver_restarts += 1;
+            }
+        }
     }
 
     /// Takes one raw message from a receiver.
@@ -282,6 +310,7 @@ pub fn run(
         if last_heartbeat.is_none_or(|t| now.duration_since(t) >= HEARTBEAT) {
             let _ = publisher.send(&[][..], zmq::DONTWAIT);
             last_heartbeat = Some(now);
+            assembler.reattach_restarted_receivers();
         }
         if now.duration_since(last_report) >= stats_period {
             tracing::info!(pending = assembler.sync.n_pending(), "{}", assembler.stats);

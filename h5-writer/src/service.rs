@@ -8,7 +8,7 @@
 
 use crate::command::{Command, Reply, RunSummary, WriterStatus};
 use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
-use image_buffer::RingReader;
+use image_buffer::{Expect, RingReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
@@ -95,6 +95,25 @@ impl Writer {
                 status: Some(self.status()),
                 ..Reply::default()
             },
+        }
+    }
+
+    /// std-assembler restarted and created a new ImageBuffer under the same name: map the new
+    /// one (the old mapping would never see its images).
+    pub fn reattach_if_restarted(&mut self) {
+        if !self.ring.is_replaced() {
+            return;
+        }
+        let expect = Expect {
+            n_slots: Some(self.ring.n_slots()),
+            slot_bytes: Some(self.ring.slot_bytes()),
+        };
+        if let Ok(new) = RingReader::attach(self.ring.name(), expect) {
+            tracing::info!(
+                buffer = self.ring.name(),
+                "assembler restarted: ImageBuffer re-attached"
+            );
+            self.ring = new;
         }
     }
 
@@ -360,6 +379,7 @@ pub fn run(
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
             writer.publish_status(board);
+            writer.reattach_if_restarted();
             last_status = Instant::now();
         }
         if writer.invalid_messages != last_invalid_report

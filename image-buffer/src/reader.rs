@@ -6,6 +6,7 @@ use std::fs::{File, TryLockError};
 use std::io;
 use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::slice;
@@ -56,6 +57,8 @@ pub struct RingReader<M: Pod> {
     layout: Layout,
     /// Raw rather than `Mmap`: the bytes change under us, so no long-lived `&[u8]` may cover them.
     map: MmapRaw,
+    /// (device, inode) of the segment this reader mapped, to notice a new owner's segment.
+    identity: (u64, u64),
     _meta: PhantomData<fn() -> M>,
 }
 
@@ -81,7 +84,9 @@ impl<M: Pod> RingReader<M> {
             }
             Err(err) => return Err(io_error(err)),
         };
-        let file_bytes = file.metadata().map_err(io_error)?.len();
+        let file_meta = file.metadata().map_err(io_error)?;
+        let identity = (file_meta.dev(), file_meta.ino());
+        let file_bytes = file_meta.len();
         if file_bytes < HEADER_BYTES {
             return Err(RingError::Truncated { path, file_bytes });
         }
@@ -107,8 +112,19 @@ impl<M: Pod> RingReader<M> {
             path,
             layout,
             map,
+            identity,
             _meta: PhantomData,
         })
+    }
+
+    /// True when the segment this reader mapped is no longer the one at its name: its owner
+    /// restarted (a new segment was renamed into place) or went away (the name was unlinked).
+    /// One `stat`; call it now and then (e.g. once a second), not per image.
+    pub fn is_replaced(&self) -> bool {
+        match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != self.identity,
+            Err(_) => true,
+        }
     }
 
     /// For services: waits until the segment's owner has created it, however long that takes,

@@ -248,8 +248,10 @@ fn readers_come_and_go_owner_removes_the_segment() {
     );
 
     let path = owner.path().to_owned();
+    assert!(!reader.is_replaced());
     drop(owner);
     assert!(!path.exists());
+    assert!(reader.is_replaced(), "the owner went away");
     // An attached reader keeps its mapping of the (now unlinked) segment.
     let mut data = [0; 1000];
     assert_eq!(reader.copy_out(3, &mut data).unwrap(), 3);
@@ -491,4 +493,21 @@ fn handles_are_send_and_debug() {
         debug.contains("RingOwner") && debug.contains("n_slots: 2"),
         "{debug}"
     );
+}
+
+#[test]
+fn a_restarted_owner_is_noticed_and_can_be_attached_again() {
+    let name = unique_name("restart");
+    let mut first = RingOwner::<u64>::create(&name, 4, 1000).unwrap();
+    write_image(&mut first, 1, 0x11);
+    let reader = RingReader::<u64>::attach(&name, Expect::default()).unwrap();
+    drop(first);
+    let mut second = RingOwner::<u64>::create(&name, 4, 1000).unwrap();
+    write_image(&mut second, 2, 0x22);
+    assert!(reader.is_replaced(), "a new segment stands at the name");
+    // The old mapping knows nothing of the new owner's images; a new reader does.
+    assert!(reader.copy_out(2, &mut [0; 10]).is_err());
+    let again = RingReader::<u64>::attach(&name, Expect::default()).unwrap();
+    assert!(!again.is_replaced());
+    assert_eq!(again.copy_out(2, &mut [0; 10]).unwrap(), 2);
 }

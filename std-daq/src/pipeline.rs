@@ -204,8 +204,12 @@ impl Pipeline {
 
     fn spawn(&self, name: &str, binary: &str, extra: &[&str]) -> Result<Service> {
         let log_path = self.log_path(name);
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        // Appended, so a restarted service keeps the log of its first life.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
         let exe = self.opts.bin_dir.join(binary);
         let child = Process::new(&exe)
             .arg("--config")
@@ -280,6 +284,33 @@ impl Pipeline {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops receiver `module` (SIGKILL when `crash`, else SIGTERM), waits for it to exit, and
+    /// starts it again, as a supervisor would after a crash.
+    pub fn restart_receiver(&mut self, module: u16, crash: bool) -> Result<()> {
+        let i = usize::from(module);
+        if i >= self.receivers.len() {
+            bail!("no receiver for module {module}");
+        }
+        if crash {
+            self.receivers[i].child.kill()?;
+        } else {
+            terminate(&self.receivers[i].child)?;
+        }
+        wait_with_deadline(&mut self.receivers[i].child, Duration::from_secs(20))?;
+        let name = format!("std-udp-recv-{module}");
+        let fresh = self.spawn(&name, "std-udp-recv", &["--module", &module.to_string()])?;
+        self.receivers[i] = fresh;
+        Ok(())
+    }
+
+    /// The writer's status.
+    pub fn writer_status(&self) -> Result<h5_writer::command::WriterStatus> {
+        self.client
+            .request(&Command::Status)?
+            .status
+            .ok_or_else(|| anyhow!("the writer's status reply has no status"))
     }
 
     /// Asks the writer to write the next `n_images` images into `output_file`.
