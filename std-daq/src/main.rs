@@ -27,6 +27,38 @@ enum Cmd {
     Write(WriteArgs),
     /// Stops a running write request; its file keeps the images written so far.
     Kill(KillArgs),
+    /// Runs one detector's services (a receiver per module, assembler, writer, optionally the
+    /// writer agent and the stream sender) as supervised child processes: a crashed child is
+    /// restarted with backoff; SIGINT/SIGTERM stops them all in order and cleans up.
+    Up(UpArgs),
+    /// Prints a table of every service's status from Redis (`status.*` hashes).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Detector config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Also run std-writer-agent, writing files under this folder only.
+    #[arg(long)]
+    agent_output_root: Option<PathBuf>,
+    /// Also run std-stream-send to this host:port.
+    #[arg(long)]
+    stream_target: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "127.0.0.1")]
+    redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    redis_port: u16,
+    /// Only services whose name contains this.
+    #[arg(long, default_value = "")]
+    filter: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,12 +147,81 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Demo(args) => demo(args),
         Cmd::Write(args) => write(args),
+        Cmd::Up(args) => up(args),
+        Cmd::Status(args) => status(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
             Ok(())
         }
     }
+}
+
+fn up(args: UpArgs) -> Result<()> {
+    use std_daq::supervisor::{self, UpOptions};
+    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    let config = std::path::absolute(&args.config).context("resolving --config")?;
+    let opts = UpOptions {
+        agent_output_root: args.agent_output_root,
+        stream_target: args.stream_target,
+    };
+    let specs = supervisor::services_for(&cfg, &config, &opts);
+    let shutdown = std_daq_common::service::Shutdown::on_signals()?;
+    tracing::info!(
+        detector = cfg.detector_name,
+        services = specs.len(),
+        "starting"
+    );
+    let report = supervisor::run(&default_bin_dir()?, &cfg, specs, &shutdown)?;
+    for (service, n) in &report.restarts {
+        tracing::info!(service, restarts = n, "was restarted");
+    }
+    for path in &report.cleaned {
+        tracing::info!(path = %path.display(), "removed what a killed service left behind");
+    }
+    if !report.failed.is_empty() {
+        bail!("services did not stop cleanly: {:?}", report.failed);
+    }
+    tracing::info!("all services stopped");
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let url = format!("redis://{}:{}/", args.redis_host, args.redis_port);
+    let mut con = redis::Client::open(url.as_str())?
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .with_context(|| format!("connecting to Redis at {url}"))?;
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("status.*").query(&mut con)?;
+    keys.retain(|k| k.contains(&args.filter));
+    keys.sort();
+    if keys.is_empty() {
+        println!("no service reports a status in Redis at {url}");
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    const SKIP: [&str; 3] = ["service_name", "config", "start_timestamp"];
+    for key in keys {
+        let fields: std::collections::BTreeMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query(&mut con)?;
+        let started: f64 = fields
+            .get("start_timestamp")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(now);
+        let counters: Vec<String> = fields
+            .iter()
+            .filter(|(k, _)| !SKIP.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "{:<44} up {:>8.0} s  {}",
+            key.trim_start_matches("status."),
+            now - started,
+            counters.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn write(args: WriteArgs) -> Result<()> {

@@ -441,22 +441,35 @@ impl Pipeline {
                 }
             }
         }
-        let prefix = format!("std-daq.{}.", self.config.detector_name);
-        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().contains(&prefix) {
-                    report.leftovers.push(e.path());
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.config.ipc_dir) {
-            report.leftovers.extend(entries.flatten().map(|e| e.path()));
-        }
+        report.leftovers = leftovers(&self.config);
         Ok(report)
     }
 }
 
-fn terminate(child: &Child) -> Result<()> {
+/// Shared-memory segments and ipc socket files of `cfg`'s detector that exist now.
+pub fn leftovers(cfg: &DetectorConfig) -> Vec<PathBuf> {
+    let prefix = format!("std-daq.{}.", cfg.detector_name);
+    let ipc_prefix = format!("std-daq-{}-", cfg.detector_name);
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().contains(&prefix) {
+                found.push(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&cfg.ipc_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&ipc_prefix) {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// Sends SIGTERM (a service then finishes what it holds and cleans up).
+pub(crate) fn terminate(child: &Child) -> Result<()> {
     let status = Process::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -466,7 +479,11 @@ fn terminate(child: &Child) -> Result<()> {
     Ok(())
 }
 
-fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+/// Waits for a child to exit; SIGKILLs it after `timeout`.
+pub(crate) fn wait_with_deadline(
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {

@@ -70,3 +70,20 @@ pub fn verify_h5_as(
     };
     serde_json::from_str(line).with_context(|| format!("verify_h5.py report: {line}"))
 }
+
+/// Per-image `status` and the first word of `missing_modules` of a written file, read with h5py.
+pub fn read_status(file: &Path, detector: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(format!(
+            "import h5py, json; f = h5py.File({:?}); g = f[{:?}]; \
+             print(json.dumps([g['status'][:].tolist(), g['missing_modules'][:, 0].tolist()]))",
+            file.display().to_string(),
+            detector
+        ))
+        .output()
+        .context("running h5py")?;
+    let v: (Vec<u64>, Vec<u64>) = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("h5py said: {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(v)
+}

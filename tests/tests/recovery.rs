@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 use std_daq::pipeline::Pipeline;
-use std_daq_tests::{options, python};
+use std_daq_tests::{options, read_status};
 
 #[test]
 fn a_crashed_receiver_restarts_and_the_pipeline_recovers() {
@@ -58,22 +58,7 @@ fn a_crashed_receiver_restarts_and_the_pipeline_recovers() {
     );
     assert_eq!(run.images_written, 400, "{run:?}");
 
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(format!(
-            "import h5py, json; f = h5py.File({:?}); g = f[{:?}]; \
-             print(json.dumps({{'status': g['status'][:].tolist(), \
-             'missing': g['missing_packets'][:].tolist(), \
-             'modules': g['missing_modules'][:, 0].tolist()}}))",
-            file.display().to_string(),
-            detector
-        ))
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    let status: Vec<u64> = serde_json::from_value(v["status"].clone()).unwrap();
-    let modules: Vec<u64> = serde_json::from_value(v["modules"].clone()).unwrap();
+    let (status, modules) = read_status(&file, &detector).unwrap();
     assert!(
         status[..100].iter().all(|s| *s == 1),
         "good before the crash: {status:?}"
