@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
-use std_daq_common::{names, DetectorConfig};
+use std_daq_common::names;
+use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
 use std_writer_agent::{Agent, AgentSettings, Policy};
 
 /// Takes write requests from RabbitMQ (std_daq_service conventions: exchanges `request`, `status`,
@@ -16,8 +17,9 @@ use std_writer_agent::{Agent, AgentSettings, Policy};
 #[command(version)]
 struct Args {
     /// Detector config (std_daq JSON); gives the writer's command socket and the default tag.
+    /// Without it the config is read from Redis key config.<SERVICE_NAME>.
     #[arg(long, env = "DETECTOR_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// RabbitMQ URL (vhost `/` is written `%2f`).
     #[arg(
         long,
@@ -53,8 +55,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let cfg = DetectorConfig::from_file(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
+    let redis = RedisEnv::from_env();
+    let cfg = load_config(args.config.as_deref(), &redis)?;
     std_daq_common::service::init_logging(&cfg.log_level);
     let policy = Policy::new(&args.output_root, args.max_images, args.create_dirs)
         .with_context(|| format!("output root {}", args.output_root.display()))?;
@@ -72,6 +74,16 @@ fn main() -> Result<()> {
     settings.poll_interval = Duration::from_millis(args.poll_ms.max(10));
     settings.progress_interval = Duration::from_millis(args.progress_ms);
     let agent = Agent::new(settings).context("setting up the agent")?;
+    let board = StatusBoard::default();
+    board.set("tag", &tag);
+    board.set("broker", std_writer_agent::agent::redact(&args.broker));
+    board.set("output_root", args.output_root.display());
+    let _status = StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.writer-agent", cfg.detector_name),
+        &cfg,
+        board,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
