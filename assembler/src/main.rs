@@ -26,6 +26,9 @@ struct Args {
     /// config.<SERVICE_NAME>.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -89,6 +92,17 @@ fn main() -> Result<()> {
     );
     let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
     let board = StatusBoard::default();
+    if let Some(addr) = args.metrics_addr {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let bound = std_daq_common::metrics::spawn(
+            listener,
+            &format!("std-daq.{}.assembler", cfg.detector_name),
+            board.clone(),
+        )
+        .context("starting the metrics server")?;
+        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
+    }
     let _status = StatusReporter::start(
         &redis,
         &format!("std-daq.{}.assembler", cfg.detector_name),

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod gigafrost;
 pub mod messages;
+pub mod metrics;
 pub mod names;
 pub mod service;
 pub mod status;

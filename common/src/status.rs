@@ -94,7 +94,8 @@ impl StatusBoard {
         }
     }
 
-    fn snapshot(&self) -> Vec<(String, String)> {
+    /// Every field and its value, sorted by name.
+    pub fn snapshot(&self) -> Vec<(String, String)> {
         self.0
             .lock()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())

@@ -30,6 +30,9 @@ struct Args {
     /// Python's hdf5plugin).
     #[arg(long, default_value = "none", value_parser = ["none", "bitshuffle-lz4"])]
     compression: String,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -77,6 +80,17 @@ fn main() -> Result<()> {
     };
     let mut writer = Writer::new(&cfg, ring).with_compression(compression);
     let board = StatusBoard::default();
+    if let Some(addr) = args.metrics_addr {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let bound = std_daq_common::metrics::spawn(
+            listener,
+            &format!("std-daq.{}.h5-writer", cfg.detector_name),
+            board.clone(),
+        )
+        .context("starting the metrics server")?;
+        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
+    }
     let _status = StatusReporter::start(
         &redis,
         &format!("std-daq.{}.h5-writer", cfg.detector_name),

@@ -151,6 +151,8 @@ pub struct Pipeline {
     assembler: Option<Service>,
     writer: Option<Service>,
     pub client: WriterClient,
+    /// Extra arguments per service name (e.g. `--metrics-addr`), applied at every (re)start.
+    extra_args: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Pipeline {
@@ -165,6 +167,17 @@ impl Pipeline {
         opts: PipelineOptions,
         detector: SimulatedDetector,
         ready_timeout: Duration,
+    ) -> Result<Self> {
+        Self::start_with_args(opts, detector, ready_timeout, Default::default())
+    }
+
+    /// [`Pipeline::start_detector`] with extra arguments for some services, by service name
+    /// (`std-udp-recv-<m>`, `std-assembler`, `std-h5-writer`).
+    pub fn start_with_args(
+        opts: PipelineOptions,
+        detector: SimulatedDetector,
+        ready_timeout: Duration,
+        extra_args: std::collections::HashMap<String, Vec<String>>,
     ) -> Result<Self> {
         std::fs::create_dir_all(opts.work_dir.join("ipc"))
             .with_context(|| format!("creating {}", opts.work_dir.display()))?;
@@ -187,6 +200,7 @@ impl Pipeline {
             writer: None,
             client,
             opts,
+            extra_args,
         };
         for m in 0..p.config.n_modules {
             let s = p.spawn(
@@ -215,6 +229,7 @@ impl Pipeline {
             .arg("--config")
             .arg(&self.config_path)
             .args(extra)
+            .args(self.extra_args.get(name).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -41,6 +41,9 @@ struct Args {
     /// Pin the receiver to this CPU (one core per module, away from the NIC's interrupts).
     #[arg(long)]
     cpu: Option<usize>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -113,6 +116,17 @@ fn main() -> Result<()> {
         batch_size: args.batch,
     };
     let board = StatusBoard::default();
+    if let Some(addr) = args.metrics_addr {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let bound = std_daq_common::metrics::spawn(
+            listener,
+            &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
+            board.clone(),
+        )
+        .context("starting the metrics server")?;
+        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
+    }
     board.set("udp_address", addr);
     board.set("rcvbuf_bytes", rcvbuf.effective);
     let _status = StatusReporter::start(

@@ -1,0 +1,125 @@
+//! Every service's Prometheus endpoint, scraped after a run with chosen losses: the counters
+//! match what the simulator sent and what the file holds.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+use std_daq::pipeline::{Pipeline, SimulatedDetector};
+use std_daq_tests::options;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The samples of one endpoint, by metric name.
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.split('{').next()?.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_endpoints_count_what_the_run_did() {
+    const DROPS: &str = "5:0:*,7:1:3,7:1:4";
+    let opts = options("metrics").unwrap();
+    let work = opts.work_dir.clone();
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let services = [
+        "std-udp-recv-0",
+        "std-udp-recv-1",
+        "std-assembler",
+        "std-h5-writer",
+    ];
+    let extra: HashMap<String, Vec<String>> = services
+        .iter()
+        .zip(&ports)
+        .map(|(s, p)| {
+            (
+                s.to_string(),
+                vec!["--metrics-addr".into(), format!("127.0.0.1:{p}")],
+            )
+        })
+        .collect();
+    let mut p = Pipeline::start_with_args(
+        opts,
+        SimulatedDetector::Jungfrau,
+        Duration::from_secs(60),
+        extra,
+    )
+    .unwrap();
+    p.start_run(&work.join("metrics.h5"), 50).unwrap();
+    let sim = p.run_simulator(50, 100.0, DROPS, false).unwrap();
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    assert_eq!(run.images_written, 50);
+
+    // Services publish their counters every stats period (2 s here): wait until the receivers'
+    // totals are final, with a watchdog.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (r0, r1) = loop {
+        let (r0, r1) = (scrape(ports[0]), scrape(ports[1]));
+        let total = r0.get("std_daq_packets").copied().unwrap_or(0.0)
+            + r1.get("std_daq_packets").copied().unwrap_or(0.0);
+        if total as u64 == sim.packets_sent {
+            break (r0, r1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "receivers counted {total}, the simulator sent {}",
+            sim.packets_sent
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Packets sent by the simulator = packets counted by the receivers; plus the ones it left
+    // out, that is every packet of the run.
+    assert_eq!(sim.packets_sent + sim.packets_dropped, 50 * 2 * 128);
+    assert_eq!(sim.packets_dropped, 128 + 2);
+    // Receiver 1 saw frame 7 without packets 3 and 4; receiver 0 never saw frame 5 at all.
+    assert_eq!(r1["std_daq_missing_packets"], 2.0);
+    assert_eq!(r1["std_daq_frames_incomplete"], 1.0);
+    assert_eq!(r0["std_daq_frames_complete"], 49.0);
+    assert_eq!(
+        r0["std_daq_malformed_packets"] + r1["std_daq_malformed_packets"],
+        0.0
+    );
+
+    let wait_for = |port: u16, name: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = scrape(port).get(name).copied();
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} on :{port} is {got:?}, want {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(ports[2], "std_daq_images", 50.0);
+    wait_for(ports[2], "std_daq_images_good", 48.0);
+    wait_for(ports[2], "std_daq_images_missing_packets", 2.0);
+    wait_for(ports[3], "std_daq_images_written", 50.0);
+    let stop = p.stop().unwrap();
+    assert!(
+        stop.failed.is_empty() && stop.leftovers.is_empty(),
+        "{stop:?}"
+    );
+    std::fs::remove_dir_all(work).unwrap();
+}
