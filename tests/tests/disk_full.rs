@@ -1,0 +1,78 @@
+//! A full disk in the middle of a write: the run ends with a definite failure that says why, the
+//! data written so far stays in the `.part` file, nothing appears under the requested name, and
+//! the writer takes the next request as if nothing happened.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+use std_daq::pipeline::Pipeline;
+use std_daq_tests::{options, verify_h5};
+
+/// A 12 MiB tmpfs the test mounts (root only) and always unmounts.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf) -> Option<Self> {
+        std::fs::create_dir_all(&path).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(SmallDisk(path))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_run_clearly_and_the_next_run_works() {
+    let opts = options("diskfull").unwrap();
+    let work = opts.work_dir.clone();
+    let detector = opts.detector_name.clone();
+    let mut p = Pipeline::start(opts, Duration::from_secs(60)).unwrap();
+    let Some(disk) = SmallDisk::mount(work.join("small")) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let full = disk.0.join("full.h5");
+    p.start_run(&full, 30).unwrap();
+    p.run_simulator(30, 100.0, "", false).unwrap();
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    assert!(run.end.starts_with("failed: "), "{run:?}");
+    assert!(
+        run.end.contains("full.h5"),
+        "the failure names the file: {}",
+        run.end
+    );
+    assert!(run.images_written < 30, "{run:?}");
+    assert!(!full.exists(), "nothing under the requested name");
+    assert!(
+        disk.0.join("full.h5.part").exists(),
+        "the partial data stays for inspection"
+    );
+
+    // The next request on a disk with room is served normally.
+    let ok = work.join("after.h5");
+    p.start_run(&ok, 20).unwrap();
+    // The detector's frame counter runs on (frames restarting at 1 within a second would be
+    // taken as late packets of the last acquisition).
+    p.run_simulator_with(20, 100.0, &["--start-frame".into(), "1000".into()])
+        .unwrap();
+    let run = p.wait_run(Duration::from_secs(10)).unwrap();
+    assert_eq!((run.end.as_str(), run.images_written), ("completed", 20));
+    let stop = p.stop().unwrap();
+    assert!(
+        stop.failed.is_empty() && stop.leftovers.is_empty(),
+        "{stop:?}"
+    );
+    let report = verify_h5(&ok, &detector, "").unwrap();
+    assert_eq!(report["exact_images"], 20, "{report}");
+    drop(disk);
+    std::fs::remove_dir_all(work).unwrap();
+}
