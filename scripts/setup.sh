@@ -6,7 +6,7 @@ set -euo pipefail
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo "setup: run as root (or with sudo)" >&2; exit 1; fi; }
 
 PKGS=(build-essential pkg-config libhdf5-dev hdf5-tools python3-h5py python3-numpy
-      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika)
+      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml shellcheck)
 
 missing=()
 for p in "${PKGS[@]}"; do
