@@ -196,6 +196,15 @@ impl Geometry {
     /// gap pixels. `src` must hold at least `module_height * row_bytes()` bytes.
     pub fn place(&self, module: usize, src: &[u8], image: &mut [u8]) {
         let rb = self.row_bytes();
+        let p = self.modules[module];
+        // A module as wide as the image, not mirrored, without gaps: its rows are contiguous in
+        // the image too, so it is one copy.
+        if self.layout.gap == 0 && !p.flip_x && !p.flip_y && p.width == self.image_width {
+            let n = self.layout.module_height * rb;
+            let start = self.offset(&p, 0, 0);
+            image[start..start + n].copy_from_slice(&src[..n]);
+            return;
+        }
         for (r, row) in src
             .chunks_exact(rb)
             .take(self.layout.module_height)
