@@ -4,4 +4,5 @@
 #![forbid(unsafe_code)]
 
 pub mod pipeline;
+pub mod preview;
 pub mod supervisor;

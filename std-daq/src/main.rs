@@ -33,6 +33,26 @@ enum Cmd {
     Up(UpArgs),
     /// Prints a table of every service's status from Redis (`status.*` hashes).
     Status(StatusArgs),
+    /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
+    /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
+    Preview(PreviewArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PreviewArgs {
+    /// Detector config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Where viewers connect (ZMQ SUB), e.g. tcp://0.0.0.0:9999.
+    #[arg(long)]
+    bind: String,
+    /// forward (every image), periodic:N,HZ (N images HZ times a second) or batch:N,M (the first
+    /// N of every M images).
+    #[arg(long, default_value = "periodic:1,10")]
+    mode: std_daq::preview::Mode,
+    /// Images a slow viewer may have queued before ZMQ drops for it.
+    #[arg(long, default_value_t = 10)]
+    hwm: i32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +169,7 @@ fn main() -> Result<()> {
         Cmd::Write(args) => write(args),
         Cmd::Up(args) => up(args),
         Cmd::Status(args) => status(args),
+        Cmd::Preview(args) => preview(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
@@ -183,6 +204,36 @@ fn up(args: UpArgs) -> Result<()> {
         bail!("services did not stop cleanly: {:?}", report.failed);
     }
     tracing::info!("all services stopped");
+    Ok(())
+}
+
+fn preview(args: PreviewArgs) -> Result<()> {
+    use std_daq_common::names;
+    std_daq::preview::check_endpoint(&args.bind)?;
+    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    let shutdown = std_daq_common::service::Shutdown::on_signals()?;
+    let ctx = zmq::Context::new();
+    let images = ctx.socket(zmq::SUB)?;
+    images.set_subscribe(b"")?;
+    images.connect(&names::image_endpoint(&cfg))?;
+    let publisher = ctx.socket(zmq::XPUB)?;
+    publisher.set_sndhwm(args.hwm)?;
+    publisher.set_linger(0)?;
+    publisher
+        .bind(&args.bind)
+        .with_context(|| format!("binding {}", args.bind))?;
+    let name = names::image_buffer_name(&cfg.detector_name);
+    let ring = image_buffer::RingReader::attach_for_service(
+        &name,
+        image_buffer::Expect::default(),
+        "std-assembler's ImageBuffer",
+        Duration::from_secs(10),
+        || shutdown.is_triggered(),
+    )
+    .with_context(|| format!("attaching ImageBuffer {name}"))?;
+    tracing::info!(bind = args.bind, mode = ?args.mode, "preview ready");
+    let stats = std_daq::preview::run(&ring, &images, &publisher, args.mode, &shutdown)?;
+    tracing::info!(?stats, "preview stopped");
     Ok(())
 }
 
