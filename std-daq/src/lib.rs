@@ -3,6 +3,7 @@
 //! system exactly as an operator would.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

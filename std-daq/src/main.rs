@@ -33,9 +33,28 @@ enum Cmd {
     Up(UpArgs),
     /// Prints a table of every service's status from Redis (`status.*` hashes).
     Status(StatusArgs),
+    /// The HTTP control API (write sync/async, kill, request status, service status, config,
+    /// OpenAPI at /openapi.json, interactive page at /docs); speaks to the writer agent over
+    /// RabbitMQ.
+    Api(ApiArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
     Preview(PreviewArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Detector config file (served at /config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Redis for /service_status.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +189,7 @@ fn main() -> Result<()> {
         Cmd::Up(args) => up(args),
         Cmd::Status(args) => status(args),
         Cmd::Preview(args) => preview(args),
+        Cmd::Api(args) => api(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
@@ -205,6 +225,28 @@ fn up(args: UpArgs) -> Result<()> {
     }
     tracing::info!("all services stopped");
     Ok(())
+}
+
+fn api(args: ApiArgs) -> Result<()> {
+    let config_json = match &args.config {
+        Some(path) => Some(std_daq_common::DetectorConfig::from_file(path)?.raw),
+        None => None,
+    };
+    let server = tiny_http::Server::http(&args.listen)
+        .map_err(|e| anyhow::anyhow!("serving HTTP on {}: {e}", args.listen))?;
+    tracing::info!(
+        listen = args.listen,
+        tag = args.broker.tag,
+        "HTTP API ready (docs at /docs)"
+    );
+    std_daq::api::serve(
+        server,
+        std_daq::api::ApiSettings {
+            client: args.broker.options(),
+            redis_url: args.redis_url,
+            config_json,
+        },
+    )
 }
 
 fn preview(args: PreviewArgs) -> Result<()> {

@@ -194,6 +194,17 @@ pub fn send_request_blocking(
     Ok(runtime()?.block_on(send_request(opts, request_id, &body, on_status))?)
 }
 
+/// Blocking [`send_request`] of a body sent exactly as given (the agent judges it), under
+/// `request_id`. Must not be called from inside a tokio runtime.
+pub fn send_raw_blocking(
+    opts: &ClientOptions,
+    request_id: &str,
+    body: &[u8],
+    on_status: impl FnMut(&StatusMessage),
+) -> Result<StatusMessage, BlockingError> {
+    Ok(runtime()?.block_on(send_request(opts, request_id, body, on_status))?)
+}
+
 /// Blocking [`kill`]. Must not be called from inside a tokio runtime.
 pub fn kill_blocking(opts: &ClientOptions, request_id: &str) -> Result<(), BlockingError> {
     Ok(runtime()?.block_on(kill(opts, request_id))?)

@@ -1,0 +1,294 @@
+//! `std-daq api`: the HTTP control API (std_daq_service's REST front end, without its flaws).
+//! It speaks to the writer agent over RabbitMQ like any client, so HTTP and RabbitMQ requests
+//! behave the same:
+//!
+//! | method, path | body | answer |
+//! |---|---|---|
+//! | POST /write_sync | `{output_file, n_images, ...}` | when the write ended (no time cap): 200 + final status; 400 when the agent refused the request (same message as `request_fail`); 500 when it failed or was killed |
+//! | POST /write_async | same | 202 `{request_id}` at once |
+//! | POST /write_kill | `{request_id}` | 200 when the kill was sent |
+//! | GET /status/{request_id} | | the request's last status (action, message, body) |
+//! | GET /service_status | | every `status.*` hash in Redis |
+//! | GET /config | | the detector config |
+//! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
+//!
+//! Never: hold a request open against a timer (PSI's 10 s cap reported long writes as failures),
+//! or report a killed write as a success.
+
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use std_writer_agent::client::{self, BlockingError, ClientError, ClientOptions};
+use std_writer_agent::protocol::{action, StatusMessage};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub client: ClientOptions,
+    pub redis_url: String,
+    pub config_json: Option<serde_json::Value>,
+}
+
+/// What is known of each request sent through this API: its statuses as they arrive.
+#[derive(Debug, Default)]
+struct Requests(Mutex<HashMap<String, RequestState>>);
+
+#[derive(Debug, Clone, Default)]
+struct RequestState {
+    started: bool,
+    last: Option<StatusMessage>,
+    error: Option<String>,
+}
+
+impl Requests {
+    fn update(&self, id: &str, f: impl FnOnce(&mut RequestState)) {
+        if let Ok(mut map) = self.0.lock() {
+            f(map.entry(id.to_string()).or_default());
+        }
+    }
+    fn get(&self, id: &str) -> Option<RequestState> {
+        self.0.lock().ok()?.get(id).cloned()
+    }
+}
+
+fn json_response(code: u16, value: &serde_json::Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    let header = Header::from_bytes("Content-Type", "application/json").ok();
+    let mut r = Response::from_data(value.to_string().into_bytes()).with_status_code(code);
+    if let Some(h) = header {
+        r.add_header(h);
+    }
+    r
+}
+
+fn status_json(s: &StatusMessage) -> serde_json::Value {
+    serde_json::json!({
+        "request_id": s.request_id,
+        "action": s.action,
+        "source": s.source,
+        "message": s.message,
+        "body": s.body,
+    })
+}
+
+/// Serves until the process ends; each request runs on its own thread (a synchronous write may
+/// take as long as the write does).
+pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
+    let settings = Arc::new(settings);
+    let requests = Arc::new(Requests::default());
+    for request in server.incoming_requests() {
+        let (settings, requests) = (Arc::clone(&settings), Arc::clone(&requests));
+        std::thread::spawn(move || {
+            if let Err(e) = handle(request, &settings, &requests) {
+                tracing::warn!("answering an HTTP request: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn handle(mut request: Request, settings: &ApiSettings, requests: &Arc<Requests>) -> Result<()> {
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(1 << 20)
+        .read_to_end(&mut body)
+        .context("reading the body")?;
+    let url = request.url().to_string();
+    let path = url.split('?').next().unwrap_or("").to_string();
+    let response = match (request.method(), path.as_str()) {
+        (Method::Post, "/write_sync") => write(settings, requests, &body, true),
+        (Method::Post, "/write_async") => write(settings, requests, &body, false),
+        (Method::Post, "/write_kill") => kill(settings, &body),
+        (Method::Get, p) if p.starts_with("/status/") => {
+            let id = &p["/status/".len()..];
+            match requests.get(id) {
+                Some(RequestState { last: Some(s), .. }) => json_response(200, &status_json(&s)),
+                Some(RequestState { error: Some(e), .. }) => {
+                    json_response(200, &serde_json::json!({"request_id": id, "error": e}))
+                }
+                Some(_) => json_response(
+                    200,
+                    &serde_json::json!({"request_id": id, "action": "sent"}),
+                ),
+                None => json_response(
+                    404,
+                    &serde_json::json!({"error": format!("unknown request {id}")}),
+                ),
+            }
+        }
+        (Method::Get, "/service_status") => match service_status(&settings.redis_url) {
+            Ok(v) => json_response(200, &v),
+            Err(e) => json_response(503, &serde_json::json!({"error": format!("{e:#}")})),
+        },
+        (Method::Get, "/config") => match &settings.config_json {
+            Some(c) => json_response(200, c),
+            None => json_response(
+                404,
+                &serde_json::json!({"error": "started without --config"}),
+            ),
+        },
+        (Method::Get, "/openapi.json") => json_response(200, &openapi()),
+        (Method::Get, "/docs") | (Method::Get, "/") => {
+            let mut r = Response::from_string(DOCS_HTML).with_status_code(200);
+            if let Ok(h) = Header::from_bytes("Content-Type", "text/html; charset=utf-8") {
+                r.add_header(h);
+            }
+            return Ok(request.respond(r)?);
+        }
+        _ => json_response(
+            404,
+            &serde_json::json!({"error": format!("no such endpoint: {path}")}),
+        ),
+    };
+    request.respond(response)?;
+    Ok(())
+}
+
+fn write(
+    settings: &ApiSettings,
+    requests: &Arc<Requests>,
+    body: &[u8],
+    wait: bool,
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    let id = client::new_request_id();
+    requests.update(&id, |_| {});
+    let run = {
+        let (opts, id, body) = (settings.client.clone(), id.clone(), body.to_vec());
+        let requests = Arc::clone(requests);
+        move || {
+            let result = client::send_raw_blocking(&opts, &id, &body, |s| {
+                requests.update(&id, |r| {
+                    r.started |= s.action == action::REQUEST_START;
+                    r.last = Some(s.clone());
+                });
+            });
+            match &result {
+                Ok(done) => requests.update(&id, |r| r.last = Some(done.clone())),
+                Err(BlockingError::Client(ClientError::Failed(s))) => {
+                    requests.update(&id, |r| r.last = Some((**s).clone()))
+                }
+                Err(e) => requests.update(&id, |r| r.error = Some(e.to_string())),
+            }
+            result
+        }
+    };
+    if !wait {
+        std::thread::spawn(move || {
+            let _ = run();
+        });
+        return json_response(202, &serde_json::json!({"request_id": id}));
+    }
+    match run() {
+        Ok(done) => json_response(200, &status_json(&done)),
+        Err(BlockingError::Client(ClientError::Failed(s))) => {
+            let started = requests.get(&id).is_some_and(|r| r.started);
+            // Refused before it started: the request was bad (same words as request_fail).
+            let code = if started { 500 } else { 400 };
+            json_response(
+                code,
+                &serde_json::json!({"request_id": id, "error": s.message, "status": status_json(&s)}),
+            )
+        }
+        Err(e) => json_response(
+            502,
+            &serde_json::json!({"request_id": id, "error": e.to_string()}),
+        ),
+    }
+}
+
+fn kill(settings: &ApiSettings, body: &[u8]) -> Response<std::io::Cursor<Vec<u8>>> {
+    let id = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["request_id"].as_str().map(String::from));
+    let Some(id) = id else {
+        return json_response(
+            400,
+            &serde_json::json!({"error": "the body must be {\"request_id\": \"...\"}"}),
+        );
+    };
+    match client::kill_blocking(&settings.client, &id) {
+        Ok(()) => json_response(200, &serde_json::json!({"request_id": id, "kill": "sent"})),
+        Err(e) => json_response(
+            502,
+            &serde_json::json!({"request_id": id, "error": e.to_string()}),
+        ),
+    }
+}
+
+fn service_status(redis_url: &str) -> Result<serde_json::Value> {
+    let mut con =
+        redis::Client::open(redis_url)?.get_connection_with_timeout(Duration::from_secs(2))?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("status.*").query(&mut con)?;
+    let mut out = serde_json::Map::new();
+    for key in keys {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(&mut con)?;
+        out.insert(
+            key.trim_start_matches("status.").to_string(),
+            serde_json::json!(fields),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn openapi() -> serde_json::Value {
+    let write_body = serde_json::json!({
+        "required": true,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["output_file", "n_images"],
+            "properties": {
+                "output_file": {"type": "string", "description": "absolute .h5 path inside the agent's output root; must not exist"},
+                "n_images": {"type": "integer", "minimum": 1},
+                "user_id": {}, "run_id": {}, "sources": {}, "timestamp": {}
+            }
+        }}}
+    });
+    serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "std-daq control API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Write requests go to std-writer-agent over RabbitMQ (docs/protocol.md)."},
+        "paths": {
+            "/write_sync": {"post": {"summary": "Write the next n_images images; answer when done (no time cap)",
+                "requestBody": write_body,
+                "responses": {"200": {"description": "request_success"}, "400": {"description": "refused: the request_fail message"}, "500": {"description": "failed or killed"}}}},
+            "/write_async": {"post": {"summary": "Start a write; answer with its request_id",
+                "requestBody": write_body, "responses": {"202": {"description": "{request_id}"}}}},
+            "/write_kill": {"post": {"summary": "Stop a running write (its file keeps what was written)",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["request_id"], "properties": {"request_id": {"type": "string"}}}}}},
+                "responses": {"200": {"description": "kill sent"}}}},
+            "/status/{request_id}": {"get": {"summary": "Last status of a request sent through this API",
+                "parameters": [{"name": "request_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the status"}, "404": {"description": "unknown request"}}}},
+            "/service_status": {"get": {"summary": "Every service's status hash from Redis", "responses": {"200": {"description": "by service"}}}},
+            "/config": {"get": {"summary": "The detector config", "responses": {"200": {"description": "config JSON"}}}}
+        }
+    })
+}
+
+const DOCS_HTML: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>std-daq API</title>
+<style>body{font-family:sans-serif;max-width:60em;margin:2em auto} textarea{width:100%;height:5em} pre{background:#eee;padding:1em;white-space:pre-wrap}</style>
+</head><body>
+<h1>std-daq control API</h1>
+<p>The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>. Try the endpoints:</p>
+<h2>POST /write_async, /write_sync</h2>
+<textarea id="w">{"output_file": "/data/run1.h5", "n_images": 100}</textarea>
+<button onclick="call('POST','/write_async',w.value)">write_async</button>
+<button onclick="call('POST','/write_sync',w.value)">write_sync</button>
+<h2>POST /write_kill</h2>
+<textarea id="k">{"request_id": ""}</textarea>
+<button onclick="call('POST','/write_kill',k.value)">write_kill</button>
+<h2>GET /status/{request_id}, /service_status, /config</h2>
+<input id="s" size="40" placeholder="request_id">
+<button onclick="call('GET','/status/'+s.value)">status</button>
+<button onclick="call('GET','/service_status')">service_status</button>
+<button onclick="call('GET','/config')">config</button>
+<pre id="out"></pre>
+<script>
+async function call(m, p, b) {
+  const r = await fetch(p, {method: m, body: m === 'GET' ? undefined : b, headers: {'Content-Type': 'application/json'}});
+  document.getElementById('out').textContent = r.status + '\n' + await r.text();
+}
+</script></body></html>"#;
