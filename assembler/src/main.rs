@@ -99,6 +99,7 @@ fn main() -> Result<()> {
             listener,
             &format!("std-daq.{}.assembler", cfg.detector_name),
             board.clone(),
+            vec![assembler.latency.clone()],
         )
         .context("starting the metrics server")?;
         tracing::info!(%bound, "serving Prometheus metrics on /metrics");

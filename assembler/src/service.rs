@@ -9,8 +9,10 @@ use crate::pixels::ModulePixels;
 use crate::sync::{ReadyImage, Synchronizer};
 use image_buffer::{Expect, RingOwner, RingReader};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use std_daq_common::messages::IMAGE_METADATA_VERSION;
+use std_daq_common::metrics::Histogram;
 use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus, ModuleFrame};
@@ -68,6 +70,9 @@ pub struct Assembler {
     dtype: Dtype,
     packets_per_frame: u32,
     pub stats: AssemblerStats,
+    /// From the arrival of an image's last module frame (≈ its receiver's commit: ipc takes
+    /// microseconds) to its ImageMetadata published.
+    pub latency: Arc<Histogram>,
 }
 
 impl Assembler {
@@ -111,6 +116,10 @@ impl Assembler {
             dtype: cfg.image_dtype(),
             packets_per_frame: cfg.packets_per_frame(),
             stats: AssemblerStats::default(),
+            latency: Histogram::new(
+                "image_publish_latency_seconds",
+                "last module frame of an image received -> its ImageMetadata published",
+            ),
         }
     }
 
@@ -179,9 +188,11 @@ impl Assembler {
             };
             let Some(ready) = ready else { break };
             let meta = self.assemble(&ready);
+            let last_frame_at = ready.last_frame_at;
             self.sync.recycle(ready.frames);
             if let Some(meta) = meta {
                 publish(&meta);
+                self.latency.observe(last_frame_at.elapsed());
             }
         }
     }

@@ -37,6 +37,8 @@ pub enum Pushed {
 pub struct ReadyImage {
     pub image_id: u64,
     pub frames: Vec<Option<ModuleFrame>>,
+    /// When the last of its module frames arrived (the latency clock starts here).
+    pub last_frame_at: Instant,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,7 @@ struct Pending {
     frames: Vec<Option<ModuleFrame>>,
     n_present: usize,
     first_seen: Instant,
+    last_seen: Instant,
 }
 
 #[derive(Debug)]
@@ -102,6 +105,7 @@ impl Synchronizer {
                 frames: pool.pop().unwrap_or_else(|| vec![None; n_modules]),
                 n_present: 0,
                 first_seen: now,
+                last_seen: now,
             });
         if entry.frames[m].is_some() {
             self.stats.duplicate_frames += 1;
@@ -109,6 +113,7 @@ impl Synchronizer {
         }
         entry.frames[m] = Some(frame);
         entry.n_present += 1;
+        entry.last_seen = now;
         let latest = &mut self.latest[m];
         *latest = Some(latest.map_or(frame.image_id, |l| l.max(frame.image_id)));
         Pushed::Accepted
@@ -147,6 +152,7 @@ impl Synchronizer {
         Some(ReadyImage {
             image_id,
             frames: p.frames,
+            last_frame_at: p.last_seen,
         })
     }
 

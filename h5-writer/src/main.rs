@@ -87,6 +87,7 @@ fn main() -> Result<()> {
             listener,
             &format!("std-daq.{}.h5-writer", cfg.detector_name),
             board.clone(),
+            vec![writer.latency.clone()],
         )
         .context("starting the metrics server")?;
         tracing::info!(%bound, "serving Prometheus metrics on /metrics");

@@ -10,7 +10,9 @@ use crate::command::{Command, Reply, RunSummary, WriterStatus};
 use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::{Expect, RingReader};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use std_daq_common::metrics::Histogram;
 use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
@@ -49,6 +51,9 @@ pub struct Writer {
     runs_completed: u64,
     /// Messages on the image stream that were not valid ImageMetadata for this detector.
     pub invalid_messages: u64,
+    /// From an image's ImageMetadata received (≈ published: ipc takes microseconds) to the
+    /// image written into the file.
+    pub latency: Arc<Histogram>,
 }
 
 impl Writer {
@@ -66,6 +71,10 @@ impl Writer {
             last_run: None,
             runs_completed: 0,
             invalid_messages: 0,
+            latency: Histogram::new(
+                "image_write_latency_seconds",
+                "ImageMetadata received -> image written into the file",
+            ),
         }
     }
 
@@ -123,6 +132,7 @@ impl Writer {
         board.set("state", &status.state);
         board.set("runs_completed", status.runs_completed);
         board.set("invalid_messages", self.invalid_messages);
+        board.set("connected", u8::from(status.connected));
         if let Some(run) = status.current.as_ref().or(status.last_run.as_ref()) {
             board.set("output_file", &run.output_file);
             board.set("images_written", run.images_written);
@@ -216,6 +226,7 @@ impl Writer {
 
     /// Takes one message from the image stream (empty = heartbeat).
     pub fn on_message(&mut self, bytes: &[u8]) {
+        let received = Instant::now();
         self.connected = true;
         if bytes.is_empty() {
             return;
@@ -264,6 +275,7 @@ impl Writer {
             return;
         }
         run.first_image_at.get_or_insert_with(Instant::now);
+        self.latency.observe(received.elapsed());
         let s = &mut run.summary;
         s.images_written += 1;
         s.bytes_written += image_bytes as u64;

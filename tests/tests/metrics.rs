@@ -116,6 +116,12 @@ fn metrics_endpoints_count_what_the_run_did() {
     wait_for(ports[2], "std_daq_images_good", 48.0);
     wait_for(ports[2], "std_daq_images_missing_packets", 2.0);
     wait_for(ports[3], "std_daq_images_written", 50.0);
+    // Latency histograms: one observation per image published / written.
+    wait_for(ports[2], "std_daq_image_publish_latency_seconds_count", 50.0);
+    wait_for(ports[3], "std_daq_image_write_latency_seconds_count", 50.0);
+    let writer = scrape(ports[3]);
+    assert_eq!(writer["std_daq_connected"], 1.0);
+    assert!(writer["std_daq_image_write_latency_seconds_sum"] > 0.0);
     let stop = p.stop().unwrap();
     assert!(
         stop.failed.is_empty() && stop.leftovers.is_empty(),

@@ -123,6 +123,7 @@ fn main() -> Result<()> {
             listener,
             &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
             board.clone(),
+            vec![],
         )
         .context("starting the metrics server")?;
         tracing::info!(%bound, "serving Prometheus metrics on /metrics");
