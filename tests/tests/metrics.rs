@@ -117,7 +117,11 @@ fn metrics_endpoints_count_what_the_run_did() {
     wait_for(ports[2], "std_daq_images_missing_packets", 2.0);
     wait_for(ports[3], "std_daq_images_written", 50.0);
     // Latency histograms: one observation per image published / written.
-    wait_for(ports[2], "std_daq_image_publish_latency_seconds_count", 50.0);
+    wait_for(
+        ports[2],
+        "std_daq_image_publish_latency_seconds_count",
+        50.0,
+    );
     wait_for(ports[3], "std_daq_image_write_latency_seconds_count", 50.0);
     let writer = scrape(ports[3]);
     assert_eq!(writer["std_daq_connected"], 1.0);
