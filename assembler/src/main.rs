@@ -92,18 +92,13 @@ fn main() -> Result<()> {
     );
     let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
     let board = StatusBoard::default();
-    if let Some(addr) = args.metrics_addr {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the metrics address {addr}"))?;
-        let bound = std_daq_common::metrics::spawn(
-            listener,
-            &format!("std-daq.{}.assembler", cfg.detector_name),
-            board.clone(),
-            vec![assembler.latency.clone()],
-        )
-        .context("starting the metrics server")?;
-        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
-    }
+    std_daq_common::metrics::serve_if(
+        args.metrics_addr,
+        &format!("std-daq.{}.assembler", cfg.detector_name),
+        &board,
+        vec![assembler.latency.clone()],
+    )
+    .context("starting the metrics server")?;
     let _status = StatusReporter::start(
         &redis,
         &format!("std-daq.{}.assembler", cfg.detector_name),

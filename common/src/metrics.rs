@@ -70,6 +70,23 @@ impl Histogram {
     }
 }
 
+/// For the services' `--metrics-addr`: binds `addr` (when given) and serves `board` and
+/// `histograms` there, logging where.
+pub fn serve_if(
+    addr: Option<SocketAddr>,
+    service: &str,
+    board: &StatusBoard,
+    histograms: Vec<Arc<Histogram>>,
+) -> std::io::Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("binding the metrics address {addr}: {e}"))
+    })?;
+    let bound = spawn(listener, service, board.clone(), histograms)?;
+    tracing::info!(%bound, "serving Prometheus metrics on /metrics");
+    Ok(())
+}
+
 /// Serves `board` (and `histograms`) on `listener` until the process ends. Returns the address.
 pub fn spawn(
     listener: TcpListener,

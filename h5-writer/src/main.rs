@@ -80,18 +80,13 @@ fn main() -> Result<()> {
     };
     let mut writer = Writer::new(&cfg, ring).with_compression(compression);
     let board = StatusBoard::default();
-    if let Some(addr) = args.metrics_addr {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the metrics address {addr}"))?;
-        let bound = std_daq_common::metrics::spawn(
-            listener,
-            &format!("std-daq.{}.h5-writer", cfg.detector_name),
-            board.clone(),
-            vec![writer.latency.clone()],
-        )
-        .context("starting the metrics server")?;
-        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
-    }
+    std_daq_common::metrics::serve_if(
+        args.metrics_addr,
+        &format!("std-daq.{}.h5-writer", cfg.detector_name),
+        &board,
+        vec![writer.latency.clone()],
+    )
+    .context("starting the metrics server")?;
     let _status = StatusReporter::start(
         &redis,
         &format!("std-daq.{}.h5-writer", cfg.detector_name),

@@ -116,18 +116,13 @@ fn main() -> Result<()> {
         batch_size: args.batch,
     };
     let board = StatusBoard::default();
-    if let Some(addr) = args.metrics_addr {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the metrics address {addr}"))?;
-        let bound = std_daq_common::metrics::spawn(
-            listener,
-            &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
-            board.clone(),
-            vec![],
-        )
-        .context("starting the metrics server")?;
-        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
-    }
+    std_daq_common::metrics::serve_if(
+        args.metrics_addr,
+        &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
+        &board,
+        vec![],
+    )
+    .context("starting the metrics server")?;
     board.set("udp_address", addr);
     board.set("rcvbuf_bytes", rcvbuf.effective);
     let _status = StatusReporter::start(
