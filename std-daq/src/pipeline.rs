@@ -320,6 +320,22 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Stops std-h5-writer (SIGKILL when `crash`, else SIGTERM) and starts it again; returns
+    /// once the new writer sees the image stream.
+    pub fn restart_writer(&mut self, crash: bool) -> Result<()> {
+        let Some(mut writer) = self.writer.take() else {
+            bail!("no writer running");
+        };
+        if crash {
+            writer.child.kill()?;
+        } else {
+            terminate(&writer.child)?;
+        }
+        wait_with_deadline(&mut writer.child, Duration::from_secs(20))?;
+        self.writer = Some(self.spawn("std-h5-writer", "std-h5-writer", &[])?);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
     /// The writer's status.
     pub fn writer_status(&self) -> Result<h5_writer::command::WriterStatus> {
         self.client
