@@ -87,3 +87,25 @@ pub fn read_status(file: &Path, detector: &str) -> Result<(Vec<u64>, Vec<u64>)> 
         .with_context(|| format!("h5py said: {}", String::from_utf8_lossy(&out.stderr)))?;
     Ok(v)
 }
+
+/// After a fault: the next run (20 images; the detector's frame counter runs on from 1000, since
+/// frames restarting at 1 within a second would be taken as late packets of the last
+/// acquisition) completes with every image exact, and the pipeline then stops cleanly.
+pub fn next_run_completes_exact(
+    mut p: std_daq::pipeline::Pipeline,
+    file: &Path,
+    detector: &str,
+) -> Result<()> {
+    p.start_run(file, 20)?;
+    p.run_simulator_with(20, 100.0, &["--start-frame".into(), "1000".into()])?;
+    let run = p.wait_run(std::time::Duration::from_secs(10))?;
+    assert_eq!((run.end.as_str(), run.images_written), ("completed", 20));
+    let stop = p.stop()?;
+    assert!(
+        stop.failed.is_empty() && stop.leftovers.is_empty(),
+        "{stop:?}"
+    );
+    let report = verify_h5(file, detector, "")?;
+    assert_eq!(report["exact_images"], 20, "{report}");
+    Ok(())
+}

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 use std_daq::pipeline::Pipeline;
-use std_daq_tests::{options, verify_h5};
+use std_daq_tests::{next_run_completes_exact, options};
 
 /// A 12 MiB tmpfs the test mounts (root only) and always unmounts.
 struct SmallDisk(std::path::PathBuf);
@@ -58,21 +58,7 @@ fn a_full_disk_fails_the_run_clearly_and_the_next_run_works() {
     );
 
     // The next request on a disk with room is served normally.
-    let ok = work.join("after.h5");
-    p.start_run(&ok, 20).unwrap();
-    // The detector's frame counter runs on (frames restarting at 1 within a second would be
-    // taken as late packets of the last acquisition).
-    p.run_simulator_with(20, 100.0, &["--start-frame".into(), "1000".into()])
-        .unwrap();
-    let run = p.wait_run(Duration::from_secs(10)).unwrap();
-    assert_eq!((run.end.as_str(), run.images_written), ("completed", 20));
-    let stop = p.stop().unwrap();
-    assert!(
-        stop.failed.is_empty() && stop.leftovers.is_empty(),
-        "{stop:?}"
-    );
-    let report = verify_h5(&ok, &detector, "").unwrap();
-    assert_eq!(report["exact_images"], 20, "{report}");
+    next_run_completes_exact(p, &work.join("after.h5"), &detector).unwrap();
     drop(disk);
     std::fs::remove_dir_all(work).unwrap();
 }

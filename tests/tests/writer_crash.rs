@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 use std_daq::pipeline::Pipeline;
-use std_daq_tests::{options, verify_h5};
+use std_daq_tests::{next_run_completes_exact, options};
 
 #[test]
 fn a_writer_killed_mid_file_leaves_no_file_under_the_requested_name() {
@@ -49,19 +49,7 @@ fn a_writer_killed_mid_file_leaves_no_file_under_the_requested_name() {
     let partial = work.join("crash.h5.part");
     assert!(partial.exists(), "the partial data stays for inspection");
 
-    // The restarted writer takes the next run (the detector's frame counter runs on).
-    let next = work.join("next.h5");
-    p.start_run(&next, 20).unwrap();
-    p.run_simulator_with(20, 100.0, &["--start-frame".into(), "1000".into()])
-        .unwrap();
-    let run = p.wait_run(Duration::from_secs(10)).unwrap();
-    assert_eq!((run.end.as_str(), run.images_written), ("completed", 20));
-    let stop = p.stop().unwrap();
-    assert!(
-        stop.failed.is_empty() && stop.leftovers.is_empty(),
-        "{stop:?}"
-    );
-    let report = verify_h5(&next, &detector, "").unwrap();
-    assert_eq!(report["exact_images"], 20, "{report}");
+    // The restarted writer takes the next run.
+    next_run_completes_exact(p, &work.join("next.h5"), &detector).unwrap();
     std::fs::remove_dir_all(work).unwrap();
 }
