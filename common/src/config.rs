@@ -120,7 +120,10 @@ pub struct DetectorConfig {
     pub module_buffer_slots: u32,
     /// How long the assembler waits for a module's frame before emitting the image without it.
     pub module_sync_timeout_ms: u32,
-    /// How long a receiver waits for more packets of an open frame before committing it.
+    /// How long a receiver waits for more packets of an open frame before committing it
+    /// (default 100). A frame is committed at once when it is complete or a newer frame starts,
+    /// so this only bounds how long the last incomplete frame of an acquisition waits, and how
+    /// long a pause in the middle of a frame is tolerated before its late packets count as lost.
     pub frame_timeout_ms: u32,
     /// Address receivers bind to (std_daq binds INADDR_ANY).
     pub udp_bind_address: String,
@@ -224,7 +227,7 @@ fn default_sync_timeout() -> u32 {
     200
 }
 fn default_frame_timeout() -> u32 {
-    20
+    100
 }
 fn default_bind() -> String {
     "0.0.0.0".into()

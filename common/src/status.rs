@@ -182,11 +182,24 @@ fn report_loop(
                 .query::<()>(c)
         })();
         match result {
-            Ok(()) => warned = false,
+            Ok(()) => {
+                if warned {
+                    tracing::info!(
+                        "Redis at {} is reachable again: status {key} published",
+                        env.url()
+                    );
+                }
+                warned = false;
+            }
             Err(e) => {
                 con = None;
                 if !warned {
-                    tracing::warn!("cannot publish status {key} to Redis at {}: {e}", env.url());
+                    tracing::warn!(
+                        "cannot publish status {key} to Redis at {}: {e} (the service keeps \
+                         running on its config; retrying every {}s)",
+                        env.url(),
+                        STATUS_REFRESH.as_secs()
+                    );
                     warned = true;
                 }
             }

@@ -40,6 +40,10 @@ pub struct RunSummary {
     pub output_file: String,
     pub n_images: u64,
     pub images_written: u64,
+    /// Images in the file on disk with their records (the last checkpoint): what the partial
+    /// file holds if the writer dies now. Equals `images_written` once the file is closed.
+    #[serde(default)]
+    pub images_checkpointed: u64,
     pub images_good: u64,
     /// Images written with a status other than good.
     pub images_flagged: u64,

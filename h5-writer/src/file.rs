@@ -6,6 +6,8 @@
 //! /<detector_name>/image_id          [n] u64
 //! /<detector_name>/status            [n] u16
 //! /<detector_name>/missing_packets   [n] u32
+//! /<detector_name>/missing_modules   [n, 4] u64   bit m = module m missing
+//! /<detector_name>/n_missing_modules [n] u16
 //! ```
 //!
 //! Images go into `data` by direct chunk writes (`H5Dwrite_chunk`) straight from the caller's
@@ -13,19 +15,31 @@
 //! image is first compressed by [`crate::compress::Compressor`] (in this thread, into a reused buffer) and
 //! `data` carries the bitshuffle filter (id 32008, LZ4), so readers with the filter plugin (h5py
 //! with Debian's `bitshuffle` package or `hdf5plugin`) decompress transparently. The per-image records are kept in
-//! memory and written out by [`ImageFile::close`], which also trims every dataset to the number of
-//! images written.
+//! memory and written out at each checkpoint and by [`ImageFile::close`].
 //!
-//! `data` is created at its full size `n_images` and shrunk at close. Its chunks are allocated only
-//! when written (alloc time incremental) and never pre-filled (fill time never). Because a reader
-//! of an unallocated chunk under fill time never gets whatever was in its own buffer rather than
-//! zeros, `close` writes a zero chunk for every index below `images_written()` that was skipped, so
-//! every chunk of the final file exists and reads back defined values.
+//! **Crash consistency.** Every dataset starts empty and grows: `data` by one row before each
+//! image's chunk is written (a direct chunk write must lie inside the extent), the per-image record
+//! datasets at each [`ImageFile::checkpoint`], which writes the records of every image written
+//! since the last one and flushes the file. The file's metadata cache is created with evictions
+//! disabled, so no metadata reaches the disk between checkpoints: if the process dies (SIGKILL,
+//! power), the file on disk is the last checkpoint, which any HDF5 reader opens and which holds
+//! exactly [`ImageFile::images_checkpointed`] images, every one with its pixels and records. What
+//! was written after it is orphaned space at the end of the file. (A death *during* a checkpoint's
+//! flush is the one window left; it lasts as long as writing a few kB of metadata.)
+//!
+//! Chunks of `data` are allocated only when written (alloc time incremental) and never pre-filled
+//! (fill time never). Because a reader of an unallocated chunk under fill time never gets whatever
+//! was in its own buffer rather than zeros, a checkpoint and `close` write a zero chunk for every
+//! index below `images_written()` that was skipped, so every chunk inside the extent exists and
+//! reads back defined values.
 
 use std::path::{Path, PathBuf};
 
 use hdf5::dataset::{AllocTime, FillTime};
 use hdf5::filters::Filter;
+use hdf5::plist::file_access::{
+    CacheDecreaseMode, CacheIncreaseMode, FlashIncreaseMode, MetadataCacheConfig,
+};
 use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
 use hdf5::{Dataset, Extent, File, Group, H5Type, SimpleExtents};
 use hdf5_sys::h5::hsize_t;
@@ -142,7 +156,25 @@ struct Open {
     file: File,
     group: Group,
     data: Dataset,
+    /// Current extent of `data` (rows); grows by one before each new image.
+    data_rows: u64,
+    /// (height, width) of one image: the fixed dimensions of `data`.
+    image_shape: (usize, usize),
+    records: RecordSets,
 }
+
+/// The per-image record datasets, created empty and grown at each checkpoint.
+#[derive(Debug)]
+struct RecordSets {
+    image_id: Dataset,
+    status: Dataset,
+    missing_packets: Dataset,
+    missing_modules: Dataset,
+    n_missing_modules: Dataset,
+}
+
+/// Rows per chunk of the record datasets.
+const RECORD_CHUNK: usize = 4096;
 
 /// One output file being written: create, write images by index, close.
 ///
@@ -158,6 +190,8 @@ pub struct ImageFile {
     records: Vec<ImageRecord>,
     written: Vec<bool>,
     images_written: u64,
+    /// Images whose data and records are in the file on disk (the last checkpoint).
+    images_checkpointed: u64,
     /// One zero image, allocated the first time it is needed.
     zeros: Vec<u8>,
     /// Set when `spec.compression` is not `None`; holds the reused compression buffers.
@@ -218,7 +252,10 @@ impl ImageFile {
         }
         // H5F_ACC_EXCL: O_EXCL underneath, so a file that appeared since the check above is not
         // touched either.
-        let file = match File::create_excl(path) {
+        let file = match File::with_options()
+            .with_fapl(|fapl| fapl.mdc_config(&no_evictions()))
+            .create_excl(path)
+        {
             Ok(file) => file,
             Err(_) if path.symlink_metadata().is_ok() => {
                 return Err(FileError::AlreadyExists(path.to_owned()))
@@ -231,7 +268,7 @@ impl ImageFile {
                 })
             }
         };
-        let (group, data) = match create_layout(&file, path, spec) {
+        let (group, data, records) = match create_layout(&file, path, spec) {
             Ok(objects) => objects,
             Err(e) => {
                 // The file is ours (created exclusively just now) and useless half-made; leaving it
@@ -249,10 +286,18 @@ impl ImageFile {
             path: path.to_owned(),
             spec: spec.clone(),
             image_bytes,
-            open: Some(Open { file, group, data }),
+            open: Some(Open {
+                file,
+                group,
+                data,
+                data_rows: 0,
+                image_shape: (spec.height as usize, spec.width as usize),
+                records,
+            }),
             records: Vec::with_capacity(capacity),
             written: Vec::with_capacity(capacity),
             images_written: 0,
+            images_checkpointed: 0,
             zeros: Vec::new(),
             compressor,
         })
@@ -299,7 +344,7 @@ impl ImageFile {
             });
         }
         put_chunk(
-            self.open.as_ref(),
+            self.open.as_mut(),
             &self.path,
             self.compressor.as_mut(),
             index,
@@ -315,7 +360,7 @@ impl ImageFile {
         self.check_index(index)?;
         self.ensure_zeros();
         put_chunk(
-            self.open.as_ref(),
+            self.open.as_mut(),
             &self.path,
             self.compressor.as_mut(),
             index,
@@ -330,8 +375,33 @@ impl ImageFile {
         self.images_written
     }
 
-    /// Trims data and the record datasets to [`images_written`](Self::images_written), writes the
-    /// records, flushes and closes. Returns the count.
+    /// Images that are in the file on disk with their records: what a reader finds if the
+    /// process dies now (see the module docs).
+    pub fn images_checkpointed(&self) -> u64 {
+        self.images_checkpointed
+    }
+
+    /// Makes every image written so far durable against a crash of this process: zero chunks for
+    /// skipped indexes, the records of the new images, then a flush. Cheap when nothing is new.
+    /// Returns [`images_checkpointed`](Self::images_checkpointed).
+    pub fn checkpoint(&mut self) -> Result<u64, FileError> {
+        let count = self.images_written;
+        if count == self.images_checkpointed {
+            return Ok(count);
+        }
+        self.fill_gaps(count)?;
+        self.write_records(count)?;
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        open.file.flush().map_err(|source| FileError::Hdf5 {
+            path: self.path.clone(),
+            op: "flushing a checkpoint",
+            source,
+        })?;
+        self.images_checkpointed = count;
+        Ok(count)
+    }
+
+    /// Writes the data and the records of every image, flushes and closes. Returns the count.
     ///
     /// Indexes below the count that were never written get zero pixels and a default record
     /// (status 0 = undefined).
@@ -384,7 +454,15 @@ impl ImageFile {
         let result = self.finish_open(count);
         // Close whatever happened: datasets and group before the file, so the file really closes
         // (the default close degree is weak and waits for every open object).
-        if let Some(Open { file, group, data }) = self.open.take() {
+        if let Some(Open {
+            file,
+            group,
+            data,
+            records,
+            ..
+        }) = self.open.take()
+        {
+            drop(records);
             drop(data);
             drop(group);
             let closed = file.close();
@@ -400,17 +478,33 @@ impl ImageFile {
     }
 
     fn finish_open(&mut self, count: u64) -> Result<(), FileError> {
-        // Every index below the count gets a chunk: with fill time never an unallocated chunk
-        // would read back as the reader's uninitialised buffer.
+        self.fill_gaps(count)?;
+        self.write_records(count)?;
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        let hdf5_err = |op| {
+            let path = self.path.clone();
+            move |source| FileError::Hdf5 { path, op, source }
+        };
+        set_str_attr(&open.file, "end_time", &crate::file::now_iso8601())
+            .map_err(hdf5_err("writing end_time"))?;
+        open.file.flush().map_err(hdf5_err("flushing the file"))?;
+        self.images_checkpointed = count;
+        Ok(())
+    }
+
+    /// Every index below `count` gets a chunk: with fill time never an unallocated chunk would
+    /// read back as the reader's uninitialised buffer.
+    fn fill_gaps(&mut self, count: u64) -> Result<(), FileError> {
         let n = count as usize;
         self.records.resize(n, ImageRecord::default());
         self.written.resize(n, false);
-        if self.written.contains(&false) {
+        let first = self.images_checkpointed as usize;
+        if self.written[first.min(n)..].contains(&false) {
             self.ensure_zeros();
-            for index in 0..n {
+            for index in first..n {
                 if !self.written[index] {
                     put_chunk(
-                        self.open.as_ref(),
+                        self.open.as_mut(),
                         &self.path,
                         self.compressor.as_mut(),
                         index as u64,
@@ -419,51 +513,75 @@ impl ImageFile {
                 }
             }
         }
+        Ok(())
+    }
 
-        let path = self.path.clone();
+    /// Grows the record datasets to `count` rows and writes the rows since the last checkpoint.
+    fn write_records(&mut self, count: u64) -> Result<(), FileError> {
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        let (from, to) = (self.images_checkpointed as usize, count as usize);
+        let new = &self.records[from.min(to)..to];
         let hdf5_err = |op| {
-            let path = path.clone();
+            let path = self.path.clone();
             move |source| FileError::Hdf5 { path, op, source }
         };
-        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
-        open.data
-            .resize((n, self.spec.height as usize, self.spec.width as usize))
-            .map_err(hdf5_err("trimming the data dataset"))?;
-
-        let image_ids: Vec<u64> = self.records.iter().map(|r| r.image_id).collect();
-        let status: Vec<u16> = self.records.iter().map(|r| r.status).collect();
-        let missing: Vec<u32> = self.records.iter().map(|r| r.missing_packets).collect();
-        write_1d(&open.group, "image_id", &image_ids).map_err(hdf5_err("writing image_id"))?;
-        write_1d(&open.group, "status", &status).map_err(hdf5_err("writing status"))?;
-        write_1d(&open.group, "missing_packets", &missing)
-            .map_err(hdf5_err("writing missing_packets"))?;
-        let modules: Vec<u64> = self
-            .records
-            .iter()
-            .flat_map(|r| r.missing_modules)
-            .collect();
-        open.group
-            .new_dataset::<u64>()
-            .shape((n, 4))
-            .create("missing_modules")
-            .and_then(|ds| ds.write_raw(&modules))
-            .map_err(hdf5_err("writing missing_modules"))?;
-        let n_missing: Vec<u16> = self
-            .records
-            .iter()
-            .map(|r| {
-                r.missing_modules
-                    .iter()
-                    .map(|w| w.count_ones() as u16)
-                    .sum()
-            })
-            .collect();
-        write_1d(&open.group, "n_missing_modules", &n_missing)
+        let r = &open.records;
+        append(&r.image_id, from, to, &column(new, |r| r.image_id))
+            .map_err(hdf5_err("writing image_id"))?;
+        append(&r.status, from, to, &column(new, |r| r.status))
+            .map_err(hdf5_err("writing status"))?;
+        append(
+            &r.missing_packets,
+            from,
+            to,
+            &column(new, |r| r.missing_packets),
+        )
+        .map_err(hdf5_err("writing missing_packets"))?;
+        let n_missing = column(new, |r| {
+            r.missing_modules
+                .iter()
+                .map(|w| w.count_ones() as u16)
+                .sum::<u16>()
+        });
+        append(&r.n_missing_modules, from, to, &n_missing)
             .map_err(hdf5_err("writing n_missing_modules"))?;
-        set_str_attr(&open.file, "end_time", &crate::file::now_iso8601())
-            .map_err(hdf5_err("writing end_time"))?;
-        open.file.flush().map_err(hdf5_err("flushing the file"))?;
-        Ok(())
+        let modules: Vec<u64> = new.iter().flat_map(|r| r.missing_modules).collect();
+        (|| -> hdf5::Result<()> {
+            r.missing_modules.resize((to, 4))?;
+            if to > from {
+                let view = ndarray::ArrayView2::from_shape((to - from, 4), &modules)
+                    .map_err(|e| hdf5::Error::from(e.to_string()))?;
+                r.missing_modules.write_slice(view, (from..to, ..))?;
+            }
+            Ok(())
+        })()
+        .map_err(hdf5_err("writing missing_modules"))
+    }
+}
+
+fn column<T>(records: &[ImageRecord], f: impl Fn(&ImageRecord) -> T) -> Vec<T> {
+    records.iter().map(f).collect()
+}
+
+/// Grows a 1-D record dataset to `to` rows and writes `values` into rows `from..to`.
+fn append<T: H5Type>(ds: &Dataset, from: usize, to: usize, values: &[T]) -> hdf5::Result<()> {
+    ds.resize(to)?;
+    if to > from {
+        ds.write_slice(values, from..to)?;
+    }
+    Ok(())
+}
+
+/// A metadata cache that never writes anything on its own: dirty metadata reaches the disk only
+/// at a flush (checkpoint or close), so the file on disk is always the last checkpoint. Sizes
+/// adapt off; between checkpoints the cache grows as needed (a few kB per thousand images).
+fn no_evictions() -> MetadataCacheConfig {
+    MetadataCacheConfig {
+        evictions_enabled: false,
+        incr_mode: CacheIncreaseMode::Off,
+        flash_incr_mode: FlashIncreaseMode::Off,
+        decr_mode: CacheDecreaseMode::Off,
+        ..MetadataCacheConfig::default()
     }
 }
 
@@ -498,7 +616,7 @@ fn bitshuffle_filter() -> Filter {
 /// Stores one whole image as the chunk at `[index, 0, 0]`: compressed first if the file has a
 /// compressor, then `H5Dwrite_chunk`.
 fn put_chunk(
-    open: Option<&Open>,
+    open: Option<&mut Open>,
     path: &Path,
     compressor: Option<&mut Compressor>,
     index: u64,
@@ -513,6 +631,18 @@ fn put_chunk(
         })?,
         None => image,
     };
+    if index >= open.data_rows {
+        // A direct chunk write must lie inside the extent. Only in memory until the next
+        // checkpoint (evictions are off), so a crash never leaves rows without records.
+        open.data
+            .resize((index as usize + 1, open.image_shape.0, open.image_shape.1))
+            .map_err(|source| FileError::Hdf5 {
+                path: path.to_owned(),
+                op: "growing the data dataset",
+                source,
+            })?;
+        open.data_rows = index + 1;
+    }
     write_raw_chunk(&open.data, path, index, chunk)
 }
 
@@ -558,7 +688,7 @@ fn create_layout(
     file: &File,
     path: &Path,
     spec: &ImageFileSpec,
-) -> Result<(Group, Dataset), FileError> {
+) -> Result<(Group, Dataset, RecordSets), FileError> {
     let hdf5_err = |op| {
         let path = path.to_owned();
         move |source| FileError::Hdf5 { path, op, source }
@@ -567,7 +697,7 @@ fn create_layout(
         .create_group(&spec.detector_name)
         .map_err(hdf5_err("creating the detector group"))?;
     let extents = SimpleExtents::from_vec(vec![
-        Extent::resizable(spec.n_images as usize),
+        Extent::resizable(0),
         Extent::fixed(spec.height as usize),
         Extent::fixed(spec.width as usize),
     ]);
@@ -601,7 +731,39 @@ fn create_layout(
         concat!("std-daq ", env!("CARGO_PKG_VERSION")),
     )
     .map_err(hdf5_err("writing the software version"))?;
-    Ok((group, data))
+    let records = (|| -> hdf5::Result<RecordSets> {
+        Ok(RecordSets {
+            image_id: record_set::<u64>(&group, "image_id", None)?,
+            status: record_set::<u16>(&group, "status", None)?,
+            missing_packets: record_set::<u32>(&group, "missing_packets", None)?,
+            missing_modules: record_set::<u64>(&group, "missing_modules", Some(4))?,
+            n_missing_modules: record_set::<u16>(&group, "n_missing_modules", None)?,
+        })
+    })()
+    .map_err(hdf5_err("creating the record datasets"))?;
+    Ok((group, data, records))
+}
+
+/// An empty, growable record dataset: `[0]`, or `[0, columns]`, chunked by [`RECORD_CHUNK`] rows.
+fn record_set<T: H5Type>(
+    group: &Group,
+    name: &str,
+    columns: Option<usize>,
+) -> hdf5::Result<Dataset> {
+    let builder = group.new_dataset::<T>();
+    match columns {
+        None => builder
+            .chunk(RECORD_CHUNK)
+            .shape(SimpleExtents::from_vec(vec![Extent::resizable(0)]))
+            .create(name),
+        Some(c) => builder
+            .chunk((RECORD_CHUNK, c))
+            .shape(SimpleExtents::from_vec(vec![
+                Extent::resizable(0),
+                Extent::fixed(c),
+            ]))
+            .create(name),
+    }
 }
 
 /// Checks what HDF5 would reject later, or worse accept; returns the bytes of one image.
@@ -698,16 +860,6 @@ pub fn now_iso8601() -> String {
     )
 }
 
-/// A contiguous 1-D dataset holding `values` (possibly none).
-fn write_1d<T: H5Type>(group: &Group, name: &str, values: &[T]) -> hdf5::Result<()> {
-    if values.is_empty() {
-        group.new_dataset::<T>().shape(0).create(name)?;
-    } else {
-        group.new_dataset_builder().with_data(values).create(name)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -755,6 +907,57 @@ mod tests {
         let shape = ds.shape();
         let values = ds.read_raw::<u16>().unwrap();
         (shape, values)
+    }
+
+    /// What is on disk between checkpoints is the last checkpoint: a copy of the file taken
+    /// while it is open (= the file a killed writer leaves) opens and holds exactly the
+    /// checkpointed images, pixels and records.
+    #[test]
+    fn the_file_on_disk_is_always_the_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("live.h5");
+        let mut file = ImageFile::create(&path, &spec(Dtype::Uint16, 100)).unwrap();
+        let snapshot = |name: &str| {
+            let copy = dir.path().join(name);
+            std::fs::copy(&path, &copy).unwrap();
+            copy
+        };
+        for i in 0..10 {
+            file.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        assert_eq!(file.images_checkpointed(), 0);
+        assert_eq!(file.checkpoint().unwrap(), 10);
+        for i in 10..15 {
+            file.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        let at_10 = snapshot("at-10.h5");
+        assert_eq!(file.checkpoint().unwrap(), 15);
+        let at_15 = snapshot("at-15.h5");
+        file.close().unwrap();
+
+        for (copy, n) in [(at_10, 10u64), (at_15, 15)] {
+            let (shape, values) = read_u16(&copy);
+            assert_eq!(shape, [n as usize, 6, 8], "{}", copy.display());
+            let want: Vec<u16> = (0..n)
+                .flat_map(|i| (0..6).flat_map(move |y| (0..8).map(move |x| pixel(i, y, x))))
+                .collect();
+            assert_eq!(values, want);
+            let f = File::open(&copy).unwrap();
+            let ids = f
+                .dataset("jf-test/image_id")
+                .unwrap()
+                .read_raw::<u64>()
+                .unwrap();
+            assert_eq!(ids, (0..n).map(|i| 5000 + i).collect::<Vec<_>>());
+            let status = f
+                .dataset("jf-test/status")
+                .unwrap()
+                .read_raw::<u16>()
+                .unwrap();
+            assert_eq!(status, (0..n).map(|i| record(i).status).collect::<Vec<_>>());
+            let modules = f.dataset("jf-test/missing_modules").unwrap();
+            assert_eq!(modules.shape(), [n as usize, 4]);
+        }
     }
 
     #[test]
@@ -1120,6 +1323,35 @@ mod tests {
     }
 
     /// `cargo test -p std-h5-writer --release -- --ignored --nocapture bench_direct_chunk_throughput`
+    /// Per-image bookkeeping cost (extent growth, records, checkpoints) with tiny images, so
+    /// the pixel bytes do not hide it: `cargo test -p std-h5-writer --lib
+    /// bench_per_image_overhead -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: run with --nocapture"]
+    fn bench_per_image_overhead() {
+        const N: u64 = 50_000;
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let path = dir.path().join("overhead.h5");
+        let spec = ImageFileSpec {
+            n_images: N,
+            height: 4,
+            width: 4,
+            ..spec(Dtype::Uint16, N)
+        };
+        let image = vec![7u8; 32];
+        let start = std::time::Instant::now();
+        let mut f = ImageFile::create(&path, &spec).unwrap();
+        for i in 0..N {
+            f.write_image(i, &image, record(i)).unwrap();
+            if i % 1000 == 999 {
+                f.checkpoint().unwrap();
+            }
+        }
+        f.close().unwrap();
+        let us = start.elapsed().as_secs_f64() * 1e6 / N as f64;
+        println!("bench_per_image_overhead: {N} images of 4x4 u16, checkpoint every 1000: {us:.2} us per image");
+    }
+
     #[test]
     #[ignore = "benchmark: writes 1 GB to /tmp"]
     fn bench_direct_chunk_throughput() {

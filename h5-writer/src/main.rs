@@ -33,6 +33,11 @@ struct Args {
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Make the file being written crash-consistent at most this often (milliseconds; also
+    /// whenever the image stream pauses): if the writer dies, its `<file>.part` opens in any
+    /// HDF5 reader and holds exactly the `images_checkpointed` the status last reported.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_interval_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -78,7 +83,11 @@ fn main() -> Result<()> {
         "bitshuffle-lz4" => Compression::BitshuffleLz4,
         _ => Compression::None,
     };
-    let mut writer = Writer::new(&cfg, ring).with_compression(compression);
+    let mut writer = Writer::new(&cfg, ring)
+        .with_compression(compression)
+        .with_checkpoint_interval(std::time::Duration::from_millis(
+            args.checkpoint_interval_ms,
+        ));
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
         args.metrics_addr,

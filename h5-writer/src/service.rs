@@ -19,6 +19,8 @@ use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
 
 const POLL_MS: i64 = 50;
 const MAX_IMAGES_PER_POLL: usize = 32;
+/// Default of `--checkpoint-interval-ms`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -31,6 +33,7 @@ struct Run {
     file: ImageFile,
     summary: RunSummary,
     first_image_at: Option<Instant>,
+    last_checkpoint: Instant,
 }
 
 /// Writer state without sockets.
@@ -44,6 +47,8 @@ pub struct Writer {
     config_json: String,
     /// How image chunks are stored (set with [`Writer::with_compression`]).
     compression: Compression,
+    /// How often a run's file is made crash-consistent ([`ImageFile::checkpoint`]).
+    checkpoint_interval: Duration,
     ring: RingReader<ImageMetadata>,
     run: Option<Run>,
     connected: bool,
@@ -65,6 +70,7 @@ impl Writer {
             dtype: cfg.image_dtype(),
             config_json: cfg.raw.to_string(),
             compression: Compression::None,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             ring,
             run: None,
             connected: false,
@@ -82,6 +88,35 @@ impl Writer {
     pub fn with_compression(mut self, compression: Compression) -> Self {
         self.compression = compression;
         self
+    }
+
+    /// Checkpoints a run's file at most this often (and whenever the stream pauses), so a
+    /// writer killed mid-run leaves a `.part` file readers open, holding exactly the images of
+    /// its last checkpoint (`images_checkpointed` in the status).
+    pub fn with_checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// Checkpoints the current run's file if the interval has passed (called after each image
+    /// and from the idle loop). A checkpoint that fails ends the run as failed.
+    pub fn checkpoint_if_due(&mut self) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        if run.last_checkpoint.elapsed() < self.checkpoint_interval
+            || run.summary.images_checkpointed == run.summary.images_written
+        {
+            return;
+        }
+        run.last_checkpoint = Instant::now();
+        match run.file.checkpoint() {
+            Ok(n) => run.summary.images_checkpointed = n,
+            Err(e) => {
+                tracing::error!("{e}");
+                self.finish(&format!("failed: {e}"));
+            }
+        }
     }
 
     pub fn handle_command(&mut self, cmd: Command) -> Reply {
@@ -136,6 +171,7 @@ impl Writer {
         if let Some(run) = status.current.as_ref().or(status.last_run.as_ref()) {
             board.set("output_file", &run.output_file);
             board.set("images_written", run.images_written);
+            board.set("images_checkpointed", run.images_checkpointed);
             board.set("n_images", run.n_images);
             board.set("last_end", &run.end);
         }
@@ -214,6 +250,7 @@ impl Writer {
                         ..RunSummary::default()
                     },
                     first_image_at: None,
+                    last_checkpoint: Instant::now(),
                 });
                 Reply {
                     ok: true,
@@ -289,6 +326,8 @@ impl Writer {
         }
         if s.images_written == s.n_images {
             self.finish("completed");
+        } else {
+            self.checkpoint_if_due();
         }
     }
 
@@ -301,7 +340,11 @@ impl Writer {
         summary.end = end.to_string();
         let partial = run.file.path().to_path_buf();
         let output = Path::new(&summary.output_file).to_path_buf();
-        match run.file.close() {
+        let closed = run.file.close();
+        if let Ok(n) = closed {
+            summary.images_checkpointed = n;
+        }
+        match closed {
             Err(e) => {
                 tracing::error!("closing {}: {e}", partial.display());
                 summary.end = format!("failed: closing the file: {e}");
@@ -389,6 +432,7 @@ pub fn run(
             let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             rep.send(body, 0)?;
         }
+        writer.checkpoint_if_due();
         if last_status.elapsed() >= Duration::from_secs(1) {
             writer.publish_status(board);
             writer.reattach_if_restarted();

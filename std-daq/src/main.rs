@@ -375,6 +375,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         module_buffer_slots: args.module_buffer_slots,
         ram_buffer_gb: args.ram_buffer_gb,
         log_level: "info".into(),
+        extra_config: Vec::new(),
     };
     println!(
         "std-daq demo: starting 2 receivers, the assembler and the writer (logs in {})",

@@ -41,6 +41,8 @@ pub struct PipelineOptions {
     pub module_buffer_slots: u32,
     pub ram_buffer_gb: f64,
     pub log_level: String,
+    /// More config keys (e.g. `module_sync_timeout_ms`), set over the generated ones.
+    pub extra_config: Vec<(String, serde_json::Value)>,
 }
 
 /// Which detector a pipeline is configured (and simulated) as.
@@ -99,7 +101,7 @@ pub fn config_json(opts: &PipelineOptions, detector: SimulatedDetector) -> serde
         SimulatedDetector::Gigafrost { width, height } => (width, height),
         _ => (w, u32::from(opts.n_modules) * h),
     };
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "detector_name": opts.detector_name,
         "detector_type": detector_type,
         "n_modules": opts.n_modules,
@@ -114,7 +116,11 @@ pub fn config_json(opts: &PipelineOptions, detector: SimulatedDetector) -> serde
         "ram_buffer_gb": opts.ram_buffer_gb,
         "udp_bind_address": "127.0.0.1",
         "ipc_dir": opts.work_dir.join("ipc").display().to_string(),
-    })
+    });
+    for (key, value) in &opts.extra_config {
+        config[key] = value.clone();
+    }
+    config
 }
 
 /// What `std-det-sim` reported.
@@ -125,6 +131,10 @@ pub struct SimReport {
     pub packets_dropped: u64,
     pub bytes_sent: u64,
     pub seconds: f64,
+    /// Faults the simulator injected (its own record).
+    pub packets_duplicated: u64,
+    pub packets_reordered: u64,
+    pub packets_malformed: u64,
 }
 
 /// What stopping found.
@@ -257,6 +267,14 @@ impl Pipeline {
             .iter_mut()
             .chain(self.assembler.as_mut())
             .chain(self.writer.as_mut())
+    }
+
+    /// The process id of a running service (`std-udp-recv-<m>`, `std-assembler`,
+    /// `std-h5-writer`), for tests that stop, stall or inspect it.
+    pub fn pid(&mut self, service: &str) -> Option<u32> {
+        self.services_mut()
+            .find(|s| s.name == service)
+            .map(|s| s.child.id())
     }
 
     /// Fails if any service has exited.
@@ -409,6 +427,9 @@ impl Pipeline {
             packets_dropped: n("packets_dropped"),
             bytes_sent: n("bytes_sent"),
             seconds: v["seconds"].as_f64().unwrap_or(0.0),
+            packets_duplicated: n("packets_duplicated"),
+            packets_reordered: n("packets_reordered"),
+            packets_malformed: n("packets_malformed"),
         })
     }
 

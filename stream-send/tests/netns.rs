@@ -173,6 +173,7 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
         // 32 slots of 2 MiB: a short outage laps the ring.
         ram_buffer_gb: 0.0625,
         log_level: "info".into(),
+        extra_config: Vec::new(),
     };
     let ns = Netns::create();
     let near = Pipeline::start(opts, Duration::from_secs(60)).unwrap();

@@ -30,6 +30,7 @@ pub fn options(tag: &str) -> Result<PipelineOptions> {
         module_buffer_slots: 64,
         ram_buffer_gb: 0.125,
         log_level: "info".into(),
+        extra_config: Vec::new(),
     })
 }
 
@@ -54,13 +55,35 @@ pub fn verify_h5_as(
     drop: &str,
     kind: &str,
 ) -> Result<serde_json::Value> {
+    verify_h5_with(file, detector, drop, kind, &[])
+}
+
+/// [`verify_h5_as`] with extra checker flags (e.g. `--allow-lost-in-buffer`).
+pub fn verify_h5_with(
+    file: &Path,
+    detector: &str,
+    drop: &str,
+    kind: &str,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_h5.py");
+    // One argument may hold at most 128 KiB (MAX_ARG_STRLEN): long drop lists go in a file.
+    let drop_file = std::env::temp_dir().join(format!(
+        "verify-drops.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&drop_file, drop).with_context(|| format!("writing {}", drop_file.display()))?;
     let out = Command::new(python())
         .arg(&script)
         .arg(file)
-        .args(["--detector", detector, "--drop", drop, "--kind", kind])
-        .output()
-        .context("running verify_h5.py")?;
+        .args(["--detector", detector, "--kind", kind])
+        .arg("--drop-file")
+        .arg(&drop_file)
+        .args(extra)
+        .output();
+    let _ = std::fs::remove_file(&drop_file);
+    let out = out.context("running verify_h5.py")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let Some(line) = stdout.lines().last() else {
         bail!(
