@@ -2,24 +2,43 @@
 //! `docs/protocol.md`), checks them ([`crate::request::Policy`]), drives `std-h5-writer` through
 //! its ZMQ command socket and reports every step on the `status` exchange.
 //!
-//! One request at a time (prefetch 1): a request is acked only after its file is closed and its
-//! final status is confirmed by the broker; a refused or failed one is rejected without requeue.
+//! Requests wait in a durable quorum queue named after the agent (`std-daq.<service>.requests`,
+//! [`crate::protocol::AgentQueues`]), so a request sent while the agent is down or restarting is
+//! served when it is back. One request at a time (prefetch 1). Every request that got its final
+//! status (success or fail, refused ones included) is acked once that status is confirmed by the
+//! broker; only a request the agent could not finish (it crashed or lost the broker) goes back to
+//! the queue. Such a redelivered request is never written twice: if its file or `<file>.part`
+//! exists, the agent takes up the run the writer is still doing for it, or reports how the writer
+//! ended it, or fails it naming the leftover; a request whose final status is already out is only
+//! acked. The broker delivers a request at most `max_deliveries` times (quorum queue
+//! `x-delivery-limit`); one that made the agent fail every time (a poison request) is then
+//! dead-lettered into `std-daq.<service>.dead-letter`, kept there for the operator, and the agent
+//! answers it with `request_fail` (from a copy in `std-daq.<service>.dead-letter-notices`).
+//!
 //! A kill on the `kill` exchange with the request's correlation id stops the run at the next image.
 //! When the broker goes away, the agent keeps following a run in progress to its end, then
 //! reconnects with backoff, publishes the final status it still owes, and keeps serving.
 //!
 //! Must never: write anything to disk for a refused request, overwrite a file, ack a request before
-//! its final status is out, or panic or exit on anything that arrives from the network.
+//! its final status is out, or panic or exit on anything that arrives from the network. It stops
+//! with an error only when its queue or an exchange exists with other settings (an operator has
+//! to act).
 
 use crate::broker::{self, amqp, BrokerError};
-use crate::protocol::{action, correlation_id, echo, exchange, unix_now, StatusMessage};
-use crate::request::{self, Policy, RequestError};
+use crate::protocol::{
+    action, correlation_id, delivery_count, echo, exchange, header_text, topic_matches, unix_now,
+    AgentQueues, StatusMessage,
+};
+use crate::request::{self, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
 use futures_lite::StreamExt;
 use h5_writer::command::{ClientError, Command, Reply, RunSummary, WriterClient};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -31,7 +50,7 @@ pub struct AgentSettings {
     pub broker_url: String,
     /// Routing key bound on `request` and `kill` (`#` = every request, std_daq's primary default).
     pub tag: String,
-    /// The `source` header of every status.
+    /// The `source` header of every status; also names the agent's queues.
     pub service_name: String,
     /// The writer's command socket (`ipc://<ipc_dir>/std-daq-<detector>-writer`).
     pub writer_endpoint: String,
@@ -46,6 +65,8 @@ pub struct AgentSettings {
     pub writer_lost_after: Duration,
     /// Reconnect backoff starts at 100 ms and doubles up to this.
     pub max_backoff: Duration,
+    /// The broker delivers a request at most this many times (at least 1), then dead-letters it.
+    pub max_deliveries: u32,
 }
 
 impl AgentSettings {
@@ -68,9 +89,17 @@ impl AgentSettings {
             writer_timeout: Duration::from_secs(5),
             writer_lost_after: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
         }
     }
 }
+
+/// Default of [`AgentSettings::max_deliveries`] (`--max-deliveries`).
+pub const DEFAULT_MAX_DELIVERIES: u32 = 3;
+
+/// How many request ids the agent remembers whose final status went out but whose ack may not
+/// have reached the broker (their redelivery is only acked).
+const SETTLED_MEMORY: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -78,15 +107,45 @@ pub enum AgentError {
     Broker(#[from] BrokerError),
 }
 
-/// What the agent is doing, for tests and health checks.
+/// What the agent is doing and has done, for tests, health checks and the status board.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentState {
     /// Consuming on a live broker connection.
     pub connected: bool,
     /// Successful (re)connections so far.
     pub connections: u64,
-    /// Requests answered with a final status (success or fail).
+    /// Requests answered with a final status (success or fail), dead-lettered ones included.
     pub requests_finished: u64,
+    /// Final `request_success`.
+    pub requests_succeeded: u64,
+    /// Final `request_fail` (refused, killed, failed, interrupted or dead-lettered).
+    pub requests_failed: u64,
+    /// Failed before anything was written: the checks or the writer refused the request.
+    pub requests_refused: u64,
+    /// Refused because the message itself is junk: no correlation_id, too large, not UTF-8, not
+    /// JSON, or not a write request.
+    pub requests_malformed: u64,
+    /// Deliveries the broker marked as redelivered (an earlier delivery was not settled).
+    pub requests_redelivered: u64,
+    /// Requests the broker gave up on (dead-lettered), answered with `request_fail`.
+    pub requests_dead_lettered: u64,
+}
+
+impl AgentState {
+    /// Every counter as (name, value), for the status board and `/metrics`.
+    pub fn fields(&self) -> [(&'static str, u64); 9] {
+        [
+            ("connected", u64::from(self.connected)),
+            ("connections", self.connections),
+            ("requests_finished", self.requests_finished),
+            ("requests_succeeded", self.requests_succeeded),
+            ("requests_failed", self.requests_failed),
+            ("requests_refused", self.requests_refused),
+            ("requests_malformed", self.requests_malformed),
+            ("requests_redelivered", self.requests_redelivered),
+            ("requests_dead_lettered", self.requests_dead_lettered),
+        ]
+    }
 }
 
 /// Stops a running agent: a run in progress is stopped (its file closed), its request failed.
@@ -102,14 +161,23 @@ impl ShutdownHandle {
 #[derive(Debug)]
 pub struct Agent {
     settings: AgentSettings,
+    queues: AgentQueues,
     client: Arc<WriterClient>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown: watch::Receiver<bool>,
     state: watch::Sender<AgentState>,
     /// Final statuses that could not be published (broker gone); sent first after reconnecting.
     owed: Vec<StatusMessage>,
+    /// Requests whose final status is out (or owed) but whose ack may not have reached the broker.
+    settled: VecDeque<String>,
     /// The request being run, for answering stray kills.
     current: Option<String>,
+}
+
+/// What the writer knows of a request's run.
+enum WriterKnows {
+    Running,
+    Ended(RunSummary),
 }
 
 /// How a run ended, as far as the agent knows.
@@ -118,9 +186,16 @@ enum Outcome {
     Lost(String),
 }
 
+const NO_CORRELATION_ID: &str =
+    "the request has no correlation_id: the request id must travel as the AMQP correlation_id";
+
 impl Agent {
     pub fn new(settings: AgentSettings) -> Result<Self, AgentError> {
         broker::short(&settings.tag)?;
+        let queues = AgentQueues::for_service(&settings.service_name);
+        for name in [&queues.requests, &queues.dead_letter, &queues.notices] {
+            broker::short(name)?;
+        }
         let ctx = zmq::Context::new();
         let client = Arc::new(WriterClient::new(
             &ctx,
@@ -130,11 +205,13 @@ impl Agent {
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Agent {
             settings,
+            queues,
             client,
             shutdown_tx: Arc::new(shutdown_tx),
             shutdown,
             state: watch::channel(AgentState::default()).0,
             owed: Vec::new(),
+            settled: VecDeque::new(),
             current: None,
         })
     }
@@ -147,8 +224,14 @@ impl Agent {
         self.state.subscribe()
     }
 
-    /// Serves until the shutdown handle is triggered. Broker trouble is never fatal: the agent
-    /// reconnects with backoff.
+    /// The agent's durable queues.
+    pub fn queues(&self) -> &AgentQueues {
+        &self.queues
+    }
+
+    /// Serves until the shutdown handle is triggered. Broker trouble is not fatal: the agent
+    /// reconnects with backoff. The exception: a queue or exchange that exists with other settings
+    /// ([`BrokerError::is_fatal`]), which only an operator can resolve.
     pub async fn run(mut self) -> Result<(), AgentError> {
         const FIRST_BACKOFF: Duration = Duration::from_millis(100);
         let mut backoff = FIRST_BACKOFF;
@@ -157,6 +240,11 @@ impl Agent {
             let before = self.state.borrow().connections;
             match self.serve().await {
                 Ok(()) => break,
+                Err(e) if e.is_fatal() => {
+                    self.state.send_modify(|s| s.connected = false);
+                    tracing::error!("{e}");
+                    return Err(e.into());
+                }
                 Err(e) => {
                     self.state.send_modify(|s| s.connected = false);
                     if self.state.borrow().connections > before {
@@ -188,10 +276,19 @@ impl Agent {
             .await
             .map_err(amqp("setting prefetch"))?;
         broker::declare_exchanges(&requests_ch).await?;
+        broker::declare_agent_queues(&requests_ch, &self.queues, &s.tag, s.max_deliveries).await?;
         let kill_ch = conn
             .create_channel()
             .await
             .map_err(amqp("opening a channel"))?;
+        let notices_ch = conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
+        notices_ch
+            .basic_qos(16, BasicQosOptions::default())
+            .await
+            .map_err(amqp("setting prefetch"))?;
         let status_ch = conn
             .create_channel()
             .await
@@ -200,16 +297,18 @@ impl Agent {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(amqp("enabling publisher confirms"))?;
-        let mut requests =
-            broker::bind_own_queue(&requests_ch, exchange::REQUEST, &s.tag, false).await?;
         let mut kills = broker::bind_own_queue(&kill_ch, exchange::KILL, &s.tag, true).await?;
         while let Some(owed) = self.owed.first() {
             broker::publish_status(&status_ch, owed).await?;
             self.owed.remove(0);
         }
+        let mut requests = broker::consume(&requests_ch, &self.queues.requests, false).await?;
+        let mut notices = broker::consume(&notices_ch, &self.queues.notices, false).await?;
         tracing::info!(
             broker = %redact(&s.broker_url),
             tag = s.tag,
+            queue = self.queues.requests,
+            max_deliveries = s.max_deliveries,
             "serving write requests"
         );
         self.state.send_modify(|st| {
@@ -224,58 +323,79 @@ impl Agent {
                     return Ok(());
                 }
                 delivery = requests.next() => match delivery {
-                    Some(Ok(d)) => self.handle(d, &mut kills, &status_ch).await?,
+                    Some(Ok(d)) => self.handle(d, &requests_ch, &mut kills, &status_ch).await?,
                     Some(Err(e)) => return Err(amqp("receiving requests")(e)),
-                    None => return Err(BrokerError::Amqp {
-                        op: "receiving requests",
-                        source: lapin::ErrorKind::InvalidConnectionState(
-                            lapin::ConnectionState::Closed).into(),
-                    }),
+                    None => return Err(closed("receiving requests")),
                 },
                 kill = kills.next() => match kill {
                     Some(Ok(k)) => self.answer_stray_kill(&k, &status_ch).await?,
                     Some(Err(e)) => return Err(amqp("receiving kills")(e)),
-                    None => return Err(BrokerError::Amqp {
-                        op: "receiving kills",
-                        source: lapin::ErrorKind::InvalidConnectionState(
-                            lapin::ConnectionState::Closed).into(),
-                    }),
+                    None => return Err(closed("receiving kills")),
+                },
+                notice = notices.next() => match notice {
+                    Some(Ok(n)) => self.answer_dead_letter(n, &mut kills, &status_ch).await?,
+                    Some(Err(e)) => return Err(amqp("receiving dead-letter notices")(e)),
+                    None => return Err(closed("receiving dead-letter notices")),
                 },
             }
         }
     }
 
-    /// One request, from delivery to ack/reject.
+    /// One request, from delivery to ack.
     async fn handle(
         &mut self,
         delivery: Delivery,
+        requests_ch: &Channel,
         kills: &mut Consumer,
         status_ch: &Channel,
     ) -> Result<(), BrokerError> {
         let job = Job {
             id: correlation_id(&delivery.properties).unwrap_or_default(),
-            echo: echo(&delivery.data),
+            echo: echo(&delivery.data, MAX_BODY_BYTES),
             received_at: unix_now(),
             source: self.settings.service_name.clone(),
         };
-        tracing::info!(request_id = job.id, "request received");
-        let checked = if job.id.is_empty() {
-            Err(
-                "the request has no correlation_id: the request id must travel as the AMQP \
-                 correlation_id"
-                    .to_string(),
-            )
-        } else {
-            request::parse(&delivery.data)
-                .and_then(|r| {
-                    let (path, created) = self.settings.policy.prepare(&r)?;
-                    Ok((r, path, created))
-                })
-                .map_err(|e: RequestError| e.to_string())
+        let before = delivery_count(&delivery.properties);
+        let redelivered = delivery.redelivered || before.is_some_and(|n| n > 0);
+        tracing::info!(
+            request_id = job.id,
+            redelivered,
+            earlier_deliveries = before,
+            "request received"
+        );
+        if redelivered {
+            self.state.send_modify(|s| s.requests_redelivered += 1);
+            if let Some(i) = self.settled.iter().position(|id| *id == job.id) {
+                self.settled.remove(i);
+                tracing::info!(
+                    request_id = job.id,
+                    "redelivered after its final status went out: acked, nothing else to do"
+                );
+                return ack(&delivery).await;
+            }
+        }
+        let req = match self.check_message(&job, &delivery, requests_ch).await {
+            Ok(req) => req,
+            Err((message, malformed)) => {
+                return self
+                    .refuse(&job, message, malformed, &delivery, status_ch)
+                    .await
+            }
         };
-        let (req, path, mut created) = match checked {
+        if redelivered {
+            if let Some(leftover) = self.leftover(&req) {
+                return self
+                    .resume(&job, &req, leftover, &delivery, kills, status_ch)
+                    .await;
+            }
+        }
+        let (path, mut created) = match self.settings.policy.prepare(&req) {
             Ok(ok) => ok,
-            Err(message) => return self.refuse(&job, message, &delivery, status_ch).await,
+            Err(e) => {
+                return self
+                    .refuse(&job, e.to_string(), false, &delivery, status_ch)
+                    .await
+            }
         };
         let output_file = path.display().to_string();
         let reply = self
@@ -298,10 +418,11 @@ impl Agent {
         };
         if let Some(message) = refused {
             created.remove();
-            return self.refuse(&job, message, &delivery, status_ch).await;
+            return self
+                .refuse(&job, message, false, &delivery, status_ch)
+                .await;
         }
         created.keep();
-        self.current = Some(job.id.clone());
         let mut broker_ok = true;
         let start = job.status(
             action::REQUEST_START,
@@ -313,8 +434,123 @@ impl Agent {
             tracing::warn!("{e}");
             broker_ok = false;
         }
+        self.run_to_end(&job, req.n_images, &delivery, kills, status_ch, broker_ok)
+            .await
+    }
+
+    /// The checks of the message itself (correlation id, routing key, body); `Err` carries the
+    /// refusal and whether the message is junk.
+    async fn check_message(
+        &self,
+        job: &Job,
+        delivery: &Delivery,
+        requests_ch: &Channel,
+    ) -> Result<WriteRequest, (String, bool)> {
+        if job.id.is_empty() {
+            return Err((NO_CORRELATION_ID.to_string(), true));
+        }
+        let key = delivery.routing_key.as_str();
+        let tag = &self.settings.tag;
+        if delivery.exchange.as_str() == exchange::REQUEST && !topic_matches(tag, key) {
+            // The durable queue still has the binding of an earlier tag: drop it, so that the
+            // agent now serving that tag gets the next request, and say so.
+            let queue = &self.queues.requests;
+            let unbound = requests_ch
+                .queue_unbind(
+                    queue.as_str().into(),
+                    exchange::REQUEST.into(),
+                    delivery.routing_key.clone(),
+                    FieldTable::default(),
+                )
+                .await;
+            let what = match unbound {
+                Ok(()) => "the agent removed that binding".to_string(),
+                Err(e) => format!("removing that binding failed: {e}"),
+            };
+            tracing::warn!("stale binding {key:?} on {queue}: {what}");
+            return Err((
+                format!(
+                    "this agent serves tag {tag:?}, but the request came with routing key {key:?} \
+                     through an old binding of its queue {queue} (was its tag changed?); {what}: \
+                     send the request again"
+                ),
+                false,
+            ));
+        }
+        request::parse(&delivery.data).map_err(|e| {
+            let malformed = e.is_malformed();
+            (e.to_string(), malformed)
+        })
+    }
+
+    /// What an interrupted attempt at `req` may have left: the file itself or `<file>.part`.
+    fn leftover(&self, req: &WriteRequest) -> Option<PathBuf> {
+        match self.settings.policy.check(req) {
+            Ok(path) => {
+                let part = h5_writer::service::partial_path(&path);
+                part.symlink_metadata().is_ok().then_some(part)
+            }
+            Err(RequestError::Exists(_)) => Some(PathBuf::from(&req.output_file)),
+            Err(_) => None,
+        }
+    }
+
+    /// A redelivered request that left something on disk: take up the writer's run if it is
+    /// still going, report how it ended if the writer knows, otherwise fail naming the leftover.
+    /// Never starts a second write.
+    async fn resume(
+        &mut self,
+        job: &Job,
+        req: &WriteRequest,
+        leftover: PathBuf,
+        delivery: &Delivery,
+        kills: &mut Consumer,
+        status_ch: &Channel,
+    ) -> Result<(), BrokerError> {
+        match self.writer_knows(job).await {
+            Some(WriterKnows::Running) => {
+                tracing::info!(
+                    request_id = job.id,
+                    "resuming: the writer is still running this request"
+                );
+                return self
+                    .run_to_end(job, req.n_images, delivery, kills, status_ch, true)
+                    .await;
+            }
+            Some(WriterKnows::Ended(run)) => {
+                tracing::info!(
+                    request_id = job.id,
+                    "the writer ended this request while no agent followed it"
+                );
+                let (act, message) = describe_end(&run);
+                let fin = job.status(act, message, run.images_written, Some(&run));
+                return self.finish(fin, delivery, status_ch, true).await;
+            }
+            None => {}
+        }
+        let message = format!(
+            "the previous attempt at this request was interrupted and left {}; std-daq never \
+             overwrites data: check it and send a new request",
+            leftover.display()
+        );
+        tracing::info!(request_id = job.id, "{message}");
+        let fin = job.status(action::REQUEST_FAIL, message, 0, None);
+        self.finish(fin, delivery, status_ch, true).await
+    }
+
+    /// Follows the writer's run of `job` to its end, then publishes the final status and acks.
+    async fn run_to_end(
+        &mut self,
+        job: &Job,
+        n_images: u64,
+        delivery: &Delivery,
+        kills: &mut Consumer,
+        status_ch: &Channel,
+        mut broker_ok: bool,
+    ) -> Result<(), BrokerError> {
+        self.current = Some(job.id.clone());
         let outcome = self
-            .follow(&job, req.n_images, kills, status_ch, &mut broker_ok)
+            .follow(job, n_images, kills, status_ch, &mut broker_ok)
             .await;
         self.current = None;
         let (act, message, written, run) = match outcome {
@@ -326,9 +562,8 @@ impl Agent {
         };
         tracing::info!(request_id = job.id, action = act, "{message}");
         let fin = job.status(act, message, written, run.as_ref());
-        self.finish(fin, &delivery, status_ch, broker_ok).await
+        self.finish(fin, delivery, status_ch, broker_ok).await
     }
-
     /// Follows the writer until the run ends, publishing progress and handling kills.
     async fn follow(
         &mut self,
@@ -422,21 +657,26 @@ impl Agent {
         }
     }
 
-    /// A request refused before anything was written: `request_fail`, reject without requeue.
+    /// A request refused before anything was written: `request_fail`, then ack.
     async fn refuse(
         &mut self,
         job: &Job,
         message: String,
+        malformed: bool,
         delivery: &Delivery,
         status_ch: &Channel,
     ) -> Result<(), BrokerError> {
         tracing::info!(request_id = job.id, "refused: {message}");
+        self.state.send_modify(|s| {
+            s.requests_refused += 1;
+            s.requests_malformed += u64::from(malformed);
+        });
         let fin = job.status(action::REQUEST_FAIL, message, 0, None);
         self.finish(fin, delivery, status_ch, true).await
     }
 
-    /// Publishes the final status (or keeps it for after the reconnect), then acks (success) or
-    /// rejects without requeue (fail).
+    /// Publishes the final status (or keeps it for after the reconnect), then acks: the request
+    /// is done, whichever way it ended.
     async fn finish(
         &mut self,
         fin: StatusMessage,
@@ -444,32 +684,128 @@ impl Agent {
         status_ch: &Channel,
         broker_ok: bool,
     ) -> Result<(), BrokerError> {
-        self.state.send_modify(|s| s.requests_finished += 1);
+        let success = fin.action == action::REQUEST_SUCCESS;
+        self.state.send_modify(|s| {
+            s.requests_finished += 1;
+            if success {
+                s.requests_succeeded += 1;
+            } else {
+                s.requests_failed += 1;
+            }
+        });
         let published = if broker_ok {
             broker::publish_status(status_ch, &fin).await
         } else {
-            Err(BrokerError::Amqp {
-                op: "publishing the final status",
-                source: lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)
-                    .into(),
-            })
+            Err(closed("publishing the final status"))
         };
         if let Err(e) = published {
+            self.remember_settled(&fin.request_id);
             self.owed.push(fin);
             return Err(e);
         }
-        if fin.action == action::REQUEST_SUCCESS {
-            delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(amqp("acking the request"))?;
-        } else {
-            delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-                .map_err(amqp("rejecting the request"))?;
+        if let Err(e) = ack(delivery).await {
+            self.remember_settled(&fin.request_id);
+            return Err(e);
         }
         Ok(())
+    }
+
+    fn remember_settled(&mut self, id: &str) {
+        if id.is_empty() {
+            return;
+        }
+        self.settled.push_back(id.to_string());
+        if self.settled.len() > SETTLED_MEMORY {
+            self.settled.pop_front();
+        }
+    }
+
+    /// A request the broker gave up on (a copy from the notices queue; the original stays in the
+    /// dead-letter queue). Its client gets the true end: nothing more if its final status is
+    /// already out; the writer's run if the writer is running or ran it (the agent died during
+    /// the run once too often); otherwise `request_fail` saying it was given up. Then the copy is
+    /// acked.
+    async fn answer_dead_letter(
+        &mut self,
+        notice: Delivery,
+        kills: &mut Consumer,
+        status_ch: &Channel,
+    ) -> Result<(), BrokerError> {
+        let job = Job {
+            id: correlation_id(&notice.properties).unwrap_or_default(),
+            echo: echo(&notice.data, MAX_BODY_BYTES),
+            received_at: unix_now(),
+            source: self.settings.service_name.clone(),
+        };
+        let reason = header_text(&notice.properties, "x-first-death-reason")
+            .unwrap_or_else(|| "unknown".into());
+        tracing::warn!(
+            request_id = job.id,
+            reason,
+            "the broker dead-lettered a request"
+        );
+        self.state.send_modify(|s| s.requests_dead_lettered += 1);
+        if let Some(i) = self.settled.iter().position(|id| *id == job.id) {
+            self.settled.remove(i);
+            tracing::info!(request_id = job.id, "its final status is already out");
+            return ack(&notice).await;
+        }
+        if let (false, Ok(req)) = (job.id.is_empty(), request::parse(&notice.data)) {
+            match self.writer_knows(&job).await {
+                Some(WriterKnows::Running) => {
+                    tracing::info!(
+                        request_id = job.id,
+                        "the writer is still running it: following the run"
+                    );
+                    return self
+                        .run_to_end(&job, req.n_images, &notice, kills, status_ch, true)
+                        .await;
+                }
+                Some(WriterKnows::Ended(run)) => {
+                    let (act, message) = describe_end(&run);
+                    let fin = job.status(act, message, run.images_written, Some(&run));
+                    return self.finish(fin, &notice, status_ch, true).await;
+                }
+                None => {}
+            }
+        }
+        let dlq = &self.queues.dead_letter;
+        let message = if reason == "delivery_limit" {
+            format!(
+                "the request was given up after {} deliveries: every attempt ended without a \
+                 final status (the writer agent stopped or lost the broker while handling it); it \
+                 is kept in the dead-letter queue {dlq}",
+                self.settings.max_deliveries
+            )
+        } else {
+            format!(
+                "the broker dead-lettered the request (reason: {reason}); it is kept in the \
+                 dead-letter queue {dlq}"
+            )
+        };
+        tracing::warn!(request_id = job.id, "{message}");
+        let fin = job.status(action::REQUEST_FAIL, message, 0, None);
+        self.finish(fin, &notice, status_ch, true).await
+    }
+
+    /// Whether the writer is running, or last ran, the run of `job` (asked once; `None` also
+    /// when the writer does not answer).
+    async fn writer_knows(&self, job: &Job) -> Option<WriterKnows> {
+        let ours = |r: &RunSummary| r.request_id.as_deref() == Some(job.id.as_str());
+        match self.writer(Command::Status).await {
+            Ok(Reply {
+                ok: true,
+                status: Some(st),
+                ..
+            }) => {
+                if st.current.as_ref().is_some_and(ours) {
+                    Some(WriterKnows::Running)
+                } else {
+                    st.last_run.filter(ours).map(WriterKnows::Ended)
+                }
+            }
+            _ => None,
+        }
     }
 
     /// A kill for a request this agent is not running: says so, changes nothing.
@@ -583,6 +919,24 @@ fn describe_end(run: &RunSummary) -> (&'static str, String) {
             action::REQUEST_FAIL,
             format!("the write ended after {k} of {n} images: {end}"),
         ),
+    }
+}
+
+/// Acks a delivery; an ack lapin could not send (its channel is closed) is an error: the broker
+/// will deliver the message again.
+async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(closed("acking a message")),
+        Err(e) => Err(amqp("acking a message")(e)),
+    }
+}
+
+/// The error for a connection found closed.
+fn closed(op: &'static str) -> BrokerError {
+    BrokerError::Amqp {
+        op,
+        source: lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into(),
     }
 }
 

@@ -5,8 +5,10 @@
 //!
 //! - [`request`]: the request body and its validation (the only place paths are judged).
 //! - [`protocol`]: exchange names, status actions, the status message.
-//! - [`broker`]: lapin set-up shared by agent and client.
-//! - [`agent`]: the service loop.
+//! - [`broker`]: lapin set-up shared by agent and client; the agent's durable queues.
+//! - [`agent`]: the service loop: a durable quorum request queue with a delivery limit and
+//!   dead-lettering, so requests survive agent and broker restarts, are never written twice, and
+//!   a poison request ends in `std-daq.<service>.dead-letter` instead of looping.
 //! - [`client`]: publish a request and follow its status; send a kill.
 //!
 //! This crate must never write image data itself (the writer does) and never trust anything that

@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::names;
 use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
-use std_writer_agent::{Agent, AgentSettings, Policy};
+use std_writer_agent::{Agent, AgentSettings, AgentState, Policy};
 
 /// Takes write requests from RabbitMQ (std_daq_service conventions: exchanges `request`, `status`,
 /// `kill`; request id = AMQP correlation_id) and has std-h5-writer write them. Every step is
-/// reported on the `status` exchange; see docs/protocol.md.
+/// reported on the `status` exchange; see docs/protocol.md. Requests wait in the durable quorum
+/// queue `std-daq.<service-name>.requests`; one the broker gave up on (delivered --max-deliveries
+/// times without an answer) is kept in `std-daq.<service-name>.dead-letter`.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -32,7 +34,9 @@ struct Args {
     /// (std_daq's primary-service default).
     #[arg(long, env = "AGENT_TAG")]
     tag: Option<String>,
-    /// The `source` header of every status message. Default: `<detector_name>.writer_agent`.
+    /// The `source` header of every status message; also names the agent's queues
+    /// (`std-daq.<service-name>.requests`, `.dead-letter`, `.dead-letter-notices`).
+    /// Default: `<detector_name>.writer_agent`.
     #[arg(long, env = "SERVICE_NAME")]
     service_name: Option<String>,
     /// Folder every output_file must resolve into (no `..`, no symbolic link out of it).
@@ -51,6 +55,18 @@ struct Args {
     /// Least milliseconds between two `request_progress` messages.
     #[arg(long, default_value_t = 500)]
     progress_ms: u64,
+    /// The broker delivers a request at most this many times (the request queue's
+    /// x-delivery-limit is one less). A request that was delivered this often and never answered
+    /// (the agent died or lost the broker each time) is moved to the dead-letter queue and its
+    /// client gets request_fail. Changing it for an existing queue makes the agent stop with an
+    /// error naming the queue (RabbitMQ cannot change a queue's arguments).
+    #[arg(long, env = "MAX_DELIVERIES", default_value_t = std_writer_agent::agent::DEFAULT_MAX_DELIVERIES,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_deliveries: u32,
+    /// Serve Prometheus metrics (GET /metrics: the request counters) on this address, e.g.
+    /// 127.0.0.1:9104.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -73,17 +89,19 @@ fn main() -> Result<()> {
     );
     settings.poll_interval = Duration::from_millis(args.poll_ms.max(10));
     settings.progress_interval = Duration::from_millis(args.progress_ms);
+    settings.max_deliveries = args.max_deliveries;
     let agent = Agent::new(settings).context("setting up the agent")?;
+    let status_name = format!("std-daq.{}.writer-agent", cfg.detector_name);
     let board = StatusBoard::default();
     board.set("tag", &tag);
     board.set("broker", std_writer_agent::agent::redact(&args.broker));
     board.set("output_root", args.output_root.display());
-    let _status = StatusReporter::start(
-        &redis,
-        &format!("std-daq.{}.writer-agent", cfg.detector_name),
-        &cfg,
-        board,
-    );
+    board.set("request_queue", &agent.queues().requests);
+    board.set("dead_letter_queue", &agent.queues().dead_letter);
+    show_state(&board, &agent.state().borrow());
+    std_daq_common::metrics::serve_if(args.metrics_addr, &status_name, &board, Vec::new())
+        .context("starting the metrics server")?;
+    let _status = StatusReporter::start(&redis, &status_name, &cfg, board.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -95,9 +113,22 @@ fn main() -> Result<()> {
             wait_for_signal().await;
             shutdown.trigger();
         });
+        let mut state = agent.state();
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                show_state(&board, &state.borrow_and_update());
+            }
+        });
         agent.run().await
     })?;
     Ok(())
+}
+
+/// The agent's counters on the status board (Redis status hash and /metrics).
+fn show_state(board: &StatusBoard, state: &AgentState) {
+    for (name, value) in state.fields() {
+        board.set(name, value);
+    }
 }
 
 async fn wait_for_signal() {

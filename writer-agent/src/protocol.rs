@@ -19,6 +19,36 @@ pub mod exchange {
     pub const KILL: &str = "kill";
 }
 
+/// The durable queues of one agent and the dead-letter exchange they use (std-daq extension: the
+/// std_daq services consumed from private, exclusive queues). Named after the agent's service
+/// name, so an operator finds them with `rabbitmqctl list_queues name messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentQueues {
+    /// `std-daq.<service>.requests`: quorum queue bound to `request` with the agent's tag;
+    /// `x-delivery-limit` and dead-lettering to [`DEAD_LETTER_EXCHANGE`].
+    pub requests: String,
+    /// `std-daq.<service>.dead-letter`: where the broker puts a request it gave up on; kept for
+    /// the operator (the agent never consumes it).
+    pub dead_letter: String,
+    /// `std-daq.<service>.dead-letter-notices`: a copy of every dead letter, consumed by the agent
+    /// to tell the client (`request_fail`) that its request was given up.
+    pub notices: String,
+}
+
+/// Durable direct exchange every agent dead-letters to; the routing key is the agent's
+/// [`AgentQueues::dead_letter`] queue name, bound to both its dead-letter and notices queues.
+pub const DEAD_LETTER_EXCHANGE: &str = "std-daq.dead-letter";
+
+impl AgentQueues {
+    pub fn for_service(service_name: &str) -> Self {
+        AgentQueues {
+            requests: format!("std-daq.{service_name}.requests"),
+            dead_letter: format!("std-daq.{service_name}.dead-letter"),
+            notices: format!("std-daq.{service_name}.dead-letter-notices"),
+        }
+    }
+}
+
 /// Values of the `action` header of a status message.
 pub mod action {
     /// The request passed validation and the writer accepted it.
@@ -78,18 +108,7 @@ impl StatusMessage {
 
     /// Reads a message from the `status` exchange; anything missing becomes empty/null.
     pub fn from_amqp(props: &BasicProperties, data: &[u8]) -> Self {
-        let header = |name: &str| -> String {
-            props
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(name))
-                .map(|v| match v {
-                    AMQPValue::LongString(s) => s.to_string(),
-                    AMQPValue::ShortString(s) => s.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default()
-        };
+        let header = |name: &str| header_text(props, name).unwrap_or_default();
         StatusMessage {
             request_id: props
                 .correlation_id()
@@ -102,6 +121,60 @@ impl StatusMessage {
             body: serde_json::from_slice(data).unwrap_or(serde_json::Value::Null),
         }
     }
+}
+
+/// A header as text (strings as they are, anything else in its debug form), if present.
+pub fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name))
+        .map(|v| match v {
+            AMQPValue::LongString(s) => s.to_string(),
+            AMQPValue::ShortString(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+/// The `x-delivery-count` header a quorum queue sets: how many times the message was delivered
+/// before this delivery and not settled (0 on the first delivery). `None` when absent or not a
+/// non-negative integer.
+pub fn delivery_count(props: &BasicProperties) -> Option<u64> {
+    let value = props.headers().as_ref()?.inner().get("x-delivery-count")?;
+    match *value {
+        AMQPValue::ShortShortInt(n) => u64::try_from(n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(n)),
+        AMQPValue::ShortInt(n) => u64::try_from(n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(n)),
+        AMQPValue::LongInt(n) => u64::try_from(n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(n)),
+        AMQPValue::LongLongInt(n) => u64::try_from(n).ok(),
+        AMQPValue::Timestamp(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Whether `routing_key` matches the binding key `pattern` of a topic exchange (words split on
+/// `.`; `*` = exactly one word, `#` = zero or more words).
+pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = routing_key.split('.').collect();
+    // matched[j]: the pattern words so far match the first j key words (dynamic programming,
+    // O(pattern words x key words), whatever the number of '#').
+    let mut matched = vec![false; k.len() + 1];
+    matched[0] = true;
+    for word in &p {
+        let mut next = vec![false; k.len() + 1];
+        for j in 0..=k.len() {
+            next[j] = match *word {
+                "#" => matched[j] || (j > 0 && next[j - 1]),
+                "*" => j > 0 && matched[j - 1],
+                w => j > 0 && matched[j - 1] && k[j - 1] == w,
+            };
+        }
+        matched = next;
+    }
+    matched[k.len()]
 }
 
 /// The correlation id of a delivery, if it has one.
@@ -122,11 +195,19 @@ pub fn unix_now() -> f64 {
 
 /// The echo of a request body in status bodies: the JSON object as received, or, for a body that
 /// is not a JSON object, `{"raw_request": <up to 1000 characters of it>}`.
-pub fn echo(body: &[u8]) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => map,
+/// A body larger than `max_len` bytes is not parsed (only its beginning is echoed).
+pub fn echo(body: &[u8], max_len: usize) -> serde_json::Map<String, serde_json::Value> {
+    let parsed = if body.len() <= max_len {
+        serde_json::from_slice::<serde_json::Value>(body).ok()
+    } else {
+        None
+    };
+    match parsed {
+        Some(serde_json::Value::Object(map)) => map,
         _ => {
-            let text: String = String::from_utf8_lossy(body).chars().take(1000).collect();
+            // 1000 characters are at most 4000 bytes of UTF-8.
+            let head = &body[..body.len().min(4000)];
+            let text: String = String::from_utf8_lossy(head).chars().take(1000).collect();
             let mut map = serde_json::Map::new();
             map.insert("raw_request".into(), text.into());
             map
@@ -158,8 +239,59 @@ mod tests {
         let back = StatusMessage::from_amqp(&BasicProperties::default(), b"\xff not json");
         assert_eq!(back.action, "");
         assert_eq!(back.body, serde_json::Value::Null);
-        assert_eq!(echo(b"\xffx")["raw_request"], "\u{fffd}x");
-        assert_eq!(echo(br#"{"a":1}"#)["a"], 1);
-        assert_eq!(echo(b"[1]")["raw_request"], "[1]");
+        assert_eq!(echo(b"\xffx", 100)["raw_request"], "\u{fffd}x");
+        assert_eq!(echo(br#"{"a":1}"#, 100)["a"], 1);
+        assert_eq!(echo(b"[1]", 100)["raw_request"], "[1]");
+        // Too large: not parsed, its beginning echoed as text.
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5000));
+        let e = echo(big.as_bytes(), 100);
+        assert_eq!(e["raw_request"].as_str().unwrap().len(), 1000);
+        assert!(e["raw_request"]
+            .as_str()
+            .unwrap()
+            .starts_with(r#"{"a":"xxx"#));
+    }
+
+    #[test]
+    fn delivery_count_reads_any_integer_and_ignores_the_rest() {
+        let with = |v: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert("x-delivery-count".into(), v);
+            BasicProperties::default().with_headers(h)
+        };
+        assert_eq!(delivery_count(&BasicProperties::default()), None);
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(3))), Some(3));
+        assert_eq!(delivery_count(&with(AMQPValue::LongInt(0))), Some(0));
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(-1))), None);
+        assert_eq!(
+            delivery_count(&with(AMQPValue::LongString("2".into()))),
+            None
+        );
+    }
+
+    #[test]
+    fn topic_matching_follows_rabbitmq() {
+        assert!(topic_matches("jf", "jf"));
+        assert!(!topic_matches("jf", "jf2"));
+        assert!(!topic_matches("jf", "jf.x"));
+        assert!(topic_matches("#", "anything.at.all"));
+        assert!(topic_matches("#", ""));
+        assert!(topic_matches("jf.*", "jf.a"));
+        assert!(!topic_matches("jf.*", "jf"));
+        assert!(!topic_matches("jf.*", "jf.a.b"));
+        assert!(topic_matches("jf.#", "jf"));
+        assert!(topic_matches("jf.#", "jf.a.b"));
+        assert!(topic_matches("*.b.#", "a.b"));
+        assert!(!topic_matches("*.b.#", "a.c"));
+        // Many '#' stay cheap enough on short keys.
+        assert!(!topic_matches("#.#.#.#.#.#.x", "a.b.c.d.e.f.g.h"));
+    }
+
+    #[test]
+    fn agent_queue_names() {
+        let q = AgentQueues::for_service("jf.writer_agent");
+        assert_eq!(q.requests, "std-daq.jf.writer_agent.requests");
+        assert_eq!(q.dead_letter, "std-daq.jf.writer_agent.dead-letter");
+        assert_eq!(q.notices, "std-daq.jf.writer_agent.dead-letter-notices");
     }
 }

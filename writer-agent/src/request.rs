@@ -35,9 +35,17 @@ pub struct WriteRequest {
     pub timestamp: Option<serde_json::Value>,
 }
 
+/// Largest request body accepted (a write request is a few hundred bytes); a larger one is refused
+/// unparsed, and status messages echo only its first 1000 characters.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
 /// Why a request was refused. The `Display` text is what the client sees.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
+    #[error("the request body is {0} bytes; a write request is at most {MAX_BODY_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("the request body is not UTF-8 text: {0}")]
+    NotUtf8(String),
     #[error("the request body is not JSON: {0}")]
     NotJson(String),
     #[error("the request body is not a valid write request: {0}")]
@@ -74,11 +82,43 @@ pub enum RequestError {
     Io { path: String, error: String },
 }
 
-/// Parses a request body: first as JSON, then as a [`WriteRequest`], so that a body that is not
-/// JSON and a JSON body with wrong or missing fields get different messages.
+impl RequestError {
+    /// The body itself is unusable (too large, not UTF-8, not JSON, not a write request), as
+    /// opposed to a well-formed request the policy refuses.
+    pub fn is_malformed(&self) -> bool {
+        matches!(
+            self,
+            RequestError::TooLarge(_)
+                | RequestError::NotUtf8(_)
+                | RequestError::NotJson(_)
+                | RequestError::BadFields(_)
+        )
+    }
+}
+
+/// Parses a request body: size, UTF-8, JSON, then as a [`WriteRequest`], so that each kind of
+/// junk gets its own message.
 pub fn parse(body: &[u8]) -> Result<WriteRequest, RequestError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(RequestError::TooLarge(body.len()));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| RequestError::NotUtf8(e.to_string()))?;
     let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    // serde would take an array positionally (["/d/a.h5", 5]): only an object is a request.
+    let kind = match &value {
+        serde_json::Value::Object(_) => None,
+        serde_json::Value::Null => Some("null"),
+        serde_json::Value::Bool(_) => Some("a boolean"),
+        serde_json::Value::Number(_) => Some("a number"),
+        serde_json::Value::String(_) => Some("a string"),
+        serde_json::Value::Array(_) => Some("an array"),
+    };
+    if let Some(kind) = kind {
+        return Err(RequestError::BadFields(format!(
+            "expected a JSON object, got {kind}"
+        )));
+    }
     serde_json::from_value(value).map_err(|e| RequestError::BadFields(e.to_string()))
 }
 
@@ -270,6 +310,23 @@ mod tests {
     #[test]
     fn parse_distinguishes_not_json_from_bad_fields_and_accepts_legacy_fields() {
         assert!(matches!(parse(b"{nope"), Err(RequestError::NotJson(_))));
+        assert_eq!(
+            parse(b"{\"output_file\":\"/a\xff.h5\",\"n_images\":1}")
+                .unwrap_err()
+                .to_string(),
+            "the request body is not UTF-8 text: invalid utf-8 sequence of 1 bytes from index 18"
+        );
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert_eq!(
+            parse(&big).unwrap_err().to_string(),
+            "the request body is 65537 bytes; a write request is at most 65536 bytes"
+        );
+        assert!(parse(&big).unwrap_err().is_malformed());
+        assert!(matches!(parse(b""), Err(RequestError::NotJson(_))));
+        assert_eq!(
+            parse(br#"["/a.h5", 3]"#).unwrap_err().to_string(),
+            "the request body is not a valid write request: expected a JSON object, got an array"
+        );
         assert_eq!(
             parse(br#"{"output_file":"/a.h5"}"#)
                 .unwrap_err()

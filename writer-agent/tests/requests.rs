@@ -325,8 +325,9 @@ async fn bad_requests_are_refused_with_exact_reasons_and_leave_nothing_on_disk()
             _ => assert_eq!(status.body["raw_request"], body.as_str()),
         }
     }
-    // Rejected, not requeued: exactly one final status per request, then the agent is idle.
+    // Acked, not requeued: exactly one final status per request, then the agent is idle.
     assert_eq!(agent.state.borrow().requests_finished, n_cases);
+    assert_eq!(agent.state.borrow().requests_refused, n_cases);
 
     // Killing a request nobody runs is answered and changes nothing.
     let mut observed = observe_statuses().await;
@@ -440,4 +441,256 @@ async fn a_pika_client_written_from_the_protocol_doc_writes_a_file() {
     assert_eq!(report["exact_images"], 30, "{report}");
     agent.stop().await;
     stop_pipeline(p, &work).await;
+}
+
+/// Junk on the request exchange (not UTF-8, empty, not an object, huge, no correlation id) and a
+/// request through a stale binding each get request_fail with exactly what is wrong, are counted,
+/// and the agent keeps serving on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_requests_are_refused_with_exact_reasons_counted_and_the_agent_keeps_serving() {
+    let base = tempfile::tempdir().unwrap();
+    let base_path = std::fs::canonicalize(base.path()).unwrap();
+    let root = base_path.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let endpoint = format!("ipc://{}/no-writer", base_path.display());
+    let tag = unique_tag("junk");
+    let agent = RunningAgent::start(&tag, &endpoint, Policy::new(&root, 100, false).unwrap()).await;
+    let opts = client_options(&tag);
+    let r = root.display();
+    let huge = format!(
+        r#"{{"output_file":"{r}/a.h5","n_images":1,"user_id":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    let cases: Vec<(Vec<u8>, String)> = vec![
+        (
+            b"\xff\xfe{}".to_vec(),
+            "the request body is not UTF-8 text: invalid utf-8 sequence of 1 bytes from index 0"
+                .into(),
+        ),
+        (
+            Vec::new(),
+            "the request body is not JSON: EOF while parsing a value at line 1 column 0".into(),
+        ),
+        (
+            format!(r#"["{r}/a.h5", 5]"#).into_bytes(),
+            "the request body is not a valid write request: expected a JSON object, got an array"
+                .into(),
+        ),
+        (
+            br#""write please""#.to_vec(),
+            "the request body is not a valid write request: expected a JSON object, got a string"
+                .into(),
+        ),
+        (
+            b"null".to_vec(),
+            "the request body is not a valid write request: expected a JSON object, got null"
+                .into(),
+        ),
+        (
+            b"17".to_vec(),
+            "the request body is not a valid write request: expected a JSON object, got a number"
+                .into(),
+        ),
+        (
+            huge.clone().into_bytes(),
+            format!(
+                "the request body is {} bytes; a write request is at most 65536 bytes",
+                huge.len()
+            ),
+        ),
+    ];
+    let n_junk = cases.len() as u64;
+    for (body, message) in cases {
+        let id = client::new_request_id();
+        let err = client::send_request(&opts, &id, &body, |_| {})
+            .await
+            .unwrap_err();
+        let ClientError::Failed(status) = err else {
+            panic!("{message}: expected a request_fail, got {err}")
+        };
+        assert_eq!(status.action, action::REQUEST_FAIL);
+        assert_eq!(status.message, message);
+        assert_eq!(status.request_id, id);
+        // The echo of a body that is not a JSON object: its first 1000 characters, as text.
+        let text: String = String::from_utf8_lossy(&body).chars().take(1000).collect();
+        assert_eq!(status.body["raw_request"], text.as_str(), "{message}");
+    }
+
+    // No correlation id: answered all the same (a status without correlation id, told apart
+    // here by the agent's source).
+    let mut observed = observe_statuses().await;
+    let body = format!(r#"{{"output_file":"{r}/a.h5","n_images":1}}"#);
+    assert!(matches!(
+        publish_request(&tag, None, body.as_bytes()).await,
+        lapin::Confirmation::Ack(None)
+    ));
+    let status = loop {
+        let s = tokio::time::timeout(WATCHDOG, observed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if s.source == service_name(&tag) {
+            break s;
+        }
+    };
+    assert_eq!(
+        (status.request_id.as_str(), status.action.as_str()),
+        ("", action::REQUEST_FAIL)
+    );
+    assert_eq!(
+        status.message,
+        "the request has no correlation_id: the request id must travel as the AMQP correlation_id"
+    );
+
+    // A binding left from an earlier tag: refused (not written by the wrong agent), and removed.
+    let (conn, ch) = test_channel().await;
+    let queue = std_writer_agent::protocol::AgentQueues::for_service(&service_name(&tag)).requests;
+    let old_tag = format!("{tag}.old");
+    ch.queue_bind(
+        queue.as_str().into(),
+        "request".into(),
+        old_tag.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    let err = client::send_request(
+        &client_options(&old_tag),
+        &client::new_request_id(),
+        body.as_bytes(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    let ClientError::Failed(status) = err else {
+        panic!("expected a request_fail, got {err}")
+    };
+    assert_eq!(
+        status.message,
+        format!(
+            "this agent serves tag {tag:?}, but the request came with routing key {old_tag:?} \
+             through an old binding of its queue {queue} (was its tag changed?); the agent \
+             removed that binding: send the request again"
+        )
+    );
+    let again = client::write(&client_options(&old_tag), &serde_json::json!({}), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(again, ClientError::NoAgent(_)), "{again}");
+
+    // Still serving on its first connection: a kill is answered.
+    let unknown = client::new_request_id();
+    client::kill(&opts, &unknown).await.unwrap();
+    assert_eq!(
+        next_for(&mut observed, &unknown).await.action,
+        action::KILL_IGNORED
+    );
+    let state = agent.state.borrow().clone();
+    assert_eq!(
+        state,
+        std_writer_agent::AgentState {
+            connected: true,
+            connections: 1,
+            requests_finished: n_junk + 2,
+            requests_succeeded: 0,
+            requests_failed: n_junk + 2,
+            requests_refused: n_junk + 2,
+            requests_malformed: n_junk + 1,
+            requests_redelivered: 0,
+            requests_dead_lettered: 0,
+        }
+    );
+    agent.stop().await;
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+}
+
+/// A request published while the agent is down waits in the agent's durable queue (the broker
+/// does not return it) and is written when the agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_while_the_agent_is_down_waits_and_is_written_when_it_is_back() {
+    let (p, root, detector) = start_pipeline("agentdown").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("down");
+    let policy = Policy::new(&root, 1000, false).unwrap();
+    let agent = RunningAgent::start(&tag, &writer_endpoint(&p), policy.clone()).await;
+    agent.stop_keeping_queues().await;
+
+    let mut observed = observe_statuses().await;
+    let file = root.join("waited.h5");
+    let id = client::new_request_id();
+    let body = serde_json::json!({"output_file": file, "n_images": 20}).to_string();
+    assert!(matches!(
+        publish_request(&tag, Some(&id), body.as_bytes()).await,
+        lapin::Confirmation::Ack(None)
+    ));
+    let queues = std_writer_agent::protocol::AgentQueues::for_service(&service_name(&tag));
+    assert_eq!(ready_messages(&queues.requests).await, 1);
+
+    let agent = RunningAgent::start(&tag, &writer_endpoint(&p), policy).await;
+    let start = next_for(&mut observed, &id).await;
+    assert_eq!(start.action, action::REQUEST_START);
+    let sim = simulate(&p, 60, 50.0);
+    let done = loop {
+        let s = next_for(&mut observed, &id).await;
+        if s.is_final() {
+            break s;
+        }
+    };
+    sim.await.unwrap();
+    assert_eq!(done.action, action::REQUEST_SUCCESS, "{done:?}");
+    assert_eq!(
+        done.message,
+        format!("wrote 20 of 20 images to {}", file.display())
+    );
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["exact_images"], 20, "{report}");
+    assert_eq!(agent.state.borrow().requests_redelivered, 0);
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
+
+/// A request queue that exists with other arguments (here: a classic queue of the same name)
+/// stops the agent at once with an error naming the queue and what to do; it does not loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queue_with_other_arguments_stops_the_agent_with_a_clear_error() {
+    let base = tempfile::tempdir().unwrap();
+    let tag = unique_tag("mismatch");
+    let _queues = QueuesGuard::new(&service_name(&tag));
+    let queue = std_writer_agent::protocol::AgentQueues::for_service(&service_name(&tag)).requests;
+    let (conn, ch) = test_channel().await;
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    let settings = test_settings(
+        &tag,
+        &format!("ipc://{}/no-writer", base.path().display()),
+        Policy::new(base.path(), 10, false).unwrap(),
+    );
+    let agent = std_writer_agent::Agent::new(settings).unwrap();
+    let err = tokio::time::timeout(WATCHDOG, agent.run())
+        .await
+        .expect("the agent kept retrying")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "RabbitMQ refused to declare the queue {queue}: PRECONDITION_FAILED - inequivalent \
+             arg 'x-dead-letter-exchange' for queue '{queue}' in vhost '/': received the value \
+             'std-daq.dead-letter' of type 'longstr' but current is none. The queue exists with other arguments (made by \
+             another std-daq version, with another --max-deliveries, or by someone else). Check \
+             that it holds no request still needed (rabbitmqctl list_queues name messages), \
+             delete it (rabbitmqctl delete_queue {queue}) and start the agent again, or give \
+             this agent another --service-name"
+        )
+    );
 }
