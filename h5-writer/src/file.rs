@@ -192,6 +192,8 @@ pub struct ImageFile {
     images_written: u64,
     /// Images whose data and records are in the file on disk (the last checkpoint).
     images_checkpointed: u64,
+    /// Attributes were set since the last checkpoint.
+    attributes_dirty: bool,
     /// One zero image, allocated the first time it is needed.
     zeros: Vec<u8>,
     /// Set when `spec.compression` is not `None`; holds the reused compression buffers.
@@ -281,6 +283,16 @@ impl ImageFile {
             }
         };
 
+        // The empty file is the first checkpoint: from here on the file on disk always opens.
+        if let Err(source) = file.flush() {
+            drop((group, data, records, file));
+            let _ = std::fs::remove_file(path);
+            return Err(FileError::Hdf5 {
+                path: path.to_owned(),
+                op: "flushing the new file",
+                source,
+            });
+        }
         let capacity = spec.n_images.min(INITIAL_RECORD_CAPACITY) as usize;
         Ok(Self {
             path: path.to_owned(),
@@ -298,19 +310,23 @@ impl ImageFile {
             written: Vec::with_capacity(capacity),
             images_written: 0,
             images_checkpointed: 0,
+            attributes_dirty: false,
             zeros: Vec::new(),
             compressor,
         })
     }
 
     /// Sets a string attribute on the file's root (config, software version, times).
-    pub fn set_file_attribute(&self, name: &str, value: &str) -> Result<(), FileError> {
+    /// On disk at the next checkpoint.
+    pub fn set_file_attribute(&mut self, name: &str, value: &str) -> Result<(), FileError> {
         let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
         set_str_attr(&open.file, name, value).map_err(|source| FileError::Hdf5 {
             path: self.path.clone(),
             op: "writing a file attribute",
             source,
-        })
+        })?;
+        self.attributes_dirty = true;
+        Ok(())
     }
 
     pub fn spec(&self) -> &ImageFileSpec {
@@ -386,7 +402,7 @@ impl ImageFile {
     /// Returns [`images_checkpointed`](Self::images_checkpointed).
     pub fn checkpoint(&mut self) -> Result<u64, FileError> {
         let count = self.images_written;
-        if count == self.images_checkpointed {
+        if count == self.images_checkpointed && !self.attributes_dirty {
             return Ok(count);
         }
         self.fill_gaps(count)?;
@@ -398,7 +414,35 @@ impl ImageFile {
             source,
         })?;
         self.images_checkpointed = count;
+        self.attributes_dirty = false;
         Ok(count)
+    }
+
+    /// Gives the file up after a failed write (disk full, I/O error), leaving on disk exactly
+    /// the last checkpoint: nothing more is written. (Closing normally would flush metadata of
+    /// images after the checkpoint, and a flush that fails half-way, as on a full disk, leaves
+    /// a file no reader opens.) Returns [`images_checkpointed`](Self::images_checkpointed).
+    pub fn abandon(mut self) -> u64 {
+        if let Some(open) = self.open.take() {
+            if let Err(e) = redirect_to_dev_null(&open.file) {
+                tracing::error!(
+                    path = %self.path.display(),
+                    "cannot detach the file from HDF5 before giving it up ({e}); closing it \
+                     normally may leave it unreadable"
+                );
+            }
+            let Open {
+                file,
+                group,
+                data,
+                records,
+                ..
+            } = open;
+            drop((records, data, group));
+            // Every write of the close goes to /dev/null; its errors do not matter.
+            let _ = file.close();
+        }
+        self.images_checkpointed
     }
 
     /// Writes the data and the records of every image, flushes and closes. Returns the count.
@@ -568,6 +612,37 @@ fn append<T: H5Type>(ds: &Dataset, from: usize, to: usize, values: &[T]) -> hdf5
     ds.resize(to)?;
     if to > from {
         ds.write_slice(values, from..to)?;
+    }
+    Ok(())
+}
+
+/// Points the file descriptor under `file` (HDF5's default sec2 driver) at /dev/null, so that
+/// whatever HDF5 writes from now on never reaches the file.
+fn redirect_to_dev_null(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dev_null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+    let id = file.id();
+    let ret = hdf5::sync::sync(|| {
+        // SAFETY: we hold hdf5's global lock (hdf5::sync::sync); `id` is a live file id owned by
+        // `file`; H5P_DEFAULT is a valid fapl; `handle` is a valid out-pointer that HDF5 sets to
+        // the driver's handle, which for sec2 (the only driver this module opens files with)
+        // points to the driver's `int` file descriptor, alive while the file is open.
+        unsafe { hdf5_sys::h5f::H5Fget_vfd_handle(id, H5P_DEFAULT, &mut handle) }
+    });
+    if ret < 0 || handle.is_null() {
+        return Err(std::io::Error::other("H5Fget_vfd_handle failed"));
+    }
+    // SAFETY: see above: `handle` points to the sec2 driver's `int` descriptor of an open file.
+    let fd = unsafe { *handle.cast::<libc::c_int>() };
+    // SAFETY: dup2 on two open descriptors: `fd` now refers to /dev/null (the old description,
+    // the output file, is closed); HDF5 keeps using the number and closes it at H5Fclose.
+    // `dev_null`'s own descriptor is closed when it drops.
+    if unsafe { libc::dup2(dev_null.as_raw_fd(), fd) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

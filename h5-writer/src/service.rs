@@ -229,7 +229,7 @@ impl Writer {
             compression: self.compression,
         };
         match ImageFile::create(&partial, &spec) {
-            Ok(file) => {
+            Ok(mut file) => {
                 let attributes = [
                     ("detector_config", self.config_json.as_str()),
                     ("output_file", output_file),
@@ -239,6 +239,9 @@ impl Writer {
                     if let Err(e) = file.set_file_attribute(name, value) {
                         tracing::warn!("{e}");
                     }
+                }
+                if let Err(e) = file.checkpoint() {
+                    tracing::warn!("{e}");
                 }
                 tracing::info!(output_file, n_images, "run started");
                 self.run = Some(Run {
@@ -340,7 +343,12 @@ impl Writer {
         summary.end = end.to_string();
         let partial = run.file.path().to_path_buf();
         let output = Path::new(&summary.output_file).to_path_buf();
-        let closed = run.file.close();
+        // After a failed write nothing more is written: the .part stays at its last checkpoint.
+        let closed = if end.starts_with("failed") {
+            Ok(run.file.abandon())
+        } else {
+            run.file.close()
+        };
         if let Ok(n) = closed {
             summary.images_checkpointed = n;
         }
@@ -349,7 +357,12 @@ impl Writer {
                 tracing::error!("closing {}: {e}", partial.display());
                 summary.end = format!("failed: closing the file: {e}");
             }
-            Ok(_) if end.starts_with("failed") => {}
+            Ok(n) if end.starts_with("failed") => {
+                summary.end = format!(
+                    "{end}; {} holds the {n} images of its last checkpoint",
+                    partial.display()
+                );
+            }
             // Never replace a file that appeared under the requested name meanwhile.
             Ok(_) if output.exists() => {
                 summary.end = format!(

@@ -5,8 +5,8 @@
 
 use std::process::Command;
 use std::time::Duration;
-use std_daq::pipeline::Pipeline;
-use std_daq_tests::{next_run_completes_exact, options};
+use std_daq::pipeline::{Pipeline, SimulatedDetector};
+use std_daq_tests::{next_run_completes_exact, options, verify_h5};
 
 /// A 12 MiB tmpfs the test mounts (root only) and always unmounts.
 struct SmallDisk(std::path::PathBuf);
@@ -35,7 +35,18 @@ fn a_full_disk_fails_the_run_clearly_and_the_next_run_works() {
     let opts = options("diskfull").unwrap();
     let work = opts.work_dir.clone();
     let detector = opts.detector_name.clone();
-    let mut p = Pipeline::start(opts, Duration::from_secs(60)).unwrap();
+    // A checkpoint after every image, so the partial file has something to show.
+    let args = std::collections::HashMap::from([(
+        "std-h5-writer".to_string(),
+        vec!["--checkpoint-interval-ms".to_string(), "1".to_string()],
+    )]);
+    let mut p = Pipeline::start_with_args(
+        opts,
+        SimulatedDetector::Jungfrau,
+        Duration::from_secs(60),
+        args,
+    )
+    .unwrap();
     let Some(disk) = SmallDisk::mount(work.join("small")) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
@@ -52,9 +63,25 @@ fn a_full_disk_fails_the_run_clearly_and_the_next_run_works() {
     );
     assert!(run.images_written < 30, "{run:?}");
     assert!(!full.exists(), "nothing under the requested name");
+    let partial = disk.0.join("full.h5.part");
+    assert!(partial.exists(), "the partial data stays for inspection");
+    // Nothing corrupted: the partial file opens, and every image in it is exact with its records.
+    let report = verify_h5(&partial, &detector, "").unwrap();
+    assert_eq!(report["record_lengths_match"], true, "{report}");
+    assert_eq!(report["exact_images"], report["images"], "{report}");
+    assert!(report["images"].as_u64().unwrap() > 0, "{report}");
     assert!(
-        disk.0.join("full.h5.part").exists(),
-        "the partial data stays for inspection"
+        run.end.ends_with(&format!(
+            "holds the {} images of its last checkpoint",
+            report["images"]
+        )),
+        "{}",
+        run.end
+    );
+    eprintln!(
+        "FIGURES | disk full (12 MiB tmpfs, 2 MiB images) | run ends `{}` after {} images | \
+         .part opens: {} images, all exact, records match |",
+        run.end, run.images_written, report["images"]
     );
 
     // The next request on a disk with room is served normally.
