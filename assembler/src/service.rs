@@ -7,7 +7,7 @@
 use crate::calib::{Calibration, CalibrationError};
 use crate::pixels::ModulePixels;
 use crate::sync::{ReadyImage, Synchronizer};
-use image_buffer::{Expect, RingOwner, RingReader};
+use image_buffer::{Expect, ReadError, RingOwner, RingReader};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -164,12 +164,34 @@ impl Assembler {
     }
 
     /// Takes one raw message from a receiver.
+    ///
+    /// A ModuleFrame announces a frame its receiver has committed, so the frame must be in that
+    /// module's FrameBuffer (or already overwritten there by a newer one). A message that passes
+    /// the format check but names a frame the buffer never held (an empty slot, an older frame
+    /// there) did not come from the receiver: it is counted as invalid and never synchronised
+    /// on, so a forged or corrupted id cannot push the real frames out as "late".
     pub fn on_message(&mut self, bytes: &[u8], now: Instant) {
-        match ModuleFrame::from_bytes(bytes) {
-            Ok(frame) => {
-                self.sync.push(frame, now);
+        let frame = match ModuleFrame::from_bytes(bytes) {
+            Ok(frame) => frame,
+            Err(_) => {
+                self.stats.invalid_messages += 1;
+                return;
             }
-            Err(_) => self.stats.invalid_messages += 1,
+        };
+        let announced = match self
+            .module_rings
+            .get(usize::from(frame.module_id))
+            .map(|ring| ring.check(frame.image_id))
+        {
+            // Module out of range: the synchroniser counts it.
+            None | Some(Ok(())) | Some(Err(ReadError::Torn)) => true,
+            Some(Err(ReadError::Overwritten { found_image_id })) => found_image_id > frame.image_id,
+            Some(Err(ReadError::NotPresent | ReadError::InvalidImageId)) => false,
+        };
+        if announced {
+            self.sync.push(frame, now);
+        } else {
+            self.stats.invalid_messages += 1;
         }
     }
 
@@ -432,6 +454,29 @@ mod tests {
                 })
                 .unwrap()
         }
+    }
+
+    /// Well-formed ModuleFrames naming frames their FrameBuffer never held (a forged far-future
+    /// id, an id whose slot is empty) are counted invalid and change nothing: the real frames
+    /// after them are assembled good.
+    #[test]
+    fn a_module_frame_its_buffer_never_held_is_invalid_and_harmless() {
+        let cfg = config("forged", "jungfrau-raw");
+        let mut rig = rig(&cfg, None);
+        rig.send(0, 1, 1, 7, None);
+        rig.send(1, 1, 1, 7, None);
+        let forged_far = ModuleFrame::new(1_000_000_000_000, 0, 128);
+        let forged_empty_slot = ModuleFrame::new(3, 1, 128);
+        rig.assembler
+            .on_message(forged_far.as_bytes(), Instant::now());
+        rig.assembler
+            .on_message(forged_empty_slot.as_bytes(), Instant::now());
+        assert_eq!(rig.assembler.stats.invalid_messages, 2);
+        rig.send(0, 2, 2, 7, None);
+        rig.send(1, 2, 2, 7, None);
+        let out = rig.emit();
+        let s: Vec<(u64, u16)> = out.iter().map(|m| (m.image_id, m.status)).collect();
+        assert_eq!(s, vec![(1, 1), (2, 1)]);
     }
 
     #[test]

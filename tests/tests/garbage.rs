@@ -146,8 +146,12 @@ fn junk_on_every_socket_is_counted_and_the_next_run_is_exact() {
         }
         push.send(msg, 0).unwrap();
     }
+    // And one that is well-formed but lies: a frame module 0's FrameBuffer never held, far in
+    // the future (taken as real, it would make every real frame after it "late").
+    let forged = std_daq_common::ModuleFrame::new(1_000_000_000_000, 0, 128);
+    push.send(forged.as_bytes(), 0).unwrap();
     drop(push);
-    wait_for_count(ports[2], "std_daq_invalid_messages", ZMQ_JUNK);
+    wait_for_count(ports[2], "std_daq_invalid_messages", ZMQ_JUNK + 1);
 
     // 3. Junk commands: each answered with an error, the writer keeps serving.
     let req = ctx.socket(zmq::REQ).unwrap();
@@ -175,9 +179,11 @@ fn junk_on_every_socket_is_counted_and_the_next_run_is_exact() {
 
     eprintln!(
         "FIGURES | junk | {UDP_JUNK} random datagrams per receiver: {UDP_JUNK} malformed counted \
-         each | {ZMQ_JUNK} junk ZMQ messages: {ZMQ_JUNK} invalid counted by the assembler | 5 junk \
+         each | {ZMQ_JUNK} junk ZMQ messages + 1 well-formed forged ModuleFrame: {} invalid counted by \
+         the assembler | 5 junk \
          commands: 5 error replies | 16 junk TCP connections to metrics ports: served after | \
-         next run 20/20 exact |"
+         next run 20/20 exact |",
+        ZMQ_JUNK + 1
     );
     // Every service is still up, and the next run is exact.
     p.check_alive().unwrap();
