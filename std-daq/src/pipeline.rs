@@ -271,8 +271,11 @@ impl Pipeline {
 
     /// The process id of a running service (`std-udp-recv-<m>`, `std-assembler`,
     /// `std-h5-writer`), for tests that stop, stall or inspect it.
-    pub fn pid(&mut self, service: &str) -> Option<u32> {
-        self.services_mut()
+    pub fn pid(&self, service: &str) -> Option<u32> {
+        self.receivers
+            .iter()
+            .chain(self.assembler.as_ref())
+            .chain(self.writer.as_ref())
             .find(|s| s.name == service)
             .map(|s| s.child.id())
     }

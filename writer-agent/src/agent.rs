@@ -578,7 +578,22 @@ impl Agent {
         let mut shutdown = self.shutdown.clone();
         let mut stop_sent = false;
         let mut last_answer = Instant::now();
-        let mut last_progress: (u64, Option<Instant>) = (0, None);
+        let mut last_progress: ((u64, u64), Option<Instant>) = ((0, 0), None);
+        // What the writer last said is in the partial file on disk (its last checkpoint).
+        let mut checkpointed: Option<u64> = None;
+        let output_file = job
+            .echo
+            .get("output_file")
+            .and_then(Value::as_str)
+            .unwrap_or("the output file")
+            .to_string();
+        let partial_note = |checkpointed: Option<u64>| match checkpointed {
+            Some(k) => format!(
+                "; {output_file}.part holds the {k} images of the writer's last checkpoint (more \
+                 if it checkpointed again before it died)"
+            ),
+            None => String::new(),
+        };
         let ours = |r: &RunSummary| r.request_id.as_deref() == Some(job.id.as_str());
         loop {
             tokio::select! {
@@ -592,7 +607,8 @@ impl Agent {
                         Err(e) => {
                             if last_answer.elapsed() > self.settings.writer_lost_after {
                                 return Outcome::Lost(format!(
-                                    "the writer stopped answering during the run: {e}"
+                                    "the writer stopped answering during the run: {e}{}",
+                                    partial_note(checkpointed)
                                 ));
                             }
                             continue;
@@ -600,13 +616,18 @@ impl Agent {
                     };
                     last_answer = Instant::now();
                     if let Some(cur) = status.current.as_ref().filter(|c| ours(c)) {
+                        checkpointed = Some(cur.images_checkpointed);
                         let due = last_progress
                             .1
                             .is_none_or(|t| t.elapsed() >= self.settings.progress_interval);
-                        if cur.images_written != last_progress.0 && due && *broker_ok {
+                        let now = (cur.images_written, cur.images_checkpointed);
+                        if now != last_progress.0 && due && *broker_ok {
                             let msg = job.status(
                                 action::REQUEST_PROGRESS,
-                                format!("wrote {} of {n_images} images", cur.images_written),
+                                format!(
+                                    "wrote {} of {n_images} images ({} safe in the file)",
+                                    cur.images_written, cur.images_checkpointed
+                                ),
                                 cur.images_written,
                                 None,
                             );
@@ -614,14 +635,15 @@ impl Agent {
                                 tracing::warn!("{e}");
                                 *broker_ok = false;
                             }
-                            last_progress = (cur.images_written, Some(Instant::now()));
+                            last_progress = (now, Some(Instant::now()));
                         }
                     } else if let Some(run) = status.last_run.filter(|r| ours(r)) {
                         return Outcome::Finished(run);
                     } else {
-                        return Outcome::Lost(
-                            "the writer no longer knows this run (was it restarted?)".into(),
-                        );
+                        return Outcome::Lost(format!(
+                            "the writer no longer knows this run (was it restarted?){}",
+                            partial_note(checkpointed)
+                        ));
                     }
                 }
                 kill = kills.next(), if *broker_ok => match kill {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std_daq_tests::verify_h5;
 use std_writer_agent::client::{self, ClientError, ClientOptions};
 use std_writer_agent::protocol::{action, AgentQueues};
-use std_writer_agent::StatusMessage;
+use std_writer_agent::{Policy, StatusMessage};
 use tokio::sync::mpsc;
 
 /// A client waiting for `id` (idle timeout = the watchdog); its non-final statuses on a channel.
@@ -425,5 +425,76 @@ async fn a_request_dead_lettered_while_the_writer_runs_it_still_gets_its_true_fi
     assert_eq!(ready_messages(&queues.dead_letter).await, 1);
     assert_eq!(ready_messages(&queues.notices).await, 0);
     assert!(agent.terminate().await.success());
+    stop_pipeline(p, &work).await;
+}
+
+/// The writer (not the agent) is SIGKILLed mid-run and restarted, as a supervisor would: the
+/// request ends `request_fail` saying the writer lost the run and how many images its `.part`
+/// holds (the last checkpoint the agent saw); the `.part` opens and holds exactly those images,
+/// exact; the next request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_mid_run_fails_the_request_naming_what_its_partial_file_holds() {
+    let (mut p, root, detector) = start_pipeline("writerkilled").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("writerkilled");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, false).unwrap(),
+    )
+    .await;
+    let file = root.join("killed.h5");
+    let id = client::new_request_id();
+    let (request, mut statuses) = send(
+        &tag,
+        &id,
+        &serde_json::json!({"output_file": file, "n_images": 300}),
+    );
+    let start = tokio::time::timeout(WATCHDOG, statuses.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(start.action, action::REQUEST_START);
+    // 100 images, then the stream pauses: the writer checkpoints them, the agent reports it.
+    simulate(&p, 100, 100.0).await.unwrap();
+    loop {
+        let s = tokio::time::timeout(WATCHDOG, statuses.recv())
+            .await
+            .expect("no progress saying 100 images are safe")
+            .unwrap();
+        assert_eq!(s.action, action::REQUEST_PROGRESS, "{s:?}");
+        if s.message == "wrote 100 of 300 images (100 safe in the file)" {
+            break;
+        }
+    }
+    let pm = Arc::get_mut(&mut p).expect("the pipeline is not shared now");
+    tokio::task::block_in_place(|| pm.restart_writer(true)).unwrap();
+
+    let done = match tokio::time::timeout(WATCHDOG, request)
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Err(ClientError::Failed(status)) => status,
+        other => panic!("expected request_fail, got {other:?}"),
+    };
+    assert_eq!(done.action, action::REQUEST_FAIL);
+    assert_eq!(
+        done.message,
+        format!(
+            "the writer no longer knows this run (was it restarted?); {}.part holds the 100 \
+             images of the writer's last checkpoint (more if it checkpointed again before it died)",
+            file.display()
+        )
+    );
+    assert!(!file.exists());
+    let partial = root.join("killed.h5.part");
+    let report = tokio::task::spawn_blocking(move || verify_h5(&partial, &detector, "").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report["images"], 100, "{report}");
+    assert_eq!(report["exact_images"], 100, "{report}");
+    assert_eq!(report["record_lengths_match"], true, "{report}");
+    agent.stop().await;
     stop_pipeline(p, &work).await;
 }
