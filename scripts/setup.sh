@@ -24,6 +24,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; else
     echo "setup: no Rust toolchain found; install one with rustup (https://rustup.rs)" >&2; exit 1; fi
 fi
+# cargo-fuzz for scripts/fuzz.sh (docs/fuzzing.md); about 1.5 min to build, once.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz --version 0.13.2 --locked --quiet
+fi
 
 # Redis: start when nothing answers on 6379.
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then

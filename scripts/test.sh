@@ -7,3 +7,7 @@ bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --bins
 cargo test --workspace "$@"
+# A short bounded run of every cargo-fuzz target (docs/fuzzing.md); FUZZ_SECONDS=0 skips it.
+if [ "${FUZZ_SECONDS:-10}" != 0 ]; then
+  bash scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
+fi

@@ -347,10 +347,23 @@ impl DetectorConfig {
             ));
         }
         if raw.detector_type == DetectorType::Gigafrost {
-            if let Err(e) =
-                crate::gigafrost::Gigafrost::new(raw.image_pixel_width, raw.image_pixel_height)
-            {
-                return Err(invalid("image_pixel_width", e.to_string()));
+            match crate::gigafrost::Gigafrost::new(raw.image_pixel_width, raw.image_pixel_height) {
+                Err(e) => return Err(invalid("image_pixel_width", e.to_string())),
+                // Found by the `config` fuzz target: a frame must fit the ModuleFrame bitmap.
+                Ok(g) if g.packets_per_frame > crate::messages::MAX_PACKETS_PER_FRAME => {
+                    return Err(invalid(
+                        "image_pixel_height",
+                        format!(
+                            "a {}x{} GigaFRoST frame is {} packets per module, more than the {} \
+                             a module frame can track",
+                            raw.image_pixel_width,
+                            raw.image_pixel_height,
+                            g.packets_per_frame,
+                            crate::messages::MAX_PACKETS_PER_FRAME
+                        ),
+                    ))
+                }
+                Ok(_) => {}
             }
         }
         if raw.module_buffer_slots < 2 {
@@ -655,6 +668,27 @@ mod tests {
         assert_eq!(c.udp_port(1), 50021);
         assert_eq!(c.log_level, "info");
         assert_eq!(c.image_buffer_slots(), 1000);
+    }
+
+    /// Found by the `config` fuzz target: a GigaFRoST image so tall that a module frame has more
+    /// packets than the ModuleFrame bitmap tracks was accepted.
+    #[test]
+    fn a_gigafrost_frame_with_more_packets_than_a_module_frame_tracks_is_refused() {
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v["detector_type"] = "gigafrost".into();
+        v["bit_depth"] = 12.into();
+        v["n_modules"] = 8.into();
+        v["image_pixel_width"] = 2040.into();
+        v["image_pixel_height"] = 524_280.into();
+        v["module_positions"] = serde_json::json!({});
+        let err = DetectorConfig::from_json_str(&v.to_string(), "gf.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("gf.json")
+                && msg.contains("image_pixel_height")
+                && msg.contains("32768 packets per module"),
+            "{msg}"
+        );
     }
 
     #[test]
