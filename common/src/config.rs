@@ -366,6 +366,27 @@ impl DetectorConfig {
                 Ok(_) => {}
             }
         }
+        // Found by the `config` fuzz target: the image size was only checked against the
+        // modules, so height x width x bytes per pixel could overflow. One image must fit one
+        // HDF5 chunk (4 GiB), the writer's unit of storage.
+        let bytes_per_pixel: u64 = match raw.detector_type {
+            DetectorType::JungfrauConverted => 4,
+            DetectorType::Gigafrost => 2,
+            _ => u64::from(raw.bit_depth).div_ceil(8),
+        };
+        let image_bytes = u64::from(raw.image_pixel_height)
+            .checked_mul(u64::from(raw.image_pixel_width))
+            .and_then(|p| p.checked_mul(bytes_per_pixel));
+        if image_bytes.is_none_or(|b| b > u64::from(u32::MAX)) {
+            return Err(invalid(
+                "image_pixel_height",
+                format!(
+                    "an image of {} x {} pixels of {bytes_per_pixel} bytes is larger than 4 GiB, \
+                     the most one HDF5 chunk (one image in the file) can hold",
+                    raw.image_pixel_height, raw.image_pixel_width
+                ),
+            ));
+        }
         if raw.module_buffer_slots < 2 {
             return Err(invalid("module_buffer_slots", "must be at least 2".into()));
         }
@@ -687,6 +708,20 @@ mod tests {
             msg.contains("gf.json")
                 && msg.contains("image_pixel_height")
                 && msg.contains("32768 packets per module"),
+            "{msg}"
+        );
+    }
+
+    /// Found by the `config` fuzz target: an image size whose byte count overflowed.
+    #[test]
+    fn an_image_larger_than_one_hdf5_chunk_is_refused() {
+        let mut v: serde_json::Value = serde_json::from_str(TWO_MODULE_JF).unwrap();
+        v["image_pixel_height"] = 4_294_967_295u32.into();
+        v["image_pixel_width"] = 4_294_967_295u32.into();
+        let err = DetectorConfig::from_json_str(&v.to_string(), "big.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("big.json") && msg.contains("image_pixel_height") && msg.contains("4 GiB"),
             "{msg}"
         );
     }

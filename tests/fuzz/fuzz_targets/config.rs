@@ -34,8 +34,21 @@ impl Bytes<'_> {
         match self.u8() % 4 {
             0 => self.u32(),
             1 => u32::from(self.u16()),
-            2 => [1, 12, 24, 48, 256, 480, 512, 514, 1024, 1030, 2048, 20560, u32::MAX]
-                [usize::from(self.u8() % 13)],
+            2 => [
+                1,
+                12,
+                24,
+                48,
+                256,
+                480,
+                512,
+                514,
+                1024,
+                1030,
+                2048,
+                20560,
+                u32::MAX,
+            ][usize::from(self.u8() % 13)],
             _ => u32::from(self.u8()) * 8,
         }
     }
@@ -60,7 +73,8 @@ fn structured(data: &[u8]) -> Value {
         7 => 8,
         k => u16::from(k),
     };
-    let (mw, mh) = module_rect_size(detector_type, chip_gaps).unwrap_or_else(|| (b.size(), b.size()));
+    let (mw, mh) =
+        module_rect_size(detector_type, chip_gaps).unwrap_or_else(|| (b.size(), b.size()));
     let mut positions = serde_json::Map::new();
     let (mut width, mut height) = (1u64, 1u64);
     for m in 0..n_modules.min(64) {
@@ -80,7 +94,11 @@ fn structured(data: &[u8]) -> Value {
         height = height.max(corners[1].max(corners[3]).max(0) as u64 + 1);
         positions.insert(m.to_string(), json!(corners));
     }
-    let (width, height) = if flags & 4 != 0 { (u64::from(b.size()), u64::from(b.size())) } else { (width, height) };
+    let (width, height) = if flags & 4 != 0 {
+        (u64::from(b.size()), u64::from(b.size()))
+    } else {
+        (width, height)
+    };
     let mut v = json!({
         "detector_name": "fuzz",
         "detector_type": detector_type.as_str(),
@@ -103,7 +121,8 @@ fn structured(data: &[u8]) -> Value {
         v["module_buffer_slots"] = json!(b.u32() % 4096);
     }
     if flags & 128 != 0 {
-        v["udp_bind_address"] = json!(["127.0.0.1", "::1", "0.0.0.0", "localhost"][usize::from(b.u8() % 4)]);
+        v["udp_bind_address"] =
+            json!(["127.0.0.1", "::1", "0.0.0.0", "localhost"][usize::from(b.u8() % 4)]);
     }
     v
 }
@@ -116,7 +135,9 @@ fuzz_target!(|data: &[u8]| {
         },
         _ => structured(data).to_string(),
     };
-    let Ok(c) = DetectorConfig::from_json_str(&text, "fuzz") else { return };
+    let Ok(c) = DetectorConfig::from_json_str(&text, "fuzz") else {
+        return;
+    };
 
     let n = usize::from(c.n_modules);
     assert!(n >= 1);
@@ -143,7 +164,10 @@ fuzz_target!(|data: &[u8]| {
         c.image_pixel_width,
         c.image_pixel_height
     );
-    assert!(u16::try_from(packets).is_ok(), "n_packets_expected is a u16");
+    assert!(
+        u16::try_from(packets).is_ok(),
+        "n_packets_expected is a u16"
+    );
 
     let bpp = c.image_bytes_per_pixel();
     assert!([1, 2, 4].contains(&bpp));

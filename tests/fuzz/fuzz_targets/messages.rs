@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std_daq_common::messages::{
-    MAX_MODULES, MAX_PACKETS_PER_FRAME, IMAGE_METADATA_VERSION, MODULE_FRAME_VERSION,
+    IMAGE_METADATA_VERSION, MAX_MODULES, MAX_PACKETS_PER_FRAME, MODULE_FRAME_VERSION,
 };
 use std_daq_common::{Dtype, ImageMetadata, ImageStatus, ModuleFrame};
 
@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
     match ModuleFrame::from_bytes(data) {
         Ok(f) => {
             assert_eq!(data.len(), std::mem::size_of::<ModuleFrame>());
-            assert_eq!(f.as_bytes(), data, "a decoded ModuleFrame re-encodes to its input");
+            assert_eq!(
+                f.as_bytes(),
+                data,
+                "a decoded ModuleFrame re-encodes to its input"
+            );
             assert_eq!(f.version, MODULE_FRAME_VERSION);
             let mut received = 0u32;
             for p in probes(MAX_PACKETS_PER_FRAME) {
@@ -49,7 +53,11 @@ fuzz_target!(|data: &[u8]| {
     match ImageMetadata::from_bytes(data) {
         Ok(m) => {
             assert_eq!(data.len(), std::mem::size_of::<ImageMetadata>());
-            assert_eq!(m.as_bytes(), data, "decoded ImageMetadata re-encodes to its input");
+            assert_eq!(
+                m.as_bytes(),
+                data,
+                "decoded ImageMetadata re-encodes to its input"
+            );
             assert_eq!(m.version, IMAGE_METADATA_VERSION);
             let status = m.status();
             assert!(status as u16 == m.status || status == ImageStatus::Undefined);

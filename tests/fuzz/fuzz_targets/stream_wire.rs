@@ -35,20 +35,32 @@ fn check_layout(image_bytes: u64, parts: u16, seq: u64, n_connections: u16) {
     let chunk = image_bytes.div_ceil(u64::from(parts.max(1)));
     for k in 0..parts.max(1) {
         let (offset, len) = part_range(image_bytes, parts, k);
-        assert_eq!(offset, next, "part {k} of {parts} starts where {} ended", k.wrapping_sub(1));
+        assert_eq!(
+            offset,
+            next,
+            "part {k} of {parts} starts where {} ended",
+            k.wrapping_sub(1)
+        );
         assert!(len <= chunk);
         next = offset + len;
         let c = connection_of(seq, parts, k, n_connections);
         assert!(c < usize::from(n_connections.max(1)));
     }
-    assert_eq!(next, image_bytes, "the {parts} parts cover the image exactly");
+    assert_eq!(
+        next, image_bytes,
+        "the {parts} parts cover the image exactly"
+    );
     // Parts past the end are empty and lie at the end.
-    assert_eq!(part_range(image_bytes, parts, parts.max(1)), (image_bytes, 0));
+    assert_eq!(
+        part_range(image_bytes, parts, parts.max(1)),
+        (image_bytes, 0)
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some(head) = take::<20>(data) else { return };
-    let image_bytes = u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) % (MAX_IMAGE_BYTES + 1);
+    let image_bytes =
+        u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) % (MAX_IMAGE_BYTES + 1);
     let parts = u16::from_le_bytes([head[8], head[9]]);
     let n_connections = u16::from_le_bytes([head[10], head[11]]);
     let seq = u64::from_le_bytes(head[12..20].try_into().unwrap_or_default());
@@ -57,7 +69,9 @@ fuzz_target!(|data: &[u8]| {
     // connection_of takes any values (it wraps on purpose); part_range any k for any layout the
     // sender can be configured with.
     let _ = connection_of(seq, parts, parts, n_connections);
-    assert!(connection_of(seq, parts, seq as u16, n_connections) < usize::from(n_connections.max(1)));
+    assert!(
+        connection_of(seq, parts, seq as u16, n_connections) < usize::from(n_connections.max(1))
+    );
     if parts <= MAX_CONNECTIONS * 4 {
         check_layout(image_bytes, parts, seq, n_connections);
     }
@@ -83,7 +97,10 @@ fuzz_target!(|data: &[u8]| {
             }
             match kind {
                 Kind::Image => {
-                    let end = h.payload_offset.checked_add(h.payload_len).expect("no overflow");
+                    let end = h
+                        .payload_offset
+                        .checked_add(h.payload_len)
+                        .expect("no overflow");
                     assert!(end <= image_bytes, "the payload lies inside the image");
                     assert_eq!(
                         (h.payload_offset, h.payload_len),

@@ -65,7 +65,9 @@ fn resolved_existing_prefix(path: &Path) -> PathBuf {
         if let Ok(real) = std::fs::canonicalize(p) {
             return real;
         }
-        p = p.parent().expect("the root exists, so some ancestor resolves");
+        p = p
+            .parent()
+            .expect("the root exists, so some ancestor resolves");
     }
 }
 
@@ -95,22 +97,36 @@ fuzz_target!(|data: &[u8]| {
         serde_json::to_vec(&v).expect("serialising a JSON value")
     };
 
-    let Ok(req) = request::parse(&body) else { return };
-    let Ok(path) = s.policy.check(&req) else { return };
+    let Ok(req) = request::parse(&body) else {
+        return;
+    };
+    let Ok(path) = s.policy.check(&req) else {
+        return;
+    };
 
     // Accepted: the number of images is allowed ...
     assert!((1..=MAX_IMAGES).contains(&req.n_images), "{req:?}");
     // ... the path is a new .h5 file strictly below the resolved root, with no `..` ...
-    assert!(path.starts_with(root) && path != root, "{path:?} is not inside {root:?}");
+    assert!(
+        path.starts_with(root) && path != root,
+        "{path:?} is not inside {root:?}"
+    );
     assert!(
         !path.components().any(|c| c == Component::ParentDir),
         "{path:?} has '..'"
     );
-    assert_eq!(path.extension().and_then(|e| e.to_str()), Some("h5"), "{path:?}");
+    assert_eq!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("h5"),
+        "{path:?}"
+    );
     assert!(path.symlink_metadata().is_err(), "{path:?} already exists");
     // ... and what exists of its folders resolves inside the root (no symlink escape).
     let real = resolved_existing_prefix(path.parent().expect("a file below the root"));
-    assert!(real.starts_with(root), "{path:?} leaves the root through {real:?}");
+    assert!(
+        real.starts_with(root),
+        "{path:?} leaves the root through {real:?}"
+    );
     // The request names the same file (under the resolved or the configured root).
     let named = Path::new(&req.output_file);
     assert!(
