@@ -87,6 +87,22 @@ impl Counted {
     }
 }
 
+/// A folder in RAM, removed even when the test fails (its files are hundreds of MB).
+struct RamFolder(std::path::PathBuf);
+
+impl RamFolder {
+    fn new(path: String) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        RamFolder(path.into())
+    }
+}
+
+impl Drop for RamFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn every_packet_fault_alone_and_combined_is_counted_exactly_at_rate() {
     let mut opts = options("faults").unwrap();
@@ -144,11 +160,10 @@ fn every_packet_fault_alone_and_combined_is_counted_exactly_at_rate() {
     // The files go to RAM (tmpfs): this matrix is about packets, and at this rate a disk busy
     // with the page cache of earlier tests would lap the ring (that case has its own test,
     // slow_writer.rs).
-    let files = std::path::PathBuf::from(format!("/dev/shm/faults-test-{}", std::process::id()));
-    std::fs::create_dir_all(&files).unwrap();
+    let files = RamFolder::new(format!("/dev/shm/faults-test-{}", std::process::id()));
     let packets_per_run = IMAGES * 2 * 128;
     for (k, (name, faults)) in cases.iter().enumerate() {
-        let file = files.join(format!("faults-{k}.h5"));
+        let file = files.0.join(format!("faults-{k}.h5"));
         let log = work.join(format!("faults-{k}.log"));
         let before = Counted::read(&ports);
         p.start_run(&file, IMAGES).unwrap();
@@ -255,6 +270,6 @@ fn every_packet_fault_alone_and_combined_is_counted_exactly_at_rate() {
         stop.failed.is_empty() && stop.leftovers.is_empty(),
         "{stop:?}"
     );
-    std::fs::remove_dir_all(files).unwrap();
+    drop(files);
     std::fs::remove_dir_all(work).unwrap();
 }
