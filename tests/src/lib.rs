@@ -132,3 +132,32 @@ pub fn next_run_completes_exact(
     assert_eq!(report["exact_images"], 20, "{report}");
     Ok(())
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for `--metrics-addr` and the like).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The samples of a service's Prometheus endpoint (`--metrics-addr 127.0.0.1:<port>`), by
+/// metric name (labels dropped).
+pub fn scrape_metrics(port: u16) -> Result<std::collections::HashMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to the metrics port {port}"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.1 200 OK") {
+        bail!("metrics port {port} answered: {text}");
+    }
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.split('{').next()?.to_string(), value.parse().ok()?))
+        })
+        .collect())
+}

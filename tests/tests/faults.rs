@@ -13,39 +13,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{Pipeline, SimulatedDetector};
-use std_daq_tests::{options, verify_h5};
+use std_daq_tests::{free_port, options, scrape_metrics, verify_h5};
 
 const IMAGES: u64 = 400;
 const RATE: f64 = 300.0;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The samples of one Prometheus endpoint, by metric name.
-fn scrape(port: u16) -> HashMap<String, u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.lines()
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            let value: f64 = value.parse().ok()?;
-            Some((name.split('{').next()?.to_string(), value as u64))
-        })
-        .collect()
-}
 
 /// Receiver counters summed over both modules.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -61,8 +34,8 @@ impl Counted {
     fn read(ports: &[u16]) -> Self {
         let mut c = Counted::default();
         for &port in ports {
-            let m = scrape(port);
-            let get = |k: &str| m.get(&format!("std_daq_{k}")).copied().unwrap_or(0);
+            let m = scrape_metrics(port).unwrap();
+            let get = |k: &str| m.get(&format!("std_daq_{k}")).map_or(0, |v| *v as u64);
             c.placed += get("packets");
             c.duplicate_or_late += get("duplicate_packets") + get("late_packets");
             c.malformed += get("malformed_packets");
@@ -118,7 +91,7 @@ fn every_packet_fault_alone_and_combined_is_counted_exactly_at_rate() {
     ];
     let work = opts.work_dir.clone();
     let detector = opts.detector_name.clone();
-    let ports = [free_port(), free_port()];
+    let ports = [free_port().unwrap(), free_port().unwrap()];
     let extra: HashMap<String, Vec<String>> = (0..2)
         .map(|m| {
             (

@@ -7,12 +7,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::io::Write;
+use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{Pipeline, SimulatedDetector};
 use std_daq_common::names;
-use std_daq_tests::{next_run_completes_exact, options};
+use std_daq_tests::{free_port, next_run_completes_exact, options, scrape_metrics};
 
 const UDP_JUNK: u64 = 500;
 const ZMQ_JUNK: u64 = 300;
@@ -33,36 +33,14 @@ impl Junk {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> HashMap<String, u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.lines()
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            let value: f64 = value.parse().ok()?;
-            Some((name.split('{').next()?.to_string(), value as u64))
-        })
-        .collect()
-}
-
 /// Waits (watchdog 30 s) until metric `name` on `port` reaches `want`, and checks it stays there.
 fn wait_for_count(port: u16, name: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got = scrape(port).get(name).copied().unwrap_or(0);
+        let got = scrape_metrics(port)
+            .unwrap()
+            .get(name)
+            .map_or(0, |v| *v as u64);
         assert!(
             got <= want,
             "{name} on :{port} is {got}, more than the {want} sent"
@@ -89,7 +67,7 @@ fn junk_on_every_socket_is_counted_and_the_next_run_is_exact() {
         "std-assembler",
         "std-h5-writer",
     ];
-    let ports: Vec<u16> = services.iter().map(|_| free_port()).collect();
+    let ports: Vec<u16> = services.iter().map(|_| free_port().unwrap()).collect();
     let extra: HashMap<String, Vec<String>> = services
         .iter()
         .zip(&ports)
@@ -174,7 +152,7 @@ fn junk_on_every_socket_is_counted_and_the_next_run_is_exact() {
                 let _ = s.write_all(&junk.bytes(len));
             }
         }
-        assert!(!scrape(port).is_empty());
+        assert!(!scrape_metrics(port).unwrap().is_empty());
     }
 
     eprintln!(

@@ -3,43 +3,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{Pipeline, SimulatedDetector};
-use std_daq_tests::options;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The samples of one endpoint, by metric name.
-fn scrape(port: u16) -> HashMap<String, f64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.lines()
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            Some((name.split('{').next()?.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
+use std_daq_tests::{free_port, options, scrape_metrics};
 
 #[test]
 fn metrics_endpoints_count_what_the_run_did() {
     const DROPS: &str = "5:0:*,7:1:3,7:1:4";
     let opts = options("metrics").unwrap();
     let work = opts.work_dir.clone();
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..4).map(|_| free_port().unwrap()).collect();
     let services = [
         "std-udp-recv-0",
         "std-udp-recv-1",
@@ -72,7 +45,10 @@ fn metrics_endpoints_count_what_the_run_did() {
     // totals are final, with a watchdog.
     let deadline = Instant::now() + Duration::from_secs(30);
     let (r0, r1) = loop {
-        let (r0, r1) = (scrape(ports[0]), scrape(ports[1]));
+        let (r0, r1) = (
+            scrape_metrics(ports[0]).unwrap(),
+            scrape_metrics(ports[1]).unwrap(),
+        );
         let total = r0.get("std_daq_packets").copied().unwrap_or(0.0)
             + r1.get("std_daq_packets").copied().unwrap_or(0.0);
         if total as u64 == sim.packets_sent {
@@ -101,7 +77,7 @@ fn metrics_endpoints_count_what_the_run_did() {
     let wait_for = |port: u16, name: &str, want: f64| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let got = scrape(port).get(name).copied();
+            let got = scrape_metrics(port).unwrap().get(name).copied();
             if got == Some(want) {
                 return;
             }
@@ -123,7 +99,7 @@ fn metrics_endpoints_count_what_the_run_did() {
         50.0,
     );
     wait_for(ports[3], "std_daq_image_write_latency_seconds_count", 50.0);
-    let writer = scrape(ports[3]);
+    let writer = scrape_metrics(ports[3]).unwrap();
     assert_eq!(writer["std_daq_connected"], 1.0);
     assert!(writer["std_daq_image_write_latency_seconds_sum"] > 0.0);
     let stop = p.stop().unwrap();

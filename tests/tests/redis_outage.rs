@@ -8,12 +8,11 @@
 //! `REDIS_PORT` in the environment they inherit.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::Pipeline;
-use std_daq_tests::{options, verify_h5};
+use std_daq_tests::{free_port, options, verify_h5};
 
 const WATCHDOG: Duration = Duration::from_secs(40);
 
@@ -85,11 +84,7 @@ fn run_exact(p: &mut Pipeline, file: &Path, detector: &str, first_frame: u64) {
 
 #[test]
 fn services_run_without_redis_and_resume_reporting_when_it_returns() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port().unwrap();
     // The services inherit this; nothing listens on the port yet.
     std::env::set_var("REDIS_HOST", "127.0.0.1");
     std::env::set_var("REDIS_PORT", port.to_string());
