@@ -5,6 +5,18 @@ set -euo pipefail
 
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo "setup: run as root (or with sudo)" >&2; exit 1; fi; }
 
+# The workspace builds for x86-64-v3 (.cargo/config.toml): refuse a CPU without AVX2/FMA/BMI2
+# before building binaries that would stop with SIGILL.
+if [ "$(uname -m)" = x86_64 ]; then
+  for flag in avx2 fma bmi2; do
+    if ! grep -qw "$flag" /proc/cpuinfo; then
+      echo "setup: this CPU lacks $flag (x86-64-v3), which .cargo/config.toml builds for; build with" >&2
+      echo "       RUSTFLAGS='-C target-cpu=x86-64' cargo build (docs/deployment.md)" >&2
+      exit 1
+    fi
+  done
+fi
+
 PKGS=(build-essential pkg-config libhdf5-dev hdf5-tools python3-h5py python3-numpy
       redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml shellcheck)
 

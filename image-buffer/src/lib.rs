@@ -6,6 +6,9 @@
 //! segment; any number of [`RingReader`]s (in any process) map it read-only and validate every read
 //! with a per-slot seqlock.
 //!
+//! A receiver that writes one image from several threads turns its owner into a [`SharedRing`]:
+//! threads claim disjoint byte ranges of a slot and one thread commits (module `shared`).
+//!
 //! ## What this crate must never do
 //! - Let a reader create, truncate, write or unlink a segment.
 //! - Let an owner unlink a segment it did not create (e.g. its successor's).
@@ -81,12 +84,14 @@ compile_error!("image-buffer needs a 64-bit unix target with 64-bit atomics");
 mod layout;
 mod owner;
 mod reader;
+mod shared;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use owner::{RingOwner, SlotWriter};
 pub use reader::{Expect, ReadError, RingReader};
+pub use shared::{ClaimError, PartWriter, SharedRing};
 
 /// First 8 bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"STDDAQRB");

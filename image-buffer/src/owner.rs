@@ -122,7 +122,27 @@ impl<M: Pod> RingOwner<M> {
         self.layout.slot_bytes
     }
 
-    fn seq(&self, slot: u64) -> &AtomicU64 {
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Start of the mapping (for [`crate::SharedRing`], which upholds the same exclusivity rules).
+    pub(crate) fn map_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Slot `slot`'s meta record (8-byte aligned, `size_of::<M>()` bytes inside the mapping).
+    pub(crate) fn meta_ptr(&self, slot: u64) -> *mut M {
+        // SAFETY: meta_offset(slot) for slot < n_slots lies inside the mapping (Layout::compute).
+        unsafe {
+            self.map
+                .as_mut_ptr()
+                .add(self.layout.meta_offset(slot))
+                .cast::<M>()
+        }
+    }
+
+    pub(crate) fn seq(&self, slot: u64) -> &AtomicU64 {
         let offset = self.layout.seq_offset(slot);
         // SAFETY: slot < n_slots, so the word is inside the mapping; it is 8-byte aligned
         // (Layout::seq_offset on a page-aligned mapping); the mapping is writable and lives as long

@@ -3,20 +3,21 @@
 //! stream order, and republishes the identical ImageMetadata on the local PUB, so that a writer on
 //! this host works unchanged.
 //!
-//! Threads: the caller's thread is the committer (it owns the ring and the PUB); one accept
-//! thread; one reader thread per connection reads frames into a small fixed pool of part buffers
-//! and checks them.
+//! Threads: the caller's thread is the committer (it commits images in stream order and owns the
+//! PUB); one accept thread; one reader thread per connection reads each part's bytes straight
+//! into its range of the image's ring slot (a [`SharedRing`] claim, no intermediate buffer),
+//! hashing each chunk right after it arrived (while it is in cache), and checks the trailer.
 //!
 //! What it must never do: publish an image as good unless every part arrived with a matching
 //! checksum from an intact sender slot; trust any length or field from the wire before checking
-//! it; allocate per image (part buffers are allocated once per session and recycled).
+//! it; allocate per image; let an image's claim on a slot destroy another image's written parts.
 
 use crate::wire::{
     self, FrameHeader, Hello, Kind, Reply, Trailer, PROTOCOL_VERSION, REPLY_ACK, REPLY_MAGIC,
     REPLY_WELCOME, VERDICT_OVERWRITTEN,
 };
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use image_buffer::RingOwner;
+use image_buffer::{ClaimError, PartWriter, SharedRing};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
@@ -31,7 +32,13 @@ use std_daq_common::{ImageMetadata, ImageStatus};
 pub const PUB_HEARTBEAT: Duration = Duration::from_millis(200);
 const ACK_PERIOD: Duration = Duration::from_millis(50);
 const POLL: Duration = Duration::from_millis(20);
-const BUFFERS_PER_CONNECTION: usize = 4;
+/// Parts a reader may have read ahead of the committer, per connection.
+const PARTS_QUEUED_PER_CONNECTION: usize = 4;
+/// Bytes read (then hashed) at a time: small enough to be hashed from L2 right after the read.
+const READ_CHUNK: usize = 256 << 10;
+/// How often a reader retries a slot still held by an older image the committer has not yet
+/// committed (only when image ids in flight are a multiple of the ring size apart).
+const SLOT_RETRY: Duration = Duration::from_micros(200);
 
 /// What the receiver expects and how patient it is.
 #[derive(Debug, Clone)]
@@ -100,7 +107,8 @@ enum PartStatus {
 #[derive(Debug)]
 struct Part {
     hdr: FrameHeader,
-    buf: Option<Vec<u8>>,
+    /// Good: its bytes are in the image's ring slot (the reader's claim has ended; the slot stays
+    /// reserved for the image until it is committed).
     status: PartStatus,
 }
 
@@ -115,7 +123,6 @@ struct Session {
     hello: Hello,
     streams: Vec<TcpStream>,
     parts_rx: Vec<Receiver<FromReader>>,
-    free_tx: Vec<Sender<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
     ack: TcpStream,
     /// Parts of the image being collected (index = part).
@@ -128,7 +135,6 @@ impl Session {
             let _ = s.shutdown(NetShutdown::Both);
         }
         drop(self.parts_rx);
-        drop(self.free_tx);
         for r in self.readers {
             let _ = r.join();
         }
@@ -138,7 +144,7 @@ impl Session {
 /// Runs until `shutdown`; returns the final counters. `listener` is bound by the caller.
 pub fn run(
     listener: TcpListener,
-    ring: &mut RingOwner<ImageMetadata>,
+    ring: &SharedRing<ImageMetadata>,
     publisher: &zmq::Socket,
     opts: &ReceiverOptions,
     shutdown: &Shutdown,
@@ -222,7 +228,7 @@ pub fn run(
 type Conn = (Hello, TcpStream);
 
 struct Committer<'a> {
-    ring: &'a mut RingOwner<ImageMetadata>,
+    ring: &'a SharedRing<ImageMetadata>,
     publisher: &'a zmq::Socket,
     opts: &'a ReceiverOptions,
     stats: ReceiverStats,
@@ -321,31 +327,30 @@ impl Committer<'_> {
         };
         (&ack).write_all(bytemuck::bytes_of(&welcome))?;
         self.stream = Some((hello.stream_id, next));
-        let part_bytes = wire::part_range(self.opts.image_bytes, hello.parts, 0).1 as usize;
         let mut session = Session {
             hello,
             streams: Vec::with_capacity(conns.len()),
             parts_rx: Vec::with_capacity(conns.len()),
-            free_tx: Vec::with_capacity(conns.len()),
             readers: Vec::with_capacity(conns.len()),
             ack,
             collected: Vec::with_capacity(usize::from(hello.parts)),
         };
         for (_, s) in conns {
             s.set_read_timeout(Some(self.opts.link_timeout))?;
-            let (parts_tx, parts_rx) = bounded::<FromReader>(BUFFERS_PER_CONNECTION);
-            let (free_tx, free_rx) = bounded::<Vec<u8>>(BUFFERS_PER_CONNECTION);
-            for _ in 0..BUFFERS_PER_CONNECTION {
-                let _ = free_tx.send(vec![0u8; part_bytes]);
-            }
+            let (parts_tx, parts_rx) = bounded::<FromReader>(PARTS_QUEUED_PER_CONNECTION);
             session.streams.push(s.try_clone()?);
-            let (image_bytes, counter) = (self.opts.image_bytes, Arc::clone(&self.bytes_received));
+            let reader = Reader {
+                stream: s,
+                image_bytes: self.opts.image_bytes,
+                link_timeout: self.opts.link_timeout,
+                ring: self.ring.clone(),
+                bytes: Arc::clone(&self.bytes_received),
+            };
             let reader = thread::Builder::new()
                 .name("stream-recv-reader".into())
-                .spawn(move || read_loop(s, image_bytes, &parts_tx, &free_rx, &counter))?;
+                .spawn(move || reader.run(&parts_tx))?;
             session.readers.push(reader);
             session.parts_rx.push(parts_rx);
-            session.free_tx.push(free_tx);
         }
         self.stats.sessions += 1;
         tracing::info!(
@@ -365,6 +370,14 @@ impl Committer<'_> {
         tracing::warn!("replication session closed: {why}");
         if let Some(s) = self.session.take() {
             s.close();
+        }
+        // Its readers are joined and its parts dropped: images it started stay uncommitted.
+        let emptied = self.ring.abandon_unfinished();
+        if emptied > 0 {
+            tracing::info!(
+                images = emptied,
+                "emptied the ring slots of unfinished images (the sender resends them)"
+            );
         }
     }
 
@@ -418,29 +431,28 @@ impl Committer<'_> {
         let image_id = first.image_id;
         let mut meta = first.meta;
         let image_bytes = self.opts.image_bytes as usize;
-        match self.ring.begin_write(image_id) {
-            Ok(mut w) => {
-                let data = w.data_mut();
-                if worst == PartStatus::Good {
-                    for p in &session.collected {
-                        let (o, l) = (p.hdr.payload_offset as usize, p.hdr.payload_len as usize);
-                        if let Some(buf) = &p.buf {
-                            data[o..o + l].copy_from_slice(&buf[..l]);
-                        }
-                    }
-                } else {
-                    data[..image_bytes].fill(0);
-                    meta.status = ImageStatus::LostInBuffer as u16;
+        let mut worst = worst;
+        session.collected.clear();
+        if worst != PartStatus::Good {
+            meta.status = ImageStatus::LostInBuffer as u16;
+            // Never leave an image's bytes half-replaced: zero the whole image.
+            match self.ring.claim(image_id, seq, 0, image_bytes) {
+                Ok(mut w) => w.data_mut().fill(0),
+                Err(e) => {
+                    // The slot is held by a newer image (ids a ring-size multiple apart): this
+                    // one is published as lost without touching it.
+                    tracing::warn!(image_id, "lost image not zeroed in the ring: {e}");
+                    worst = PartStatus::Lost;
                 }
-                *w.meta_mut() = meta;
-                w.commit();
             }
-            Err(e) => {
-                // Cannot happen for decoded frames (ids are checked); never publish it.
-                tracing::error!(image_id, "cannot write image: {e}");
+        }
+        if let Err(e) = self.ring.commit(image_id, meta) {
+            if worst == PartStatus::Good {
+                tracing::error!(image_id, "cannot commit image: {e}");
                 self.stats.protocol_errors += 1;
-                meta.status = ImageStatus::LostInBuffer as u16;
+                worst = PartStatus::Lost;
             }
+            meta.status = ImageStatus::LostInBuffer as u16;
         }
         let _ = self.publisher.send(meta.as_bytes(), zmq::DONTWAIT);
         match worst {
@@ -449,17 +461,6 @@ impl Committer<'_> {
             PartStatus::ChecksumMismatch => {
                 self.stats.checksum_errors += 1;
                 self.stream_checksum_errors += 1;
-            }
-        }
-        for (p, part) in session.collected.drain(..).enumerate() {
-            if let Some(buf) = part.buf {
-                let c = wire::connection_of(
-                    seq,
-                    session.hello.parts,
-                    p as u16,
-                    session.hello.n_connections,
-                );
-                let _ = session.free_tx[c].try_send(buf);
             }
         }
         self.stream = Some((session.hello.stream_id, seq + 1));
@@ -542,67 +543,112 @@ fn handshake(s: &TcpStream, opts: &ReceiverOptions) -> io::Result<Hello> {
     Ok(h)
 }
 
-fn read_loop(
-    mut s: TcpStream,
+/// One connection's reader thread.
+struct Reader {
+    stream: TcpStream,
     image_bytes: u64,
-    out: &Sender<FromReader>,
-    free: &Receiver<Vec<u8>>,
-    bytes: &AtomicU64,
-) {
-    let closed = |why: String, protocol: bool| {
-        let _ = out.send(FromReader::Closed(why, protocol));
-    };
-    let mut hb = [0u8; 136];
-    loop {
-        if let Err(e) = s.read_exact(&mut hb) {
-            return closed(format!("connection: {e}"), false);
-        }
-        let hdr = match FrameHeader::decode(&hb, image_bytes) {
-            Ok(h) => h,
-            Err(e) => return closed(e.to_string(), true),
+    link_timeout: Duration,
+    ring: SharedRing<ImageMetadata>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Reader {
+    fn run(mut self, out: &Sender<FromReader>) {
+        let closed = |why: String, protocol: bool| {
+            let _ = out.send(FromReader::Closed(why, protocol));
         };
-        let part = match hdr.kind() {
-            Some(Kind::Heartbeat) | None => continue,
-            Some(Kind::Lost) => Part {
-                hdr,
-                buf: None,
-                status: PartStatus::Lost,
-            },
-            Some(Kind::Image) => {
-                let Ok(mut buf) = free.recv() else { return };
-                // decode() checked payload_len against this host's part size.
-                let len = hdr.payload_len as usize;
-                if buf.len() < len {
-                    return closed("payload longer than a part".into(), true);
-                }
-                let mut tb = [0u8; 16];
-                if let Err(e) = s
-                    .read_exact(&mut buf[..len])
-                    .and_then(|()| s.read_exact(&mut tb))
-                {
-                    return closed(format!("connection: {e}"), false);
-                }
-                let trailer = match Trailer::decode(&tb) {
-                    Ok(t) => t,
-                    Err(e) => return closed(e.to_string(), true),
-                };
-                bytes.fetch_add(len as u64 + 152, Ordering::Relaxed);
-                let status = if trailer.verdict == VERDICT_OVERWRITTEN {
-                    PartStatus::Overwritten
-                } else if wire::checksum(&buf[..len]) != trailer.checksum {
-                    PartStatus::ChecksumMismatch
-                } else {
-                    PartStatus::Good
-                };
-                Part {
+        let mut hasher = wire::ChecksumState::new();
+        let mut hb = [0u8; 136];
+        loop {
+            if let Err(e) = self.stream.read_exact(&mut hb) {
+                return closed(format!("connection: {e}"), false);
+            }
+            let hdr = match FrameHeader::decode(&hb, self.image_bytes) {
+                Ok(h) => h,
+                Err(e) => return closed(e.to_string(), true),
+            };
+            let part = match hdr.kind() {
+                Some(Kind::Heartbeat) | None => continue,
+                Some(Kind::Lost) => Part {
                     hdr,
-                    buf: Some(buf),
-                    status,
+                    status: PartStatus::Lost,
+                },
+                Some(Kind::Image) => match self.read_part(hdr, &mut hasher) {
+                    Ok(part) => part,
+                    Err((why, protocol)) => return closed(why, protocol),
+                },
+            };
+            if out.send(FromReader::Part(part)).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Reads an Image frame's payload into its slot range and its trailer; Err(why, protocol).
+    fn read_part(
+        &mut self,
+        hdr: FrameHeader,
+        hasher: &mut wire::ChecksumState,
+    ) -> Result<Part, (String, bool)> {
+        // decode() checked offset and length against this host's image size.
+        let (offset, len) = (hdr.payload_offset as usize, hdr.payload_len as usize);
+        let mut writer = self.claim(&hdr, offset, len)?;
+        hasher.reset();
+        let io = |e: io::Error| (format!("connection: {e}"), false);
+        match writer.as_mut() {
+            Some(w) => {
+                for chunk in w.data_mut().chunks_mut(READ_CHUNK) {
+                    self.stream.read_exact(chunk).map_err(io)?;
+                    hasher.update(chunk);
                 }
             }
+            None => {
+                // The slot belongs to a newer image: read past the bytes, the part is lost.
+                let mut sink = [0u8; 4096];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(sink.len());
+                    self.stream.read_exact(&mut sink[..n]).map_err(io)?;
+                    left -= n;
+                }
+            }
+        }
+        let mut tb = [0u8; 16];
+        self.stream.read_exact(&mut tb).map_err(io)?;
+        let trailer = Trailer::decode(&tb).map_err(|e| (e.to_string(), true))?;
+        self.bytes.fetch_add(len as u64 + 152, Ordering::Relaxed);
+        let status = if writer.is_none() {
+            PartStatus::Lost
+        } else if trailer.verdict == VERDICT_OVERWRITTEN {
+            PartStatus::Overwritten
+        } else if hasher.digest() != trailer.checksum {
+            PartStatus::ChecksumMismatch
+        } else {
+            PartStatus::Good
         };
-        if out.send(FromReader::Part(part)).is_err() {
-            return;
+        Ok(Part { hdr, status })
+    }
+
+    /// The part's range of its image's slot. A slot still held by an older image (committed
+    /// soon, in stream order) is retried; one held by a newer image gives None (part lost).
+    fn claim(
+        &self,
+        hdr: &FrameHeader,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<PartWriter<ImageMetadata>>, (String, bool)> {
+        let deadline = Instant::now() + self.link_timeout;
+        loop {
+            match self.ring.claim(hdr.image_id, hdr.seq, offset, len) {
+                Ok(w) => return Ok(Some(w)),
+                Err(ClaimError::SlotBusy { holder_tag, .. }) if holder_tag > hdr.seq => {
+                    return Ok(None)
+                }
+                Err(ClaimError::SlotBusy { .. }) if Instant::now() < deadline => {
+                    thread::sleep(SLOT_RETRY)
+                }
+                Err(e) => return Err((format!("image {}: {e}", hdr.image_id), true)),
+            }
         }
     }
 }

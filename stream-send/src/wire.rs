@@ -275,6 +275,9 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+/// [`checksum`] computed over chunks as they arrive (`update` each, then `digest`): same value.
+pub type ChecksumState = xxhash_rust::xxh3::Xxh3;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -430,6 +433,21 @@ mod tests {
             b[4] = 1;
             b[5] = 0;
             let _ = FrameHeader::decode(&b, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn chunked_checksum_equals_the_one_shot_checksum() {
+        let bytes: Vec<u8> = (0..1_000_003u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+            .collect();
+        let mut state = ChecksumState::new();
+        for chunk in [1usize, 7, 4096, 256 << 10] {
+            state.reset();
+            for c in bytes.chunks(chunk) {
+                state.update(c);
+            }
+            assert_eq!(state.digest(), checksum(&bytes), "chunks of {chunk}");
         }
     }
 

@@ -101,11 +101,24 @@ fn start(
     parts: u16,
     via: impl FnOnce(SocketAddr) -> SocketAddr,
 ) -> Harness {
+    start_with_far_slots(tag, near_slots, 512, connections, parts, via)
+}
+
+fn start_with_far_slots(
+    tag: &str,
+    near_slots: u64,
+    far_slots: u64,
+    connections: u16,
+    parts: u16,
+    via: impl FnOnce(SocketAddr) -> SocketAddr,
+) -> Harness {
     let name = unique(tag);
     let ctx = zmq::Context::new();
     let near_ring = RingOwner::create(&format!("{name}.near"), near_slots, IMAGE_BYTES).unwrap();
-    let mut far_ring: RingOwner<ImageMetadata> =
-        RingOwner::create(&format!("{name}.far"), 512, IMAGE_BYTES).unwrap();
+    let far_ring =
+        RingOwner::<ImageMetadata>::create(&format!("{name}.far"), far_slots, IMAGE_BYTES)
+            .unwrap()
+            .into_shared();
     let far_reader = RingReader::attach(&format!("{name}.far"), Expect::default()).unwrap();
     let near_reader = Arc::new(
         RingReader::<ImageMetadata>::attach(&format!("{name}.near"), Expect::default()).unwrap(),
@@ -145,9 +158,7 @@ fn start(
     let recv_shutdown = Shutdown::new();
     let receiver = {
         let s = recv_shutdown.clone();
-        thread::spawn(move || {
-            receiver::run(listener, &mut far_ring, &far_pub, &recv_opts, &s).unwrap()
-        })
+        thread::spawn(move || receiver::run(listener, &far_ring, &far_pub, &recv_opts, &s).unwrap())
     };
     // The receiver's PUB heartbeat reached the far SUB: it is subscribed.
     assert!(far_sub.recv_bytes(0).unwrap().is_empty());
@@ -202,6 +213,23 @@ impl Harness {
                 return ImageMetadata::from_bytes(&m).unwrap();
             }
         }
+    }
+
+    /// Checks that the far side publishes `id` next, intact, without looking at its pixels.
+    fn expect_far_meta(&self, id: u64) {
+        assert_eq!(self.next_far(), meta_of(id), "image {id}");
+    }
+
+    /// Checks that the far ring holds `id` with exact pixels.
+    fn expect_far_pixels(&self, id: u64) {
+        self.far_reader
+            .read(id, |meta, data| {
+                assert_eq!(*meta, meta_of(id));
+                let data = &data[..IMAGE_BYTES as usize];
+                let bad = data.iter().enumerate().find(|(i, b)| **b != pixel(id, *i));
+                assert!(bad.is_none(), "image {id}: byte {bad:?} differs");
+            })
+            .unwrap();
     }
 
     /// Checks that the far side publishes `id` next: identical metadata and exact pixels, or (if
@@ -275,6 +303,39 @@ fn whole_images_spread_over_three_connections_stay_in_order() {
 #[test]
 fn images_split_in_four_parts_over_two_connections_are_exact() {
     exact_replication(2, 4);
+}
+
+#[test]
+fn a_far_ring_smaller_than_the_images_in_flight_waits_and_loses_nothing() {
+    // 3 far slots, 3 connections, whole images: connection c carries ids c+1, c+4, ..., all in
+    // slot (c+1) % 3, so each reader claims a slot whose previous image may not be committed yet
+    // (parts are received straight into the slot): it must wait, not overwrite it or fail.
+    let mut h = start_with_far_slots("small-far", 64, 3, 3, 1, |a| a);
+    for burst in 0..20u64 {
+        let first = burst * 5 + 1;
+        for id in first..first + 5 {
+            h.near.write(id);
+            h.near.publish(id);
+        }
+        for id in first..first + 5 {
+            h.expect_far_meta(id);
+        }
+        // The last three are still in the 3-slot ring.
+        for id in first + 2..first + 5 {
+            h.expect_far_pixels(id);
+        }
+    }
+    let (s, r) = h.stop();
+    assert_eq!((s.images_delivered, s.images_lost), (100, 0));
+    assert_eq!(
+        (
+            r.images_delivered,
+            r.images_lost,
+            r.checksum_errors,
+            r.sessions
+        ),
+        (100, 0, 0, 1)
+    );
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! for the veth pair), never in CI; see docs/benchmarks.md.
 //!
 //! The orchestrator runs every measurement as two child processes of this same binary: `serve`
-//! (the receiving host: a `read_exact` loop, or `receiver::run` into its own ring) and `client`
+//! (the receiving host: a `read_exact` loop into ring-sized memory, one place per slot as the
+//! replication ring has, or `receiver::run` into its own ring) and `client`
 //! (the sending host: `write_all` of the same bytes, or a ring re-published as fast as the far side
 //! commits plus `sender::run`). Over the veth pair `serve` runs in the far namespace and `client`
 //! in the near one (`ip netns exec`); over loopback both run in the current namespace. The client
@@ -165,8 +166,14 @@ fn serve(a: &EndArgs) -> Result<()> {
     let port = listener.local_addr()?.port();
     match a.mode.as_str() {
         "plain" => {
+            // Where the bytes land, like the replication receiver's ring: per connection, one
+            // part-sized place per ring slot (`slots` x part bytes), touched before the run.
+            let part_bytes = wire::part_range(a.image_bytes(), a.parts, 0).1 as usize;
+            let mut sinks: Vec<Vec<u8>> = (0..a.connections)
+                .map(|_| vec![1u8; part_bytes * a.slots as usize])
+                .collect();
             say(&format!("ready {port} 0"))?;
-            serve_plain(a, &listener)
+            serve_plain(a, &listener, &mut sinks)
         }
         "repl" => serve_repl(a, listener, port),
         m => bail!("unknown mode {m}"),
@@ -230,21 +237,22 @@ fn parts_of(a: &EndArgs, c: usize) -> impl Iterator<Item = (u64, u64, u64)> + '_
     })
 }
 
-fn serve_plain(a: &EndArgs, listener: &TcpListener) -> Result<()> {
+fn serve_plain(a: &EndArgs, listener: &TcpListener, sinks: &mut [Vec<u8>]) -> Result<()> {
     let conns = accept_indexed(listener, a.connections)?;
     let cpu0 = cpu_seconds();
     let part_bytes = wire::part_range(a.image_bytes(), a.parts, 0).1 as usize;
     let received: u64 = thread::scope(|s| -> Result<u64> {
         let handles: Vec<_> = conns
             .iter()
+            .zip(sinks.iter_mut())
             .enumerate()
-            .map(|(c, conn)| {
+            .map(|(c, (conn, sink))| {
                 s.spawn(move || -> std::io::Result<u64> {
-                    let mut buf = vec![0u8; part_bytes];
                     let mut r = conn;
                     let mut n = 0;
-                    for (_, _, len) in parts_of(a, c) {
-                        r.read_exact(&mut buf[..len as usize])?;
+                    for (seq, _, len) in parts_of(a, c) {
+                        let at = (seq % a.slots) as usize * part_bytes;
+                        r.read_exact(&mut sink[at..at + len as usize])?;
                         n += len;
                     }
                     Ok(n)
@@ -276,7 +284,7 @@ fn serve_repl(a: &EndArgs, listener: TcpListener, port: u16) -> Result<()> {
         .and_then(|p| p.parse().ok())
         .context("PUB port")?;
     let name = format!("ssb-{}-far", std::process::id());
-    let mut ring: RingOwner<ImageMetadata> = RingOwner::create(&name, a.slots, a.image_bytes())?;
+    let ring = RingOwner::<ImageMetadata>::create(&name, a.slots, a.image_bytes())?.into_shared();
     let opts = ReceiverOptions {
         image_bytes: a.image_bytes(),
         height: a.height,
@@ -296,7 +304,7 @@ fn serve_repl(a: &EndArgs, listener: TcpListener, port: u16) -> Result<()> {
     }
     say(&format!("ready {port} {pub_port}"))?;
     let cpu0 = cpu_seconds();
-    let st = receiver::run(listener, &mut ring, &publisher, &opts, &shutdown)?;
+    let st = receiver::run(listener, &ring, &publisher, &opts, &shutdown)?;
     say(&serde_json::json!({
         "delivered": st.images_delivered,
         "lost": st.images_lost,

@@ -50,9 +50,13 @@ fn main() -> Result<()> {
         .bind(&image_endpoint)
         .with_context(|| format!("binding {image_endpoint}"))?;
     let name = names::image_buffer_name(&cfg.detector_name);
-    let mut ring: RingOwner<ImageMetadata> =
-        RingOwner::create(&name, cfg.image_buffer_slots(), cfg.image_bytes() as u64)
-            .with_context(|| format!("creating ImageBuffer {name}"))?;
+    let ring = RingOwner::<ImageMetadata>::create(
+        &name,
+        cfg.image_buffer_slots(),
+        cfg.image_bytes() as u64,
+    )
+    .with_context(|| format!("creating ImageBuffer {name}"))?
+    .into_shared();
     let opts = ReceiverOptions {
         image_bytes: cfg.image_bytes() as u64,
         height: cfg.image_pixel_height,
@@ -62,7 +66,7 @@ fn main() -> Result<()> {
         stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
     };
     tracing::info!(listen = %args.listen, publish = %image_endpoint, "receiving");
-    let stats = receiver::run(listener, &mut ring, &publisher, &opts, &shutdown)?;
+    let stats = receiver::run(listener, &ring, &publisher, &opts, &shutdown)?;
     // Best effort: a closed stdout must not turn a clean stop into a panic.
     let _ = writeln!(
         std::io::stdout(),
