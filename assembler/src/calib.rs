@@ -101,50 +101,125 @@ impl ModuleCalibration {
 
 /// Pixels per block in [`convert_row`]: a block whose pixels are all in one gain stage reads
 /// only that stage's tables (8 bytes per pixel instead of 24), which is what most real frames
-/// are (G0 background). 64 pixels = 4 cache lines of each f32 table.
+/// are (G0 background). 64 pixels = 4 cache lines of each f32 table. (16 and 32 make fewer mixed
+/// blocks around Bragg spots but measured no faster: the conversion is memory-bound.)
 const BLOCK: usize = 64;
 
 /// Converts one row: `raw` holds `out.len()` little-endian u16 pixels starting at module pixel
 /// `start`. Branch-free per pixel (selects), so it vectorises; per block of [`BLOCK`] pixels in
 /// a single gain stage, only that stage's tables are read.
 pub fn convert_row(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
+    convert::<false>(cal, start, raw, out);
+}
+
+/// As [`convert_row`], with the pixels in reverse order: `out[n - 1 - i]` is pixel `start + i`
+/// (a row segment of a module mirrored in x, written straight into the image).
+pub fn convert_row_reversed(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
+    convert::<true>(cal, start, raw, out);
+}
+
+/// [`convert_row`] (`REV` false) or [`convert_row_reversed`] (`REV` true).
+fn convert<const REV: bool>(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
     let n = out.len();
     let raw = &raw[..2 * n];
-    let mut i = 0;
-    while i < n {
-        let len = BLOCK.min(n - i);
-        let (r, o, px) = (&raw[2 * i..2 * (i + len)], &mut out[i..i + len], start + i);
-        let (mut all, mut any) = (0xffffu16, 0u16);
-        for b in r.chunks_exact(2) {
-            let v = u16::from_le_bytes([b[0], b[1]]);
-            all &= v;
-            any |= v;
-        }
-        // Same gain bits in every pixel of the block iff AND and OR agree on bits 15..14.
-        if (all ^ any) >> 14 == 0 {
-            match any >> 14 {
-                0 => convert_stage(cal, 0, px, r, o),
-                1 => convert_stage(cal, 1, px, r, o),
-                3 => convert_stage(cal, 2, px, r, o),
-                _ => o.fill(0.0),
+    // FrameBuffer slots are page aligned: the bytes are read as u16 in place. Otherwise (or on a
+    // big-endian host) each block is decoded into a stack buffer first.
+    match bytemuck::try_cast_slice::<u8, u16>(raw) {
+        Ok(px) if cfg!(target_endian = "little") => convert_u16::<REV>(cal, start, px, out),
+        _ => {
+            let mut buf = [0u16; BLOCK];
+            for (k, bytes) in raw.chunks(2 * BLOCK).enumerate() {
+                let (i, len) = (k * BLOCK, bytes.len() / 2);
+                for (v, b) in buf.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *v = u16::from_le_bytes([b[0], b[1]]);
+                }
+                let o = if REV {
+                    &mut out[n - i - len..n - i]
+                } else {
+                    &mut out[i..i + len]
+                };
+                convert_u16::<REV>(cal, start + i, &buf[..len], o);
             }
-        } else {
-            convert_mixed(cal, px, r, o);
         }
-        i += len;
     }
 }
 
-fn convert_stage(cal: &ModuleCalibration, s: usize, px: usize, raw: &[u8], out: &mut [f32]) {
+/// `out` (reversed when `REV`) = pixels `raw` from module pixel `start` on: whole blocks with
+/// fixed-size arrays (no bounds checks in the loops), then the remaining `n % BLOCK` pixels.
+fn convert_u16<const REV: bool>(
+    cal: &ModuleCalibration,
+    start: usize,
+    raw: &[u16],
+    out: &mut [f32],
+) {
     let n = out.len();
-    let (p, g) = (&cal.pedestal[s][px..px + n], &cal.inv_gain[s][px..px + n]);
-    for (((o, b), p), g) in out.iter_mut().zip(raw.chunks_exact(2)).zip(p).zip(g) {
-        let adc = f32::from(u16::from_le_bytes([b[0], b[1]]) & 0x3fff);
-        *o = (adc - p) * g;
+    let full = n - n % BLOCK;
+    let (raw_full, raw_tail) = raw[..n].split_at(full);
+    let tail_start = start + full;
+    if REV {
+        let (out_tail, out_full) = out.split_at_mut(n - full);
+        for ((r, o), px) in raw_full
+            .chunks_exact(BLOCK)
+            .zip(out_full.rchunks_exact_mut(BLOCK))
+            .zip((start..).step_by(BLOCK))
+        {
+            convert_block::<REV>(cal, px, r, o);
+        }
+        convert_mixed::<REV>(cal, tail_start, raw_tail, out_tail);
+    } else {
+        let (out_full, out_tail) = out.split_at_mut(full);
+        for ((r, o), px) in raw_full
+            .chunks_exact(BLOCK)
+            .zip(out_full.chunks_exact_mut(BLOCK))
+            .zip((start..).step_by(BLOCK))
+        {
+            convert_block::<REV>(cal, px, r, o);
+        }
+        convert_mixed::<REV>(cal, tail_start, raw_tail, out_tail);
     }
 }
 
-fn convert_mixed(cal: &ModuleCalibration, px: usize, raw: &[u8], out: &mut [f32]) {
+/// One block of exactly [`BLOCK`] pixels from module pixel `px`.
+#[inline(always)]
+fn convert_block<const REV: bool>(
+    cal: &ModuleCalibration,
+    px: usize,
+    raw: &[u16],
+    out: &mut [f32],
+) {
+    let raw: &[u16; BLOCK] = raw.try_into().expect("a whole block");
+    let out: &mut [f32; BLOCK] = out.try_into().expect("a whole block");
+    let (mut all, mut any) = (0xffffu16, 0u16);
+    for v in raw {
+        all &= v;
+        any |= v;
+    }
+    // Same gain bits in every pixel of the block iff AND and OR agree on bits 15..14.
+    if (all ^ any) >> 14 != 0 {
+        return convert_mixed::<REV>(cal, px, raw, out);
+    }
+    let s = match any >> 14 {
+        0 => 0,
+        1 => 1,
+        3 => 2,
+        _ => return out.fill(0.0),
+    };
+    let p: &[f32; BLOCK] = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
+    let g: &[f32; BLOCK] = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
+    for i in 0..BLOCK {
+        let adc = f32::from(raw[i] & 0x3fff);
+        out[if REV { BLOCK - 1 - i } else { i }] = (adc - p[i]) * g[i];
+    }
+}
+
+/// Any pixels (a block with several gain stages, or a row's last `n % BLOCK` pixels): all three
+/// stages computed, the pixel's own selected. Gives the same bits as the single-stage path.
+fn convert_mixed<const REV: bool>(
+    cal: &ModuleCalibration,
+    px: usize,
+    raw: &[u16],
+    out: &mut [f32],
+) {
     let n = out.len();
     let (p0, p1, p2) = (
         &cal.pedestal[0][px..px + n],
@@ -156,8 +231,9 @@ fn convert_mixed(cal: &ModuleCalibration, px: usize, raw: &[u8], out: &mut [f32]
         &cal.inv_gain[1][px..px + n],
         &cal.inv_gain[2][px..px + n],
     );
+    let raw = &raw[..n];
     for i in 0..n {
-        let v = u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]);
+        let v = raw[i];
         let adc = f32::from(v & 0x3fff);
         let gain_bits = v >> 14;
         let e0 = (adc - p0[i]) * g0[i];
@@ -165,7 +241,7 @@ fn convert_mixed(cal: &ModuleCalibration, px: usize, raw: &[u8], out: &mut [f32]
         let e2 = (adc - p2[i]) * g2[i];
         let e = if gain_bits == 0 { e0 } else { e1 };
         let e = if gain_bits == 3 { e2 } else { e };
-        out[i] = if gain_bits == 2 { 0.0 } else { e };
+        out[if REV { n - 1 - i } else { i }] = if gain_bits == 2 { 0.0 } else { e };
     }
 }
 
@@ -385,6 +461,90 @@ mod tests {
             let px = 300 * 1024 + col;
             let want = (5000.0 - (px % 1000 + 1) as f32) * 0.5;
             assert_eq!(out[col], want, "col {col}");
+        }
+    }
+
+    /// Module-sized tables with a different pedestal and gain per pixel and stage, every 37th
+    /// pixel masked.
+    fn varied() -> ModuleCalibration {
+        let p: [Vec<f32>; 3] = std::array::from_fn(|s| {
+            (0..MODULE_PIXELS)
+                .map(|i| 900.0 + ((i * 31 + s * 7) % 613) as f32 * 0.37)
+                .collect()
+        });
+        let g: [Vec<f32>; 3] = std::array::from_fn(|s| {
+            (0..MODULE_PIXELS)
+                .map(|i| [41.3, -1.37, -0.113][s] * (1.0 + (i % 89) as f32 * 1e-3))
+                .collect()
+        });
+        let mask: Vec<bool> = (0..MODULE_PIXELS).map(|i| i % 37 == 0).collect();
+        let mut counts = MaskCounts::default();
+        ModuleCalibration::from_values(
+            [&p[0], &p[1], &p[2]],
+            [&g[0], &g[1], &g[2]],
+            &mask,
+            &mut counts,
+        )
+    }
+
+    /// The conversion of one pixel, written out without blocks or selects.
+    fn reference(c: &ModuleCalibration, px: usize, raw: u16) -> f32 {
+        let s = match raw >> 14 {
+            0 => 0,
+            1 => 1,
+            3 => 2,
+            _ => return 0.0,
+        };
+        (f32::from(raw & 0x3fff) - c.pedestal[s][px]) * c.inv_gain[s][px]
+    }
+
+    #[test]
+    fn blocks_tails_mirrored_rows_and_unaligned_input_give_the_reference_bits() {
+        let c = varied();
+        // Runs of one gain code (single-stage blocks of every code, invalid included) and
+        // stretches where the code changes every few pixels (mixed blocks).
+        let raw: Vec<u16> = (0..3 * MODULE_WIDTH)
+            .map(|i| {
+                let code = if (i / 256) % 2 == 0 {
+                    i / 512 % 4
+                } else {
+                    i * 7 / 5 % 4
+                };
+                ((code as u16) << 14) | ((i * 2654435761) % 16384) as u16
+            })
+            .collect();
+        let aligned: &[u8] = bytemuck::cast_slice(&raw);
+        // The same bytes at an odd address: the byte-decoding path.
+        let mut store = vec![0u8; aligned.len() + 1];
+        let odd = usize::from((store.as_ptr() as usize).is_multiple_of(2));
+        store[odd..odd + aligned.len()].copy_from_slice(aligned);
+        let unaligned = &store[odd..odd + aligned.len()];
+        assert!(bytemuck::try_cast_slice::<u8, u16>(unaligned).is_err());
+
+        // (first raw pixel, module pixel, pixels): whole rows, tails, a start inside a block.
+        for (first, start, n) in [
+            (0, 0, 1024),
+            (0, 300 * 1024, 3 * 1024),
+            (5, 300 * 1024 + 5, 1000),
+            (64, 7, 63),
+            (1, MODULE_PIXELS - 130, 130),
+            (0, 0, 64),
+            (0, 0, 0),
+        ] {
+            let want: Vec<u32> = (0..n)
+                .map(|i| reference(&c, start + i, raw[first + i]).to_bits())
+                .collect();
+            let want_reversed: Vec<u32> = want.iter().rev().copied().collect();
+            for bytes in [aligned, unaligned] {
+                let input = &bytes[2 * first..];
+                let mut out = vec![f32::NAN; n];
+                convert_row(&c, start, input, &mut out);
+                let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "start {start} n {n}");
+                convert_row_reversed(&c, start, input, &mut out);
+                let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want_reversed, "reversed, start {start} n {n}");
+            }
         }
     }
 

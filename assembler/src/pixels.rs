@@ -1,5 +1,6 @@
 //! Turns one module frame into its pixels in the image: raw placement, or JUNGFRAU conversion
-//! row by row (into a reused row buffer) followed by placement, gaps and double pixels.
+//! row segment by row segment straight into the image (through a reused row buffer and placement
+//! when the image is not 4-byte aligned), then gaps and double pixels.
 //!
 //! GigaFRoST: each stream (module m) is half of quadrant m/2 (SW, SE, NW, NE), its rows
 //! interleaved with the quadrant's other stream (m % 2); 12-bit pairs are unpacked to u16 (3 bytes
@@ -8,7 +9,7 @@
 //! Never: allocate or log per image (the row buffer is allocated once), or convert the zeroed
 //! rows of a packet that did not arrive (they stay 0, not `(0 - pedestal) * gain`).
 
-use crate::calib::{self, Calibration, CalibrationError};
+use crate::calib::{self, Calibration, CalibrationError, ModuleCalibration};
 use crate::place::Geometry;
 use std_daq_common::config::{DetectorType, DoublePixels};
 use std_daq_common::{DetectorConfig, ModuleFrame};
@@ -150,19 +151,15 @@ impl ModulePixels {
                 row,
             } => {
                 let g = &self.geometry;
-                let w = g.layout.module_width;
                 let cal = &calibration.modules[m];
-                for (r, raw_row) in src
-                    .chunks_exact(2 * w)
-                    .take(g.layout.module_height)
-                    .enumerate()
-                {
-                    if frame.packet_received(r / self.rows_per_packet) {
-                        calib::convert_row(cal, r * w, raw_row, row);
-                    } else {
-                        row.fill(0.0);
-                    }
-                    g.place_row(m, r, bytemuck::cast_slice(row.as_slice()), image);
+                let image_bytes = g.image_bytes();
+                // ImageBuffer slots are page aligned: convert straight into the image's f32
+                // pixels (no row buffer, no second copy); otherwise through the row buffer.
+                let rows_per_packet = self.rows_per_packet;
+                let received = |r: usize| frame.packet_received(r / rows_per_packet);
+                match bytemuck::try_cast_slice_mut::<u8, f32>(&mut image[..image_bytes]) {
+                    Ok(pixels) => convert_direct(g, m, cal, src, received, pixels),
+                    Err(_) => convert_via_row(g, m, cal, src, received, row, image),
                 }
                 if g.layout.gap > 0 {
                     g.finish_double_pixels(m, *double_pixels, image);
@@ -187,9 +184,199 @@ impl ModulePixels {
     }
 }
 
+/// Converts module `m`'s rows straight into the image (`image`: its pixels as f32), segment by
+/// segment, mirrored segments in reverse order. Rows `r` with `!received(r)` (their packet did
+/// not arrive) are 0.
+fn convert_direct(
+    g: &Geometry,
+    m: usize,
+    cal: &ModuleCalibration,
+    src: &[u8],
+    received: impl Fn(usize) -> bool,
+    image: &mut [f32],
+) {
+    let w = g.layout.module_width;
+    for (r, raw_row) in src
+        .chunks_exact(2 * w)
+        .take(g.layout.module_height)
+        .enumerate()
+    {
+        let received = received(r);
+        for s in g.row_segments(m, r) {
+            let out = &mut image[s.image_pixel..s.image_pixel + s.len];
+            let raw = &raw_row[2 * s.column..2 * (s.column + s.len)];
+            match (received, s.reversed) {
+                (false, _) => out.fill(0.0),
+                (true, false) => calib::convert_row(cal, r * w + s.column, raw, out),
+                (true, true) => calib::convert_row_reversed(cal, r * w + s.column, raw, out),
+            }
+        }
+    }
+}
+
+/// As [`convert_direct`], through `row` (one module row) and [`Geometry::place_row`], for an
+/// image that is not 4-byte aligned.
+fn convert_via_row(
+    g: &Geometry,
+    m: usize,
+    cal: &ModuleCalibration,
+    src: &[u8],
+    received: impl Fn(usize) -> bool,
+    row: &mut [f32],
+    image: &mut [u8],
+) {
+    let w = g.layout.module_width;
+    for (r, raw_row) in src
+        .chunks_exact(2 * w)
+        .take(g.layout.module_height)
+        .enumerate()
+    {
+        if received(r) {
+            calib::convert_row(cal, r * w, raw_row, row);
+        } else {
+            row.fill(0.0);
+        }
+        g.place_row(m, r, bytemuck::cast_slice(row), image);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::calib::{MaskCounts, MODULE_HEIGHT, MODULE_WIDTH};
+
+    /// Two converted JUNGFRAU modules stacked; module 1 mirrored in x and y when `flip`.
+    fn converted_config(gaps: bool, flip: bool, double_pixels: &str) -> DetectorConfig {
+        let (w, h) = if gaps { (1030, 514) } else { (1024, 512) };
+        let m1 = if flip {
+            serde_json::json!([w - 1, 2 * h - 1, 0, h])
+        } else {
+            serde_json::json!([0, h, w - 1, 2 * h - 1])
+        };
+        let mut json = serde_json::json!({
+            "detector_name": "t", "detector_type": "jungfrau-converted", "n_modules": 2,
+            "bit_depth": 16, "image_pixel_height": 2 * h, "image_pixel_width": w,
+            "start_udp_port": 50000, "chip_gaps": gaps, "calibration_file": "/unused.h5",
+            "module_positions": {"0": [0, 0, w - 1, h - 1], "1": m1},
+        });
+        if gaps {
+            json["double_pixels"] = double_pixels.into();
+        }
+        DetectorConfig::from_json_str(&json.to_string(), "t").unwrap()
+    }
+
+    fn calibration() -> Calibration {
+        let n = MODULE_WIDTH * MODULE_HEIGHT;
+        let module = |m: usize| {
+            let p: [Vec<f32>; 3] =
+                std::array::from_fn(|s| (0..n).map(|i| ((i * 13 + s + m) % 700) as f32).collect());
+            let g: [Vec<f32>; 3] = std::array::from_fn(|s| {
+                (0..n)
+                    .map(|i| [37.0, -1.1, -0.07][s] * (1.0 + (i % 53) as f32 * 1e-3))
+                    .collect()
+            });
+            let mask: Vec<bool> = (0..n).map(|i| i % 101 == m).collect();
+            calib::ModuleCalibration::from_values(
+                [&p[0], &p[1], &p[2]],
+                [&g[0], &g[1], &g[2]],
+                &mask,
+                &mut MaskCounts::default(),
+            )
+        };
+        Calibration {
+            modules: vec![module(0), module(1)],
+            masked: MaskCounts::default(),
+        }
+    }
+
+    /// `len` bytes starting at an address that is (`aligned`) or is not a multiple of 4.
+    fn buffer(store: &mut Vec<u8>, len: usize, aligned: bool) -> &mut [u8] {
+        store.clear();
+        store.resize(len + 4, 0x41); // stale bytes everywhere
+        let misalignment = store.as_ptr() as usize % 4;
+        // Start at an address = 0 (aligned) or 1 (not) modulo 4.
+        let skip = (4 + usize::from(!aligned) - misalignment) % 4;
+        &mut store[skip..skip + len]
+    }
+
+    #[test]
+    fn direct_and_row_buffer_conversion_write_the_same_bytes() {
+        let n = MODULE_WIDTH * MODULE_HEIGHT;
+        // All gain codes, in runs (single-stage blocks) and mixed, frame k shifted.
+        let frame_bytes = |k: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| {
+                    let code = if i / 2048 % 3 == 0 {
+                        i * 5 / 3
+                    } else {
+                        i / 700 + k
+                    };
+                    (((code % 4) as u16) << 14 | ((i * 7919 + k) % 16384) as u16).to_le_bytes()
+                })
+                .collect()
+        };
+        let sources = [frame_bytes(0), frame_bytes(1)];
+        // Packets 3 and 100 lost: their rows (4 per packet) must be 0, not converted zeros.
+        let mut frame = ModuleFrame::new(1, 1, 128);
+        for p in (0..128).filter(|p| *p != 3 && *p != 100) {
+            frame.mark_received(p);
+        }
+        let mut stores = (Vec::new(), Vec::new(), Vec::new());
+        for (gaps, flip, double_pixels) in [
+            (false, false, "split"),
+            (false, true, "split"),
+            (true, false, "split"),
+            (true, true, "split"),
+            (true, true, "mask"),
+        ] {
+            let cfg = converted_config(gaps, flip, double_pixels);
+            let mut pixels = ModulePixels::with_calibration(&cfg, Some(calibration()));
+            let len = cfg.image_bytes();
+            let direct = buffer(&mut stores.0, len, true);
+            let via_row = buffer(&mut stores.1, len, false);
+            assert!(bytemuck::try_cast_slice_mut::<u8, f32>(via_row).is_err());
+            for (m, source) in sources.iter().enumerate() {
+                pixels.write(m, &frame, source, direct);
+                pixels.write(m, &frame, source, via_row);
+            }
+            let case = format!("gaps {gaps} flip {flip} {double_pixels}");
+            assert!(direct == via_row, "{case}");
+            // Raw input at an odd address (byte-decoding path) gives the same image too.
+            let odd = buffer(&mut stores.2, len, true);
+            let mut src = vec![0u8; 2 * n + 1];
+            let off = usize::from((src.as_ptr() as usize).is_multiple_of(2));
+            for (m, source) in sources.iter().enumerate() {
+                src[off..off + 2 * n].copy_from_slice(source);
+                pixels.write(m, &frame, &src[off..off + 2 * n], odd);
+            }
+            assert!(odd == direct, "{case}, unaligned input");
+
+            // Not trivially equal: most pixels converted, the lost packets' rows zero.
+            let px: Vec<f32> = direct
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let nonzero = px.iter().filter(|v| **v != 0.0).count();
+            assert!(nonzero > px.len() / 2, "{case}: {nonzero}");
+            let w = cfg.image_pixel_width as usize;
+            let rect_row = |r: usize| r + if gaps { 2 * (r / 256) } else { 0 };
+            let h = if gaps { 514 } else { 512 };
+            for r in [12, 15, 400, 403] {
+                // Module 0 is not mirrored: image row = rectangle row; its data columns are 0.
+                let row = &px[rect_row(r) * w..(rect_row(r) + 1) * w];
+                assert!(row.iter().all(|v| *v == 0.0), "{case}: module 0 row {r}");
+                // Module 1 (second half), mirrored in y when `flip`.
+                let y = h + if flip {
+                    h - 1 - rect_row(r)
+                } else {
+                    rect_row(r)
+                };
+                let row = &px[y * w..(y + 1) * w];
+                assert!(row.iter().all(|v| *v == 0.0), "{case}: module 1 row {r}");
+            }
+        }
+    }
 
     #[test]
     fn unpacks_12bit_pairs() {

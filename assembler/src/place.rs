@@ -98,6 +98,17 @@ pub struct Placement {
     pub flip_y: bool,
 }
 
+/// Pixels `column..column + len` of a module row land at image pixels
+/// `image_pixel..image_pixel + len` (row-major pixel index), in reverse order when `reversed`
+/// (the module is mirrored in x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSegment {
+    pub column: usize,
+    pub len: usize,
+    pub image_pixel: usize,
+    pub reversed: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Geometry {
     pub image_width: usize,
@@ -159,18 +170,24 @@ impl Geometry {
         self.layout.module_width * self.bytes_per_pixel
     }
 
-    /// Byte offset in the image of rectangle pixel (x, y) of module `p`, mirroring applied.
-    fn offset(&self, p: &Placement, x: usize, y: usize) -> usize {
+    /// Pixel index (row-major) in the image of rectangle pixel (x, y) of module `p`, mirroring
+    /// applied.
+    fn pixel_index(&self, p: &Placement, x: usize, y: usize) -> usize {
         let ix = p.left + if p.flip_x { p.width - 1 - x } else { x };
         let iy = p.top + if p.flip_y { p.height - 1 - y } else { y };
-        (iy * self.image_width + ix) * self.bytes_per_pixel
+        iy * self.image_width + ix
     }
 
-    /// Writes module row `r` (`row`: `row_bytes()` bytes in image pixel format) into `image`.
-    pub fn place_row(&self, module: usize, r: usize, row: &[u8], image: &mut [u8]) {
+    /// Byte offset in the image of rectangle pixel (x, y) of module `p`, mirroring applied.
+    fn offset(&self, p: &Placement, x: usize, y: usize) -> usize {
+        self.pixel_index(p, x, y) * self.bytes_per_pixel
+    }
+
+    /// Where module row `r` of module `module` lands in the image: one [`RowSegment`] per chip
+    /// (the whole row without gaps), in module column order.
+    pub fn row_segments(&self, module: usize, r: usize) -> impl Iterator<Item = RowSegment> + '_ {
         let p = self.modules[module];
         let l = &self.layout;
-        let bpp = self.bytes_per_pixel;
         let y = l.rect_y(r);
         // Without gaps the whole row is one segment.
         let seg = if l.gap == 0 {
@@ -178,16 +195,29 @@ impl Geometry {
         } else {
             l.chip_width
         };
-        for (k, src) in row.chunks_exact(seg * bpp).enumerate() {
+        (0..l.module_width / seg).map(move |k| {
             let x0 = k * (seg + l.gap);
-            if p.flip_x {
-                // Rectangle columns x0..x0+seg land mirrored at image columns ending here.
-                let start = self.offset(&p, x0 + seg - 1, y);
-                let dst = &mut image[start..start + seg * bpp];
+            // Mirrored: the segment's last column x0+seg-1 has the lowest image address.
+            let first = if p.flip_x { x0 + seg - 1 } else { x0 };
+            RowSegment {
+                column: k * seg,
+                len: seg,
+                image_pixel: self.pixel_index(&p, first, y),
+                reversed: p.flip_x,
+            }
+        })
+    }
+
+    /// Writes module row `r` (`row`: `row_bytes()` bytes in image pixel format) into `image`.
+    pub fn place_row(&self, module: usize, r: usize, row: &[u8], image: &mut [u8]) {
+        let bpp = self.bytes_per_pixel;
+        for s in self.row_segments(module, r) {
+            let src = &row[s.column * bpp..(s.column + s.len) * bpp];
+            let dst = &mut image[s.image_pixel * bpp..(s.image_pixel + s.len) * bpp];
+            if s.reversed {
                 copy_reversed(dst, src, bpp);
             } else {
-                let start = self.offset(&p, x0, y);
-                image[start..start + seg * bpp].copy_from_slice(src);
+                dst.copy_from_slice(src);
             }
         }
     }
