@@ -131,10 +131,6 @@ fn lock(m: &Mutex<SlotClaims>) -> MutexGuard<'_, SlotClaims> {
 }
 
 impl<M: Pod> SharedRing<M> {
-    pub fn n_slots(&self) -> u64 {
-        self.inner.owner.n_slots()
-    }
-
     pub fn slot_bytes(&self) -> u64 {
         self.inner.owner.slot_bytes()
     }
@@ -277,15 +273,6 @@ pub struct PartWriter<M: Pod> {
 }
 
 impl<M: Pod> PartWriter<M> {
-    pub fn image_id(&self) -> u64 {
-        self.image_id
-    }
-
-    /// Offset of this part in the slot's data.
-    pub fn offset(&self) -> usize {
-        self.offset
-    }
-
     /// The claimed bytes (they still hold whatever the slot held before).
     pub fn data_mut(&mut self) -> &mut [u8] {
         let owner = &self.ring.inner.owner;

@@ -421,7 +421,7 @@ impl Committer<'_> {
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        let worst = session
+        let mut worst = session
             .collected
             .iter()
             .map(|p| p.status)
@@ -431,7 +431,6 @@ impl Committer<'_> {
         let image_id = first.image_id;
         let mut meta = first.meta;
         let image_bytes = self.opts.image_bytes as usize;
-        let mut worst = worst;
         session.collected.clear();
         if worst != PartStatus::Good {
             meta.status = ImageStatus::LostInBuffer as u16;
