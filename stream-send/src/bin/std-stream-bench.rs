@@ -68,6 +68,10 @@ struct BenchArgs {
     /// MTU of the veth pair.
     #[arg(long, default_value_t = 1500)]
     veth_mtu: u32,
+    /// Pin the sending end to CPU 0 and the receiving end to CPU 1 (taskset), as two hosts of
+    /// one core each would be; by default both ends share all CPUs.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -623,12 +627,20 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(netns: Option<&str>, role: &str, args: &EndArgs) -> Result<Proc> {
+    /// `cpu`: pin the child to this CPU.
+    fn spawn(netns: Option<&str>, role: &str, args: &EndArgs, cpu: Option<u32>) -> Result<Proc> {
         let exe = std::env::current_exe()?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(exe);
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = netns {
+            argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        if let Some(cpu) = cpu {
+            argv.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
+        }
+        let mut cmd = match argv.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
                 c
             }
             None => Command::new(exe),
@@ -697,7 +709,7 @@ struct Run {
     note: String,
 }
 
-fn run_once(t: &Transport, mode: &str, base: &EndArgs) -> Result<Run> {
+fn run_once(t: &Transport, mode: &str, base: &EndArgs, pin: bool) -> Result<Run> {
     let serve_args = EndArgs {
         mode: mode.into(),
         addr: t.far_ip,
@@ -707,7 +719,7 @@ fn run_once(t: &Transport, mode: &str, base: &EndArgs) -> Result<Run> {
         Some((n, f)) => (Some(n.as_str()), Some(f.as_str())),
         None => (None, None),
     };
-    let mut server = Proc::spawn(far, "serve", &serve_args)?;
+    let mut server = Proc::spawn(far, "serve", &serve_args, pin.then_some(1))?;
     let ready = server.line("serve")?;
     let mut words = ready.split_whitespace();
     ensure!(words.next() == Some("ready"), "serve said {ready}");
@@ -718,7 +730,7 @@ fn run_once(t: &Transport, mode: &str, base: &EndArgs) -> Result<Run> {
         pub_port,
         ..serve_args
     };
-    let mut client = Proc::spawn(near, "client", &client_args)?;
+    let mut client = Proc::spawn(near, "client", &client_args, pin.then_some(0))?;
     let c = client.json("client")?;
     let c_status = client.child.wait()?;
     ensure!(c_status.success(), "client failed: {c_status}");
@@ -793,9 +805,25 @@ fn orchestrate(b: &BenchArgs) -> Result<()> {
         }
     }
     let image_bytes = u64::from(b.height) * u64::from(b.width) * 2;
+    if b.pin {
+        ensure!(
+            sh("command -v taskset >/dev/null") && thread::available_parallelism()?.get() >= 2,
+            "--pin needs taskset (util-linux) and at least 2 CPUs"
+        );
+    }
     println!(
-        "# {} images of {}x{} u16 ({} B) per run, {} trials, ring/buffer slots {}",
-        b.images, b.height, b.width, image_bytes, b.trials, b.slots
+        "# {} images of {}x{} u16 ({} B) per run, {} trials, ring/buffer slots {}{}",
+        b.images,
+        b.height,
+        b.width,
+        image_bytes,
+        b.trials,
+        b.slots,
+        if b.pin {
+            ", sending end on CPU 0, receiving end on CPU 1"
+        } else {
+            ""
+        }
     );
     // results[transport][config] = (plain GB/s per trial, replication GB/s per trial)
     let mut results = vec![vec![(Vec::new(), Vec::new()); configs.len()]; transports.len()];
@@ -822,7 +850,7 @@ fn orchestrate(b: &BenchArgs) -> Result<()> {
                     ["repl", "plain"]
                 };
                 for mode in order {
-                    let run = run_once(t, mode, &base)?;
+                    let run = run_once(t, mode, &base, b.pin)?;
                     println!(
                         "trial {} {} {}x{} {:5} {:.3} GB/s {:.3} CPU-s/GB {}",
                         trial + 1,
