@@ -158,12 +158,13 @@ fn bad(what: &'static str, field: &'static str, value: impl Into<u64>) -> WireEr
     }
 }
 
-/// Where part `k` of `parts` lies in an image of `image_bytes`: (offset, len).
+/// Where part `k` of `parts` lies in an image of `image_bytes`: (offset, len). Total for every
+/// input: a part past the end is empty, and nothing overflows.
 pub fn part_range(image_bytes: u64, parts: u16, k: u16) -> (u64, u64) {
     let parts = u64::from(parts.max(1));
     let chunk = image_bytes.div_ceil(parts);
-    let start = (chunk * u64::from(k)).min(image_bytes);
-    let end = (start + chunk).min(image_bytes);
+    let start = chunk.saturating_mul(u64::from(k)).min(image_bytes);
+    let end = start.saturating_add(chunk).min(image_bytes);
     (start, end - start)
 }
 
@@ -462,6 +463,12 @@ mod tests {
             }
             assert_eq!(next, bytes);
         }
+        // Sizes no layout has: no overflow, the parts still cover the image.
+        let huge = u64::MAX - 1;
+        assert_eq!(part_range(huge, 3, 0), (0, huge.div_ceil(3)));
+        let (o, l) = part_range(huge, 3, 2);
+        assert_eq!(o + l, huge);
+        assert_eq!(part_range(huge, 2, u16::MAX), (huge, 0));
         assert_eq!(connection_of(5, 1, 0, 4), 1);
         assert_eq!(connection_of(5, 4, 3, 4), 3);
         assert_eq!(connection_of(5, 2, 1, 4), 3);

@@ -183,7 +183,12 @@ enum WriterKnows {
 /// How a run ended, as far as the agent knows.
 enum Outcome {
     Finished(RunSummary),
-    Lost(String),
+    /// The writer was lost mid-run: why, and how many images its last checkpoint made safe in
+    /// the partial file (what the final status reports as `images_written`).
+    Lost {
+        why: String,
+        images_safe: u64,
+    },
 }
 
 const NO_CORRELATION_ID: &str =
@@ -558,7 +563,7 @@ impl Agent {
                 let (act, message) = describe_end(&run);
                 (act, message, run.images_written, Some(run))
             }
-            Outcome::Lost(why) => (action::REQUEST_FAIL, why, 0, None),
+            Outcome::Lost { why, images_safe } => (action::REQUEST_FAIL, why, images_safe, None),
         };
         tracing::info!(request_id = job.id, action = act, "{message}");
         let fin = job.status(act, message, written, run.as_ref());
@@ -600,16 +605,23 @@ impl Agent {
                 _ = ticker.tick() => {
                     let status = match self.writer(Command::Status).await {
                         Ok(Reply { ok: true, status: Some(st), .. }) => st,
-                        Ok(r) => return Outcome::Lost(format!(
-                            "the writer's status reply is not usable: {}",
-                            r.error.unwrap_or_default()
-                        )),
+                        Ok(r) => return Outcome::Lost {
+                            why: format!(
+                                "the writer's status reply is not usable: {}{}",
+                                r.error.unwrap_or_default(),
+                                partial_note(checkpointed)
+                            ),
+                            images_safe: checkpointed.unwrap_or(0),
+                        },
                         Err(e) => {
                             if last_answer.elapsed() > self.settings.writer_lost_after {
-                                return Outcome::Lost(format!(
-                                    "the writer stopped answering during the run: {e}{}",
-                                    partial_note(checkpointed)
-                                ));
+                                return Outcome::Lost {
+                                    why: format!(
+                                        "the writer stopped answering during the run: {e}{}",
+                                        partial_note(checkpointed)
+                                    ),
+                                    images_safe: checkpointed.unwrap_or(0),
+                                };
                             }
                             continue;
                         }
@@ -640,10 +652,13 @@ impl Agent {
                     } else if let Some(run) = status.last_run.filter(|r| ours(r)) {
                         return Outcome::Finished(run);
                     } else {
-                        return Outcome::Lost(format!(
-                            "the writer no longer knows this run (was it restarted?){}",
-                            partial_note(checkpointed)
-                        ));
+                        return Outcome::Lost {
+                            why: format!(
+                                "the writer no longer knows this run (was it restarted?){}",
+                                partial_note(checkpointed)
+                            ),
+                            images_safe: checkpointed.unwrap_or(0),
+                        };
                     }
                 }
                 kill = kills.next(), if *broker_ok => match kill {

@@ -487,6 +487,8 @@ async fn a_writer_killed_mid_run_fails_the_request_naming_what_its_partial_file_
             file.display()
         )
     );
+    // The body counts what the partial file is known to hold.
+    assert_eq!(done.body["images_written"], 100, "{:?}", done.body);
     assert!(!file.exists());
     let partial = root.join("killed.h5.part");
     let report = tokio::task::spawn_blocking(move || verify_h5(&partial, &detector, "").unwrap())
