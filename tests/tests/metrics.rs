@@ -69,6 +69,9 @@ fn metrics_endpoints_count_what_the_run_did() {
     assert_eq!(r1["std_daq_missing_packets"], 2.0);
     assert_eq!(r1["std_daq_frames_incomplete"], 1.0);
     assert_eq!(r0["std_daq_frames_complete"], 49.0);
+    // ... and counts it as skipped: not one of its packets came.
+    assert_eq!(r0["std_daq_frames_skipped"], 1.0);
+    assert_eq!(r1["std_daq_frames_skipped"], 0.0);
     assert_eq!(
         r0["std_daq_malformed_packets"] + r1["std_daq_malformed_packets"],
         0.0

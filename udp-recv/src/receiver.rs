@@ -42,6 +42,10 @@ pub struct ReceiverStats {
     pub frames_incomplete: u64,
     /// Packets missing from committed frames.
     pub missing_packets: u64,
+    /// Frame numbers passed over while the detector was sending: not one packet of them arrived
+    /// (whole frames lost on the way). Not counted in `missing_packets`; a jump after the
+    /// detector was idle for a second (a new acquisition) is not counted.
+    pub frames_skipped: u64,
     pub duplicate_packets: u64,
     /// Packets of a frame that was already committed.
     pub late_packets: u64,
@@ -64,6 +68,7 @@ impl ReceiverStats {
         board.set("frames_complete", self.frames_complete);
         board.set("frames_incomplete", self.frames_incomplete);
         board.set("missing_packets", self.missing_packets);
+        board.set("frames_skipped", self.frames_skipped);
         board.set("duplicate_packets", self.duplicate_packets);
         board.set("late_packets", self.late_packets);
         board.set("malformed_packets", self.malformed_packets);
@@ -78,13 +83,14 @@ impl fmt::Display for ReceiverStats {
         write!(
             f,
             "packets={} bytes={} frames_complete={} frames_incomplete={} missing_packets={} \
-             duplicate_packets={} late_packets={} malformed_packets={} frames_not_published={} \
-             packets_copied={} kernel_drops={}",
+             frames_skipped={} duplicate_packets={} late_packets={} malformed_packets={} \
+             frames_not_published={} packets_copied={} kernel_drops={}",
             self.packets,
             self.bytes,
             self.frames_complete,
             self.frames_incomplete,
             self.missing_packets,
+            self.frames_skipped,
             self.duplicate_packets,
             self.late_packets,
             self.malformed_packets,
@@ -287,6 +293,8 @@ pub fn run<F: PacketFormat>(
         let mut slot = ring.begin_write(image_id)?;
         let mut frame = ModuleFrame::new(image_id, settings.module_id, ppf as u16);
         let mut header_seen = false;
+        // When this frame's first packet was placed: tells a skip from a new acquisition.
+        let mut first_packet_at = None;
         let mut received = 0usize;
         let mut hint = 0usize;
 
@@ -305,6 +313,7 @@ pub fn run<F: PacketFormat>(
                             if !header_seen {
                                 h.fill(&mut frame);
                                 header_seen = true;
+                                first_packet_at = Some(Instant::now());
                             }
                             slot.data_mut()[p * payload_bytes..(p + 1) * payload_bytes]
                                 .copy_from_slice(&packet[header_bytes..]);
@@ -343,6 +352,7 @@ pub fn run<F: PacketFormat>(
                                 if !header_seen {
                                     h.fill(&mut frame);
                                     header_seen = true;
+                                    first_packet_at = Some(Instant::now());
                                 }
                                 received += 1;
                                 stats.packets += 1;
@@ -385,6 +395,11 @@ pub fn run<F: PacketFormat>(
         for p in 0..ppf {
             if !frame.packet_received(p) {
                 data[p * payload_bytes..(p + 1) * payload_bytes].fill(0);
+            }
+        }
+        if let (Some((last, at)), Some(first)) = (last_committed, first_packet_at) {
+            if image_id > last.saturating_add(1) && first.duration_since(at) < RESTART_IDLE {
+                stats.frames_skipped = stats.frames_skipped.saturating_add(image_id - last - 1);
             }
         }
         let missing = ppf - received;
@@ -588,6 +603,29 @@ mod tests {
         // Only the first batch (7 datagrams, before any frame was expected) took the copy path;
         // every later packet landed in its slot directly.
         assert_eq!(stats.packets_copied, 7);
+    }
+
+    #[test]
+    fn frames_of_which_nothing_arrived_are_counted_as_skipped() {
+        let mut h = harness("skipped", 8);
+        // Frames 12 and 13 never arrive; 15 arrives without its first packet.
+        let packets = [10u64, 11, 14, 15]
+            .into_iter()
+            .flat_map(|f| {
+                (0..128)
+                    .filter(move |p| f != 15 || *p != 0)
+                    .map(move |p| packet(f, p))
+            })
+            .collect();
+        let (stats, frames) = run_packets(&mut h, packets);
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [10, 11, 14, 15]
+        );
+        assert_eq!(stats.frames_skipped, 2);
+        assert_eq!(stats.missing_packets, 1);
+        assert_eq!(stats.frames_complete, 3);
+        assert_eq!(stats.frames_incomplete, 1);
     }
 
     #[test]
