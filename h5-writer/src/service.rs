@@ -320,6 +320,12 @@ impl Writer {
         s.images_written += 1;
         s.bytes_written += image_bytes as u64;
         s.first_image_id.get_or_insert(meta.image_id);
+        if let Some(last) = s
+            .last_image_id
+            .filter(|last| meta.image_id > last.saturating_add(1))
+        {
+            s.image_ids_skipped = s.image_ids_skipped.saturating_add(meta.image_id - last - 1);
+        }
         s.last_image_id = Some(meta.image_id);
         s.missing_packets += u64::from(meta.missing_packets);
         if record.status == ImageStatus::Good as u16 {
@@ -568,6 +574,41 @@ mod tests {
         assert!(data[..per_image].iter().all(|v| *v == 0));
         assert!(data[per_image..2 * per_image].iter().all(|v| *v == 0x0202));
         assert!(data[2 * per_image..].iter().all(|v| *v == 0x0303));
+        drop(f);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Ids 5 and 6 never come (no module received those frames): the run counts them, and a
+    /// jump back (a restarted frame counter) counts nothing.
+    #[test]
+    fn image_ids_that_never_came_are_counted_in_the_run_summary() {
+        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
+        let name = format!("std-daq.wtest3-{}.image", std::process::id());
+        let mut ring: RingOwner<ImageMetadata> =
+            RingOwner::create(&name, 8, cfg.image_bytes() as u64).unwrap();
+        let reader = RingReader::attach(&name, Expect::default()).unwrap();
+        let mut writer = Writer::new(&cfg, reader);
+        let dir = std::env::temp_dir().join(format!("wtest3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.h5");
+        let reply = writer.handle_command(Command::Start {
+            output_file: file.display().to_string(),
+            n_images: 5,
+            request_id: None,
+        });
+        assert!(reply.ok, "{reply:?}");
+        for id in [3, 4, 7, 1, 2] {
+            publish(&mut ring, &cfg, id);
+            writer.on_message(meta(&cfg, id).as_bytes());
+        }
+        let run = writer.status().last_run.unwrap();
+        assert_eq!(run.end, "completed");
+        assert_eq!(run.images_written, 5);
+        assert_eq!(run.images_good, 5);
+        assert_eq!(run.image_ids_skipped, 2);
+        let f = hdf5::File::open(&file).unwrap();
+        let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
+        assert_eq!(ids, [3, 4, 7, 1, 2]);
         drop(f);
         std::fs::remove_dir_all(dir).unwrap();
     }
