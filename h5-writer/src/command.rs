@@ -53,9 +53,9 @@ pub struct RunSummary {
     pub images_lost_in_buffer: u64,
     pub first_image_id: Option<u64>,
     pub last_image_id: Option<u64>,
-    /// Image ids passed over between consecutive images of the run: ids that never reached the
-    /// writer (no module received that frame, see the receivers' `frames_skipped`), so the file
-    /// has no row for them. A jump back (the detector restarted its frame counter) counts none.
+    /// Image ids passed over between consecutive images of the run, so the file has no row for
+    /// them: frames no module received (see the receivers' `frames_skipped`), or the detector
+    /// stopped and started again further on within the run. A jump back counts none.
     #[serde(default)]
     pub image_ids_skipped: u64,
     /// From the first image received to the file closed.

@@ -514,25 +514,41 @@ mod tests {
         slot.commit();
     }
 
-    /// The writer is told about image 0 only after the ring (2 slots) has moved on to image 2:
-    /// the file must hold zeros flagged lost_in_buffer for it, never image 2's pixels.
-    #[test]
-    fn an_overwritten_image_is_zeroed_and_flagged_never_written_as_good() {
+    /// A one-module detector, its ImageBuffer of `slots` and a writer with a run of `n_images`
+    /// started into `<tmp>/<tag>-<pid>/run.h5`: (config, ring, writer, dir, file).
+    fn started_run(
+        tag: &str,
+        slots: u64,
+        n_images: u64,
+    ) -> (
+        DetectorConfig,
+        RingOwner<ImageMetadata>,
+        Writer,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
         let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
-        let name = format!("std-daq.wtest-{}.image", std::process::id());
-        let mut ring: RingOwner<ImageMetadata> =
-            RingOwner::create(&name, 2, cfg.image_bytes() as u64).unwrap();
+        let name = format!("std-daq.{tag}-{}.image", std::process::id());
+        let ring = RingOwner::create(&name, slots, cfg.image_bytes() as u64).unwrap();
         let reader = RingReader::attach(&name, Expect::default()).unwrap();
         let mut writer = Writer::new(&cfg, reader);
-        let dir = std::env::temp_dir().join(format!("wtest-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.h5");
         let reply = writer.handle_command(Command::Start {
             output_file: file.display().to_string(),
-            n_images: 3,
+            n_images,
             request_id: None,
         });
         assert!(reply.ok, "{reply:?}");
+        (cfg, ring, writer, dir, file)
+    }
+
+    /// The writer is told about image 0 only after the ring (2 slots) has moved on to image 2:
+    /// the file must hold zeros flagged lost_in_buffer for it, never image 2's pixels.
+    #[test]
+    fn an_overwritten_image_is_zeroed_and_flagged_never_written_as_good() {
+        let (cfg, mut ring, mut writer, dir, file) = started_run("wtest", 2, 3);
 
         for id in 0..3 {
             publish(&mut ring, &cfg, id);
@@ -578,25 +594,11 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// Ids 5 and 6 never come (no module received those frames): the run counts them, and a
-    /// jump back (a restarted frame counter) counts nothing.
+    /// Ids 5 and 6 never come: the run counts them, and a jump back (a restarted frame counter)
+    /// counts nothing.
     #[test]
     fn image_ids_that_never_came_are_counted_in_the_run_summary() {
-        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
-        let name = format!("std-daq.wtest3-{}.image", std::process::id());
-        let mut ring: RingOwner<ImageMetadata> =
-            RingOwner::create(&name, 8, cfg.image_bytes() as u64).unwrap();
-        let reader = RingReader::attach(&name, Expect::default()).unwrap();
-        let mut writer = Writer::new(&cfg, reader);
-        let dir = std::env::temp_dir().join(format!("wtest3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("run.h5");
-        let reply = writer.handle_command(Command::Start {
-            output_file: file.display().to_string(),
-            n_images: 5,
-            request_id: None,
-        });
-        assert!(reply.ok, "{reply:?}");
+        let (cfg, mut ring, mut writer, dir, file) = started_run("wtest3", 8, 5);
         for id in [3, 4, 7, 1, 2] {
             publish(&mut ring, &cfg, id);
             writer.on_message(meta(&cfg, id).as_bytes());

@@ -946,12 +946,6 @@ fn describe_end(run: &RunSummary) -> (&'static str, String) {
                     run.images_flagged, run.missing_packets, run.images_lost_in_buffer
                 ));
             }
-            if run.image_ids_skipped > 0 {
-                message.push_str(&format!(
-                    "; {} image ids between them never arrived (frames no module received)",
-                    run.image_ids_skipped
-                ));
-            }
             (action::REQUEST_SUCCESS, message)
         }
         "killed" => (
@@ -1017,22 +1011,6 @@ mod tests {
             (
                 action::REQUEST_SUCCESS,
                 "wrote 10 of 10 images to /d/a.h5".into()
-            )
-        );
-        let gappy = RunSummary {
-            images_flagged: 1,
-            missing_packets: 128,
-            image_ids_skipped: 3,
-            ..run("completed", 10)
-        };
-        assert_eq!(
-            describe_end(&gappy),
-            (
-                action::REQUEST_SUCCESS,
-                "wrote 10 of 10 images to /d/a.h5; 1 of them flagged incomplete (128 packets \
-                 missing, 0 lost in the buffer); 3 image ids between them never arrived (frames no \
-                 module received)"
-                    .into()
             )
         );
         assert_eq!(

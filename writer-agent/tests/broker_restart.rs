@@ -158,6 +158,12 @@ async fn a_broker_restart_mid_run_still_ends_the_request_with_its_final_status()
         format!("wrote 40 of 40 images to {}", file.display())
     );
     assert_eq!(done.body["images_written"], 40);
+    // Frames 1-20, then the second acquisition from frame 1000: the ids jump over 979.
+    assert_eq!(
+        done.body["run"]["image_ids_skipped"], 979,
+        "{:?}",
+        done.body
+    );
     let report = verify_h5(&file, &detector, "").unwrap();
     assert_eq!(report["images"], 40, "{report}");
     assert_eq!(report["exact_images"], 40, "{report}");
