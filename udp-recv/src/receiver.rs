@@ -292,9 +292,9 @@ pub fn run<F: PacketFormat>(
 
         let mut slot = ring.begin_write(image_id)?;
         let mut frame = ModuleFrame::new(image_id, settings.module_id, ppf as u16);
-        let mut header_seen = false;
-        // When this frame's first packet was placed: tells a skip from a new acquisition.
-        let mut first_packet_at = None;
+        // When this frame's first packet was placed (its header filled the frame's fields then);
+        // tells a skip from a new acquisition.
+        let mut first_packet_at: Option<Instant> = None;
         let mut received = 0usize;
         let mut hint = 0usize;
 
@@ -310,9 +310,8 @@ pub fn run<F: PacketFormat>(
                         // parse() checked packet < packets_per_frame: the range lies in the slot.
                         let p = h.packet;
                         if frame.mark_received(p) {
-                            if !header_seen {
+                            if first_packet_at.is_none() {
                                 h.fill(&mut frame);
-                                header_seen = true;
                                 first_packet_at = Some(Instant::now());
                             }
                             slot.data_mut()[p * payload_bytes..(p + 1) * payload_bytes]
@@ -349,9 +348,8 @@ pub fn run<F: PacketFormat>(
                             Class::Usable(h) if h.frame == image_id && h.packet == q => {
                                 // Landed where it belongs: no copy.
                                 frame.mark_received(q);
-                                if !header_seen {
+                                if first_packet_at.is_none() {
                                     h.fill(&mut frame);
-                                    header_seen = true;
                                     first_packet_at = Some(Instant::now());
                                 }
                                 received += 1;
