@@ -4,7 +4,13 @@
 //! frame, or when each missing module has already delivered a *later* frame (receivers emit in
 //! increasing order, so the missing frame will never come), or after `timeout`, or when more than
 //! `max_pending` images wait. A module sending the same image twice is counted; the second copy is
-//! ignored. A frame for an image already emitted is counted as late.
+//! ignored. A frame for an image already emitted is counted as late, with one exception: a new
+//! acquisition whose ids start again at or below the last emitted one. Receivers commit frames in
+//! strictly increasing order within an acquisition and start a new one only after the detector was
+//! quiet for a second (`std_udp_recv::receiver::RESTART_IDLE`), so a module going back is a new
+//! acquisition; so is any older id after a second without output. Both need nothing pending (the
+//! last acquisition's images left: true when `frame_timeout_ms + module_sync_timeout_ms` is below
+//! a second, as the defaults are).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -86,7 +92,10 @@ impl Synchronizer {
         self.stats.frames += 1;
         if let Some((last, at)) = self.last_emitted {
             if frame.image_id <= last {
-                if self.pending.is_empty() && now.duration_since(at) >= RESTART_IDLE {
+                let module_went_back = self.latest[m].is_some_and(|l| frame.image_id <= l);
+                if self.pending.is_empty()
+                    && (module_went_back || now.duration_since(at) >= RESTART_IDLE)
+                {
                     // A new acquisition whose ids start below the last run's.
                     self.last_emitted = None;
                     self.latest.iter_mut().for_each(|l| *l = None);
@@ -220,6 +229,8 @@ mod tests {
         assert_eq!(s.push(f(1, 9), t), Pushed::InvalidModule);
         assert_eq!(s.push(f(1, 1), t), Pushed::Accepted);
         assert_eq!(ids(&mut s, t).len(), 1);
+        // Module 1 sends image 1 again while image 2 is pending: late, not a new acquisition.
+        assert_eq!(s.push(f(2, 0), t), Pushed::Accepted);
         assert_eq!(s.push(f(1, 1), t), Pushed::Late);
         assert_eq!(s.stats.duplicate_frames, 1);
         assert_eq!(s.stats.late_frames, 1);
@@ -241,13 +252,43 @@ mod tests {
     #[test]
     fn restart_after_idle_is_accepted() {
         let t = Instant::now();
-        let mut s = Synchronizer::new(1, Duration::from_secs(5), 50);
+        let mut s = Synchronizer::new(2, Duration::from_millis(100), 50);
         s.push(f(100, 0), t);
-        assert_eq!(ids(&mut s, t).len(), 1);
-        assert_eq!(s.push(f(1, 0), t + Duration::from_millis(10)), Pushed::Late);
+        let emitted = t + Duration::from_millis(100);
+        assert_eq!(ids(&mut s, emitted), vec![(100, vec![true, false])]);
+        // Module 1 never sent 100 and sends an older frame soon after: late.
         assert_eq!(
-            s.push(f(1, 0), t + Duration::from_secs(2)),
+            s.push(f(1, 1), emitted + Duration::from_millis(10)),
+            Pushed::Late
+        );
+        // After a second without output any older id starts a new acquisition.
+        assert_eq!(
+            s.push(f(1, 1), emitted + Duration::from_secs(2)),
             Pushed::Accepted
         );
+    }
+
+    /// Issue 18: a receiver goes back only when the detector restarted its frame counter; the
+    /// assembler follows at once, even if its last image left less than a second ago (it may have
+    /// waited for a module's timeout).
+    #[test]
+    fn a_module_going_back_starts_a_new_acquisition() {
+        let t = Instant::now();
+        let mut s = Synchronizer::new(2, Duration::from_secs(5), 50);
+        for id in 399..=400 {
+            s.push(f(id, 0), t);
+            s.push(f(id, 1), t);
+        }
+        assert_eq!(ids(&mut s, t).len(), 2);
+        let soon = t + Duration::from_millis(300);
+        assert_eq!(s.push(f(1, 0), soon), Pushed::Accepted);
+        assert_eq!(s.push(f(1, 1), soon), Pushed::Accepted);
+        assert_eq!(s.push(f(2, 1), soon), Pushed::Accepted);
+        assert_eq!(s.push(f(2, 0), soon), Pushed::Accepted);
+        assert_eq!(
+            ids(&mut s, soon),
+            vec![(1, vec![true, true]), (2, vec![true, true])]
+        );
+        assert_eq!(s.stats.late_frames, 0);
     }
 }

@@ -19,8 +19,26 @@ use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::ModuleFrame;
 
-/// An older frame number after this long without packets is a new acquisition, not a late packet.
-const RESTART_IDLE: Duration = Duration::from_secs(1);
+/// A frame number at or below the last committed one, arriving after the detector sent nothing
+/// for this long, starts a new acquisition (the detector was restarted or re-armed with its frame
+/// counter from 1) instead of being a late packet.
+pub const RESTART_IDLE: Duration = Duration::from_secs(1);
+
+/// Where the receive loop reads the time: the real clock in service, an injected one in tests
+/// (so an idle detector can be modelled without sleeping).
+pub trait Clock {
+    fn now(&self) -> Instant;
+}
+
+/// The monotonic system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ReceiverSettings {
@@ -49,6 +67,9 @@ pub struct ReceiverStats {
     pub duplicate_packets: u64,
     /// Packets of a frame that was already committed.
     pub late_packets: u64,
+    /// New acquisitions recognised: a frame number at or below the last committed one after the
+    /// detector was quiet for [`RESTART_IDLE`] (frame counter restarted).
+    pub acquisitions_restarted: u64,
     /// Wrong size, packet number or frame number out of range.
     pub malformed_packets: u64,
     /// Committed frames whose ModuleFrame could not be handed on (the consumer is gone or full).
@@ -71,6 +92,7 @@ impl ReceiverStats {
         board.set("frames_skipped", self.frames_skipped);
         board.set("duplicate_packets", self.duplicate_packets);
         board.set("late_packets", self.late_packets);
+        board.set("acquisitions_restarted", self.acquisitions_restarted);
         board.set("malformed_packets", self.malformed_packets);
         board.set("frames_not_published", self.frames_not_published);
         board.set("packets_copied", self.packets_copied);
@@ -83,8 +105,8 @@ impl fmt::Display for ReceiverStats {
         write!(
             f,
             "packets={} bytes={} frames_complete={} frames_incomplete={} missing_packets={} \
-             frames_skipped={} duplicate_packets={} late_packets={} malformed_packets={} \
-             frames_not_published={} packets_copied={} kernel_drops={}",
+             frames_skipped={} duplicate_packets={} late_packets={} acquisitions_restarted={} \
+             malformed_packets={} frames_not_published={} packets_copied={} kernel_drops={}",
             self.packets,
             self.bytes,
             self.frames_complete,
@@ -93,6 +115,7 @@ impl fmt::Display for ReceiverStats {
             self.frames_skipped,
             self.duplicate_packets,
             self.late_packets,
+            self.acquisitions_restarted,
             self.malformed_packets,
             self.frames_not_published,
             self.packets_copied,
@@ -114,6 +137,8 @@ pub enum ReceiveError {
 enum FrameEnd {
     Complete,
     NewerFrame,
+    /// A packet starting a new acquisition (frame counter restarted) is waiting.
+    NewAcquisition,
     Timeout,
     SourceClosed,
 }
@@ -123,6 +148,8 @@ struct Pending {
     buf: Vec<u8>,
     /// The true length of each datagram (the payload kept may be shorter, e.g. padding).
     lens: Vec<usize>,
+    /// Whether each datagram arrived after the detector had been quiet for [`RESTART_IDLE`].
+    after_idle: Vec<bool>,
     header_bytes: usize,
     packet_bytes: usize,
     len: usize,
@@ -134,6 +161,7 @@ impl Pending {
         Pending {
             buf: vec![0; capacity.max(1) * packet_bytes],
             lens: vec![0; capacity.max(1)],
+            after_idle: vec![false; capacity.max(1)],
             header_bytes,
             packet_bytes,
             len: 0,
@@ -147,7 +175,7 @@ impl Pending {
 
     /// Stores header + payload as one packet. Pending is only filled from one batch while empty,
     /// so it never holds more than its capacity.
-    fn push(&mut self, header: &[u8], payload: &[u8], datagram_len: usize) {
+    fn push(&mut self, header: &[u8], payload: &[u8], datagram_len: usize, after_idle: bool) {
         if self.is_empty() {
             self.head = 0;
             self.len = 0;
@@ -160,14 +188,20 @@ impl Pending {
         self.buf[at..at + hb].copy_from_slice(&header[..hb]);
         self.buf[at + hb..at + pb].copy_from_slice(payload);
         self.lens[self.len] = datagram_len;
+        self.after_idle[self.len] = after_idle;
         self.len += 1;
     }
 
-    /// The oldest packet (header + payload as kept) and its datagram's true length.
-    fn front(&self) -> Option<(&[u8], usize)> {
+    /// The oldest packet (header + payload as kept), its datagram's true length and whether it
+    /// arrived after the detector had been quiet.
+    fn front(&self) -> Option<(&[u8], usize, bool)> {
         (!self.is_empty()).then(|| {
             let at = self.head * self.packet_bytes;
-            (&self.buf[at..at + self.packet_bytes], self.lens[self.head])
+            (
+                &self.buf[at..at + self.packet_bytes],
+                self.lens[self.head],
+                self.after_idle[self.head],
+            )
         })
     }
 
@@ -180,22 +214,27 @@ impl Pending {
 
 enum Class {
     Usable(PacketInfo),
+    /// The first packet of a new acquisition: a frame at or below the last committed one that
+    /// arrived after the detector was quiet.
+    NewAcquisition(PacketInfo),
     Late,
     Malformed,
 }
 
-/// Checks a header; a frame at or before the last committed one is late, unless the detector has
-/// been quiet long enough for this to be a new acquisition.
+/// Checks a header; a frame at or before the last committed one is late, unless it arrived after
+/// the detector had been quiet for [`RESTART_IDLE`]: then it starts a new acquisition.
 fn classify(
     format: &impl PacketFormat,
     header: &[u8],
     datagram_len: usize,
     last_committed: Option<(u64, Instant)>,
+    after_idle: bool,
 ) -> Class {
     match format.parse(header, datagram_len) {
         Ok(h) if h.frame > MAX_IMAGE_ID => Class::Malformed,
         Ok(h) => match last_committed {
-            Some((last, at)) if h.frame <= last && at.elapsed() < RESTART_IDLE => Class::Late,
+            Some((last, _)) if h.frame <= last && after_idle => Class::NewAcquisition(h),
+            Some((last, _)) if h.frame <= last => Class::Late,
             _ => Class::Usable(h),
         },
         Err(_) => Class::Malformed,
@@ -229,6 +268,30 @@ pub fn run<F: PacketFormat>(
     board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<ReceiverStats, ReceiveError> {
+    run_with_clock(
+        format,
+        settings,
+        source,
+        ring,
+        publish,
+        board,
+        shutdown,
+        &SystemClock,
+    )
+}
+
+/// [`run`] reading the time from `clock`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with_clock<F: PacketFormat>(
+    format: &F,
+    settings: &ReceiverSettings,
+    source: &mut impl PacketSource,
+    ring: &mut RingOwner<ModuleFrame>,
+    publish: &mut impl FnMut(&ModuleFrame) -> bool,
+    board: &StatusBoard,
+    shutdown: &Shutdown,
+    clock: &impl Clock,
+) -> Result<ReceiverStats, ReceiveError> {
     let ppf = format.packets_per_frame();
     let (header_bytes, payload_bytes) = (format.header_bytes(), format.payload_bytes());
     let packet_bytes = format.packet_bytes();
@@ -238,29 +301,55 @@ pub fn run<F: PacketFormat>(
     let mut stats = ReceiverStats::default();
     let mut last_committed: Option<(u64, Instant)> = None;
     let mut expected_next: Option<u64> = None;
-    let mut last_packet_at = Instant::now();
-    let mut last_report = Instant::now();
+    let mut last_packet_at = clock.now();
+    let mut last_report = clock.now();
     let mut reported = stats;
     let drops_at_start = socket::kernel_drops(settings.udp_port).unwrap_or(0);
     let kernel_drops =
         || socket::kernel_drops(settings.udp_port).map_or(0, |d| d.saturating_sub(drops_at_start));
     let mut report = |stats: &mut ReceiverStats| {
-        if last_report.elapsed() >= settings.stats_period {
+        let now = clock.now();
+        if now.duration_since(last_report) >= settings.stats_period {
             stats.kernel_drops = kernel_drops();
-            log_stats(settings.module_id, stats, &reported, last_report.elapsed());
+            log_stats(
+                settings.module_id,
+                stats,
+                &reported,
+                now.duration_since(last_report),
+            );
             stats.publish(board);
             reported = *stats;
-            last_report = Instant::now();
+            last_report = now;
         }
+    };
+    // A batch arrived: notes its time and says whether the detector had been quiet before it.
+    let arrived = |last_packet_at: &mut Instant| {
+        let now = clock.now();
+        let after_idle = now.duration_since(*last_packet_at) >= RESTART_IDLE;
+        *last_packet_at = now;
+        after_idle
     };
 
     // At shutdown (or when a test source closes) packets already copied aside are still placed.
     'frames: while !shutdown.is_triggered() || !pending.is_empty() {
         // The frame to open: the first usable pending packet's, else the one after the last.
         let mut image_id = None;
-        while let Some((packet, len)) = pending.front() {
-            match classify(format, packet, len, last_committed) {
+        while let Some((packet, len, after_idle)) = pending.front() {
+            match classify(format, packet, len, last_committed, after_idle) {
                 Class::Usable(h) => {
+                    image_id = Some(h.frame);
+                    break;
+                }
+                Class::NewAcquisition(h) => {
+                    // The detector restarted its frame counter: what came before is history.
+                    tracing::info!(
+                        module = settings.module_id,
+                        frame = h.frame,
+                        last_frame = last_committed.map_or(0, |(id, _)| id),
+                        "new acquisition: frame number restarted after the detector was quiet"
+                    );
+                    stats.acquisitions_restarted += 1;
+                    last_committed = None;
                     image_id = Some(h.frame);
                     break;
                 }
@@ -274,13 +363,14 @@ pub fn run<F: PacketFormat>(
             report(&mut stats);
             match source.recv_scatter(&mut batch, header_bytes, &mut scratch, payload_bytes)? {
                 Recv::Packets(k) => {
-                    last_packet_at = Instant::now();
+                    let after_idle = arrived(&mut last_packet_at);
                     for i in 0..k {
                         // Checked (and counted if malformed) when taken from pending.
                         pending.push(
                             batch.header(i),
                             &scratch[i * payload_bytes..(i + 1) * payload_bytes],
                             batch.datagram_len(i),
+                            after_idle,
                         );
                     }
                 }
@@ -300,10 +390,16 @@ pub fn run<F: PacketFormat>(
 
         let end = loop {
             // Place what was copied aside and belongs to this frame.
-            while let Some((packet, len)) = pending.front() {
-                match classify(format, packet, len, last_committed) {
+            let mut new_acquisition = false;
+            while let Some((packet, len, after_idle)) = pending.front() {
+                match classify(format, packet, len, last_committed, after_idle) {
                     Class::Malformed => stats.malformed_packets += 1,
                     Class::Late => stats.late_packets += 1,
+                    // Left pending: the frame open now ends first (abandoned if it is empty).
+                    Class::NewAcquisition(_) => {
+                        new_acquisition = true;
+                        break;
+                    }
                     Class::Usable(h) if h.frame < image_id => stats.late_packets += 1,
                     Class::Usable(h) if h.frame > image_id => break,
                     Class::Usable(h) => {
@@ -312,7 +408,7 @@ pub fn run<F: PacketFormat>(
                         if frame.mark_received(p) {
                             if first_packet_at.is_none() {
                                 h.fill(&mut frame);
-                                first_packet_at = Some(Instant::now());
+                                first_packet_at = Some(clock.now());
                             }
                             slot.data_mut()[p * payload_bytes..(p + 1) * payload_bytes]
                                 .copy_from_slice(&packet[header_bytes..]);
@@ -327,6 +423,9 @@ pub fn run<F: PacketFormat>(
                 }
                 pending.pop();
             }
+            if new_acquisition {
+                break FrameEnd::NewAcquisition;
+            }
             if received == ppf {
                 break FrameEnd::Complete;
             }
@@ -339,29 +438,31 @@ pub fn run<F: PacketFormat>(
             let dest = &mut slot.data_mut()[start * payload_bytes..stop * payload_bytes];
             match source.recv_scatter(&mut batch, header_bytes, dest, payload_bytes)? {
                 Recv::Packets(k) => {
-                    last_packet_at = Instant::now();
+                    let after_idle = arrived(&mut last_packet_at);
                     for i in 0..k {
                         let len = batch.datagram_len(i);
                         let q = start + i;
-                        match classify(format, batch.header(i), len, last_committed) {
+                        match classify(format, batch.header(i), len, last_committed, after_idle) {
                             Class::Malformed => stats.malformed_packets += 1,
                             Class::Usable(h) if h.frame == image_id && h.packet == q => {
                                 // Landed where it belongs: no copy.
                                 frame.mark_received(q);
                                 if first_packet_at.is_none() {
                                     h.fill(&mut frame);
-                                    first_packet_at = Some(Instant::now());
+                                    first_packet_at = Some(clock.now());
                                 }
                                 received += 1;
                                 stats.packets += 1;
                                 stats.bytes += len as u64;
                             }
-                            // Elsewhere (reordered, duplicate, late or another frame): copy it
-                            // aside before anything is placed over where it landed.
+                            // Elsewhere (reordered, duplicate, late, another frame or a new
+                            // acquisition): copy it aside before anything is placed over where
+                            // it landed.
                             _ => pending.push(
                                 batch.header(i),
                                 &dest[i * payload_bytes..(i + 1) * payload_bytes],
                                 len,
+                                after_idle,
                             ),
                         }
                     }
@@ -370,7 +471,8 @@ pub fn run<F: PacketFormat>(
                 Recv::Timeout => {
                     report(&mut stats);
                     if shutdown.is_triggered()
-                        || (received > 0 && last_packet_at.elapsed() >= settings.frame_timeout)
+                        || (received > 0
+                            && clock.now().duration_since(last_packet_at) >= settings.frame_timeout)
                     {
                         break FrameEnd::Timeout;
                     }
@@ -380,7 +482,8 @@ pub fn run<F: PacketFormat>(
         };
 
         if received == 0 {
-            // The expected frame never came (frames were skipped): drop the slot uncommitted.
+            // The expected frame never came (frames were skipped, or the detector restarted its
+            // frame counter): drop the slot uncommitted, counted as nothing.
             drop(slot);
             expected_next = None;
             if matches!(end, FrameEnd::SourceClosed) && pending.is_empty() {
@@ -410,7 +513,7 @@ pub fn run<F: PacketFormat>(
             stats.frames_incomplete += 1;
             stats.missing_packets += missing as u64;
         }
-        last_committed = Some((image_id, Instant::now()));
+        last_committed = Some((image_id, clock.now()));
         expected_next = image_id.checked_add(1).filter(|id| *id <= MAX_IMAGE_ID);
         if !publish(&frame) {
             stats.frames_not_published += 1;
@@ -684,6 +787,175 @@ mod tests {
         expected[127] = false;
         assert_frame(&h, 9, &expected);
         assert_eq!(stats.missing_packets, 1);
+    }
+
+    /// A clock the test moves: the detector's quiet time without sleeping.
+    #[derive(Clone)]
+    struct TestClock(std::rc::Rc<std::cell::Cell<Instant>>);
+
+    impl Clock for TestClock {
+        fn now(&self) -> Instant {
+            self.0.get()
+        }
+    }
+
+    enum Step {
+        Packet(Vec<u8>),
+        /// The detector sends nothing for this long (one receive timeout, the clock moves on).
+        Quiet(Duration),
+    }
+
+    /// Plays a script of packets and quiet times against a [`TestClock`], then closes.
+    struct ScriptSource {
+        steps: VecDeque<Step>,
+        clock: TestClock,
+        batch: usize,
+    }
+
+    impl PacketSource for ScriptSource {
+        fn recv_scatter(
+            &mut self,
+            batch: &mut ScatterBatch,
+            header_len: usize,
+            dest: &mut [u8],
+            payload_len: usize,
+        ) -> io::Result<Recv> {
+            let n = self
+                .batch
+                .min(batch.capacity())
+                .min(dest.len() / payload_len);
+            let mut k = 0;
+            while k < n {
+                match self.steps.front() {
+                    Some(Step::Packet(p)) => {
+                        batch.scatter(
+                            k,
+                            p,
+                            header_len,
+                            &mut dest[k * payload_len..(k + 1) * payload_len],
+                        );
+                        k += 1;
+                        self.steps.pop_front();
+                    }
+                    Some(Step::Quiet(_)) | None => break,
+                }
+            }
+            batch.set_len(k);
+            if k > 0 {
+                return Ok(Recv::Packets(k));
+            }
+            match self.steps.pop_front() {
+                Some(Step::Quiet(d)) => {
+                    self.clock.0.set(self.clock.0.get() + d);
+                    Ok(Recv::Timeout)
+                }
+                _ => Ok(Recv::Closed),
+            }
+        }
+    }
+
+    fn run_script(
+        h: &mut Harness,
+        steps: Vec<Step>,
+        frame_timeout: Duration,
+    ) -> (ReceiverStats, Vec<ModuleFrame>) {
+        let clock = TestClock(std::rc::Rc::new(std::cell::Cell::new(Instant::now())));
+        let mut source = ScriptSource {
+            steps: steps.into(),
+            clock: clock.clone(),
+            batch: 7,
+        };
+        let mut frames = Vec::new();
+        let stats = run_with_clock(
+            &crate::jungfrau::Jungfrau,
+            &ReceiverSettings {
+                frame_timeout,
+                ..settings()
+            },
+            &mut source,
+            &mut h.ring,
+            &mut |f| {
+                frames.push(*f);
+                true
+            },
+            &StatusBoard::default(),
+            &Shutdown::new(),
+            &clock,
+        )
+        .unwrap();
+        (stats, frames)
+    }
+
+    fn frames_of(ids: std::ops::RangeInclusive<u64>) -> impl Iterator<Item = Step> {
+        ids.flat_map(|f| (0..128).map(move |p| Step::Packet(packet(f, p))))
+    }
+
+    /// Issue 18: a detector restarted (or re-armed with its frame counter at 1) after being quiet
+    /// lost the whole next acquisition as late packets, because the receive loop had already
+    /// opened the frame it expected next.
+    #[test]
+    fn a_frame_counter_restarting_after_the_detector_was_quiet_is_a_new_acquisition() {
+        let mut h = harness("restart", 8);
+        let steps = frames_of(1..=3)
+            .chain([Step::Quiet(RESTART_IDLE + Duration::from_millis(1))])
+            .chain(frames_of(1..=2))
+            .collect();
+        let (stats, frames) = run_script(&mut h, steps, Duration::from_millis(100));
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [1, 2, 3, 1, 2]
+        );
+        assert!(frames.iter().all(|f| f.n_missing_packets == 0));
+        // The second acquisition's frames hold its pixels (frame 3's slot was opened for the
+        // frame expected next when the source closed).
+        for f in 1..=2 {
+            assert_frame(&h, f, &[true; 128]);
+        }
+        assert_eq!(stats.acquisitions_restarted, 1);
+        assert_eq!(stats.late_packets, 0);
+        assert_eq!(stats.frames_skipped, 0);
+        assert_eq!(stats.frames_complete, 5);
+        assert_eq!(stats.packets, 5 * 128);
+    }
+
+    #[test]
+    fn an_older_frame_without_the_quiet_time_is_late() {
+        let mut h = harness("notquiet", 8);
+        let steps = frames_of(1..=3)
+            .chain([Step::Quiet(RESTART_IDLE - Duration::from_millis(1))])
+            .chain(frames_of(1..=2))
+            .chain(frames_of(4..=4))
+            .collect();
+        let (stats, frames) = run_script(&mut h, steps, Duration::from_millis(100));
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(stats.acquisitions_restarted, 0);
+        assert_eq!(stats.late_packets, 2 * 128);
+        assert_frame(&h, 4, &[true; 128]);
+    }
+
+    /// A frame still open when the detector restarts (its frame timeout longer than the quiet
+    /// time) is committed with what it has; then the new acquisition starts.
+    #[test]
+    fn a_restart_commits_the_open_frame_first() {
+        let mut h = harness("restartopen", 8);
+        let steps = frames_of(1..=1)
+            .chain((0..100).map(|p| Step::Packet(packet(2, p))))
+            .chain([Step::Quiet(RESTART_IDLE * 2)])
+            .chain(frames_of(1..=1))
+            .collect();
+        let (stats, frames) = run_script(&mut h, steps, RESTART_IDLE * 10);
+        assert_eq!(
+            frames.iter().map(|f| f.image_id).collect::<Vec<_>>(),
+            [1, 2, 1]
+        );
+        assert_eq!(frames[1].n_missing_packets, 28);
+        assert_eq!(stats.acquisitions_restarted, 1);
+        assert_eq!(stats.late_packets, 0);
+        assert_eq!(stats.missing_packets, 28);
+        assert_frame(&h, 1, &[true; 128]);
     }
 
     #[test]

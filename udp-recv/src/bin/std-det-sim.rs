@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::DetectorConfig;
 use std_daq_common::DetectorType;
@@ -32,6 +33,11 @@ struct Args {
     /// Frame number of the first frame (JUNGFRAU counts from 1).
     #[arg(long, default_value_t = 1)]
     start_frame: u64,
+    /// Send nothing for this long before the first packet, as a detector armed and waiting for
+    /// its trigger. With --start-frame 1 after an earlier run, more than 1000 ms plays a detector
+    /// whose frame counter restarted: the receivers take it as a new acquisition.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     /// Address to send to.
     #[arg(long, default_value = "127.0.0.1")]
     target: IpAddr,
@@ -140,6 +146,14 @@ fn main() -> Result<()> {
         if !(0.0..=1.0).contains(&rate) {
             bail!("{name} {rate} is not a probability (0..1)");
         }
+    }
+    let quiet_until = Instant::now() + Duration::from_millis(args.delay_ms);
+    while !shutdown.is_triggered() {
+        let left = quiet_until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
     let mut lost = Vec::new();
     let report = sim::run_logging_losses(
