@@ -550,25 +550,30 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
-    /// Hands out fixed batches of datagrams (scattered like the kernel would), then one timeout,
-    /// then closes.
-    struct VecSource {
-        packets: VecDeque<Vec<u8>>,
-        batch: usize,
-        timed_out: bool,
-    }
+    /// A clock the test moves: the detector's quiet time without sleeping.
+    #[derive(Clone)]
+    struct TestClock(std::rc::Rc<std::cell::Cell<Instant>>);
 
-    impl VecSource {
-        fn new(packets: Vec<Vec<u8>>, batch: usize) -> Self {
-            VecSource {
-                packets: packets.into(),
-                batch: batch.max(1),
-                timed_out: false,
-            }
+    impl Clock for TestClock {
+        fn now(&self) -> Instant {
+            self.0.get()
         }
     }
 
-    impl PacketSource for VecSource {
+    enum Step {
+        Packet(Vec<u8>),
+        /// The detector sends nothing for this long (one receive timeout, the clock moves on).
+        Quiet(Duration),
+    }
+
+    /// Plays a script of packets and quiet times against a [`TestClock`], then closes.
+    struct ScriptSource {
+        steps: VecDeque<Step>,
+        clock: TestClock,
+        batch: usize,
+    }
+
+    impl PacketSource for ScriptSource {
         fn recv_scatter(
             &mut self,
             batch: &mut ScatterBatch,
@@ -582,26 +587,45 @@ mod tests {
                 .min(dest.len() / payload_len);
             let mut k = 0;
             while k < n {
-                let Some(p) = self.packets.pop_front() else {
-                    break;
-                };
-                batch.scatter(
-                    k,
-                    &p,
-                    header_len,
-                    &mut dest[k * payload_len..(k + 1) * payload_len],
-                );
-                k += 1;
+                match self.steps.front() {
+                    Some(Step::Packet(p)) => {
+                        batch.scatter(
+                            k,
+                            p,
+                            header_len,
+                            &mut dest[k * payload_len..(k + 1) * payload_len],
+                        );
+                        k += 1;
+                        self.steps.pop_front();
+                    }
+                    Some(Step::Quiet(_)) | None => break,
+                }
             }
             batch.set_len(k);
             if k > 0 {
                 return Ok(Recv::Packets(k));
             }
-            if !self.timed_out {
-                self.timed_out = true;
-                return Ok(Recv::Timeout);
+            match self.steps.pop_front() {
+                Some(Step::Quiet(d)) => {
+                    self.clock.0.set(self.clock.0.get() + d);
+                    Ok(Recv::Timeout)
+                }
+                _ => Ok(Recv::Closed),
             }
-            Ok(Recv::Closed)
+        }
+    }
+
+    /// Plays fixed batches of datagrams (scattered like the kernel would), then one timeout,
+    /// then closes.
+    fn vec_source(packets: Vec<Vec<u8>>, batch: usize) -> ScriptSource {
+        let steps = packets
+            .into_iter()
+            .map(Step::Packet)
+            .chain([Step::Quiet(Duration::ZERO)]);
+        ScriptSource {
+            steps: steps.collect(),
+            clock: TestClock(std::rc::Rc::new(std::cell::Cell::new(Instant::now()))),
+            batch: batch.max(1),
         }
     }
 
@@ -633,7 +657,7 @@ mod tests {
     }
 
     fn run_packets(h: &mut Harness, packets: Vec<Vec<u8>>) -> (ReceiverStats, Vec<ModuleFrame>) {
-        let mut source = VecSource::new(packets, 7);
+        let mut source = vec_source(packets, 7);
         let mut frames = Vec::new();
         let stats = run(
             &crate::jungfrau::Jungfrau,
@@ -789,71 +813,6 @@ mod tests {
         assert_eq!(stats.missing_packets, 1);
     }
 
-    /// A clock the test moves: the detector's quiet time without sleeping.
-    #[derive(Clone)]
-    struct TestClock(std::rc::Rc<std::cell::Cell<Instant>>);
-
-    impl Clock for TestClock {
-        fn now(&self) -> Instant {
-            self.0.get()
-        }
-    }
-
-    enum Step {
-        Packet(Vec<u8>),
-        /// The detector sends nothing for this long (one receive timeout, the clock moves on).
-        Quiet(Duration),
-    }
-
-    /// Plays a script of packets and quiet times against a [`TestClock`], then closes.
-    struct ScriptSource {
-        steps: VecDeque<Step>,
-        clock: TestClock,
-        batch: usize,
-    }
-
-    impl PacketSource for ScriptSource {
-        fn recv_scatter(
-            &mut self,
-            batch: &mut ScatterBatch,
-            header_len: usize,
-            dest: &mut [u8],
-            payload_len: usize,
-        ) -> io::Result<Recv> {
-            let n = self
-                .batch
-                .min(batch.capacity())
-                .min(dest.len() / payload_len);
-            let mut k = 0;
-            while k < n {
-                match self.steps.front() {
-                    Some(Step::Packet(p)) => {
-                        batch.scatter(
-                            k,
-                            p,
-                            header_len,
-                            &mut dest[k * payload_len..(k + 1) * payload_len],
-                        );
-                        k += 1;
-                        self.steps.pop_front();
-                    }
-                    Some(Step::Quiet(_)) | None => break,
-                }
-            }
-            batch.set_len(k);
-            if k > 0 {
-                return Ok(Recv::Packets(k));
-            }
-            match self.steps.pop_front() {
-                Some(Step::Quiet(d)) => {
-                    self.clock.0.set(self.clock.0.get() + d);
-                    Ok(Recv::Timeout)
-                }
-                _ => Ok(Recv::Closed),
-            }
-        }
-    }
-
     fn run_script(
         h: &mut Harness,
         steps: Vec<Step>,
@@ -980,7 +939,7 @@ mod tests {
         let stats = run(
             &format,
             &settings,
-            &mut VecSource::new(packets, 16),
+            &mut vec_source(packets, 16),
             &mut ring,
             &mut |f| {
                 frames.push(*f);
@@ -1044,7 +1003,7 @@ mod tests {
         let stats = run(
             &g,
             &settings(),
-            &mut VecSource::new(packets, 2),
+            &mut vec_source(packets, 2),
             &mut ring,
             &mut |f| {
                 frames.push(*f);
