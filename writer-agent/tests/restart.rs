@@ -1,7 +1,7 @@
 //! Issue 18: a detector whose frame counter restarts (restarted, re-armed with `startingfnum 1`,
 //! power-cycled) after an idle gap. Two acquisitions both numbered from 1, each written through
 //! the agent (real RabbitMQ, real pipeline processes): the second file must be exact, not lost as
-//! late packets.
+//! late packets; and one request spanning the restart gets the new images after the old.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -80,6 +80,59 @@ async fn two_acquisitions_numbered_from_1_are_both_written_exact() {
         assert_eq!(report["last_id"], N, "{report}");
         assert_eq!(report["ids_consecutive"], true, "{report}");
     }
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
+
+/// One write request spanning the restart: it gets the second acquisition's images (ids from 1
+/// again) after the first's, every one exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_spanning_the_restart_gets_the_new_images() {
+    let (p, root, detector) = start_pipeline("restartspan").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("restartspan");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, true).unwrap(),
+    )
+    .await;
+    let mut observed = observe_statuses().await;
+    const N: u64 = 60;
+    let file = root.join("span.h5");
+    let id = client::new_request_id();
+    let body = serde_json::json!({"output_file": file, "n_images": 2 * N}).to_string();
+    let request = {
+        let (opts, id) = (client_options(&tag), id.clone());
+        tokio::spawn(async move { client::send_request(&opts, &id, body.as_bytes(), |_| {}).await })
+    };
+    assert_eq!(
+        next_for(&mut observed, &id).await.action,
+        action::REQUEST_START
+    );
+    for delay_ms in [0, DETECTOR_QUIET_MS] {
+        let p = std::sync::Arc::clone(&p);
+        tokio::task::spawn_blocking(move || {
+            p.run_simulator_with(N, 200.0, &["--delay-ms".into(), delay_ms.to_string()])
+                .unwrap()
+        })
+        .await
+        .unwrap();
+    }
+    let done = tokio::time::timeout(WATCHDOG, request)
+        .await
+        .expect("no final status within the watchdog")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.action, action::REQUEST_SUCCESS, "{done:?}");
+    assert_eq!(done.body["run"]["first_image_id"], 1, "{}", done.body);
+    assert_eq!(done.body["run"]["last_image_id"], N, "{}", done.body);
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["images"], 2 * N, "{report}");
+    assert_eq!(report["exact_images"], 2 * N, "{report}");
+    assert_eq!(report["first_id"], 1, "{report}");
+    assert_eq!(report["last_id"], N, "{report}");
+    assert_eq!(report["ids_strictly_increasing"], false, "{report}");
     agent.stop().await;
     stop_pipeline(p, &work).await;
 }
