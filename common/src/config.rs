@@ -911,6 +911,11 @@ fn culprit(value: &serde_json::Value, message: &str) -> Option<String> {
         return None;
     }
     let object = value.as_object()?;
+    // Each try parses the whole object again: bounded, for a config of thousands of keys (which
+    // has unknown ones anyway).
+    if object.len() > 64 {
+        return None;
+    }
     object.keys().find_map(|key| {
         let mut without = object.clone();
         without.remove(key);
@@ -991,7 +996,7 @@ fn live_streams(
                 LiveStreamMode::Forward
             }
             "periodic" => match pair() {
-                Some((n, hz)) if count(n).is_some() && hz > 0.0 && hz.is_finite() => {
+                Some((n, hz)) if count(n).is_some() && (0.001..=1e6).contains(&hz) => {
                     LiveStreamMode::Periodic {
                         n: count(n).unwrap_or(1),
                         hz,
@@ -1002,7 +1007,7 @@ fn live_streams(
                         &key,
                         format!(
                             "type periodic needs \"config\": [N images, F Hz] with N a whole \
-                             number >= 1 and F > 0, not {}",
+                             number >= 1 and 0.001 <= F <= 1000000, not {}",
                             config.map_or("nothing".into(), |c| c.to_string())
                         ),
                     ))
@@ -1550,6 +1555,10 @@ mod tests {
             (
                 json!({"tcp://h:1": {"type": "periodic", "config": [1, 0]}}),
                 "[N images, F Hz]",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "periodic", "config": [1, 1e-300]}}),
+                "0.001 <= F",
             ),
             (json!({"tcp://h:1": {"type": "periodic"}}), "not nothing"),
             (

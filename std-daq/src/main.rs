@@ -185,8 +185,13 @@ struct DemoArgs {
 }
 
 fn main() -> Result<()> {
-    std_daq_common::service::init_logging("info");
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The preview is a service of its own: it logs at the config's log_level (set up once it has
+    // read the config); the other commands at info.
+    if !matches!(command, Cmd::Preview(_)) {
+        std_daq_common::service::init_logging("info");
+    }
+    match command {
         Cmd::Demo(args) => demo(args),
         Cmd::Write(args) => write(args),
         Cmd::Up(args) => up(args),
@@ -257,6 +262,7 @@ fn preview(args: PreviewArgs) -> Result<()> {
     use std_daq_common::names;
     std_daq::preview::check_endpoint(&args.bind)?;
     let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    std_daq_common::service::init_logging(&cfg.log_level);
     std_daq_common::service::warn_notices(&cfg);
     let shutdown = std_daq_common::service::Shutdown::on_signals()?;
     let ctx = zmq::Context::new();

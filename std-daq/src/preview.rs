@@ -37,7 +37,8 @@ impl FromStr for Mode {
         match kind {
             "periodic" => {
                 let hz: f64 = b.trim().parse().map_err(|_| bad())?;
-                if n == 0 || !(hz > 0.0 && hz.is_finite()) {
+                // Bounded so that the period (1/HZ) is a valid Duration.
+                if n == 0 || !(0.001..=1e6).contains(&hz) {
                     return Err(bad());
                 }
                 Ok(Mode::Periodic { n, hz })
@@ -210,6 +211,7 @@ mod tests {
             "batch:5,2",
             "batch:0,3",
             "periodic:1,0",
+            "periodic:1,1e-300",
             "every:1,2",
             "batch:1",
         ] {

@@ -5,7 +5,8 @@
 //!   status hash and `std-daq status` prints it; `compression` makes the writer's file
 //!   bitshuffle-LZ4; a `live_stream_configs` entry runs a preview that sends the images; each
 //!   no-effect key is warned about exactly once per service start;
-//! - `std-h5-writer --compression` overrides the config key.
+//! - `std-h5-writer --compression` and `--metrics-addr` override the config keys;
+//! - `log_level` filters what a service logs.
 #![allow(clippy::unwrap_used)]
 
 use h5_writer::command::{Command as WriterCommand, WriterClient};
@@ -280,13 +281,26 @@ fn up_runs_what_the_config_says_metrics_compression_live_stream_and_warnings() {
 }
 
 #[test]
-fn the_writers_compression_flag_overrides_the_config_key() {
+fn the_writers_flags_override_the_config_keys() {
     let mut opts = options("cfgflag").unwrap();
-    opts.extra_config = vec![("compression".into(), "bitshuffle-lz4".into())];
+    let base = free_port_range(12).unwrap();
+    let writer_port = free_port().unwrap();
+    opts.extra_config = vec![
+        ("compression".into(), "bitshuffle-lz4".into()),
+        (
+            "metrics_base_address".into(),
+            format!("127.0.0.1:{base}").into(),
+        ),
+    ];
     let work = opts.work_dir.clone();
     let extra = HashMap::from([(
         "std-h5-writer".to_string(),
-        vec!["--compression".to_string(), "none".to_string()],
+        vec![
+            "--compression".to_string(),
+            "none".to_string(),
+            "--metrics-addr".to_string(),
+            format!("127.0.0.1:{writer_port}"),
+        ],
     )]);
     let mut p = Pipeline::start_with_args(
         opts,
@@ -300,6 +314,30 @@ fn the_writers_compression_flag_overrides_the_config_key() {
     p.run_simulator(10, 100.0, "", false).unwrap();
     let run = p.wait_run(Duration::from_secs(10)).unwrap();
     assert_eq!(run.images_written, 10);
+    // The writer serves where its flag says, not at base + 1; the others follow the rule.
+    let cfg = p.config.clone();
+    assert!(cfg.metrics_addr(MetricsService::Writer).unwrap().port() != writer_port);
+    wait_for(
+        "the writer's metrics at --metrics-addr",
+        Duration::from_secs(30),
+        || {
+            scrape_metrics(writer_port)
+                .ok()
+                .and_then(|m| m.get("std_daq_images_written").copied())
+                == Some(10.0)
+        },
+    );
+    assert!(
+        std::net::TcpStream::connect(cfg.metrics_addr(MetricsService::Writer).unwrap()).is_err(),
+        "nothing serves at base + 1"
+    );
+    for service in [
+        MetricsService::Assembler,
+        MetricsService::Receiver(0),
+        MetricsService::Receiver(1),
+    ] {
+        scrape_metrics(cfg.metrics_addr(service).unwrap().port()).unwrap();
+    }
     let detector = p.config.detector_name.clone();
     let writer_log = std::fs::read_to_string(p.log_path("std-h5-writer")).unwrap();
     let stop = p.stop().unwrap();
@@ -318,4 +356,67 @@ fn the_writers_compression_flag_overrides_the_config_key() {
         serde_json::json!({})
     );
     std::fs::remove_dir_all(work).unwrap();
+}
+
+/// `log_level` is the services' log filter (spdlog's `warning` accepted): at `warning` a receiver
+/// logs its warnings (the notice of a no-effect key) and no INFO line; at `info` it does.
+#[test]
+fn log_level_is_the_services_log_filter() {
+    for (level, info_lines) in [("warning", false), ("info", true)] {
+        let mut opts = options(&format!("loglevel{info_lines}")).unwrap();
+        opts.log_level = level.into();
+        opts.n_modules = 1;
+        opts.extra_config = vec![("gpfs_block_size".into(), 16_777_216.into())];
+        let work = opts.work_dir.clone();
+        std::fs::create_dir_all(work.join("ipc")).unwrap();
+        let config_path = work.join("detector.json");
+        let json = config_json(&opts, SimulatedDetector::Jungfrau);
+        std::fs::write(&config_path, json.to_string()).unwrap();
+        let cfg = DetectorConfig::from_file(&config_path).unwrap();
+        let log_path = work.join("recv.log");
+        let mut recv = Command::new(default_bin_dir().unwrap().join("std-udp-recv"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--module", "0"])
+            .env("REDIS_SKIP", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        // Its FrameBuffer exists once it is set up (after the notices were logged).
+        let segment =
+            std::path::Path::new("/dev/shm").join(names::module_buffer_name(&cfg.detector_name, 0));
+        wait_for(
+            "the receiver's FrameBuffer",
+            Duration::from_secs(30),
+            || segment.exists(),
+        );
+        Command::new("kill")
+            .args(["-TERM", &recv.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exit = loop {
+            if let Some(s) = recv.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the receiver did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(exit.success(), "{exit}\n{log}");
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("key `gpfs_block_size` has no effect"))
+            .count();
+        assert_eq!(warnings, 1, "{level}:\n{log}");
+        assert_eq!(
+            log.lines().any(|l| l.contains(" INFO ")),
+            info_lines,
+            "{level}:\n{log}"
+        );
+        assert!(leftovers(&cfg).is_empty(), "{:?}", leftovers(&cfg));
+        std::fs::remove_dir_all(work).unwrap();
+    }
 }
