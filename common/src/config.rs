@@ -201,13 +201,17 @@ pub enum MetricsService {
     StreamSend,
     /// std-stream-recv: base + 4 (reserved: it serves no metrics yet).
     StreamRecv,
+    /// The `std-daq preview` of `live_stream_configs` entry i (key order): base + 5 + i, i < 5.
+    Preview(u16),
     /// std-udp-recv of module m: base + 10 + m.
     Receiver(u16),
 }
 
 impl MetricsService {
-    /// Receivers start at this offset; 5..9 are kept free for the preview streams.
+    /// Receivers start at this offset; 5..9 are the preview streams'.
     pub const RECEIVER_OFFSET: u16 = 10;
+    /// Live streams that have a metrics port (base + 5 .. base + 9).
+    pub const MAX_PREVIEWS: usize = 5;
 
     /// The port offset from `metrics_base_address`.
     pub fn offset(self) -> u16 {
@@ -217,6 +221,7 @@ impl MetricsService {
             MetricsService::WriterAgent => 2,
             MetricsService::StreamSend => 3,
             MetricsService::StreamRecv => 4,
+            MetricsService::Preview(i) => 5 + i,
             MetricsService::Receiver(m) => Self::RECEIVER_OFFSET + m,
         }
     }
@@ -797,6 +802,18 @@ impl DetectorConfig {
             None => Vec::new(),
             Some(v) => live_streams(v, origin, &invalid, &mut notices)?,
         };
+
+        if metrics_base_address.is_some() && live_streams.len() > MetricsService::MAX_PREVIEWS {
+            return Err(invalid(
+                "live_stream_configs",
+                format!(
+                    "{} live streams, but with metrics_base_address at most {} have a metrics \
+                     port (base + 5 .. base + 9; docs/configuration.md)",
+                    live_streams.len(),
+                    MetricsService::MAX_PREVIEWS
+                ),
+            ));
+        }
 
         Ok(DetectorConfig {
             detector_name: raw.detector_name,
@@ -1612,6 +1629,8 @@ mod tests {
         assert_eq!(port(MetricsService::WriterAgent), "127.0.0.1:9102");
         assert_eq!(port(MetricsService::StreamSend), "127.0.0.1:9103");
         assert_eq!(port(MetricsService::StreamRecv), "127.0.0.1:9104");
+        assert_eq!(port(MetricsService::Preview(0)), "127.0.0.1:9105");
+        assert_eq!(port(MetricsService::Preview(4)), "127.0.0.1:9109");
         assert_eq!(port(MetricsService::Receiver(0)), "127.0.0.1:9110");
         assert_eq!(port(MetricsService::Receiver(1)), "127.0.0.1:9111");
         // The last receiver's port must fit: 65524 + 10 + 1 is the highest base for 2 modules.
@@ -1627,6 +1646,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`metrics_base_address`"), "{err}");
+        // Five live streams have a metrics port each; a sixth has none and is refused.
+        let streams = |n: u16| {
+            let entries: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| {
+                    (
+                        format!("tcp://0.0.0.0:{}", 9990 + i),
+                        serde_json::json!({"type": "forward"}),
+                    )
+                })
+                .collect();
+            let mut v: serde_json::Value =
+                serde_json::from_str(&with("metrics_base_address", "127.0.0.1:9100".into()))
+                    .unwrap();
+            v["live_stream_configs"] = entries.into();
+            v.to_string()
+        };
+        assert_eq!(
+            DetectorConfig::from_json_str(&streams(5), "m.json")
+                .unwrap()
+                .live_streams
+                .len(),
+            5
+        );
+        let err = DetectorConfig::from_json_str(&streams(6), "m.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.json")
+                && err.contains("`live_stream_configs`")
+                && err.contains("at most 5"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,6 +75,11 @@ struct PreviewArgs {
     /// Images a slow viewer may have queued before ZMQ drops for it.
     #[arg(long, default_value_t = 10)]
     hwm: i32,
+    /// Serve Prometheus metrics (GET /metrics: images_seen, images_sent, images_lost) on this
+    /// address. `std-daq up` gives the preview of `live_stream_configs` entry i (in key order)
+    /// metrics_base_address + 5 + i when the config has metrics_base_address.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -284,8 +289,22 @@ fn preview(args: PreviewArgs) -> Result<()> {
         || shutdown.is_triggered(),
     )
     .with_context(|| format!("attaching ImageBuffer {name}"))?;
+    // One status hash per preview stream, named after where it is bound.
+    let endpoint: String = args
+        .bind
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let status_name = format!("std-daq.{}.preview.{endpoint}", cfg.detector_name);
+    let board = std_daq_common::status::StatusBoard::default();
+    board.set("bind", &args.bind);
+    std_daq_common::metrics::serve_if(args.metrics_addr, &status_name, &board, Vec::new())
+        .context("starting the metrics server")?;
+    let redis = std_daq_common::status::RedisEnv::from_env();
+    let _status =
+        std_daq_common::status::StatusReporter::start(&redis, &status_name, &cfg, board.clone());
     tracing::info!(bind = args.bind, mode = ?args.mode, "preview ready");
-    let stats = std_daq::preview::run(&ring, &images, &publisher, args.mode, &shutdown)?;
+    let stats = std_daq::preview::run(&ring, &images, &publisher, args.mode, &board, &shutdown)?;
     tracing::info!(?stats, "preview stopped");
     Ok(())
 }

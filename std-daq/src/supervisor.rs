@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
-use std_daq_common::DetectorConfig;
+use std_daq_common::{DetectorConfig, MetricsService};
 
 const POLL: Duration = Duration::from_millis(100);
 const MAX_BACKOFF_SHIFT: u32 = 5;
@@ -82,6 +82,10 @@ pub fn services_for(cfg: &DetectorConfig, config: &Path, opts: &UpOptions) -> Ve
                     "--mode",
                     &stream.mode.preview_arg(),
                 ]));
+                // The preview does not know its index: its port of the metrics rule is given.
+                if let Some(addr) = cfg.metrics_addr(MetricsService::Preview(i as u16)) {
+                    v.extend(["--metrics-addr".to_string(), addr.to_string()]);
+                }
                 v
             },
         });

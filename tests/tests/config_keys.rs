@@ -1,7 +1,7 @@
 //! Config keys as the services use them (issue 18 items 4, 5, 7), with the real binaries:
 //!
 //! - under `std-daq up`, one config turns on metrics for every service at ports that follow
-//!   from `metrics_base_address` (scraped), each service publishes that address in its Redis
+//!   from `metrics_base_address` (scraped, the live stream's preview included), each service publishes that address in its Redis
 //!   status hash and `std-daq status` prints it; `compression` makes the writer's file
 //!   bitshuffle-LZ4; a `live_stream_configs` entry runs a preview that sends the images; each
 //!   no-effect key is warned about exactly once per service start;
@@ -190,13 +190,24 @@ fn up_runs_what_the_config_says_metrics_compression_live_stream_and_warnings() {
         },
     );
 
+    // The live stream (entry 0) at base + 5, counting what it sent.
+    assert_eq!(port(MetricsService::Preview(0)), base + 5);
+    wait_for("the preview's metrics", Duration::from_secs(30), || {
+        scrape_metrics(port(MetricsService::Preview(0)))
+            .ok()
+            .and_then(|m| m.get("std_daq_images_sent").copied())
+            .is_some_and(|n| n >= 1.0)
+    });
+
     // The status hashes carry the address; `std-daq status` prints it for every service.
+    let preview_status = format!("preview.tcp___127_0_0_1_{preview_port}");
     let expect: Vec<(String, String)> = [
         ("assembler", MetricsService::Assembler),
         ("h5-writer", MetricsService::Writer),
         ("writer-agent", MetricsService::WriterAgent),
         ("udp-recv-0", MetricsService::Receiver(0)),
         ("udp-recv-1", MetricsService::Receiver(1)),
+        (preview_status.as_str(), MetricsService::Preview(0)),
     ]
     .into_iter()
     .map(|(name, s)| {
