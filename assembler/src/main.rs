@@ -8,9 +8,9 @@ use clap::Parser;
 use image_buffer::{Expect, RingOwner, RingReader};
 use std::path::PathBuf;
 use std::time::Duration;
-use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::service::{init_logging, warn_notices, Shutdown};
 use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
-use std_daq_common::{names, ImageMetadata, ModuleFrame};
+use std_daq_common::{names, ImageMetadata, MetricsService, ModuleFrame};
 
 /// Synchronises the frames of all modules by image_id, places each module into the ImageBuffer
 /// (/dev/shm/std-daq.<detector>.image) at its module_positions place (with chip gaps when
@@ -26,7 +26,8 @@ struct Args {
     /// config.<SERVICE_NAME>.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100. Overrides
+    /// the config key `metrics_base_address` (the assembler's port is base + 0).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -36,6 +37,7 @@ fn main() -> Result<()> {
     let redis = RedisEnv::from_env();
     let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
+    warn_notices(&cfg);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     // Before waiting for receivers: a bad calibration file fails the start at once.
     let pixels = ModulePixels::from_config(&cfg)?;
@@ -93,7 +95,8 @@ fn main() -> Result<()> {
     let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
-        args.metrics_addr,
+        args.metrics_addr
+            .or(cfg.metrics_addr(MetricsService::Assembler)),
         &format!("std-daq.{}.assembler", cfg.detector_name),
         &board,
         vec![assembler.latency.clone()],

@@ -138,8 +138,123 @@ pub struct DetectorConfig {
     pub chip_gaps: bool,
     /// JUNGFRAU converted with `chip_gaps`: how double pixels at chip borders are handled.
     pub double_pixels: DoublePixels,
+    /// How the writer stores image chunks (std-daq extension `compression`, default `none`);
+    /// std-h5-writer's `--compression` overrides it.
+    pub compression: ImageCompression,
+    /// The first port of the services' Prometheus endpoints (std-daq extension
+    /// `metrics_base_address`, default off); each service's port follows by
+    /// [`MetricsService::offset`]. A service's `--metrics-addr` overrides it.
+    pub metrics_base_address: Option<std::net::SocketAddr>,
+    /// std_daq's `live_stream_configs`: the preview streams `std-daq up` runs.
+    pub live_streams: Vec<LiveStream>,
+    /// Keys that were accepted but have no effect here, one sentence each naming the key, the
+    /// origin and why. A service logs each once at start ([`crate::service::warn_notices`]);
+    /// this crate does no I/O itself.
+    pub notices: Vec<String>,
     /// The raw JSON, kept so services can publish the config they run with.
     pub raw: serde_json::Value,
+}
+
+/// How the writer stores image chunks: the config key `compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageCompression {
+    /// Raw chunks (what the writer does without the key).
+    #[default]
+    None,
+    /// The HDF5 bitshuffle filter (32008) with LZ4.
+    BitshuffleLz4,
+}
+
+impl ImageCompression {
+    /// The spelling in config files and on std-h5-writer's command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageCompression::None => "none",
+            ImageCompression::BitshuffleLz4 => "bitshuffle-lz4",
+        }
+    }
+}
+
+impl std::str::FromStr for ImageCompression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ImageCompression::None),
+            "bitshuffle-lz4" => Ok(ImageCompression::BitshuffleLz4),
+            other => Err(format!(
+                "{other:?} is not one of \"none\", \"bitshuffle-lz4\""
+            )),
+        }
+    }
+}
+
+/// The services whose Prometheus port follows from `metrics_base_address`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsService {
+    /// std-assembler: base + 0.
+    Assembler,
+    /// std-h5-writer: base + 1.
+    Writer,
+    /// std-writer-agent: base + 2.
+    WriterAgent,
+    /// std-stream-send: base + 3 (reserved: it serves no metrics yet).
+    StreamSend,
+    /// std-stream-recv: base + 4 (reserved: it serves no metrics yet).
+    StreamRecv,
+    /// The `std-daq preview` of `live_stream_configs` entry i (key order): base + 5 + i, i < 5.
+    Preview(u16),
+    /// std-udp-recv of module m: base + 10 + m.
+    Receiver(u16),
+}
+
+impl MetricsService {
+    /// Receivers start at this offset; 5..9 are the preview streams'.
+    pub const RECEIVER_OFFSET: u16 = 10;
+    /// Live streams that have a metrics port (base + 5 .. base + 9).
+    pub const MAX_PREVIEWS: usize = 5;
+
+    /// The port offset from `metrics_base_address`.
+    pub fn offset(self) -> u16 {
+        match self {
+            MetricsService::Assembler => 0,
+            MetricsService::Writer => 1,
+            MetricsService::WriterAgent => 2,
+            MetricsService::StreamSend => 3,
+            MetricsService::StreamRecv => 4,
+            MetricsService::Preview(i) => 5 + i,
+            MetricsService::Receiver(m) => Self::RECEIVER_OFFSET + m,
+        }
+    }
+}
+
+/// One entry of `live_stream_configs`: where viewers connect and which images they get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveStream {
+    /// The ZMQ endpoint the preview binds (the entry's key, `tcp://host:port`).
+    pub endpoint: String,
+    pub mode: LiveStreamMode,
+}
+
+/// std_daq's live stream types with their `config` values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LiveStreamMode {
+    /// `forward`: every image.
+    Forward,
+    /// `periodic` `[n, hz]`: n consecutive images, hz times a second.
+    Periodic { n: u32, hz: f64 },
+    /// `batch` `[n, every]`: the first n of every `every` images.
+    Batch { n: u32, every: u32 },
+}
+
+impl LiveStreamMode {
+    /// The `std-daq preview --mode` spelling.
+    pub fn preview_arg(self) -> String {
+        match self {
+            LiveStreamMode::Forward => "forward".into(),
+            LiveStreamMode::Periodic { n, hz } => format!("periodic:{n},{hz}"),
+            LiveStreamMode::Batch { n, every } => format!("batch:{n},{every}"),
+        }
+    }
 }
 
 /// The JSON as written: every std_daq key is known here, so unknown ones can be rejected.
@@ -178,35 +293,30 @@ struct RawConfig {
     chip_gaps: bool,
     #[serde(default)]
     double_pixels: Option<String>,
-    // std_daq keys accepted for compatibility so existing configs load; later stages use them.
-    #[allow(dead_code)]
+    #[serde(default)]
+    compression: Option<String>,
+    #[serde(default)]
+    metrics_base_address: Option<String>,
+    // std_daq keys that are checked in `from_json_str`: each is implemented, refused with the
+    // reason, or accepted with a notice saying why it has no effect (docs/configuration.md).
     #[serde(default)]
     max_number_of_forwarders_spawned: Option<u32>,
-    #[allow(dead_code)]
     #[serde(default)]
     use_all_forwarders: Option<bool>,
-    #[allow(dead_code)]
     #[serde(default)]
     sender_sends_full_images: Option<bool>,
-    #[allow(dead_code)]
     #[serde(default)]
     gpfs_block_size: Option<u64>,
-    #[allow(dead_code)]
     #[serde(default)]
     number_of_writers: Option<u32>,
-    #[allow(dead_code)]
     #[serde(default)]
     delay_filter_timeout: Option<f64>,
-    #[allow(dead_code)]
     #[serde(default)]
     switch_user_active: Option<bool>,
-    #[allow(dead_code)]
     #[serde(default)]
     live_stream_configs: Option<serde_json::Value>,
-    #[allow(dead_code)]
     #[serde(default)]
     writer_user_id: Option<serde_json::Value>,
-    #[allow(dead_code)]
     #[serde(default)]
     submodule_info: Option<serde_json::Value>,
 }
@@ -287,11 +397,20 @@ impl DetectorConfig {
                 origin: origin.to_string(),
                 message: e.to_string(),
             })?;
-        let raw: RawConfig =
-            serde_json::from_value(raw_value.clone()).map_err(|e| ConfigError::Parse {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })?;
+        let raw: RawConfig = serde_json::from_value(raw_value.clone()).map_err(|e| {
+            let message = e.to_string();
+            match culprit(&raw_value, &message) {
+                Some(key) => ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key,
+                    message,
+                },
+                None => ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message,
+                },
+            }
+        })?;
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             origin: origin.to_string(),
             key: key.to_string(),
@@ -558,6 +677,144 @@ impl DetectorConfig {
             }
         }
 
+        let log_level = match raw.log_level.to_ascii_lowercase().as_str() {
+            l @ ("trace" | "debug" | "info" | "warn" | "error" | "off") => l.to_string(),
+            // spdlog's spellings, as std_daq configs write them.
+            "warning" => "warn".into(),
+            "err" | "critical" => "error".into(),
+            _ => {
+                return Err(invalid(
+                    "log_level",
+                    format!(
+                        "{:?} is not a log level (trace, debug, info, warning, error, critical, \
+                         off)",
+                        raw.log_level
+                    ),
+                ))
+            }
+        };
+        let compression = match raw.compression.as_deref() {
+            None => ImageCompression::default(),
+            Some(c) => c.parse().map_err(|e| invalid("compression", e))?,
+        };
+        let metrics_base_address = match raw.metrics_base_address.as_deref() {
+            None => None,
+            Some(text) => {
+                let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                    invalid(
+                        "metrics_base_address",
+                        format!("{text:?} is not an address ip:port (e.g. \"127.0.0.1:9100\")"),
+                    )
+                })?;
+                let last =
+                    u32::from(MetricsService::Receiver(0).offset()) + u32::from(raw.n_modules) - 1;
+                if addr.port() == 0 || u32::from(addr.port()) + last > 65535 {
+                    return Err(invalid(
+                        "metrics_base_address",
+                        format!(
+                            "port {} does not leave room for every service's port (base + 0 \
+                             .. base + {last} for {} modules; see docs/configuration.md)",
+                            addr.port(),
+                            raw.n_modules
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let mut notices = Vec::new();
+        let mut no_effect = |key: &str, why: &str| {
+            notices.push(format!(
+                "config {origin}: key `{key}` has no effect here: {why}"
+            ));
+        };
+        if raw.max_number_of_forwarders_spawned.is_some() {
+            no_effect(
+                "max_number_of_forwarders_spawned",
+                "std_daq's forwarders are replaced by std-stream-send, which splits images with \
+                 its --parts and --connections options",
+            );
+        }
+        if raw.use_all_forwarders.is_some() {
+            no_effect(
+                "use_all_forwarders",
+                "std_daq's forwarders are replaced by std-stream-send, which always splits the \
+                 actual image size (--parts)",
+            );
+        }
+        if raw.sender_sends_full_images.is_some() {
+            no_effect(
+                "sender_sends_full_images",
+                "std_daq's forwarders are replaced by std-stream-send: whole images spread over \
+                 the connections is its --parts 1 (the default) with --connections N",
+            );
+        }
+        if raw.gpfs_block_size.is_some() {
+            no_effect(
+                "gpfs_block_size",
+                "std_daq used it as the HDF5 chunk size (several images per chunk) and file \
+                 alignment; std-daq writes one chunk per image by direct chunk writes, which an \
+                 alignment to the block size would pad to a whole block each",
+            );
+        }
+        match raw.number_of_writers {
+            None | Some(0 | 1) => {}
+            Some(n) => {
+                return Err(invalid(
+                    "number_of_writers",
+                    format!(
+                        "{n} writers are not implemented yet: std-daq runs one std-h5-writer per \
+                         detector (remove the key, or set it to 1)"
+                    ),
+                ))
+            }
+        }
+        if raw.delay_filter_timeout.is_some() {
+            no_effect(
+                "delay_filter_timeout",
+                "it is the timeout of std_daq's GigaFRoST filter service (std_gf_filter), which \
+                 std-daq does not have: every assembled image goes to the image stream",
+            );
+        }
+        if raw.switch_user_active == Some(true) {
+            return Err(invalid(
+                "switch_user_active",
+                "true is not supported: std-h5-writer writes files as the user it runs as (set \
+                 User= of its systemd unit); remove the key or set it to false"
+                    .into(),
+            ));
+        }
+        if raw.writer_user_id.is_some() {
+            no_effect(
+                "writer_user_id",
+                "files are written as the user std-h5-writer runs as (switch_user_active is not \
+                 supported; std_daq's services ignore the key too)",
+            );
+        }
+        if raw.submodule_info.is_some() {
+            no_effect(
+                "submodule_info",
+                "it describes EIGER detector control (hostnames, ports, activation), which is \
+                 not std-daq's job; module placement comes from module_positions",
+            );
+        }
+        let live_streams = match &raw.live_stream_configs {
+            None => Vec::new(),
+            Some(v) => live_streams(v, origin, &invalid, &mut notices)?,
+        };
+
+        if metrics_base_address.is_some() && live_streams.len() > MetricsService::MAX_PREVIEWS {
+            return Err(invalid(
+                "live_stream_configs",
+                format!(
+                    "{} live streams, but with metrics_base_address at most {} have a metrics \
+                     port (base + 5 .. base + 9; docs/configuration.md)",
+                    live_streams.len(),
+                    MetricsService::MAX_PREVIEWS
+                ),
+            ));
+        }
+
         Ok(DetectorConfig {
             detector_name: raw.detector_name,
             detector_type: raw.detector_type,
@@ -567,7 +824,7 @@ impl DetectorConfig {
             image_pixel_width: raw.image_pixel_width,
             start_udp_port: raw.start_udp_port,
             module_positions,
-            log_level: raw.log_level,
+            log_level,
             stats_collection_period: raw.stats_collection_period,
             module_sync_queue_size: raw.module_sync_queue_size,
             ram_buffer_gb: raw.ram_buffer_gb,
@@ -579,6 +836,10 @@ impl DetectorConfig {
             calibration_file: raw.calibration_file,
             chip_gaps: raw.chip_gaps,
             double_pixels,
+            compression,
+            metrics_base_address,
+            live_streams,
+            notices,
             raw: raw_value,
         })
     }
@@ -650,6 +911,162 @@ impl DetectorConfig {
     pub fn udp_port(&self, module: u16) -> u16 {
         self.start_udp_port + module
     }
+
+    /// Where `service` serves its metrics by `metrics_base_address` (None: the key is not set).
+    pub fn metrics_addr(&self, service: MetricsService) -> Option<std::net::SocketAddr> {
+        let mut addr = self.metrics_base_address?;
+        // Validated at load: base + every offset of this detector fits.
+        addr.set_port(addr.port().saturating_add(service.offset()));
+        Some(addr)
+    }
+}
+
+/// The key a serde error is about, when the message does not say (a value of the wrong type or
+/// variant): the one key whose removal changes the error.
+fn culprit(value: &serde_json::Value, message: &str) -> Option<String> {
+    if message.starts_with("missing field") || message.starts_with("unknown field") {
+        return None;
+    }
+    let object = value.as_object()?;
+    // Each try parses the whole object again: bounded, for a config of thousands of keys (which
+    // has unknown ones anyway).
+    if object.len() > 64 {
+        return None;
+    }
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        match serde_json::from_value::<RawConfig>(serde_json::Value::Object(without)) {
+            Err(e) if e.to_string() == message => None,
+            _ => Some(key.clone()),
+        }
+    })
+}
+
+/// Checks `live_stream_configs`: `{"tcp://host:port": {"type": "forward" | "periodic" |
+/// "batch", "config": [a, b]}}`.
+fn live_streams(
+    value: &serde_json::Value,
+    origin: &str,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+    notices: &mut Vec<String>,
+) -> Result<Vec<LiveStream>, ConfigError> {
+    const KEY: &str = "live_stream_configs";
+    let entries = value.as_object().ok_or_else(|| {
+        invalid(
+            KEY,
+            "must be an object {\"tcp://host:port\": {\"type\": ..., \"config\": [a, b]}}".into(),
+        )
+    })?;
+    let mut streams = Vec::new();
+    for (endpoint, entry) in entries {
+        let key = format!("{KEY}.{endpoint}");
+        let port = endpoint
+            .strip_prefix("tcp://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .filter(|p| *p != 0);
+        if port.is_none() {
+            return Err(invalid(
+                &key,
+                "the entry's key must be a ZMQ endpoint tcp://host:port for viewers to connect to"
+                    .into(),
+            ));
+        }
+        let Some(fields) = entry.as_object() else {
+            return Err(invalid(
+                &key,
+                "must be an object {\"type\": ..., \"config\": [a, b]}".into(),
+            ));
+        };
+        if let Some(unknown) = fields.keys().find(|k| *k != "type" && *k != "config") {
+            return Err(invalid(
+                &key,
+                format!("unknown field {unknown:?} (expected \"type\" and \"config\")"),
+            ));
+        }
+        let kind = fields.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+            invalid(
+                &key,
+                "needs \"type\": \"forward\", \"periodic\" or \"batch\"".into(),
+            )
+        })?;
+        let config = fields.get("config");
+        let pair = || -> Option<(f64, f64)> {
+            let c = config?.as_array()?;
+            match c.as_slice() {
+                [a, b] => Some((a.as_f64()?, b.as_f64()?)),
+                _ => None,
+            }
+        };
+        let count =
+            |x: f64| (x >= 1.0 && x.fract() == 0.0 && x <= f64::from(u32::MAX)).then_some(x as u32);
+        let mode = match kind {
+            "forward" => {
+                if config.is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty())) {
+                    notices.push(format!(
+                        "config {origin}: key `{key}`: \"config\" has no effect for type forward (every \
+                         image is sent)"
+                    ));
+                }
+                LiveStreamMode::Forward
+            }
+            "periodic" => match pair() {
+                Some((n, hz)) if count(n).is_some() && (0.001..=1e6).contains(&hz) => {
+                    LiveStreamMode::Periodic {
+                        n: count(n).unwrap_or(1),
+                        hz,
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        &key,
+                        format!(
+                            "type periodic needs \"config\": [N images, F Hz] with N a whole \
+                             number >= 1 and 0.001 <= F <= 1000000, not {}",
+                            config.map_or("nothing".into(), |c| c.to_string())
+                        ),
+                    ))
+                }
+            },
+            "batch" => match pair() {
+                Some((n, every))
+                    if count(n).is_some()
+                        && count(every).is_some_and(|m| m >= count(n).unwrap_or(0)) =>
+                {
+                    LiveStreamMode::Batch {
+                        n: count(n).unwrap_or(1),
+                        every: count(every).unwrap_or(1),
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        &key,
+                        format!(
+                            "type batch needs \"config\": [N, M] (the first N of every M \
+                             images) with whole numbers 1 <= N <= M, not {}",
+                            config.map_or("nothing".into(), |c| c.to_string())
+                        ),
+                    ))
+                }
+            },
+            other => {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "type {other:?} is not supported: std-daq preview streams are forward, \
+                         periodic or batch (array-1.0 messages)"
+                    ),
+                ))
+            }
+        };
+        streams.push(LiveStream {
+            endpoint: endpoint.clone(),
+            mode,
+        });
+    }
+    Ok(streams)
 }
 
 #[cfg(test)]
@@ -913,6 +1330,375 @@ mod tests {
             err.contains("`double_pixels`") && err.contains("chip_gaps"),
             "{err}"
         );
+    }
+
+    /// What a config with one key set does.
+    #[derive(Debug)]
+    enum Want {
+        /// Loads, no notice mentions the key.
+        Accept,
+        /// Loads with exactly one notice, naming the key and the file, containing this text.
+        Warn(&'static str),
+        /// Refused, naming the key and the file, with this text in the message.
+        Refuse(&'static str),
+    }
+
+    /// Loads TWO_MODULE_JF with `key` set (or removed when `value` is None) from "/etc/std-daq/jf.json"
+    /// and checks the outcome. Returns the config when it loaded.
+    fn check(key: &str, value: Option<serde_json::Value>, want: &Want) -> Option<DetectorConfig> {
+        const ORIGIN: &str = "/etc/std-daq/jf.json";
+        let text = match &value {
+            Some(v) => with(key, v.clone()),
+            None => without(key),
+        };
+        let result = DetectorConfig::from_json_str(&text, ORIGIN);
+        let case = format!("{key} = {value:?}: {want:?}");
+        match (want, result) {
+            (Want::Accept, Ok(c)) => {
+                let about: Vec<&String> = c
+                    .notices
+                    .iter()
+                    .filter(|n| n.contains(&format!("`{key}")))
+                    .collect();
+                assert!(about.is_empty(), "{case}: unexpected notices {about:?}");
+                Some(c)
+            }
+            (Want::Warn(text), Ok(c)) => {
+                let about: Vec<&String> = c
+                    .notices
+                    .iter()
+                    .filter(|n| n.contains(&format!("`{key}")))
+                    .collect();
+                assert_eq!(about.len(), 1, "{case}: notices {:?}", c.notices);
+                let n = about[0];
+                assert!(
+                    n.contains(ORIGIN) && n.contains("has no effect") && n.contains(text),
+                    "{case}: {n}"
+                );
+                Some(c)
+            }
+            (Want::Refuse(text), Err(e)) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(ORIGIN) && msg.contains(&format!("`{key}")) && msg.contains(text),
+                    "{case}: {msg}"
+                );
+                None
+            }
+            (_, Ok(c)) => panic!("{case}: loaded, notices {:?}", c.notices),
+            (_, Err(e)) => panic!("{case}: refused: {e}"),
+        }
+    }
+
+    /// Every key of std_daq's config (std_daq-facts.md 8.1: the required keys, the optional
+    /// table, `writer_user_id`, `submodule_info`) is implemented, refused with the reason, or
+    /// accepted with exactly one notice that it has no effect; every error and notice names the
+    /// key and the file.
+    #[test]
+    fn every_std_daq_key_is_implemented_refused_or_warned() {
+        use serde_json::json;
+        use Want::*;
+        // Required: missing or of the wrong type is refused naming the key.
+        for (key, bad) in [
+            ("detector_name", json!("../x")),
+            ("detector_type", json!("jungfrau")),
+            ("n_modules", json!(0)),
+            ("bit_depth", json!(12)),
+            ("image_pixel_height", json!(0)),
+            ("image_pixel_width", json!("1024")),
+            ("start_udp_port", json!(65535)),
+            ("module_positions", json!({"0": [0, 0, 1023, 511]})),
+        ] {
+            check(key, None, &Refuse("missing field"));
+            check(key, Some(bad), &Refuse(""));
+        }
+        let cases: Vec<(&str, serde_json::Value, Want)> = vec![
+            ("log_level", json!("warning"), Accept),
+            ("log_level", json!("critical"), Accept),
+            ("log_level", json!("verbose"), Refuse("not a log level")),
+            ("stats_collection_period", json!(2.5), Accept),
+            (
+                "stats_collection_period",
+                json!(0),
+                Refuse("must be positive"),
+            ),
+            (
+                "max_number_of_forwarders_spawned",
+                json!(8),
+                Warn("std-stream-send"),
+            ),
+            ("use_all_forwarders", json!(true), Warn("std-stream-send")),
+            (
+                "use_all_forwarders",
+                json!("yes"),
+                Refuse("expected a boolean"),
+            ),
+            (
+                "sender_sends_full_images",
+                json!(true),
+                Warn("--connections"),
+            ),
+            (
+                "gpfs_block_size",
+                json!(16_777_216),
+                Warn("one chunk per image"),
+            ),
+            ("module_sync_queue_size", json!(4096), Accept),
+            ("number_of_writers", json!(0), Accept),
+            ("number_of_writers", json!(1), Accept),
+            (
+                "number_of_writers",
+                json!(14),
+                Refuse("14 writers are not implemented yet"),
+            ),
+            ("ram_buffer_gb", json!(2), Accept),
+            ("ram_buffer_gb", json!(-1), Refuse("zero or positive")),
+            ("delay_filter_timeout", json!(10), Warn("std_gf_filter")),
+            ("switch_user_active", json!(false), Accept),
+            (
+                "switch_user_active",
+                json!(true),
+                Refuse("writes files as the user it runs as"),
+            ),
+            (
+                "live_stream_configs",
+                json!({"tcp://0.0.0.0:9999": {"type": "periodic", "config": [1, 10]},
+                       "tcp://0.0.0.0:9998": {"type": "batch", "config": [2, 100]},
+                       "tcp://0.0.0.0:9997": {"type": "forward", "config": []}}),
+                Accept,
+            ),
+            (
+                "writer_user_id",
+                json!(12345),
+                Warn("the user std-h5-writer runs as"),
+            ),
+            (
+                "submodule_info",
+                json!({"0": {"hostname": "beb031", "submodule": 0, "port": 50020, "row": 0,
+                             "column": 0, "activate": true}}),
+                Warn("module_positions"),
+            ),
+            // std-daq extensions configured by the same rules.
+            ("compression", json!("bitshuffle-lz4"), Accept),
+            (
+                "compression",
+                json!("zstd"),
+                Refuse("\"zstd\" is not one of"),
+            ),
+            ("metrics_base_address", json!("127.0.0.1:9100"), Accept),
+            (
+                "metrics_base_address",
+                json!("localhost"),
+                Refuse("not an address"),
+            ),
+            (
+                "metrics_base_address",
+                json!("127.0.0.1:65530"),
+                Refuse("does not leave room"),
+            ),
+        ];
+        for (key, value, want) in &cases {
+            check(key, Some(value.clone()), want);
+        }
+        // What the accepted keys do.
+        let c = check("log_level", Some(json!("warning")), &Accept).unwrap();
+        assert_eq!(c.log_level, "warn");
+        let c = check("log_level", Some(json!("critical")), &Accept).unwrap();
+        assert_eq!(c.log_level, "error");
+        let c = check("module_sync_queue_size", Some(json!(4096)), &Accept).unwrap();
+        assert_eq!(c.module_sync_queue_size, 4096);
+        let c = check("stats_collection_period", Some(json!(2.5)), &Accept).unwrap();
+        assert_eq!(c.stats_collection_period, 2.5);
+        let c = check("compression", Some(json!("bitshuffle-lz4")), &Accept).unwrap();
+        assert_eq!(c.compression, ImageCompression::BitshuffleLz4);
+        let c = DetectorConfig::from_json_str(TWO_MODULE_JF, "t.json").unwrap();
+        assert_eq!(c.compression, ImageCompression::None);
+        assert!(c.notices.is_empty() && c.live_streams.is_empty());
+        assert_eq!(c.metrics_addr(MetricsService::Assembler), None);
+    }
+
+    #[test]
+    fn live_stream_configs_become_preview_streams_and_bad_entries_are_named() {
+        use serde_json::json;
+        use Want::*;
+        let c = check(
+            "live_stream_configs",
+            Some(
+                json!({"tcp://0.0.0.0:9999": {"type": "periodic", "config": [1, 10]},
+                        "tcp://127.0.0.1:9998": {"type": "batch", "config": [2, 100]},
+                        "tcp://0.0.0.0:9997": {"type": "forward"}}),
+            ),
+            &Accept,
+        )
+        .unwrap();
+        let modes: Vec<(&str, String)> = c
+            .live_streams
+            .iter()
+            .map(|s| (s.endpoint.as_str(), s.mode.preview_arg()))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("tcp://0.0.0.0:9997", "forward".to_string()),
+                ("tcp://0.0.0.0:9999", "periodic:1,10".to_string()),
+                ("tcp://127.0.0.1:9998", "batch:2,100".to_string()),
+            ]
+        );
+        // A forward stream's values are not used: said once.
+        check(
+            "live_stream_configs",
+            Some(json!({"tcp://0.0.0.0:9997": {"type": "forward", "config": [1, 1]}})),
+            &Warn("for type forward"),
+        );
+        for (entries, text) in [
+            (json!([]), "must be an object"),
+            (
+                json!({"0.0.0.0:9999": {"type": "forward"}}),
+                "tcp://host:port",
+            ),
+            (
+                json!({"tcp://0.0.0.0:x": {"type": "forward"}}),
+                "tcp://host:port",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "bsread", "config": [1, 1]}}),
+                "\"bsread\" is not supported",
+            ),
+            (json!({"tcp://h:1": {"config": [1, 1]}}), "needs \"type\""),
+            (
+                json!({"tcp://h:1": {"type": "periodic", "config": [0, 10]}}),
+                "[N images, F Hz]",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "periodic", "config": [1, 0]}}),
+                "[N images, F Hz]",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "periodic", "config": [1, 1e-300]}}),
+                "0.001 <= F",
+            ),
+            (json!({"tcp://h:1": {"type": "periodic"}}), "not nothing"),
+            (
+                json!({"tcp://h:1": {"type": "batch", "config": [5, 2]}}),
+                "1 <= N <= M",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "batch", "config": [1.5, 2]}}),
+                "whole numbers",
+            ),
+            (
+                json!({"tcp://h:1": {"type": "batch", "config": [1, 2], "hwm": 3}}),
+                "unknown field \"hwm\"",
+            ),
+        ] {
+            let err = DetectorConfig::from_json_str(
+                &with("live_stream_configs", entries.clone()),
+                "/etc/std-daq/jf.json",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("/etc/std-daq/jf.json")
+                    && err.contains("`live_stream_configs")
+                    && err.contains(text),
+                "{entries}: {err}"
+            );
+        }
+        let err = DetectorConfig::from_json_str(
+            &with(
+                "live_stream_configs",
+                json!({"tcp://h:7": {"type": "bsread", "config": [1, 1]}}),
+            ),
+            "x.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`live_stream_configs.tcp://h:7`"), "{err}");
+    }
+
+    #[test]
+    fn metrics_ports_follow_the_base_address() {
+        let c = DetectorConfig::from_json_str(
+            &with("metrics_base_address", "127.0.0.1:9100".into()),
+            "m.json",
+        )
+        .unwrap();
+        let port = |s| c.metrics_addr(s).unwrap().to_string();
+        assert_eq!(port(MetricsService::Assembler), "127.0.0.1:9100");
+        assert_eq!(port(MetricsService::Writer), "127.0.0.1:9101");
+        assert_eq!(port(MetricsService::WriterAgent), "127.0.0.1:9102");
+        assert_eq!(port(MetricsService::StreamSend), "127.0.0.1:9103");
+        assert_eq!(port(MetricsService::StreamRecv), "127.0.0.1:9104");
+        assert_eq!(port(MetricsService::Preview(0)), "127.0.0.1:9105");
+        assert_eq!(port(MetricsService::Preview(4)), "127.0.0.1:9109");
+        assert_eq!(port(MetricsService::Receiver(0)), "127.0.0.1:9110");
+        assert_eq!(port(MetricsService::Receiver(1)), "127.0.0.1:9111");
+        // The last receiver's port must fit: 65524 + 10 + 1 is the highest base for 2 modules.
+        DetectorConfig::from_json_str(
+            &with("metrics_base_address", "127.0.0.1:65524".into()),
+            "m.json",
+        )
+        .unwrap();
+        let err = DetectorConfig::from_json_str(
+            &with("metrics_base_address", "127.0.0.1:65525".into()),
+            "m.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`metrics_base_address`"), "{err}");
+        // Five live streams have a metrics port each; a sixth has none and is refused.
+        let streams = |n: u16| {
+            let entries: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| {
+                    (
+                        format!("tcp://0.0.0.0:{}", 9990 + i),
+                        serde_json::json!({"type": "forward"}),
+                    )
+                })
+                .collect();
+            let mut v: serde_json::Value =
+                serde_json::from_str(&with("metrics_base_address", "127.0.0.1:9100".into()))
+                    .unwrap();
+            v["live_stream_configs"] = entries.into();
+            v.to_string()
+        };
+        assert_eq!(
+            DetectorConfig::from_json_str(&streams(5), "m.json")
+                .unwrap()
+                .live_streams
+                .len(),
+            5
+        );
+        let err = DetectorConfig::from_json_str(&streams(6), "m.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.json")
+                && err.contains("`live_stream_configs`")
+                && err.contains("at most 5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_still_refused() {
+        // A typo, std_daq's legacy (2022) names, and a key of another program.
+        for key in [
+            "n_module",
+            "image_height",
+            "image_width",
+            "number_of_writer",
+            "live_stream",
+        ] {
+            let err = DetectorConfig::from_json_str(&with(key, 1.into()), "/etc/std-daq/jf.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("/etc/std-daq/jf.json")
+                    && err.contains(&format!("unknown field `{key}`")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -13,5 +13,5 @@ pub mod names;
 pub mod service;
 pub mod status;
 
-pub use config::{DetectorConfig, DetectorType};
+pub use config::{DetectorConfig, DetectorType, ImageCompression, MetricsService};
 pub use messages::{Dtype, ImageMetadata, ImageStatus, ModuleFrame};

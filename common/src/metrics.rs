@@ -70,8 +70,9 @@ impl Histogram {
     }
 }
 
-/// For the services' `--metrics-addr`: binds `addr` (when given) and serves `board` and
-/// `histograms` there, logging where.
+/// For the services' `--metrics-addr` (or the config's `metrics_base_address`): binds `addr`
+/// (when given) and serves `board` and `histograms` there, logging where and showing it as
+/// `metrics_address` on the board.
 pub fn serve_if(
     addr: Option<SocketAddr>,
     service: &str,
@@ -83,6 +84,8 @@ pub fn serve_if(
         std::io::Error::new(e.kind(), format!("binding the metrics address {addr}: {e}"))
     })?;
     let bound = spawn(listener, service, board.clone(), histograms)?;
+    // In the status hash (Redis), where `std-daq status` shows it.
+    board.set("metrics_address", bound);
     tracing::info!(%bound, "serving Prometheus metrics on /metrics");
     Ok(())
 }

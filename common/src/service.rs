@@ -43,3 +43,11 @@ impl Shutdown {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// Logs each of the config's notices (keys accepted without effect) once, as a warning. Every
+/// service calls it once at start, after [`init_logging`].
+pub fn warn_notices(cfg: &crate::DetectorConfig) {
+    for notice in &cfg.notices {
+        tracing::warn!("{notice}");
+    }
+}

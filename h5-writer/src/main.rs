@@ -8,9 +8,9 @@ use h5_writer::service::{self, Writer};
 use image_buffer::{Expect, RingReader};
 use std::path::PathBuf;
 use std::time::Duration;
-use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::service::{init_logging, warn_notices, Shutdown};
 use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
-use std_daq_common::{names, ImageMetadata};
+use std_daq_common::{names, ImageCompression, ImageMetadata, MetricsService};
 
 /// Follows std-assembler's ImageMetadata stream and, on a start command, writes the next
 /// n_images images into an HDF5 file (/<detector_name>/data [n, H, W] by direct chunk writes
@@ -27,10 +27,11 @@ struct Args {
     config: Option<PathBuf>,
     /// How image chunks are stored: `none`, or `bitshuffle-lz4` (HDF5 filter 32008, compressed
     /// by the writer; readers need the bitshuffle plugin, e.g. Debian's `bitshuffle` package or
-    /// Python's hdf5plugin).
-    #[arg(long, default_value = "none", value_parser = ["none", "bitshuffle-lz4"])]
-    compression: String,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    /// Python's hdf5plugin). Overrides the config key `compression` (default `none`).
+    #[arg(long, value_parser = ["none", "bitshuffle-lz4"])]
+    compression: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9101. Overrides
+    /// the config key `metrics_base_address` (the writer's port is base + 1).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Make the file being written crash-consistent at most this often (milliseconds; also
@@ -45,6 +46,7 @@ fn main() -> Result<()> {
     let redis = RedisEnv::from_env();
     let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
+    warn_notices(&cfg);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
     let ctx = zmq::Context::new();
@@ -79,9 +81,23 @@ fn main() -> Result<()> {
         commands = %command_endpoint,
         "ready"
     );
-    let compression = match args.compression.as_str() {
-        "bitshuffle-lz4" => Compression::BitshuffleLz4,
-        _ => Compression::None,
+    // The flag's values are the config's (clap checked them).
+    let compression = match args.compression.as_deref() {
+        Some(flag) => flag.parse().unwrap_or(cfg.compression),
+        None => cfg.compression,
+    };
+    tracing::info!(
+        compression = compression.as_str(),
+        from = if args.compression.is_some() {
+            "--compression"
+        } else {
+            "config"
+        },
+        "image chunks"
+    );
+    let compression = match compression {
+        ImageCompression::BitshuffleLz4 => Compression::BitshuffleLz4,
+        ImageCompression::None => Compression::None,
     };
     let mut writer = Writer::new(&cfg, ring)
         .with_compression(compression)
@@ -90,7 +106,8 @@ fn main() -> Result<()> {
         ));
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
-        args.metrics_addr,
+        args.metrics_addr
+            .or(cfg.metrics_addr(MetricsService::Writer)),
         &format!("std-daq.{}.h5-writer", cfg.detector_name),
         &board,
         vec![writer.latency.clone()],

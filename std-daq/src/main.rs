@@ -27,11 +27,14 @@ enum Cmd {
     Write(WriteArgs),
     /// Stops a running write request; its file keeps the images written so far.
     Kill(KillArgs),
-    /// Runs one detector's services (a receiver per module, assembler, writer, optionally the
-    /// writer agent and the stream sender) as supervised child processes: a crashed child is
-    /// restarted with backoff; SIGINT/SIGTERM stops them all in order and cleans up.
+    /// Runs one detector's services (a receiver per module, assembler, writer, a `std-daq
+    /// preview` per entry of the config's `live_stream_configs`, optionally the writer agent and
+    /// the stream sender) as supervised child processes: a crashed child is restarted with
+    /// backoff; SIGINT/SIGTERM stops them all in order and cleans up. Every child reads the same
+    /// config (compression, metrics_base_address, ...).
     Up(UpArgs),
-    /// Prints a table of every service's status from Redis (`status.*` hashes).
+    /// Prints a table of every service's status from Redis (`status.*` hashes): uptime, where
+    /// its Prometheus metrics are served (or "metrics off") and its counters.
     Status(StatusArgs),
     /// The HTTP control API (write sync/async, kill, request status, service status, config,
     /// OpenAPI at /openapi.json, interactive page at /docs); speaks to the writer agent over
@@ -72,6 +75,11 @@ struct PreviewArgs {
     /// Images a slow viewer may have queued before ZMQ drops for it.
     #[arg(long, default_value_t = 10)]
     hwm: i32,
+    /// Serve Prometheus metrics (GET /metrics: images_seen, images_sent, images_lost) on this
+    /// address. `std-daq up` gives the preview of `live_stream_configs` entry i (in key order)
+    /// metrics_base_address + 5 + i when the config has metrics_base_address.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -182,8 +190,13 @@ struct DemoArgs {
 }
 
 fn main() -> Result<()> {
-    std_daq_common::service::init_logging("info");
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The preview is a service of its own: it logs at the config's log_level (set up once it has
+    // read the config); the other commands at info.
+    if !matches!(command, Cmd::Preview(_)) {
+        std_daq_common::service::init_logging("info");
+    }
+    match command {
         Cmd::Demo(args) => demo(args),
         Cmd::Write(args) => write(args),
         Cmd::Up(args) => up(args),
@@ -201,6 +214,7 @@ fn main() -> Result<()> {
 fn up(args: UpArgs) -> Result<()> {
     use std_daq::supervisor::{self, UpOptions};
     let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    // Each child logs the config's notices itself, once.
     let config = std::path::absolute(&args.config).context("resolving --config")?;
     let opts = UpOptions {
         agent_output_root: args.agent_output_root,
@@ -253,6 +267,8 @@ fn preview(args: PreviewArgs) -> Result<()> {
     use std_daq_common::names;
     std_daq::preview::check_endpoint(&args.bind)?;
     let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    std_daq_common::service::init_logging(&cfg.log_level);
+    std_daq_common::service::warn_notices(&cfg);
     let shutdown = std_daq_common::service::Shutdown::on_signals()?;
     let ctx = zmq::Context::new();
     let images = ctx.socket(zmq::SUB)?;
@@ -273,8 +289,22 @@ fn preview(args: PreviewArgs) -> Result<()> {
         || shutdown.is_triggered(),
     )
     .with_context(|| format!("attaching ImageBuffer {name}"))?;
+    // One status hash per preview stream, named after where it is bound.
+    let endpoint: String = args
+        .bind
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let status_name = format!("std-daq.{}.preview.{endpoint}", cfg.detector_name);
+    let board = std_daq_common::status::StatusBoard::default();
+    board.set("bind", &args.bind);
+    std_daq_common::metrics::serve_if(args.metrics_addr, &status_name, &board, Vec::new())
+        .context("starting the metrics server")?;
+    let redis = std_daq_common::status::RedisEnv::from_env();
+    let _status =
+        std_daq_common::status::StatusReporter::start(&redis, &status_name, &cfg, board.clone());
     tracing::info!(bind = args.bind, mode = ?args.mode, "preview ready");
-    let stats = std_daq::preview::run(&ring, &images, &publisher, args.mode, &shutdown)?;
+    let stats = std_daq::preview::run(&ring, &images, &publisher, args.mode, &board, &shutdown)?;
     tracing::info!(?stats, "preview stopped");
     Ok(())
 }
@@ -294,7 +324,12 @@ fn status(args: StatusArgs) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    const SKIP: [&str; 3] = ["service_name", "config", "start_timestamp"];
+    const SKIP: [&str; 4] = [
+        "service_name",
+        "config",
+        "start_timestamp",
+        "metrics_address",
+    ];
     for key in keys {
         let fields: std::collections::BTreeMap<String, String> =
             redis::cmd("HGETALL").arg(&key).query(&mut con)?;
@@ -307,8 +342,13 @@ fn status(args: StatusArgs) -> Result<()> {
             .filter(|(k, _)| !SKIP.contains(&k.as_str()))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let metrics = fields
+            .get("metrics_address")
+            .map_or("metrics off".to_string(), |a| {
+                format!("metrics http://{a}/metrics")
+            });
         println!(
-            "{:<44} up {:>8.0} s  {}",
+            "{:<44} up {:>8.0} s  {metrics}  {}",
             key.trim_start_matches("status."),
             now - started,
             counters.join(" ")
@@ -357,6 +397,15 @@ fn write(args: WriteArgs) -> Result<()> {
     }
 }
 
+/// `first .. last` as plain numbers, or `none` when no image was written.
+fn image_id_range(first: Option<u64>, last: Option<u64>) -> String {
+    match (first, last) {
+        (Some(first), Some(last)) => format!("{first} .. {last}"),
+        (Some(id), None) | (None, Some(id)) => id.to_string(),
+        (None, None) => "none (no image written)".into(),
+    }
+}
+
 fn demo(args: DemoArgs) -> Result<()> {
     let output = std::path::absolute(&args.output).context("resolving --output")?;
     if output.exists() {
@@ -378,7 +427,9 @@ fn demo(args: DemoArgs) -> Result<()> {
         extra_config: Vec::new(),
     };
     println!(
-        "std-daq demo: starting 2 receivers, the assembler and the writer (logs in {})",
+        "std-daq demo: starting {} receiver{}, the assembler and the writer (logs in {})",
+        args.modules,
+        if args.modules == 1 { "" } else { "s" },
         work_dir.display()
     );
     let t0 = Instant::now();
@@ -404,8 +455,8 @@ fn demo(args: DemoArgs) -> Result<()> {
         run.images_written, run.images_good, run.images_flagged
     );
     println!(
-        "  image ids:          {:?} .. {:?}",
-        run.first_image_id, run.last_image_id
+        "  image ids:          {}",
+        image_id_range(run.first_image_id, run.last_image_id)
     );
     println!(
         "  packets sent:       {} ({} left out on purpose)",

@@ -15,6 +15,7 @@ use image_buffer::RingReader;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{Dtype, ImageMetadata};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,7 +38,8 @@ impl FromStr for Mode {
         match kind {
             "periodic" => {
                 let hz: f64 = b.trim().parse().map_err(|_| bad())?;
-                if n == 0 || !(hz > 0.0 && hz.is_finite()) {
+                // Bounded so that the period (1/HZ) is a valid Duration.
+                if n == 0 || !(0.001..=1e6).contains(&hz) {
                     return Err(bad());
                 }
                 Ok(Mode::Periodic { n, hz })
@@ -117,18 +119,26 @@ fn type_name(dtype: Dtype) -> &'static str {
 
 /// Follows `images` (SUB on the image stream) until shutdown; publishes picked images on
 /// `publisher`. `publisher` may be an XPUB: viewers' subscriptions are then logged.
+/// The counters are shown on `board` (status hash, metrics) about once a second.
 pub fn run(
     ring: &RingReader<ImageMetadata>,
     images: &zmq::Socket,
     publisher: &zmq::Socket,
     mode: Mode,
+    board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<PreviewStats> {
     let mut picker = Picker::new(mode);
     let mut stats = PreviewStats::default();
+    let mut shown = Instant::now();
+    stats.show(board);
     let mut msg = [0u8; 512];
     let mut data = vec![0u8; ring.slot_bytes() as usize];
     while !shutdown.is_triggered() {
+        if shown.elapsed() >= Duration::from_secs(1) {
+            stats.show(board);
+            shown = Instant::now();
+        }
         let (image_ready, subscription) = {
             let mut items = [
                 images.as_poll_item(zmq::POLLIN),
@@ -179,7 +189,16 @@ pub fn run(
         publisher.send(&data[..bytes], zmq::DONTWAIT)?;
         stats.images_sent += 1;
     }
+    stats.show(board);
     Ok(stats)
+}
+
+impl PreviewStats {
+    fn show(&self, board: &StatusBoard) {
+        board.set("images_seen", self.images_seen);
+        board.set("images_sent", self.images_sent);
+        board.set("images_lost", self.images_lost);
+    }
 }
 
 /// Checks the bind address early with a clear message.
@@ -210,6 +229,7 @@ mod tests {
             "batch:5,2",
             "batch:0,3",
             "periodic:1,0",
+            "periodic:1,1e-300",
             "every:1,2",
             "batch:1",
         ] {

@@ -1,4 +1,6 @@
-//! `std-daq up`: runs one detector's services as supervised child processes. A child that exits
+//! `std-daq up`: runs one detector's services as supervised child processes (receivers,
+//! assembler, writer, one `std-daq preview` per `live_stream_configs` entry, optionally the
+//! writer agent and the stream sender). A child that exits
 //! is restarted with exponential backoff (1 s doubling to 32 s, reset after a minute of uptime)
 //! and the restart is logged. On SIGINT/SIGTERM the children are stopped upstream first
 //! (receivers, assembler, then the rest) so each drains into the next, and whatever a crashed
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
-use std_daq_common::DetectorConfig;
+use std_daq_common::{DetectorConfig, MetricsService};
 
 const POLL: Duration = Duration::from_millis(100);
 const MAX_BACKOFF_SHIFT: u32 = 5;
@@ -64,6 +66,28 @@ pub fn services_for(cfg: &DetectorConfig, config: &Path, opts: &UpOptions) -> Ve
             name: "std-writer-agent".into(),
             binary: "std-writer-agent".into(),
             args: with_config(&["--output-root", &root.display().to_string()]),
+        });
+    }
+    // std_daq's live streams: one preview per entry, its type mapped onto a preview mode (the
+    // config checked each entry at load).
+    for (i, stream) in cfg.live_streams.iter().enumerate() {
+        specs.push(ServiceSpec {
+            name: format!("std-daq-preview-{i}"),
+            binary: "std-daq".into(),
+            args: {
+                let mut v = vec!["preview".to_string()];
+                v.extend(with_config(&[
+                    "--bind",
+                    &stream.endpoint,
+                    "--mode",
+                    &stream.mode.preview_arg(),
+                ]));
+                // The preview does not know its index: its port of the metrics rule is given.
+                if let Some(addr) = cfg.metrics_addr(MetricsService::Preview(i as u16)) {
+                    v.extend(["--metrics-addr".to_string(), addr.to_string()]);
+                }
+                v
+            },
         });
     }
     if let Some(target) = &opts.stream_target {

@@ -161,3 +161,37 @@ pub fn scrape_metrics(port: u16) -> Result<std::collections::HashMap<String, f64
         })
         .collect())
 }
+
+/// The first of `n` consecutive TCP ports on 127.0.0.1 that were all free a moment ago (for a
+/// `metrics_base_address`, whose services' ports follow from it).
+pub fn free_port_range(n: u16) -> Result<u16> {
+    for _ in 0..100 {
+        let base = free_port()?;
+        if u32::from(base) + u32::from(n) > 65535 {
+            continue;
+        }
+        let all_free =
+            (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return Ok(base);
+        }
+    }
+    bail!("found no {n} consecutive free TCP ports on 127.0.0.1")
+}
+
+/// The filters of `/<detector>/data` in an HDF5 file, as h5py reports them (e.g.
+/// `{"32008": [0, 3, 2, 0, 2]}` for bitshuffle + LZ4, `{}` for none).
+pub fn data_filters(file: &Path, detector: &str) -> Result<serde_json::Value> {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(format!(
+            "import h5py, json; f = h5py.File({:?}); \
+             print(json.dumps({{k: list(v) for k, v in f[{:?}]['data']._filters.items()}}))",
+            file.display().to_string(),
+            detector
+        ))
+        .output()
+        .context("running h5py")?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("h5py said: {}", String::from_utf8_lossy(&out.stderr)))
+}

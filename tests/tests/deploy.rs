@@ -639,3 +639,62 @@ fn the_dockerfile_builds_every_binary_on_bookworm() {
         ),
     }
 }
+
+/// Issue 18 items 5 and 7: the shipped example configs turn metrics on and name the compression;
+/// no unit and no compose service passes `--compression` or `--metrics-addr` (the config carries
+/// them, so every way of starting the services uses the same settings).
+#[test]
+fn the_shipped_configs_carry_compression_and_metrics_and_nothing_overrides_them() {
+    use std_daq_common::{ImageCompression, MetricsService};
+    for example in [
+        repo().join("docker/config.example.json"),
+        units_dir().join("detector.json.example"),
+    ] {
+        let cfg = DetectorConfig::from_file(&example).unwrap();
+        assert!(
+            cfg.notices.is_empty(),
+            "{}: {:?}",
+            example.display(),
+            cfg.notices
+        );
+        assert_eq!(
+            cfg.compression,
+            ImageCompression::None,
+            "{}",
+            example.display()
+        );
+        assert_eq!(
+            cfg.metrics_addr(MetricsService::Assembler)
+                .map(|a| a.to_string()),
+            Some("127.0.0.1:9100".to_string()),
+            "{}",
+            example.display()
+        );
+        let raw = std::fs::read_to_string(&example).unwrap();
+        assert!(raw.contains("\"compression\"") && raw.contains("\"metrics_base_address\""));
+    }
+    let mut texts: Vec<(String, String)> = TEMPLATES
+        .iter()
+        .map(|t| (t.to_string(), read_unit(t)))
+        .collect();
+    texts.push((
+        "detector.env.example".into(),
+        std::fs::read_to_string(units_dir().join("detector.env.example")).unwrap(),
+    ));
+    texts.push((
+        "docker-compose.yml".into(),
+        std::fs::read_to_string(repo().join("docker/docker-compose.yml")).unwrap(),
+    ));
+    for (name, text) in texts {
+        let active: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        for flag in ["--compression", "--metrics-addr", "STD_DAQ_COMPRESSION"] {
+            assert!(
+                !active.iter().any(|l| l.contains(flag)),
+                "{name} still sets {flag}: the config carries it"
+            );
+        }
+    }
+}

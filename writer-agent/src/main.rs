@@ -64,7 +64,8 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_deliveries: u32,
     /// Serve Prometheus metrics (GET /metrics: the request counters) on this address, e.g.
-    /// 127.0.0.1:9104.
+    /// 127.0.0.1:9102. Overrides the config key `metrics_base_address` (the agent's port is
+    /// base + 2).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -74,6 +75,7 @@ fn main() -> Result<()> {
     let redis = RedisEnv::from_env();
     let cfg = load_config(args.config.as_deref(), &redis)?;
     std_daq_common::service::init_logging(&cfg.log_level);
+    std_daq_common::service::warn_notices(&cfg);
     let policy = Policy::new(&args.output_root, args.max_images, args.create_dirs)
         .with_context(|| format!("output root {}", args.output_root.display()))?;
     let tag = args.tag.unwrap_or_else(|| cfg.detector_name.clone());
@@ -99,7 +101,10 @@ fn main() -> Result<()> {
     board.set("request_queue", &agent.queues().requests);
     board.set("dead_letter_queue", &agent.queues().dead_letter);
     show_state(&board, &agent.state().borrow());
-    std_daq_common::metrics::serve_if(args.metrics_addr, &status_name, &board, Vec::new())
+    let metrics_addr = args
+        .metrics_addr
+        .or(cfg.metrics_addr(std_daq_common::MetricsService::WriterAgent));
+    std_daq_common::metrics::serve_if(metrics_addr, &status_name, &board, Vec::new())
         .context("starting the metrics server")?;
     let _status = StatusReporter::start(&redis, &status_name, &cfg, board.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()

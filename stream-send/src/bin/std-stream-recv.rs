@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
-use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::service::{init_logging, warn_notices, Shutdown};
 use std_daq_common::{names, DetectorConfig, ImageMetadata};
 use stream_send::receiver::{self, ReceiverOptions};
 
@@ -37,6 +37,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = DetectorConfig::from_file(&args.config)?;
     init_logging(&cfg.log_level);
+    warn_notices(&cfg);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;

@@ -10,7 +10,7 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::service::{init_logging, warn_notices, Shutdown};
 use std_daq_common::{names, DetectorConfig, ImageMetadata};
 use stream_send::sender::{self, SenderOptions};
 
@@ -50,6 +50,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = DetectorConfig::from_file(&args.config)?;
     init_logging(&cfg.log_level);
+    warn_notices(&cfg);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let target = args
         .target

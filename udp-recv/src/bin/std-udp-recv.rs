@@ -7,10 +7,10 @@ use image_buffer::RingOwner;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
-use std_daq_common::service::{init_logging, Shutdown};
+use std_daq_common::service::{init_logging, warn_notices, Shutdown};
 use std_daq_common::status::{load_config, RedisEnv, StatusBoard, StatusReporter};
-use std_daq_common::DetectorType;
 use std_daq_common::{names, ModuleFrame};
+use std_daq_common::{DetectorType, MetricsService};
 use udp_recv::eiger::Eiger;
 use udp_recv::gigafrost::Gigafrost;
 use udp_recv::jungfrau::Jungfrau;
@@ -41,7 +41,8 @@ struct Args {
     /// Pin the receiver to this CPU (one core per module, away from the NIC's interrupts).
     #[arg(long)]
     cpu: Option<usize>,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100.
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9110. Overrides
+    /// the config key `metrics_base_address` (module m's port is base + 10 + m).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -51,6 +52,7 @@ fn main() -> Result<()> {
     let redis = RedisEnv::from_env();
     let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
+    warn_notices(&cfg);
     if args.module >= cfg.n_modules {
         bail!(
             "--module {} is out of range: the config has n_modules = {}",
@@ -117,7 +119,8 @@ fn main() -> Result<()> {
     };
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
-        args.metrics_addr,
+        args.metrics_addr
+            .or(cfg.metrics_addr(MetricsService::Receiver(args.module))),
         &format!("std-daq.{}.udp-recv-{}", cfg.detector_name, args.module),
         &board,
         vec![],
