@@ -18,7 +18,7 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 
 PKGS=(build-essential pkg-config libhdf5-dev hdf5-tools python3-h5py python3-numpy
-      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml shellcheck)
+      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml python3-venv shellcheck)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -40,6 +40,19 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz"
   cargo install cargo-fuzz --version 0.13.2 --locked --quiet
+fi
+
+# The project's one Python virtual environment, pinned in python/requirements.txt; reinstalled
+# only when that file changed.
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating the Python virtual environment $VENV"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+if ! cmp -s python/requirements.txt "$VENV/requirements.installed"; then
+  echo "setup: installing python/requirements.txt into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r python/requirements.txt
+  cp python/requirements.txt "$VENV/requirements.installed"
 fi
 
 # Redis: start when nothing answers on 6379.
