@@ -10,16 +10,19 @@
 //! `request_queued` (its place in the line) and waits, unacked, in an in-agent FIFO. When the
 //! write ends, the next one is handled exactly as a fresh delivery (every check again, then
 //! `request_start`). The FIFO belongs to one connection: after a crash or reconnect the broker
-//! delivers its requests again and the redelivery rules below apply. Every request that got its final
-//! status (success or fail, refused ones included) is acked once that status is confirmed by the
-//! broker; only a request the agent could not finish (it crashed or lost the broker) goes back to
-//! the queue. Such a redelivered request is never written twice: if its file or `<file>.part`
-//! exists, the agent takes up the run the writer is still doing for it, or reports how the writer
-//! ended it, or fails it naming the leftover; a request whose final status is already out is only
-//! acked. The broker delivers a request at most `max_deliveries` times (quorum queue
-//! `x-delivery-limit`); one that made the agent fail every time (a poison request) is then
-//! dead-lettered into `std-daq.<service>.dead-letter`, kept there for the operator, and the agent
-//! answers it with `request_fail` (from a copy in `std-daq.<service>.dead-letter-notices`).
+//! delivers its requests again and the redelivery rules below apply.
+//!
+//! Every request that got its final status (success or fail, refused ones included) is acked
+//! once that status is confirmed by the broker; only a request the agent could not finish (it
+//! crashed or lost the broker, or it was still queued) goes back to the queue. Such a redelivered
+//! request is never written twice: if its file or `<file>.part` exists, the agent takes up the
+//! run the writer is still doing for it, or reports how the writer ended it, or fails it naming
+//! the leftover; a request whose final status is already out is only acked. The broker delivers
+//! a request at most `max_deliveries` times (quorum queue `x-delivery-limit`, which also counts
+//! the returns of queued requests); one that made the agent fail every time (a poison request)
+//! is then dead-lettered into `std-daq.<service>.dead-letter`, kept there for the operator, and
+//! the agent answers it with `request_fail` (from a copy in
+//! `std-daq.<service>.dead-letter-notices`).
 //!
 //! A kill on the `kill` exchange with the request's correlation id stops the run at the next image,
 //! or takes a queued request out of the line (`request_fail`, nothing written). While a run has
@@ -1332,6 +1335,24 @@ mod tests {
                 "the write ended after 2 of 10 images: failed: disk full".into()
             )
         );
+        // Cancelled empty (timeout_s): the writer's words, which say what was removed.
+        assert_eq!(
+            describe_end(&run(
+                "cancelled: no image arrived within timeout_s = 2 s; nothing was written (x)",
+                0
+            )),
+            (
+                action::REQUEST_FAIL,
+                "no image arrived within timeout_s = 2 s; nothing was written (x)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn seconds_are_written_as_people_write_them() {
+        assert_eq!(seconds_text(Duration::from_secs(30)), "30");
+        assert_eq!(seconds_text(Duration::from_millis(1500)), "1.5");
+        assert_eq!(seconds_text(Duration::from_millis(250)), "0.25");
     }
 
     #[test]

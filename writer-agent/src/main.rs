@@ -59,7 +59,8 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     progress_ms: u64,
     /// While a run has received no image yet, a `request_progress` "waiting for the first image
-    /// for <s> s" (images_written 0) this often, in milliseconds.
+    /// for <s> s" (images_written 0) this often, in milliseconds. A request's optional timeout_s
+    /// (seconds) ends such a run with request_fail and leaves nothing on disk.
     #[arg(long, env = "WAITING_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(10..))]
     waiting_ms: u64,
