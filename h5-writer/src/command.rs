@@ -6,6 +6,7 @@
 //! {"command":"start","output_file":"/data/run1.h5","n_images":1000}  -> {"ok":true,...}
 //! {"command":"stop"}                                                 -> {"ok":true,"run":{...}}
 //! {"command":"status"}                                               -> {"ok":true,"status":{...}}
+//! {"command":"cancel_if_empty","reason":"no image within 30 s"}      -> {"ok":true,"run":{...}}
 //! ```
 //! Every reply has `ok` and, when `ok` is false, an `error` that says what was wrong.
 
@@ -30,6 +31,14 @@ pub enum Command {
         reason: Option<String>,
     },
     Status,
+    /// End the current run only if it has written no image yet, removing its partial file, so
+    /// nothing is left on disk and the same `output_file` can be requested again; the run's `end`
+    /// is `cancelled: <reason>; ...`. Refused (`ok` false, the run goes on) once an image was
+    /// written: a run that receives images is never cancelled by this.
+    CancelIfEmpty {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 /// The outcome of one write run.
@@ -61,7 +70,8 @@ pub struct RunSummary {
     /// From the first image received to the file closed.
     pub seconds: f64,
     pub bytes_written: u64,
-    /// `completed`, `stopped` (or the stop command's reason, e.g. `killed`) or `failed: <why>`.
+    /// `completed`, `stopped` (or the stop command's reason, e.g. `killed`), `failed: <why>`, or
+    /// `cancelled: <reason>; ...` (ended by `cancel_if_empty`: no image, no file).
     pub end: String,
 }
 
@@ -181,5 +191,15 @@ mod tests {
         );
         assert!(serde_json::from_str::<Command>(r#"{"command":"start","n_images":5}"#).is_err());
         assert!(serde_json::from_str::<Command>(r#"{"command":"explode"}"#).is_err());
+        let cancel = Command::CancelIfEmpty {
+            reason: Some("no image within 2 s".into()),
+        };
+        let text = r#"{"command":"cancel_if_empty","reason":"no image within 2 s"}"#;
+        assert_eq!(serde_json::to_string(&cancel).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Command>(text).unwrap(), cancel);
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"command":"cancel_if_empty"}"#).unwrap(),
+            Command::CancelIfEmpty { reason: None }
+        );
     }
 }

@@ -139,6 +139,59 @@ impl Writer {
                 status: Some(self.status()),
                 ..Reply::default()
             },
+            Command::CancelIfEmpty { reason } => {
+                self.cancel_if_empty(reason.as_deref().unwrap_or("cancelled before any image"))
+            }
+        }
+    }
+
+    /// Ends the current run if it has no image yet and removes its partial file (nothing of the
+    /// run stays on disk); a run with images goes on untouched.
+    fn cancel_if_empty(&mut self, reason: &str) -> Reply {
+        let Some(run) = self.run.take() else {
+            return Reply::error("no run is in progress");
+        };
+        if run.summary.images_written > 0 {
+            let message = format!(
+                "the run has written {} images already: it goes on",
+                run.summary.images_written
+            );
+            self.run = Some(run);
+            return Reply::error(message);
+        }
+        let Run {
+            file, mut summary, ..
+        } = run;
+        let partial = file.path().to_path_buf();
+        // Nothing in it is worth a flush: the file goes.
+        file.abandon();
+        summary.images_checkpointed = 0;
+        summary.end = match std::fs::remove_file(&partial) {
+            Ok(()) => format!(
+                "cancelled: {reason}; nothing was written ({} was removed, {} was never created)",
+                partial.display(),
+                summary.output_file
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                "cancelled: {reason}; nothing was written ({} was never created)",
+                summary.output_file
+            ),
+            Err(e) => format!(
+                "cancelled: {reason}; no image was written, but removing {} failed: {e}",
+                partial.display()
+            ),
+        };
+        tracing::info!(
+            output_file = summary.output_file,
+            end = summary.end,
+            "run cancelled"
+        );
+        self.runs_completed += 1;
+        self.last_run = Some(summary.clone());
+        Reply {
+            ok: true,
+            run: Some(summary),
+            ..Reply::default()
         }
     }
 
@@ -612,6 +665,59 @@ mod tests {
         let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
         assert_eq!(ids, [3, 4, 7, 1, 2]);
         drop(f);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// cancel_if_empty ends a run without images and leaves nothing on disk; a run that has an
+    /// image is not touched and completes.
+    #[test]
+    fn cancel_if_empty_removes_an_empty_run_and_never_ends_one_with_images() {
+        let (cfg, mut ring, mut writer, dir, file) = started_run("wtest4", 4, 2);
+        assert!(partial_path(&file).exists());
+        let reply = writer.handle_command(Command::CancelIfEmpty {
+            reason: Some("no image within 2 s".into()),
+        });
+        assert!(reply.ok, "{reply:?}");
+        let run = reply.run.unwrap();
+        let part = partial_path(&file);
+        assert_eq!(
+            run.end,
+            format!(
+                "cancelled: no image within 2 s; nothing was written ({} was removed, {} was \
+                 never created)",
+                part.display(),
+                file.display()
+            )
+        );
+        assert_eq!(run.images_written, 0);
+        assert_eq!(writer.status().state, "idle");
+        assert_eq!(writer.status().last_run, Some(run));
+        assert!(!part.exists() && !file.exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let again = writer.handle_command(Command::CancelIfEmpty { reason: None });
+        assert_eq!(again.error.as_deref(), Some("no run is in progress"));
+
+        // The same file again; one image arrives: cancelling is refused and the run completes.
+        let reply = writer.handle_command(Command::Start {
+            output_file: file.display().to_string(),
+            n_images: 2,
+            request_id: None,
+        });
+        assert!(reply.ok, "{reply:?}");
+        publish(&mut ring, &cfg, 0);
+        writer.on_message(meta(&cfg, 0).as_bytes());
+        let refused = writer.handle_command(Command::CancelIfEmpty { reason: None });
+        assert!(!refused.ok);
+        assert_eq!(
+            refused.error.as_deref(),
+            Some("the run has written 1 images already: it goes on")
+        );
+        assert_eq!(writer.status().state, "writing");
+        publish(&mut ring, &cfg, 1);
+        writer.on_message(meta(&cfg, 1).as_bytes());
+        let run = writer.status().last_run.unwrap();
+        assert_eq!((run.end.as_str(), run.images_written), ("completed", 2));
+        assert!(file.exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -184,8 +184,13 @@ fn write(
         Ok(done) => json_response(200, &status_json(&done)),
         Err(BlockingError::Client(ClientError::Failed(s))) => {
             let started = requests.get(&id).is_some_and(|r| r.started);
-            // Refused before it started: the request was bad (same words as request_fail).
-            let code = if started { 500 } else { 400 };
+            // Refused before it started: the request was bad (same words as request_fail). A
+            // request killed while queued never started either, but was not bad.
+            let code = if started || s.body["killed"] == true {
+                500
+            } else {
+                400
+            };
             json_response(
                 code,
                 &serde_json::json!({"request_id": id, "error": s.message, "status": status_json(&s)}),

@@ -4,18 +4,31 @@
 //!
 //! Requests wait in a durable quorum queue named after the agent (`std-daq.<service>.requests`,
 //! [`crate::protocol::AgentQueues`]), so a request sent while the agent is down or restarting is
-//! served when it is back. One request at a time (prefetch 1). Every request that got its final
-//! status (success or fail, refused ones included) is acked once that status is confirmed by the
-//! broker; only a request the agent could not finish (it crashed or lost the broker) goes back to
-//! the queue. Such a redelivered request is never written twice: if its file or `<file>.part`
-//! exists, the agent takes up the run the writer is still doing for it, or reports how the writer
-//! ended it, or fails it naming the leftover; a request whose final status is already out is only
-//! acked. The broker delivers a request at most `max_deliveries` times (quorum queue
-//! `x-delivery-limit`); one that made the agent fail every time (a poison request) is then
-//! dead-lettered into `std-daq.<service>.dead-letter`, kept there for the operator, and the agent
-//! answers it with `request_fail` (from a copy in `std-daq.<service>.dead-letter-notices`).
+//! served when it is back. One write at a time, but every request is answered at once: while a
+//! write runs the agent keeps receiving (prefetch `max_queued + 1`); a request that fails the
+//! checks that touch nothing on disk gets its `request_fail` then and there, a valid one gets
+//! `request_queued` (its place in the line) and waits, unacked, in an in-agent FIFO. When the
+//! write ends, the next one is handled exactly as a fresh delivery (every check again, then
+//! `request_start`). The FIFO belongs to one connection: after a crash or reconnect the broker
+//! delivers its requests again and the redelivery rules below apply.
 //!
-//! A kill on the `kill` exchange with the request's correlation id stops the run at the next image.
+//! Every request that got its final status (success or fail, refused ones included) is acked
+//! once that status is confirmed by the broker; only a request the agent could not finish (it
+//! crashed or lost the broker, or it was still queued) goes back to the queue. Such a redelivered
+//! request is never written twice: if its file or `<file>.part` exists, the agent takes up the
+//! run the writer is still doing for it, or reports how the writer ended it, or fails it naming
+//! the leftover; a request whose final status is already out is only acked. The broker delivers
+//! a request at most `max_deliveries` times (quorum queue `x-delivery-limit`, which also counts
+//! the returns of queued requests); one that made the agent fail every time (a poison request)
+//! is then dead-lettered into `std-daq.<service>.dead-letter`, kept there for the operator, and
+//! the agent answers it with `request_fail` (from a copy in
+//! `std-daq.<service>.dead-letter-notices`).
+//!
+//! A kill on the `kill` exchange with the request's correlation id stops the run at the next image,
+//! or takes a queued request out of the line (`request_fail`, nothing written). While a run has
+//! no image yet the agent says so every `waiting_interval` (`request_progress`, images_written
+//! 0); a request with `timeout_s` whose run got no image in that time is cancelled by the writer,
+//! leaving nothing on disk. `strict_statuses` turns every std-daq extension status off.
 //! When the broker goes away, the agent keeps following a run in progress to its end, then
 //! reconnects with backoff, publishes the final status it still owes, and keeps serving.
 //!
@@ -29,7 +42,7 @@ use crate::protocol::{
     action, correlation_id, delivery_count, echo, exchange, header_text, topic_matches, unix_now,
     AgentQueues, StatusMessage,
 };
-use crate::request::{self, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
+use crate::request::{self, CreatedDirs, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
 use futures_lite::StreamExt;
 use h5_writer::command::{ClientError, Command, Reply, RunSummary, WriterClient};
 use lapin::message::Delivery;
@@ -67,6 +80,14 @@ pub struct AgentSettings {
     pub max_backoff: Duration,
     /// The broker delivers a request at most this many times (at least 1), then dead-letters it.
     pub max_deliveries: u32,
+    /// Requests the agent holds queued while a write runs (the prefetch is one more). Further
+    /// requests stay in the broker's queue, unanswered, until a place frees.
+    pub max_queued: u16,
+    /// Only request_start, request_success and request_fail are published (std_daq's own set):
+    /// no request_queued, request_progress (waiting included) or kill_ignored.
+    pub strict_statuses: bool,
+    /// While a run has no image, a "waiting for the first image" `request_progress` this often.
+    pub waiting_interval: Duration,
 }
 
 impl AgentSettings {
@@ -90,12 +111,21 @@ impl AgentSettings {
             writer_lost_after: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
             max_deliveries: DEFAULT_MAX_DELIVERIES,
+            max_queued: DEFAULT_MAX_QUEUED,
+            strict_statuses: false,
+            waiting_interval: DEFAULT_WAITING_INTERVAL,
         }
     }
 }
 
 /// Default of [`AgentSettings::max_deliveries`] (`--max-deliveries`).
 pub const DEFAULT_MAX_DELIVERIES: u32 = 3;
+
+/// Default of [`AgentSettings::max_queued`] (`--max-queued`).
+pub const DEFAULT_MAX_QUEUED: u16 = 100;
+
+/// Default of [`AgentSettings::waiting_interval`] (`--waiting-ms`).
+pub const DEFAULT_WAITING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How many request ids the agent remembers whose final status went out but whose ack may not
 /// have reached the broker (their redelivery is only acked).
@@ -129,11 +159,15 @@ pub struct AgentState {
     pub requests_redelivered: u64,
     /// Requests the broker gave up on (dead-lettered), answered with `request_fail`.
     pub requests_dead_lettered: u64,
+    /// Requests that had to wait for a running write (queued in the agent).
+    pub requests_queued: u64,
+    /// Requests waiting in the agent's queue now.
+    pub queue_length: u64,
 }
 
 impl AgentState {
     /// Every counter as (name, value), for the status board and `/metrics`.
-    pub fn fields(&self) -> [(&'static str, u64); 9] {
+    pub fn fields(&self) -> [(&'static str, u64); 11] {
         [
             ("connected", u64::from(self.connected)),
             ("connections", self.connections),
@@ -144,6 +178,8 @@ impl AgentState {
             ("requests_malformed", self.requests_malformed),
             ("requests_redelivered", self.requests_redelivered),
             ("requests_dead_lettered", self.requests_dead_lettered),
+            ("requests_queued", self.requests_queued),
+            ("queue_length", self.queue_length),
         ]
     }
 }
@@ -172,6 +208,24 @@ pub struct Agent {
     settled: VecDeque<String>,
     /// The request being run, for answering stray kills.
     current: Option<String>,
+    /// Valid requests received while a write runs, in arrival order, unacked (this connection's).
+    queued: VecDeque<Waiting>,
+}
+
+/// A request waiting in the agent's queue for the running write to end.
+#[derive(Debug)]
+struct Waiting {
+    delivery: Delivery,
+    /// When the agent received it (its statuses' `init_timestamp`).
+    received_at: f64,
+}
+
+/// The broker side of one connection, as the request handling needs it.
+struct Links<'a> {
+    requests_ch: &'a Channel,
+    requests: &'a mut Consumer,
+    kills: &'a mut Consumer,
+    status_ch: &'a Channel,
 }
 
 /// What the writer knows of a request's run.
@@ -218,6 +272,7 @@ impl Agent {
             owed: Vec::new(),
             settled: VecDeque::new(),
             current: None,
+            queued: VecDeque::new(),
         })
     }
 
@@ -276,8 +331,9 @@ impl Agent {
             .create_channel()
             .await
             .map_err(amqp("opening a channel"))?;
+        // The running request plus the queued ones; the broker keeps the rest.
         requests_ch
-            .basic_qos(1, BasicQosOptions::default())
+            .basic_qos(s.max_queued.saturating_add(1), BasicQosOptions::default())
             .await
             .map_err(amqp("setting prefetch"))?;
         broker::declare_exchanges(&requests_ch).await?;
@@ -307,6 +363,9 @@ impl Agent {
             broker::publish_status(&status_ch, owed).await?;
             self.owed.remove(0);
         }
+        // Deliveries queued on an earlier connection come back from the broker.
+        self.queued.clear();
+        self.state.send_modify(|st| st.queue_length = 0);
         let mut requests = broker::consume(&requests_ch, &self.queues.requests, false).await?;
         let mut notices = broker::consume(&notices_ch, &self.queues.notices, false).await?;
         tracing::info!(
@@ -314,6 +373,8 @@ impl Agent {
             tag = s.tag,
             queue = self.queues.requests,
             max_deliveries = s.max_deliveries,
+            max_queued = s.max_queued,
+            strict_statuses = s.strict_statuses,
             "serving write requests"
         );
         self.state.send_modify(|st| {
@@ -322,23 +383,56 @@ impl Agent {
         });
         let mut shutdown = self.shutdown.clone();
         loop {
+            if *shutdown.borrow() {
+                // Queued requests go back to the broker's queue with the connection.
+                let _ = conn
+                    .close(200, "the writer agent is shutting down".into())
+                    .await;
+                return Ok(());
+            }
+            if let Some(next) = self.queued.pop_front() {
+                self.state
+                    .send_modify(|st| st.queue_length = self.queued.len() as u64);
+                let mut links = Links {
+                    requests_ch: &requests_ch,
+                    requests: &mut requests,
+                    kills: &mut kills,
+                    status_ch: &status_ch,
+                };
+                self.handle(next.delivery, Some(next.received_at), &mut links)
+                    .await?;
+                continue;
+            }
             tokio::select! {
-                () = wait_shutdown(&mut shutdown) => {
-                    let _ = conn.close(200, "the writer agent is shutting down".into()).await;
-                    return Ok(());
-                }
+                () = wait_shutdown(&mut shutdown) => {}
                 delivery = requests.next() => match delivery {
-                    Some(Ok(d)) => self.handle(d, &requests_ch, &mut kills, &status_ch).await?,
+                    Some(Ok(d)) => {
+                        let mut links = Links {
+                            requests_ch: &requests_ch,
+                            requests: &mut requests,
+                            kills: &mut kills,
+                            status_ch: &status_ch,
+                        };
+                        self.handle(d, None, &mut links).await?
+                    }
                     Some(Err(e)) => return Err(amqp("receiving requests")(e)),
                     None => return Err(closed("receiving requests")),
                 },
                 kill = kills.next() => match kill {
-                    Some(Ok(k)) => self.answer_stray_kill(&k, &status_ch).await?,
+                    Some(Ok(k)) => self.answer_kill(&k, &status_ch).await?,
                     Some(Err(e)) => return Err(amqp("receiving kills")(e)),
                     None => return Err(closed("receiving kills")),
                 },
                 notice = notices.next() => match notice {
-                    Some(Ok(n)) => self.answer_dead_letter(n, &mut kills, &status_ch).await?,
+                    Some(Ok(n)) => {
+                        let mut links = Links {
+                            requests_ch: &requests_ch,
+                            requests: &mut requests,
+                            kills: &mut kills,
+                            status_ch: &status_ch,
+                        };
+                        self.answer_dead_letter(n, &mut links).await?
+                    }
                     Some(Err(e)) => return Err(amqp("receiving dead-letter notices")(e)),
                     None => return Err(closed("receiving dead-letter notices")),
                 },
@@ -346,40 +440,32 @@ impl Agent {
         }
     }
 
-    /// One request, from delivery to ack.
+    /// One request, from delivery (or its turn in the agent's queue: `queued_at` is when it
+    /// arrived) to ack.
     async fn handle(
         &mut self,
         delivery: Delivery,
-        requests_ch: &Channel,
-        kills: &mut Consumer,
-        status_ch: &Channel,
+        queued_at: Option<f64>,
+        links: &mut Links<'_>,
     ) -> Result<(), BrokerError> {
-        let job = Job {
-            id: correlation_id(&delivery.properties).unwrap_or_default(),
-            echo: echo(&delivery.data, MAX_BODY_BYTES),
-            received_at: unix_now(),
-            source: self.settings.service_name.clone(),
-        };
-        let before = delivery_count(&delivery.properties);
-        let redelivered = delivery.redelivered || before.is_some_and(|n| n > 0);
-        tracing::info!(
-            request_id = job.id,
-            redelivered,
-            earlier_deliveries = before,
-            "request received"
-        );
-        if redelivered {
-            self.state.send_modify(|s| s.requests_redelivered += 1);
-            if let Some(i) = self.settled.iter().position(|id| *id == job.id) {
-                self.settled.remove(i);
-                tracing::info!(
-                    request_id = job.id,
-                    "redelivered after its final status went out: acked, nothing else to do"
-                );
-                return ack(&delivery).await;
+        let job = self.job_for(&delivery, queued_at.unwrap_or_else(unix_now));
+        let redelivered = match queued_at {
+            // Received, logged and counted when it was queued.
+            Some(_) => {
+                tracing::info!(request_id = job.id, "a queued request's turn");
+                is_redelivery(&delivery)
             }
+            None => self.received(&job, &delivery),
+        };
+        if redelivered && self.forget_settled(&job.id) {
+            tracing::info!(
+                request_id = job.id,
+                "redelivered after its final status went out: acked, nothing else to do"
+            );
+            return ack(&delivery).await;
         }
-        let req = match self.check_message(&job, &delivery, requests_ch).await {
+        let status_ch = links.status_ch;
+        let req = match self.check_message(&job, &delivery, links.requests_ch).await {
             Ok(req) => req,
             Err((message, malformed)) => {
                 return self
@@ -389,9 +475,7 @@ impl Agent {
         };
         if redelivered {
             if let Some(leftover) = self.leftover(&req) {
-                return self
-                    .resume(&job, &req, leftover, &delivery, kills, status_ch)
-                    .await;
+                return self.resume(&job, &req, leftover, &delivery, links).await;
             }
         }
         let (path, mut created) = match self.settings.policy.prepare(&req) {
@@ -427,7 +511,6 @@ impl Agent {
                 .refuse(&job, message, false, &delivery, status_ch)
                 .await;
         }
-        created.keep();
         let mut broker_ok = true;
         let start = job.status(
             action::REQUEST_START,
@@ -439,8 +522,105 @@ impl Agent {
             tracing::warn!("{e}");
             broker_ok = false;
         }
-        self.run_to_end(&job, req.n_images, &delivery, kills, status_ch, broker_ok)
+        self.run_to_end(&job, &req, &delivery, created, links, broker_ok)
             .await
+    }
+
+    /// What every status about the request of `delivery` carries.
+    fn job_for(&self, delivery: &Delivery, received_at: f64) -> Job {
+        Job {
+            id: correlation_id(&delivery.properties).unwrap_or_default(),
+            echo: echo(&delivery.data, MAX_BODY_BYTES),
+            received_at,
+            source: self.settings.service_name.clone(),
+        }
+    }
+
+    /// Logs and counts a delivery; returns whether it is a redelivery.
+    fn received(&self, job: &Job, delivery: &Delivery) -> bool {
+        let before = delivery_count(&delivery.properties);
+        let redelivered = is_redelivery(delivery);
+        tracing::info!(
+            request_id = job.id,
+            redelivered,
+            earlier_deliveries = before,
+            "request received"
+        );
+        if redelivered {
+            self.state.send_modify(|s| s.requests_redelivered += 1);
+        }
+        redelivered
+    }
+
+    /// Whether `id`'s final status is already out (then it is forgotten: its redelivery is the
+    /// last the agent will see of it).
+    fn forget_settled(&mut self, id: &str) -> bool {
+        match self.settled.iter().position(|s| s == id) {
+            Some(i) => {
+                self.settled.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A request delivered while a write runs: refused at once if a check that touches nothing
+    /// on disk fails, otherwise queued (unacked) and told its place in the line.
+    async fn take_in(
+        &mut self,
+        delivery: Delivery,
+        requests_ch: &Channel,
+        status_ch: &Channel,
+    ) -> Result<(), BrokerError> {
+        let job = self.job_for(&delivery, unix_now());
+        let redelivered = self.received(&job, &delivery);
+        if redelivered && self.forget_settled(&job.id) {
+            tracing::info!(
+                request_id = job.id,
+                "redelivered after its final status went out: acked, nothing else to do"
+            );
+            return ack(&delivery).await;
+        }
+        let req = match self.check_message(&job, &delivery, requests_ch).await {
+            Ok(req) => req,
+            Err((message, malformed)) => {
+                return self
+                    .refuse(&job, message, malformed, &delivery, status_ch)
+                    .await
+            }
+        };
+        if let Err(e) = self.settings.policy.check(&req) {
+            // What an interrupted attempt left is judged at its turn (see `resume`).
+            if !(redelivered && self.leftover(&req).is_some()) {
+                return self
+                    .refuse(&job, e.to_string(), false, &delivery, status_ch)
+                    .await;
+            }
+        }
+        self.queued.push_back(Waiting {
+            delivery,
+            received_at: job.received_at,
+        });
+        let place = self.queued.len();
+        self.state.send_modify(|s| {
+            s.requests_queued += 1;
+            s.queue_length = place as u64;
+        });
+        let running = self.current.clone().unwrap_or_default();
+        let before = match place {
+            1 => String::new(),
+            n => format!(" and {} queued before it", n - 1),
+        };
+        let message =
+            format!("queued at place {place}: waits for request {running} (running){before}");
+        tracing::info!(request_id = job.id, "{message}");
+        if self.settings.strict_statuses {
+            return Ok(());
+        }
+        let mut msg = job.status(action::REQUEST_QUEUED, message, 0, None);
+        msg.insert("queue_position", place.into());
+        msg.insert("waiting_for", running.into());
+        broker::publish_status(status_ch, &msg).await
     }
 
     /// The checks of the message itself (correlation id, routing key, body); `Err` carries the
@@ -509,8 +689,7 @@ impl Agent {
         req: &WriteRequest,
         leftover: PathBuf,
         delivery: &Delivery,
-        kills: &mut Consumer,
-        status_ch: &Channel,
+        links: &mut Links<'_>,
     ) -> Result<(), BrokerError> {
         match self.writer_knows(job).await {
             Some(WriterKnows::Running) => {
@@ -518,9 +697,8 @@ impl Agent {
                     request_id = job.id,
                     "resuming: the writer is still running this request"
                 );
-                return self
-                    .run_to_end(job, req.n_images, delivery, kills, status_ch, true)
-                    .await;
+                let none = CreatedDirs::default();
+                return self.run_to_end(job, req, delivery, none, links, true).await;
             }
             Some(WriterKnows::Ended(run)) => {
                 tracing::info!(
@@ -529,7 +707,7 @@ impl Agent {
                 );
                 let (act, message) = describe_end(&run);
                 let fin = job.status(act, message, run.images_written, Some(&run));
-                return self.finish(fin, delivery, status_ch, true).await;
+                return self.finish(fin, delivery, links.status_ch, true).await;
             }
             None => {}
         }
@@ -540,23 +718,22 @@ impl Agent {
         );
         tracing::info!(request_id = job.id, "{message}");
         let fin = job.status(action::REQUEST_FAIL, message, 0, None);
-        self.finish(fin, delivery, status_ch, true).await
+        self.finish(fin, delivery, links.status_ch, true).await
     }
 
     /// Follows the writer's run of `job` to its end, then publishes the final status and acks.
+    /// `created`: the folders made for it, removed again if the run was cancelled empty.
     async fn run_to_end(
         &mut self,
         job: &Job,
-        n_images: u64,
+        req: &WriteRequest,
         delivery: &Delivery,
-        kills: &mut Consumer,
-        status_ch: &Channel,
+        mut created: CreatedDirs,
+        links: &mut Links<'_>,
         mut broker_ok: bool,
     ) -> Result<(), BrokerError> {
         self.current = Some(job.id.clone());
-        let outcome = self
-            .follow(job, n_images, kills, status_ch, &mut broker_ok)
-            .await;
+        let outcome = self.follow(job, req, links, &mut broker_ok).await;
         self.current = None;
         let (act, message, written, run) = match outcome {
             Outcome::Finished(run) => {
@@ -565,25 +742,48 @@ impl Agent {
             }
             Outcome::Lost { why, images_safe } => (action::REQUEST_FAIL, why, images_safe, None),
         };
+        match &run {
+            // The writer removed the empty file; the folders made for it go too.
+            Some(r) if r.end.starts_with(CANCELLED) => created.remove(),
+            _ => created.keep(),
+        }
         tracing::info!(request_id = job.id, action = act, "{message}");
         let fin = job.status(act, message, written, run.as_ref());
-        self.finish(fin, delivery, status_ch, broker_ok).await
+        self.finish(fin, delivery, links.status_ch, broker_ok).await
     }
-    /// Follows the writer until the run ends, publishing progress and handling kills.
+
+    /// Follows the writer until the run ends: publishes progress (and, while no image came,
+    /// that it waits), cancels an empty run at its `timeout_s`, handles kills, and takes in the
+    /// requests that arrive meanwhile ([`Agent::take_in`]).
     async fn follow(
         &mut self,
         job: &Job,
-        n_images: u64,
-        kills: &mut Consumer,
-        status_ch: &Channel,
+        req: &WriteRequest,
+        links: &mut Links<'_>,
         broker_ok: &mut bool,
     ) -> Outcome {
+        let n_images = req.n_images;
+        let timeout = req.timeout();
+        let strict = self.settings.strict_statuses;
+        let Links {
+            requests_ch,
+            requests,
+            kills,
+            status_ch,
+        } = links;
+        let (requests_ch, status_ch) = (*requests_ch, *status_ch);
         let mut ticker = tokio::time::interval(self.settings.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
         let mut stop_sent = false;
         let mut last_answer = Instant::now();
         let mut last_progress: ((u64, u64), Option<Instant>) = ((0, 0), None);
+        // Measured from the start of following: for a run taken up after an agent restart the
+        // wait (and timeout_s) counts from then.
+        let following_since = Instant::now();
+        let mut last_waiting = following_since;
+        // The writer said no to cancelling (an image came, or the run ended): never again.
+        let mut cancel_refused = false;
         // What the writer last said is in the partial file on disk (its last checkpoint).
         let mut checkpointed: Option<u64> = None;
         let output_file = job
@@ -629,11 +829,57 @@ impl Agent {
                     last_answer = Instant::now();
                     if let Some(cur) = status.current.as_ref().filter(|c| ours(c)) {
                         checkpointed = Some(cur.images_checkpointed);
+                        let waited = following_since.elapsed();
+                        if cur.images_written == 0 {
+                            if let Some(t) = timeout.filter(|t| waited >= *t && !cancel_refused) {
+                                let reason = format!(
+                                    "no image arrived within timeout_s = {} s",
+                                    seconds_text(t)
+                                );
+                                match self
+                                    .writer(Command::CancelIfEmpty { reason: Some(reason) })
+                                    .await
+                                {
+                                    Ok(Reply { ok: true, run: Some(run), .. }) => {
+                                        return Outcome::Finished(run)
+                                    }
+                                    // An image came meanwhile, or the run ended: the next poll
+                                    // tells.
+                                    Ok(_) => cancel_refused = true,
+                                    // Asked again at the next poll.
+                                    Err(e) => tracing::warn!("cancelling an empty run: {e}"),
+                                }
+                                continue;
+                            }
+                            if last_waiting.elapsed() >= self.settings.waiting_interval
+                                && *broker_ok
+                                && !strict
+                            {
+                                let mut message = format!(
+                                    "waiting for the first image for {} s",
+                                    waited.as_secs()
+                                );
+                                if let Some(t) = timeout {
+                                    message.push_str(&format!(
+                                        " (gives up at timeout_s = {} s)",
+                                        seconds_text(t)
+                                    ));
+                                }
+                                let mut msg =
+                                    job.status(action::REQUEST_PROGRESS, message, 0, None);
+                                msg.insert("waiting_s", waited.as_secs().into());
+                                if let Err(e) = broker::publish_status(status_ch, &msg).await {
+                                    tracing::warn!("{e}");
+                                    *broker_ok = false;
+                                }
+                                last_waiting = Instant::now();
+                            }
+                        }
                         let due = last_progress
                             .1
                             .is_none_or(|t| t.elapsed() >= self.settings.progress_interval);
                         let now = (cur.images_written, cur.images_checkpointed);
-                        if now != last_progress.0 && due && *broker_ok {
+                        if now != last_progress.0 && due && *broker_ok && !strict {
                             let msg = job.status(
                                 action::REQUEST_PROGRESS,
                                 format!(
@@ -673,7 +919,17 @@ impl Agent {
                         // The run had already ended: the next status poll reports how.
                     }
                     Some(Ok(k)) => {
-                        if let Err(e) = self.answer_stray_kill(&k, status_ch).await {
+                        if let Err(e) = self.answer_kill(&k, status_ch).await {
+                            tracing::warn!("{e}");
+                            *broker_ok = false;
+                        }
+                    }
+                    Some(Err(_)) | None => *broker_ok = false,
+                },
+                // Not while shutting down: what arrives then stays with the broker.
+                delivery = requests.next(), if *broker_ok && !stop_sent => match delivery {
+                    Some(Ok(d)) => {
+                        if let Err(e) = self.take_in(d, requests_ch, status_ch).await {
                             tracing::warn!("{e}");
                             *broker_ok = false;
                         }
@@ -765,15 +1021,10 @@ impl Agent {
     async fn answer_dead_letter(
         &mut self,
         notice: Delivery,
-        kills: &mut Consumer,
-        status_ch: &Channel,
+        links: &mut Links<'_>,
     ) -> Result<(), BrokerError> {
-        let job = Job {
-            id: correlation_id(&notice.properties).unwrap_or_default(),
-            echo: echo(&notice.data, MAX_BODY_BYTES),
-            received_at: unix_now(),
-            source: self.settings.service_name.clone(),
-        };
+        let status_ch = links.status_ch;
+        let job = self.job_for(&notice, unix_now());
         let reason = header_text(&notice.properties, "x-first-death-reason")
             .unwrap_or_else(|| "unknown".into());
         tracing::warn!(
@@ -782,8 +1033,7 @@ impl Agent {
             "the broker dead-lettered a request"
         );
         self.state.send_modify(|s| s.requests_dead_lettered += 1);
-        if let Some(i) = self.settled.iter().position(|id| *id == job.id) {
-            self.settled.remove(i);
+        if self.forget_settled(&job.id) {
             tracing::info!(request_id = job.id, "its final status is already out");
             return ack(&notice).await;
         }
@@ -794,8 +1044,9 @@ impl Agent {
                         request_id = job.id,
                         "the writer is still running it: following the run"
                     );
+                    let none = CreatedDirs::default();
                     return self
-                        .run_to_end(&job, req.n_images, &notice, kills, status_ch, true)
+                        .run_to_end(&job, &req, &notice, none, links, true)
                         .await;
                 }
                 Some(WriterKnows::Ended(run)) => {
@@ -845,7 +1096,38 @@ impl Agent {
         }
     }
 
-    /// A kill for a request this agent is not running: says so, changes nothing.
+    /// A kill for a request this agent is not running: a queued one is taken out of the line
+    /// and failed (nothing was written for it); for any other the agent says so and changes
+    /// nothing.
+    async fn answer_kill(
+        &mut self,
+        kill: &Delivery,
+        status_ch: &Channel,
+    ) -> Result<(), BrokerError> {
+        let id = correlation_id(&kill.properties);
+        let place = id.as_deref().and_then(|id| {
+            self.queued
+                .iter()
+                .position(|w| correlation_id(&w.delivery.properties).as_deref() == Some(id))
+        });
+        let Some(waiting) = place.and_then(|i| self.queued.remove(i)) else {
+            return self.answer_stray_kill(kill, status_ch).await;
+        };
+        self.state
+            .send_modify(|s| s.queue_length = self.queued.len() as u64);
+        let job = self.job_for(&waiting.delivery, waiting.received_at);
+        let message = format!(
+            "killed while queued (at place {}): the request never started and nothing was written",
+            place.map_or(0, |i| i + 1)
+        );
+        tracing::info!(request_id = job.id, "{message}");
+        let mut fin = job.status(action::REQUEST_FAIL, message, 0, None);
+        fin.insert("killed", true.into());
+        self.finish(fin, &waiting.delivery, status_ch, true).await
+    }
+
+    /// A kill for a request this agent neither runs nor holds: says so (`kill_ignored`, not in
+    /// strict mode), changes nothing.
     async fn answer_stray_kill(
         &self,
         kill: &Delivery,
@@ -864,6 +1146,9 @@ impl Agent {
             }
         };
         tracing::info!("{message}");
+        if self.settings.strict_statuses {
+            return Ok(());
+        }
         let mut body = Map::new();
         body.insert("request_id".into(), id.clone().unwrap_or_default().into());
         body.insert("source".into(), self.settings.service_name.clone().into());
@@ -952,10 +1237,33 @@ fn describe_end(run: &RunSummary) -> (&'static str, String) {
             action::REQUEST_FAIL,
             format!("killed after {k} of {n} images; {file} holds the {k} images written"),
         ),
-        end => (
-            action::REQUEST_FAIL,
-            format!("the write ended after {k} of {n} images: {end}"),
-        ),
+        end => match end.strip_prefix(CANCELLED) {
+            // The writer's words say what was removed.
+            Some(why) => (action::REQUEST_FAIL, why.to_string()),
+            None => (
+                action::REQUEST_FAIL,
+                format!("the write ended after {k} of {n} images: {end}"),
+            ),
+        },
+    }
+}
+
+/// How the `end` of a run the writer cancelled for having no image begins
+/// ([`Command::CancelIfEmpty`]).
+const CANCELLED: &str = "cancelled: ";
+
+/// Whether the broker delivered this before without it being settled.
+fn is_redelivery(delivery: &Delivery) -> bool {
+    delivery.redelivered || delivery_count(&delivery.properties).is_some_and(|n| n > 0)
+}
+
+/// Seconds as a person writes them: `2`, `0.5`.
+fn seconds_text(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", s as u64)
+    } else {
+        format!("{s}")
     }
 }
 
@@ -1027,6 +1335,24 @@ mod tests {
                 "the write ended after 2 of 10 images: failed: disk full".into()
             )
         );
+        // Cancelled empty (timeout_s): the writer's words, which say what was removed.
+        assert_eq!(
+            describe_end(&run(
+                "cancelled: no image arrived within timeout_s = 2 s; nothing was written (x)",
+                0
+            )),
+            (
+                action::REQUEST_FAIL,
+                "no image arrived within timeout_s = 2 s; nothing was written (x)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn seconds_are_written_as_people_write_them() {
+        assert_eq!(seconds_text(Duration::from_secs(30)), "30");
+        assert_eq!(seconds_text(Duration::from_millis(1500)), "1.5");
+        assert_eq!(seconds_text(Duration::from_millis(250)), "0.25");
     }
 
     #[test]

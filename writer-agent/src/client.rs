@@ -48,8 +48,8 @@ pub fn new_request_id() -> String {
 
 /// Publishes a write request (`body` is sent as is: normally the JSON of
 /// `{"output_file": ..., "n_images": ...}`) with `request_id` as correlation id, then follows the
-/// `status` exchange: `on_status` sees every non-final status for the id (request_start,
-/// request_progress, kill_ignored); returns the `request_success` status, or
+/// `status` exchange: `on_status` sees every non-final status for the id (request_queued,
+/// request_start, request_progress, kill_ignored); returns the `request_success` status, or
 /// [`ClientError::Failed`] with the `request_fail` one.
 pub async fn send_request(
     opts: &ClientOptions,

@@ -14,7 +14,10 @@ use std_writer_agent::{Agent, AgentSettings, AgentState, Policy};
 /// `kill`; request id = AMQP correlation_id) and has std-h5-writer write them. Every step is
 /// reported on the `status` exchange; see docs/protocol.md. Requests wait in the durable quorum
 /// queue `std-daq.<service-name>.requests`; one the broker gave up on (delivered --max-deliveries
-/// times without an answer) is kept in `std-daq.<service-name>.dead-letter`.
+/// times without an answer) is kept in `std-daq.<service-name>.dead-letter`. One write at a time;
+/// a request that arrives while one runs is answered at once: request_fail if it is refused,
+/// otherwise request_queued (std-daq extension, off with --strict-statuses) and request_start
+/// when its turn comes.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -55,6 +58,25 @@ struct Args {
     /// Least milliseconds between two `request_progress` messages.
     #[arg(long, default_value_t = 500)]
     progress_ms: u64,
+    /// While a run has received no image yet, a `request_progress` "waiting for the first image
+    /// for <s> s" (images_written 0) this often, in milliseconds. A request's optional timeout_s
+    /// (seconds) ends such a run with request_fail and leaves nothing on disk.
+    #[arg(long, env = "WAITING_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    waiting_ms: u64,
+    /// How many requests the agent holds in its own queue while a write runs; each got
+    /// request_queued with its place and starts in arrival order. Beyond that, requests stay in
+    /// the broker's queue (std-daq.<service-name>.requests) without any status until a place
+    /// frees. 0: none are held (a request sent during a write gets no status until it ends).
+    #[arg(long, env = "MAX_QUEUED", default_value_t = std_writer_agent::agent::DEFAULT_MAX_QUEUED,
+          value_parser = clap::value_parser!(u16).range(0..=1000))]
+    max_queued: u16,
+    /// Publish only std_daq's own statuses: request_start, request_success, request_fail (for
+    /// clients that refuse anything else). Turns off every std-daq extension: request_queued,
+    /// request_progress (the waiting-for-the-first-image reports included) and kill_ignored.
+    /// Refusals still come at once; a queued request just gets nothing until its request_start.
+    #[arg(long, env = "STRICT_STATUSES")]
+    strict_statuses: bool,
     /// The broker delivers a request at most this many times (the request queue's
     /// x-delivery-limit is one less). A request that was delivered this often and never answered
     /// (the agent died or lost the broker each time) is moved to the dead-letter queue and its
@@ -92,6 +114,9 @@ fn main() -> Result<()> {
     settings.poll_interval = Duration::from_millis(args.poll_ms.max(10));
     settings.progress_interval = Duration::from_millis(args.progress_ms);
     settings.max_deliveries = args.max_deliveries;
+    settings.waiting_interval = Duration::from_millis(args.waiting_ms);
+    settings.max_queued = args.max_queued;
+    settings.strict_statuses = args.strict_statuses;
     let agent = Agent::new(settings).context("setting up the agent")?;
     let status_name = format!("std-daq.{}.writer-agent", cfg.detector_name);
     let board = StatusBoard::default();

@@ -53,7 +53,11 @@ impl AgentQueues {
 pub mod action {
     /// The request passed validation and the writer accepted it.
     pub const REQUEST_START: &str = "request_start";
-    /// std-daq extension: images written so far (body `images_written`, `n_images`).
+    /// std-daq extension: the request waits for the running write (body `queue_position`,
+    /// 1-based, and `waiting_for`, the running request's id). Comes before its `request_start`.
+    pub const REQUEST_QUEUED: &str = "request_queued";
+    /// std-daq extension: images written so far (body `images_written`, `n_images`); while no
+    /// image came, that the run waits for the first one (images_written 0, body `waiting_s`).
     pub const REQUEST_PROGRESS: &str = "request_progress";
     /// The file is complete and closed. Final.
     pub const REQUEST_SUCCESS: &str = "request_success";
@@ -99,6 +103,13 @@ impl StatusMessage {
         match ShortString::try_new(self.request_id.clone()) {
             Ok(id) if !id.as_str().is_empty() => props.with_correlation_id(id),
             _ => props,
+        }
+    }
+
+    /// Adds a field to the body (a body that is not an object is left alone).
+    pub fn insert(&mut self, key: &str, value: serde_json::Value) {
+        if let serde_json::Value::Object(map) = &mut self.body {
+            map.insert(key.into(), value);
         }
     }
 

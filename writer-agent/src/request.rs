@@ -33,7 +33,24 @@ pub struct WriteRequest {
     /// Legacy (std_daq REST): when the request was made. Any JSON value; echoed only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<serde_json::Value>,
+    /// std-daq extension: give up when no image arrived within this many seconds of
+    /// `request_start` (`0 < timeout_s <=` [`MAX_TIMEOUT_S`]; `null` or absent: wait forever).
+    /// A write that received an image is never ended by it. Checked by [`parse`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
 }
+
+impl WriteRequest {
+    /// [`WriteRequest::timeout_s`] as a duration (`None` for a value [`parse`] would refuse).
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout_s
+            .filter(|t| *t > 0.0 && *t <= MAX_TIMEOUT_S)
+            .and_then(|t| std::time::Duration::try_from_secs_f64(t).ok())
+    }
+}
+
+/// Largest `timeout_s` accepted (about 11.5 days): a longer wait is no timeout.
+pub const MAX_TIMEOUT_S: f64 = 1_000_000.0;
 
 /// Largest request body accepted (a write request is a few hundred bytes); a larger one is refused
 /// unparsed, and status messages echo only its first 1000 characters.
@@ -60,6 +77,11 @@ pub enum RequestError {
     ParentDir(String),
     #[error("output_file {file:?} is outside the output root {root}")]
     OutsideRoot { file: String, root: String },
+    #[error(
+        "timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S} (or null for \
+         no timeout), got {0}"
+    )]
+    TimeoutS(String),
     #[error("n_images must be between 1 and {max}, got {got}")]
     NImages { got: u64, max: u64 },
     #[error(
@@ -118,6 +140,16 @@ pub fn parse(body: &[u8]) -> Result<WriteRequest, RequestError> {
         return Err(RequestError::BadFields(format!(
             "expected a JSON object, got {kind}"
         )));
+    }
+    // Checked before serde sees it, so that a wrong timeout_s gets its own message.
+    if let Some(t) = value.get("timeout_s") {
+        let ok = t.is_null()
+            || t.as_f64()
+                .is_some_and(|secs| secs > 0.0 && secs <= MAX_TIMEOUT_S);
+        if !ok {
+            let text: String = t.to_string().chars().take(100).collect();
+            return Err(RequestError::TimeoutS(text));
+        }
     }
     serde_json::from_value(value).map_err(|e| RequestError::BadFields(e.to_string()))
 }
@@ -304,7 +336,75 @@ mod tests {
             run_id: None,
             sources: None,
             timestamp: None,
+            timeout_s: None,
         }
+    }
+
+    #[test]
+    fn timeout_s_is_optional_positive_and_bounded_and_misspellings_are_refused() {
+        let with = |t: &str| {
+            parse(format!(r#"{{"output_file":"/a.h5","n_images":3,"timeout_s":{t}}}"#).as_bytes())
+        };
+        assert_eq!(
+            parse(br#"{"output_file":"/a.h5","n_images":3}"#)
+                .unwrap()
+                .timeout(),
+            None
+        );
+        assert_eq!(with("null").unwrap().timeout(), None);
+        assert_eq!(with("30").unwrap().timeout_s, Some(30.0));
+        assert_eq!(
+            with("30").unwrap().timeout(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            with("0.25").unwrap().timeout(),
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            with("1000000").unwrap().timeout(),
+            Some(std::time::Duration::from_secs(1_000_000))
+        );
+        for (bad, shown) in [
+            ("0", "0"),
+            ("-5", "-5"),
+            ("1000000.5", "1000000.5"),
+            ("1e300", "1e+300"),
+            (r#""ten""#, r#""ten""#),
+            ("true", "true"),
+            ("[30]", "[30]"),
+            (r#"{"s":30}"#, r#"{"s":30}"#),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e, RequestError::TimeoutS(shown.into()), "{bad}");
+            assert!(!e.is_malformed());
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "timeout_s must be a number of seconds above 0 and at most 1000000 (or null \
+                     for no timeout), got {shown}"
+                )
+            );
+        }
+        // A long value is shown cut.
+        let long = format!(r#""{}""#, "x".repeat(500));
+        let RequestError::TimeoutS(shown) = with(&long).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(shown.chars().count(), 100);
+        // Still no unknown field: a misspelt timeout is refused, naming the field.
+        let e = parse(br#"{"output_file":"/a.h5","n_images":3,"timeout":30}"#).unwrap_err();
+        assert!(e.is_malformed());
+        assert!(
+            e.to_string().contains(
+                "unknown field `timeout`, expected one of `output_file`, `n_images`, `user_id`, \
+                 `run_id`, `sources`, `timestamp`, `timeout_s`"
+            ),
+            "{e}"
+        );
+        // The echo in statuses carries it as sent; serialising a request keeps it.
+        let r = with("2.5").unwrap();
+        assert_eq!(serde_json::to_value(&r).unwrap()["timeout_s"], 2.5);
     }
 
     #[test]

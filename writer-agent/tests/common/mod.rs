@@ -75,6 +75,7 @@ pub fn test_settings(tag: &str, writer_endpoint: &str, policy: Policy) -> AgentS
     settings.progress_interval = Duration::from_millis(200);
     settings.writer_timeout = Duration::from_secs(2);
     settings.max_backoff = Duration::from_millis(500);
+    settings.waiting_interval = Duration::from_millis(300);
     settings
 }
 
