@@ -197,9 +197,9 @@ pub enum MetricsService {
     Writer,
     /// std-writer-agent: base + 2.
     WriterAgent,
-    /// std-stream-send: base + 3 (reserved: it serves no metrics yet).
+    /// std-stream-send: base + 3.
     StreamSend,
-    /// std-stream-recv: base + 4 (reserved: it serves no metrics yet).
+    /// std-stream-recv: base + 4.
     StreamRecv,
     /// The `std-daq preview` of `live_stream_configs` entry i (key order): base + 5 + i, i < 5.
     Preview(u16),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{ImageMetadata, ImageStatus};
 
 /// Empty message on the local PUB this often, like the assembler's.
@@ -50,6 +51,9 @@ pub struct ReceiverOptions {
     /// No frame (heartbeats included) on a connection for this long: the session is dropped.
     pub link_timeout: Duration,
     pub stats_period: Duration,
+    /// Where the counters are shown (Redis status hash, Prometheus), every `stats_period` and at
+    /// the end.
+    pub status: StatusBoard,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,18 @@ impl ReceiverStats {
     /// Every image republished, whatever its status.
     pub fn images_published(&self) -> u64 {
         self.images_delivered + self.images_lost + self.checksum_errors
+    }
+}
+
+impl ReceiverStats {
+    /// Shows the counters in the service's status hash (and so on its metrics endpoint).
+    pub fn publish(&self, board: &StatusBoard) {
+        board.set("images_delivered", self.images_delivered);
+        board.set("images_lost", self.images_lost);
+        board.set("checksum_errors", self.checksum_errors);
+        board.set("protocol_errors", self.protocol_errors);
+        board.set("sessions", self.sessions);
+        board.set("bytes_received", self.bytes_received);
     }
 }
 
@@ -211,6 +227,7 @@ pub fn run(
         if now.duration_since(last_report) >= opts.stats_period {
             c.refresh_stats(&rejected);
             tracing::info!("{}", c.stats);
+            c.stats.publish(&opts.status);
             last_report = now;
         }
     }
@@ -221,6 +238,7 @@ pub fn run(
     let _ = accept.join();
     c.refresh_stats(&rejected);
     tracing::info!("final: {}", c.stats);
+    c.stats.publish(&opts.status);
     Ok(c.stats)
 }
 

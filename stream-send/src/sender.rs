@@ -27,6 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{ImageMetadata, ImageStatus};
 
 /// Idle connections send a heartbeat frame this often.
@@ -51,6 +52,9 @@ pub struct SenderOptions {
     pub stats_period: Duration,
     /// At shutdown, how long to wait for the receiver to confirm what is queued.
     pub drain_timeout: Duration,
+    /// Where the counters are shown (Redis status hash, Prometheus), every `stats_period` and at
+    /// the end.
+    pub status: StatusBoard,
 }
 
 /// Counters; `images_delivered + images_lost + unconfirmed == images_queued` at the end.
@@ -72,6 +76,21 @@ pub struct SenderStats {
     pub bytes_sent: u64,
     /// Most images waiting (queued, not yet confirmed) at once.
     pub max_backlog: u64,
+}
+
+impl SenderStats {
+    /// Shows the counters in the service's status hash (and so on its metrics endpoint).
+    pub fn publish(&self, board: &StatusBoard) {
+        board.set("images_queued", self.images_queued);
+        board.set("images_delivered", self.images_delivered);
+        board.set("images_lost", self.images_lost);
+        board.set("images_unconfirmed", self.images_unconfirmed);
+        board.set("invalid_messages", self.invalid_messages);
+        board.set("sessions", self.sessions);
+        board.set("receiver_checksum_errors", self.receiver_checksum_errors);
+        board.set("bytes_sent", self.bytes_sent);
+        board.set("max_backlog", self.max_backlog);
+    }
 }
 
 impl fmt::Display for SenderStats {
@@ -256,6 +275,8 @@ pub fn run(
             stats.sessions = shared.sessions.load(Ordering::Relaxed);
             let backlog = shared.lock().entries.len();
             tracing::info!(backlog, "{stats}");
+            stats.publish(&opts.status);
+            opts.status.set("backlog", backlog);
             last_report = now;
         }
     };
@@ -280,6 +301,7 @@ pub fn run(
         );
     }
     tracing::info!("final: {stats}");
+    stats.publish(&opts.status);
     result.map(|()| stats)
 }
 

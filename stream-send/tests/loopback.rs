@@ -154,6 +154,7 @@ fn start_with_far_slots(
         dtype: 2,
         link_timeout: Duration::from_millis(1500),
         stats_period: Duration::from_secs(60),
+        status: Default::default(),
     };
     let recv_shutdown = Shutdown::new();
     let receiver = {
@@ -175,6 +176,7 @@ fn start_with_far_slots(
         dtype: 2,
         link_timeout: Duration::from_millis(1500),
         stats_period: Duration::from_secs(60),
+        status: Default::default(),
         drain_timeout: WATCHDOG,
     };
     let send_shutdown = Shutdown::new();

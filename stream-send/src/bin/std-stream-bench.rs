@@ -296,6 +296,7 @@ fn serve_repl(a: &EndArgs, listener: TcpListener, port: u16) -> Result<()> {
         dtype: DTYPE_U16,
         link_timeout: Duration::from_secs(5),
         stats_period: Duration::from_secs(3600),
+        status: Default::default(),
     };
     let shutdown = Shutdown::new();
     {
@@ -509,6 +510,7 @@ fn client_repl(a: &EndArgs) -> Result<()> {
         dtype: DTYPE_U16,
         link_timeout: Duration::from_secs(5),
         stats_period: Duration::from_secs(3600),
+        status: Default::default(),
         drain_timeout: Duration::from_secs(10),
     };
     let shutdown = Shutdown::new();

@@ -9,7 +9,8 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, warn_notices, Shutdown};
-use std_daq_common::{names, DetectorConfig, ImageMetadata};
+use std_daq_common::status::{RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::{names, DetectorConfig, ImageMetadata, MetricsService};
 use stream_send::receiver::{self, ReceiverOptions};
 
 /// Accepts std-stream-send's connections, writes every image into this host's ImageBuffer
@@ -31,6 +32,10 @@ struct Args {
     /// reconnects).
     #[arg(long, default_value_t = 2.0)]
     link_timeout: f64,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9104. Overrides
+    /// the config key `metrics_base_address` (this service's port is base + 4).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -58,6 +63,19 @@ fn main() -> Result<()> {
     )
     .with_context(|| format!("creating ImageBuffer {name}"))?
     .into_shared();
+    // Counters in the Redis hash status.std-daq.<detector>.stream-recv and on /metrics.
+    let service = format!("std-daq.{}.stream-recv", cfg.detector_name);
+    let status = StatusBoard::default();
+    status.set("listen", &args.listen);
+    std_daq_common::metrics::serve_if(
+        args.metrics_addr
+            .or(cfg.metrics_addr(MetricsService::StreamRecv)),
+        &service,
+        &status,
+        Vec::new(),
+    )
+    .context("starting the metrics server")?;
+    let _reporter = StatusReporter::start(&RedisEnv::from_env(), &service, &cfg, status.clone());
     let opts = ReceiverOptions {
         image_bytes: cfg.image_bytes() as u64,
         height: cfg.image_pixel_height,
@@ -65,6 +83,7 @@ fn main() -> Result<()> {
         dtype: cfg.image_dtype() as u16,
         link_timeout: Duration::from_secs_f64(args.link_timeout),
         stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
+        status,
     };
     tracing::info!(listen = %args.listen, publish = %image_endpoint, "receiving");
     let stats = receiver::run(listener, &ring, &publisher, &opts, &shutdown)?;

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use std_daq_common::service::{init_logging, warn_notices, Shutdown};
-use std_daq_common::{names, DetectorConfig, ImageMetadata};
+use std_daq_common::status::{RedisEnv, StatusBoard, StatusReporter};
+use std_daq_common::{names, DetectorConfig, ImageMetadata, MetricsService};
 use stream_send::sender::{self, SenderOptions};
 
 /// Follows the assembler's ImageMetadata stream (ipc://<ipc_dir>/std-daq-<detector>-image) and
@@ -44,6 +45,10 @@ struct Args {
     /// Seconds to wait at shutdown for the receiver to confirm every queued image.
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9103. Overrides
+    /// the config key `metrics_base_address` (this service's port is base + 3).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -84,6 +89,19 @@ fn main() -> Result<()> {
         || shutdown.is_triggered(),
     )
     .with_context(|| format!("attaching ImageBuffer {name}"))?;
+    // Counters in the Redis hash status.std-daq.<detector>.stream-send and on /metrics.
+    let service = format!("std-daq.{}.stream-send", cfg.detector_name);
+    let status = StatusBoard::default();
+    status.set("target", target);
+    std_daq_common::metrics::serve_if(
+        args.metrics_addr
+            .or(cfg.metrics_addr(MetricsService::StreamSend)),
+        &service,
+        &status,
+        Vec::new(),
+    )
+    .context("starting the metrics server")?;
+    let _reporter = StatusReporter::start(&RedisEnv::from_env(), &service, &cfg, status.clone());
     let opts = SenderOptions {
         target,
         connections: args.connections,
@@ -95,6 +113,7 @@ fn main() -> Result<()> {
         link_timeout: Duration::from_secs_f64(args.link_timeout),
         stats_period: Duration::from_secs_f64(cfg.stats_collection_period),
         drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+        status,
     };
     tracing::info!(%target, connections = opts.connections, parts = opts.parts, "replicating");
     let stats = sender::run(&opts, &sub, Arc::new(ring), Some(&lost), &shutdown)?;
