@@ -141,7 +141,8 @@ impl BrokerArgs {
 struct WriteArgs {
     /// Number of images to write. Without it: an unbounded write, until `std-daq kill` (which is
     /// then its normal, successful end) or the agent's --max-images.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    // Judged by the agent (0 or above its --max-images is refused with its reason).
+    #[arg(long)]
     n_images: Option<u64>,
     /// Absolute path of the HDF5 file to create (must not exist).
     #[arg(long)]

@@ -235,7 +235,8 @@ struct Links<'a> {
 /// What the writer knows of a request's run.
 enum WriterKnows {
     Running,
-    Ended(RunSummary),
+    // Boxed: a summary is large next to `Running`.
+    Ended(Box<RunSummary>),
 }
 
 /// How a run ended, as far as the agent knows.
@@ -715,7 +716,7 @@ impl Agent {
                     "the writer ended this request while no agent followed it"
                 );
                 let (act, message) = describe_end(&run);
-                let fin = job.status(act, message, run.images_written, Some(&run));
+                let fin = job.status(act, message, run.images_written, Some(&*run));
                 return self.finish(fin, delivery, links.status_ch, true).await;
             }
             None => {}
@@ -1063,7 +1064,7 @@ impl Agent {
                 }
                 Some(WriterKnows::Ended(run)) => {
                     let (act, message) = describe_end(&run);
-                    let fin = job.status(act, message, run.images_written, Some(&run));
+                    let fin = job.status(act, message, run.images_written, Some(&*run));
                     return self.finish(fin, &notice, status_ch, true).await;
                 }
                 None => {}
@@ -1101,7 +1102,9 @@ impl Agent {
                 if st.current.as_ref().is_some_and(ours) {
                     Some(WriterKnows::Running)
                 } else {
-                    st.last_run.filter(ours).map(WriterKnows::Ended)
+                    st.last_run
+                        .filter(ours)
+                        .map(|r| WriterKnows::Ended(Box::new(r)))
                 }
             }
             _ => None,
