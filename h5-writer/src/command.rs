@@ -4,30 +4,44 @@
 //!
 //! ```text
 //! {"command":"start","output_file":"/data/run1.h5","n_images":1000}  -> {"ok":true,...}
+//! {"command":"start","output_file":"/data/run2.h5","n_images":null,"max_images":1000000}
+//!                                                                    -> {"ok":true,...}
 //! {"command":"stop"}                                                 -> {"ok":true,"run":{...}}
 //! {"command":"status"}                                               -> {"ok":true,"status":{...}}
 //! {"command":"cancel_if_empty","reason":"no image within 30 s"}      -> {"ok":true,"run":{...}}
 //! ```
 //! Every reply has `ok` and, when `ok` is false, an `error` that says what was wrong.
+//!
+//! **Unbounded runs.** A `start` whose `n_images` is absent or `null` writes every image until a
+//! `stop` (or until its optional `max_images`, a guard against a run nobody stops); in Rust that
+//! is [`Command::StartUnbounded`]. Its summary has `n_images: null`. Old senders, which always
+//! send a number, get exactly what they got before. The wire shape is kept by [`WireCommand`].
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "WireCommand", into = "WireCommand")]
 pub enum Command {
     /// Write the next `n_images` images published after this command into `output_file`.
     /// `request_id` (optional) is echoed in the run's summary so a caller can match it.
     Start {
         output_file: String,
         n_images: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    /// Write every image published after this command into `output_file` until a
+    /// [`Command::Stop`] (the file is then closed holding exactly the images written), or until
+    /// `max_images` images were written if given (the run's `end` is then
+    /// [`MAX_IMAGES_REACHED`]). On the wire: `start` with `n_images` absent or `null`.
+    StartUnbounded {
+        output_file: String,
+        max_images: Option<u64>,
         request_id: Option<String>,
     },
     /// Close the current file now, keeping what was written. `reason` (e.g. `killed`) becomes
-    /// the run's `end`; the default is `stopped`.
+    /// the run's `end`; the default is `stopped`. The normal end of an unbounded run.
     Stop {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
     Status,
@@ -36,9 +50,121 @@ pub enum Command {
     /// is `cancelled: <reason>; ...`. Refused (`ok` false, the run goes on) once an image was
     /// written: a run that receives images is never cancelled by this.
     CancelIfEmpty {
+        reason: Option<String>,
+    },
+}
+
+impl Command {
+    /// `start` as a caller holds it: `n_images` `None` is an unbounded run (ended by `stop`, or
+    /// at `max_images` if given); `max_images` is only for unbounded runs and ignored otherwise.
+    pub fn start(
+        output_file: impl Into<String>,
+        n_images: Option<u64>,
+        max_images: Option<u64>,
+        request_id: Option<String>,
+    ) -> Command {
+        let output_file = output_file.into();
+        match n_images {
+            Some(n_images) => Command::Start {
+                output_file,
+                n_images,
+                request_id,
+            },
+            None => Command::StartUnbounded {
+                output_file,
+                max_images,
+                request_id,
+            },
+        }
+    }
+}
+
+/// The `end` of an unbounded run that stopped because it wrote its `max_images`.
+pub const MAX_IMAGES_REACHED: &str = "max_images reached";
+
+/// [`Command`] as it travels: one `start` whose `n_images` may be absent or `null` (unbounded).
+/// Kept apart so that the Rust variants stay what existing callers build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WireCommand {
+    Start {
+        output_file: String,
+        /// Absent or `null`: unbounded.
+        #[serde(default)]
+        n_images: Option<u64>,
+        /// Unbounded runs only: stop after this many images.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_images: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    Stop {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    Status,
+    CancelIfEmpty {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl TryFrom<WireCommand> for Command {
+    type Error = String;
+
+    fn try_from(wire: WireCommand) -> Result<Self, Self::Error> {
+        Ok(match wire {
+            WireCommand::Start {
+                n_images: Some(_),
+                max_images: Some(_),
+                ..
+            } => {
+                // Two limits would leave the reader guessing which one applies.
+                return Err(
+                    "max_images is for unbounded starts only (n_images absent or null)".to_string(),
+                );
+            }
+            WireCommand::Start {
+                output_file,
+                n_images,
+                max_images,
+                request_id,
+            } => Command::start(output_file, n_images, max_images, request_id),
+            WireCommand::Stop { reason } => Command::Stop { reason },
+            WireCommand::Status => Command::Status,
+            WireCommand::CancelIfEmpty { reason } => Command::CancelIfEmpty { reason },
+        })
+    }
+}
+
+impl From<Command> for WireCommand {
+    fn from(cmd: Command) -> Self {
+        match cmd {
+            Command::Start {
+                output_file,
+                n_images,
+                request_id,
+            } => WireCommand::Start {
+                output_file,
+                n_images: Some(n_images),
+                max_images: None,
+                request_id,
+            },
+            Command::StartUnbounded {
+                output_file,
+                max_images,
+                request_id,
+            } => WireCommand::Start {
+                output_file,
+                n_images: None,
+                max_images,
+                request_id,
+            },
+            Command::Stop { reason } => WireCommand::Stop { reason },
+            Command::Status => WireCommand::Status,
+            Command::CancelIfEmpty { reason } => WireCommand::CancelIfEmpty { reason },
+        }
+    }
 }
 
 /// The outcome of one write run.
@@ -47,7 +173,12 @@ pub struct RunSummary {
     /// The `request_id` given with `start`, if any.
     pub request_id: Option<String>,
     pub output_file: String,
-    pub n_images: u64,
+    /// Images requested; `null` for an unbounded run (written until stopped).
+    #[serde(default)]
+    pub n_images: Option<u64>,
+    /// An unbounded run's limit (`max_images` of its start), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_images: Option<u64>,
     pub images_written: u64,
     /// Images in the file on disk with their records (the last checkpoint): what the partial
     /// file holds if the writer dies now. Equals `images_written` once the file is closed.
@@ -70,8 +201,9 @@ pub struct RunSummary {
     /// From the first image received to the file closed.
     pub seconds: f64,
     pub bytes_written: u64,
-    /// `completed`, `stopped` (or the stop command's reason, e.g. `killed`), `failed: <why>`, or
-    /// `cancelled: <reason>; ...` (ended by `cancel_if_empty`: no image, no file).
+    /// `completed`, `stopped` (or the stop command's reason, e.g. `killed`), `failed: <why>`,
+    /// `cancelled: <reason>; ...` (ended by `cancel_if_empty`: no image, no file), or for an
+    /// unbounded run that wrote its `max_images`, [`MAX_IMAGES_REACHED`].
     pub end: String,
 }
 
@@ -201,5 +333,90 @@ mod tests {
             serde_json::from_str::<Command>(r#"{"command":"cancel_if_empty"}"#).unwrap(),
             Command::CancelIfEmpty { reason: None }
         );
+    }
+
+    /// `start` without `n_images` (absent or null) is an unbounded run; a number is what it always
+    /// was; other shapes are refused with serde's reason.
+    #[test]
+    fn start_without_n_images_is_unbounded_and_old_senders_are_unchanged() {
+        let unbounded = |max_images| Command::StartUnbounded {
+            output_file: "/data/u.h5".into(),
+            max_images,
+            request_id: None,
+        };
+        for text in [
+            r#"{"command":"start","output_file":"/data/u.h5"}"#,
+            r#"{"command":"start","output_file":"/data/u.h5","n_images":null}"#,
+        ] {
+            assert_eq!(
+                serde_json::from_str::<Command>(text).unwrap(),
+                unbounded(None)
+            );
+        }
+        let capped =
+            r#"{"command":"start","output_file":"/data/u.h5","n_images":null,"max_images":9}"#;
+        assert_eq!(
+            serde_json::from_str::<Command>(capped).unwrap(),
+            unbounded(Some(9))
+        );
+        // Serialised with an explicit null, so a reader of the wire sees that it is unbounded.
+        assert_eq!(serde_json::to_string(&unbounded(Some(9))).unwrap(), capped);
+        assert_eq!(
+            serde_json::to_string(&unbounded(None)).unwrap(),
+            r#"{"command":"start","output_file":"/data/u.h5","n_images":null}"#
+        );
+        assert_eq!(
+            Command::start("/data/u.h5", None, Some(9), None),
+            unbounded(Some(9))
+        );
+        assert_eq!(
+            Command::start("/data/a.h5", Some(5), Some(9), Some("r".into())),
+            Command::Start {
+                output_file: "/data/a.h5".into(),
+                n_images: 5,
+                request_id: Some("r".into()),
+            }
+        );
+        let err = |text: &str| {
+            serde_json::from_str::<Command>(text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(r#"{"command":"start","output_file":"/a.h5","n_images":5,"max_images":9}"#)
+                .starts_with("max_images is for unbounded starts only (n_images absent or null)"),
+        );
+        assert!(
+            err(r#"{"command":"start","output_file":"/a.h5","n_images":-1}"#)
+                .starts_with("invalid value: integer `-1`, expected u64"),
+        );
+        assert!(
+            err(r#"{"command":"start","output_file":"/a.h5","n_images":"5"}"#)
+                .starts_with("invalid type: string \"5\", expected u64"),
+        );
+        assert!(
+            err(r#"{"command":"start","output_file":"/a.h5","n_image":5}"#)
+                .starts_with("unknown field `n_image`"),
+        );
+    }
+
+    /// A run summary of an unbounded run says `n_images: null`; old summaries (a number) read
+    /// as before.
+    #[test]
+    fn run_summaries_show_unbounded_runs_as_null() {
+        let run = RunSummary {
+            output_file: "/d/u.h5".into(),
+            n_images: None,
+            images_written: 3,
+            ..RunSummary::default()
+        };
+        let v = serde_json::to_value(&run).unwrap();
+        assert_eq!(v["n_images"], serde_json::Value::Null);
+        assert!(v.get("max_images").is_none());
+        let old = r#"{"request_id":null,"output_file":"/d/a.h5","n_images":4,"images_written":4,
+            "images_good":4,"images_flagged":0,"missing_packets":0,"images_lost_in_buffer":0,
+            "first_image_id":1,"last_image_id":4,"seconds":0.5,"bytes_written":8,"end":"completed"}"#;
+        let back: RunSummary = serde_json::from_str(old).unwrap();
+        assert_eq!((back.n_images, back.max_images), (Some(4), None));
     }
 }

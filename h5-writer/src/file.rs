@@ -73,7 +73,9 @@ pub enum Compression {
 pub struct ImageFileSpec {
     /// Name of the group the datasets go into (std_daq: the detector name). No `/`.
     pub detector_name: String,
-    /// Most images this file may hold; `data` is created with this many rows and trimmed at close.
+    /// Most images this file may hold (the highest index + 1 it accepts). `data` starts empty
+    /// and grows one row per image whatever this is, so an unbounded run passes a huge number
+    /// (at most `i64::MAX`) and its file holds exactly the images written when it is closed.
     pub n_images: u64,
     pub height: u32,
     pub width: u32,

@@ -17,7 +17,9 @@ use std_daq_common::{names, ImageCompression, ImageMetadata, MetricsService};
 /// from the ImageBuffer, plus image_id, status and missing_packets). Commands are JSON on the
 /// REP socket ipc://<ipc_dir>/std-daq-<detector>-writer:
 /// {"command":"start","output_file":"/abs/file.h5","n_images":N}, {"command":"stop"},
-/// {"command":"status"}. Stops on SIGINT/SIGTERM, closing an open file with what it holds.
+/// {"command":"status"}. Without n_images (or null) the run is unbounded: every image until
+/// "stop" (optional "max_images": M ends it after M). Stops on SIGINT/SIGTERM, closing an open
+/// file with what it holds.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {

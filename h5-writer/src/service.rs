@@ -2,11 +2,15 @@
 //! active writes each image straight from its ImageBuffer slot into the run's HDF5 file. Commands
 //! arrive on a REP socket (see [`crate::command`]). Sockets and the ring are passed in.
 //!
+//! A run is bounded (`n_images`: completed at that count) or unbounded (written until `stop`, or
+//! until its optional `max_images`); either way the file grows one image at a time, so stopping
+//! leaves exactly the images written.
+//!
 //! Before an image counts as written, the slot's sequence is checked again: an image overwritten
 //! while it was being written out is replaced by zeros and flagged `LostInBuffer`, never kept as
 //! good.
 
-use crate::command::{Command, Reply, RunSummary, WriterStatus};
+use crate::command::{Command, Reply, RunSummary, WriterStatus, MAX_IMAGES_REACHED};
 use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::{Expect, RingReader};
 use std::path::Path;
@@ -19,6 +23,8 @@ use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus};
 
 const POLL_MS: i64 = 50;
 const MAX_IMAGES_PER_POLL: usize = 32;
+/// The most images an unbounded run without `max_images` may hold: HDF5's limit on an extent.
+const UNBOUNDED_FILE_IMAGES: u64 = i64::MAX as u64;
 /// Default of `--checkpoint-interval-ms`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -125,7 +131,12 @@ impl Writer {
                 output_file,
                 n_images,
                 request_id,
-            } => self.start(&output_file, n_images, request_id),
+            } => self.start(&output_file, Some(n_images), None, request_id),
+            Command::StartUnbounded {
+                output_file,
+                max_images,
+                request_id,
+            } => self.start(&output_file, None, max_images, request_id),
             Command::Stop { reason } => match self.finish(reason.as_deref().unwrap_or("stopped")) {
                 Some(run) => Reply {
                     ok: true,
@@ -225,7 +236,11 @@ impl Writer {
             board.set("output_file", &run.output_file);
             board.set("images_written", run.images_written);
             board.set("images_checkpointed", run.images_checkpointed);
-            board.set("n_images", run.n_images);
+            // An unbounded run has no count to reach.
+            match run.n_images {
+                Some(n) => board.set("n_images", n),
+                None => board.set("n_images", "unbounded"),
+            }
             board.set("last_end", &run.end);
         }
     }
@@ -245,11 +260,22 @@ impl Writer {
         }
     }
 
-    fn start(&mut self, output_file: &str, n_images: u64, request_id: Option<String>) -> Reply {
+    /// Starts a run: `n_images` `None` is unbounded (until `stop`, or `max_images` if given).
+    fn start(
+        &mut self,
+        output_file: &str,
+        n_images: Option<u64>,
+        max_images: Option<u64>,
+        request_id: Option<String>,
+    ) -> Reply {
         if let Some(run) = &self.run {
+            let of = match run.summary.n_images {
+                Some(n) => format!("of {n} "),
+                None => "of an unbounded run's ".into(),
+            };
             return Reply::error(format!(
-                "a run is in progress: {} ({} of {} images written)",
-                run.summary.output_file, run.summary.images_written, run.summary.n_images
+                "a run is in progress: {} ({} {of}images written)",
+                run.summary.output_file, run.summary.images_written
             ));
         }
         let path = Path::new(output_file);
@@ -261,8 +287,13 @@ impl Writer {
         if path.extension().and_then(|e| e.to_str()) != Some("h5") {
             return Reply::error(format!("output_file {output_file:?} must end in .h5"));
         }
-        if n_images == 0 {
+        if n_images == Some(0) {
             return Reply::error("n_images must be at least 1");
+        }
+        // Only an unbounded run has a max_images (Command keeps the two apart).
+        let max_images = if n_images.is_none() { max_images } else { None };
+        if max_images == Some(0) {
+            return Reply::error("max_images must be at least 1");
         }
         if !path.parent().is_some_and(Path::is_dir) {
             return Reply::error(format!(
@@ -275,7 +306,8 @@ impl Writer {
         let partial = partial_path(path);
         let spec = ImageFileSpec {
             detector_name: self.detector_name.clone(),
-            n_images,
+            // The file grows image by image whatever this is; it only bounds the index.
+            n_images: n_images.or(max_images).unwrap_or(UNBOUNDED_FILE_IMAGES),
             height: self.height,
             width: self.width,
             dtype: self.dtype,
@@ -296,13 +328,14 @@ impl Writer {
                 if let Err(e) = file.checkpoint() {
                     tracing::warn!("{e}");
                 }
-                tracing::info!(output_file, n_images, "run started");
+                tracing::info!(output_file, n_images, max_images, "run started");
                 self.run = Some(Run {
                     file,
                     summary: RunSummary {
                         request_id,
                         output_file: output_file.to_string(),
                         n_images,
+                        max_images,
                         ..RunSummary::default()
                     },
                     first_image_at: None,
@@ -386,8 +419,10 @@ impl Writer {
         } else {
             s.images_flagged += 1;
         }
-        if s.images_written == s.n_images {
+        if s.n_images == Some(s.images_written) {
             self.finish("completed");
+        } else if s.max_images == Some(s.images_written) {
+            self.finish(MAX_IMAGES_REACHED);
         } else {
             self.checkpoint_if_due();
         }
@@ -719,6 +754,95 @@ mod tests {
         assert_eq!((run.end.as_str(), run.images_written), ("completed", 2));
         assert!(file.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A start without n_images writes every image until stop: the status shows `n_images: null`
+    /// while it runs, and stop closes a complete file (no .part) holding exactly those images.
+    /// With max_images the run ends by itself there, the file complete too.
+    #[test]
+    fn an_unbounded_run_writes_until_stopped_or_its_max_images() {
+        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
+        let name = format!("std-daq.wtest5-{}.image", std::process::id());
+        let mut ring = RingOwner::create(&name, 8, cfg.image_bytes() as u64).unwrap();
+        let mut writer = Writer::new(&cfg, RingReader::attach(&name, Expect::default()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("unbounded.h5");
+        let start: Command = serde_json::from_str(&format!(
+            r#"{{"command":"start","output_file":"{}","request_id":"u1"}}"#,
+            file.display()
+        ))
+        .unwrap();
+        let reply = writer.handle_command(start);
+        assert!(reply.ok, "{reply:?}");
+        for id in 10..15 {
+            publish(&mut ring, &cfg, id);
+            writer.on_message(meta(&cfg, id).as_bytes());
+        }
+        let status = writer.status();
+        assert_eq!(status.state, "writing");
+        let current = status.current.unwrap();
+        assert_eq!((current.n_images, current.images_written), (None, 5));
+        let shown = serde_json::to_value(writer.handle_command(Command::Status)).unwrap();
+        assert_eq!(
+            shown["status"]["current"]["n_images"],
+            serde_json::Value::Null
+        );
+        assert_eq!(shown["status"]["current"]["images_written"], 5);
+
+        let reply = writer.handle_command(Command::Stop { reason: None });
+        let run = reply.run.unwrap();
+        assert_eq!(run.end, "stopped");
+        assert_eq!((run.images_written, run.images_checkpointed), (5, 5));
+        assert_eq!(
+            (run.first_image_id, run.last_image_id),
+            (Some(10), Some(14))
+        );
+        assert_eq!(run.request_id.as_deref(), Some("u1"));
+        assert!(!partial_path(&file).exists());
+        let f = hdf5::File::open(&file).unwrap();
+        assert_eq!(f.dataset("wtest/data").unwrap().shape(), vec![5, 512, 1024]);
+        let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
+        assert_eq!(ids, [10, 11, 12, 13, 14]);
+        let data: Vec<u16> = f.dataset("wtest/data").unwrap().read_raw().unwrap();
+        let per_image = 512 * 1024;
+        for (i, id) in (10u16..15).enumerate() {
+            let v = (id + 1) * 0x0101;
+            assert!(data[i * per_image..(i + 1) * per_image]
+                .iter()
+                .all(|p| *p == v));
+        }
+        drop(f);
+
+        // Capped: ends by itself at max_images, the next image is not written.
+        let capped = dir.path().join("capped.h5");
+        let reply = writer.handle_command(Command::start(
+            capped.display().to_string(),
+            None,
+            Some(2),
+            None,
+        ));
+        assert!(reply.ok, "{reply:?}");
+        for id in 20..23 {
+            publish(&mut ring, &cfg, id);
+            writer.on_message(meta(&cfg, id).as_bytes());
+        }
+        let run = writer.status().last_run.unwrap();
+        assert_eq!(run.end, MAX_IMAGES_REACHED);
+        assert_eq!((run.n_images, run.max_images), (None, Some(2)));
+        assert_eq!((run.images_written, run.last_image_id), (2, Some(21)));
+        assert_eq!(writer.status().state, "idle");
+        let f = hdf5::File::open(&capped).unwrap();
+        let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
+        assert_eq!(ids, [20, 21]);
+        assert!(!partial_path(&capped).exists());
+
+        let zero = writer.handle_command(Command::start(
+            dir.path().join("z.h5").display().to_string(),
+            None,
+            Some(0),
+            None,
+        ));
+        assert_eq!(zero.error.as_deref(), Some("max_images must be at least 1"));
     }
 
     #[test]

@@ -23,7 +23,9 @@ enum Cmd {
     Demo(DemoArgs),
     /// Asks the writer agent (over RabbitMQ) to write the next N images into a file, shows
     /// progress, and exits 0 only when the file was written completely. Prints the request id
-    /// first, for `std-daq kill`.
+    /// first, for `std-daq kill`. Without --n-images the write is unbounded: it writes until
+    /// `std-daq kill <request id>` stops it (then exits 0 with the count) or it reaches the
+    /// agent's --max-images.
     Write(WriteArgs),
     /// Stops a running write request; its file keeps the images written so far.
     Kill(KillArgs),
@@ -137,9 +139,11 @@ impl BrokerArgs {
 
 #[derive(Debug, clap::Args)]
 struct WriteArgs {
-    /// Number of images to write.
+    /// Number of images to write. Without it: an unbounded write, until `std-daq kill` (which is
+    /// then its normal, successful end) or the agent's --max-images.
+    // Judged by the agent (0 or above its --max-images is refused with its reason).
     #[arg(long)]
-    n_images: u64,
+    n_images: Option<u64>,
     /// Absolute path of the HDF5 file to create (must not exist).
     #[arg(long)]
     output: PathBuf,
@@ -364,21 +368,31 @@ fn write(args: WriteArgs) -> Result<()> {
         "output_file": args.output.display().to_string(),
         "n_images": args.n_images,
     });
-    println!(
-        "request {request_id}: {} images into {}",
-        args.n_images,
-        args.output.display()
-    );
-    let n = args.n_images.max(1);
+    match args.n_images {
+        Some(n) => println!(
+            "request {request_id}: {n} images into {}",
+            args.output.display()
+        ),
+        None => println!(
+            "request {request_id}: images into {} until `std-daq kill {request_id}` (unbounded)",
+            args.output.display()
+        ),
+    }
     let mut progress = |status: &std_writer_agent::protocol::StatusMessage| {
         let written = status.body["images_written"].as_u64().unwrap_or(0);
-        let filled = (40 * written.min(n) / n) as usize;
-        eprint!(
-            "\r[{}{}] {written}/{n} images ({})",
-            "=".repeat(filled),
-            " ".repeat(40 - filled),
-            status.action
-        );
+        match args.n_images {
+            Some(n) => {
+                let filled = (40 * written.min(n) / n) as usize;
+                eprint!(
+                    "\r[{}{}] {written}/{n} images ({})",
+                    "=".repeat(filled),
+                    " ".repeat(40 - filled),
+                    status.action
+                );
+            }
+            // No total to show a bar against.
+            None => eprint!("\r{written} images ({})", status.action),
+        }
         let _ = std::io::stderr().flush();
     };
     let result = std_writer_agent::client::send_request_blocking(

@@ -25,7 +25,9 @@
 //! `std-daq.<service>.dead-letter-notices`).
 //!
 //! A kill on the `kill` exchange with the request's correlation id stops the run at the next image,
-//! or takes a queued request out of the line (`request_fail`, nothing written). While a run has
+//! or takes a queued request out of the line (`request_fail`, nothing written). A request without
+//! `n_images` is an unbounded write: the kill is its normal end (`request_success` with the count,
+//! the file complete); it also ends by itself, successfully, at the policy's `--max-images`. While a run has
 //! no image yet the agent says so every `waiting_interval` (`request_progress`, images_written
 //! 0); a request with `timeout_s` whose run got no image in that time is cancelled by the writer,
 //! leaving nothing on disk. `strict_statuses` turns every std-daq extension status off.
@@ -44,7 +46,9 @@ use crate::protocol::{
 };
 use crate::request::{self, CreatedDirs, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
 use futures_lite::StreamExt;
-use h5_writer::command::{ClientError, Command, Reply, RunSummary, WriterClient};
+use h5_writer::command::{
+    ClientError, Command, Reply, RunSummary, WriterClient, MAX_IMAGES_REACHED,
+};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -231,7 +235,8 @@ struct Links<'a> {
 /// What the writer knows of a request's run.
 enum WriterKnows {
     Running,
-    Ended(RunSummary),
+    // Boxed: a summary is large next to `Running`.
+    Ended(Box<RunSummary>),
 }
 
 /// How a run ended, as far as the agent knows.
@@ -487,12 +492,15 @@ impl Agent {
             }
         };
         let output_file = path.display().to_string();
+        let max_images = self.settings.policy.max_images();
         let reply = self
-            .writer(Command::Start {
-                output_file: output_file.clone(),
-                n_images: req.n_images,
-                request_id: Some(job.id.clone()),
-            })
+            .writer(Command::start(
+                output_file.clone(),
+                req.n_images,
+                // An unbounded write stops at the policy's limit, in the writer (exactly there).
+                Some(max_images),
+                Some(job.id.clone()),
+            ))
             .await;
         let refused = match reply {
             Ok(Reply { ok: true, .. }) => None,
@@ -512,12 +520,14 @@ impl Agent {
                 .await;
         }
         let mut broker_ok = true;
-        let start = job.status(
-            action::REQUEST_START,
-            format!("writing {} images to {output_file}", req.n_images),
-            0,
-            None,
-        );
+        let what = match req.n_images {
+            Some(n) => format!("writing {n} images to {output_file}"),
+            None => format!(
+                "writing images to {output_file} until stopped (unbounded write, at most \
+                 {max_images} images)"
+            ),
+        };
+        let start = job.status(action::REQUEST_START, what, 0, None);
         if let Err(e) = broker::publish_status(status_ch, &start).await {
             tracing::warn!("{e}");
             broker_ok = false;
@@ -706,7 +716,7 @@ impl Agent {
                     "the writer ended this request while no agent followed it"
                 );
                 let (act, message) = describe_end(&run);
-                let fin = job.status(act, message, run.images_written, Some(&run));
+                let fin = job.status(act, message, run.images_written, Some(&*run));
                 return self.finish(fin, delivery, links.status_ch, true).await;
             }
             None => {}
@@ -880,10 +890,11 @@ impl Agent {
                             .is_none_or(|t| t.elapsed() >= self.settings.progress_interval);
                         let now = (cur.images_written, cur.images_checkpointed);
                         if now != last_progress.0 && due && *broker_ok && !strict {
+                            let of = n_images.map_or(String::new(), |n| format!(" of {n}"));
                             let msg = job.status(
                                 action::REQUEST_PROGRESS,
                                 format!(
-                                    "wrote {} of {n_images} images ({} safe in the file)",
+                                    "wrote {}{of} images ({} safe in the file)",
                                     cur.images_written, cur.images_checkpointed
                                 ),
                                 cur.images_written,
@@ -910,8 +921,10 @@ impl Agent {
                 kill = kills.next(), if *broker_ok => match kill {
                     Some(Ok(k)) if correlation_id(&k.properties).as_deref() == Some(&job.id) => {
                         tracing::info!(request_id = job.id, "kill received");
+                        // For an unbounded write the kill is its normal end: `stopped`.
+                        let reason = if n_images.is_none() { STOPPED } else { "killed" };
                         if let Ok(Reply { ok: true, run: Some(run), .. }) = self
-                            .writer(Command::Stop { reason: Some("killed".into()) })
+                            .writer(Command::Stop { reason: Some(reason.into()) })
                             .await
                         {
                             return Outcome::Finished(run);
@@ -1051,7 +1064,7 @@ impl Agent {
                 }
                 Some(WriterKnows::Ended(run)) => {
                     let (act, message) = describe_end(&run);
-                    let fin = job.status(act, message, run.images_written, Some(&run));
+                    let fin = job.status(act, message, run.images_written, Some(&*run));
                     return self.finish(fin, &notice, status_ch, true).await;
                 }
                 None => {}
@@ -1089,7 +1102,9 @@ impl Agent {
                 if st.current.as_ref().is_some_and(ours) {
                     Some(WriterKnows::Running)
                 } else {
-                    st.last_run.filter(ours).map(WriterKnows::Ended)
+                    st.last_run
+                        .filter(ours)
+                        .map(|r| WriterKnows::Ended(Box::new(r)))
                 }
             }
             _ => None,
@@ -1221,32 +1236,65 @@ impl Job {
 
 /// The final action and message for a run the writer finished.
 fn describe_end(run: &RunSummary) -> (&'static str, String) {
-    let (k, n, file) = (run.images_written, run.n_images, &run.output_file);
-    match run.end.as_str() {
-        "completed" => {
-            let mut message = format!("wrote {k} of {n} images to {file}");
-            if run.images_flagged > 0 {
-                message.push_str(&format!(
-                    "; {} of them flagged incomplete ({} packets missing, {} lost in the buffer)",
-                    run.images_flagged, run.missing_packets, run.images_lost_in_buffer
-                ));
-            }
-            (action::REQUEST_SUCCESS, message)
+    let (k, file) = (run.images_written, &run.output_file);
+    let flagged = || {
+        if run.images_flagged > 0 {
+            format!(
+                "; {} of them flagged incomplete ({} packets missing, {} lost in the buffer)",
+                run.images_flagged, run.missing_packets, run.images_lost_in_buffer
+            )
+        } else {
+            String::new()
         }
+    };
+    let end = run.end.as_str();
+    if let Some(why) = end.strip_prefix(CANCELLED) {
+        // The writer's words say what was removed.
+        return (action::REQUEST_FAIL, why.to_string());
+    }
+    let Some(n) = run.n_images else {
+        // Unbounded: a stop (the kill; `killed` from an agent before unbounded writes, or a stop
+        // on the writer's own socket) and the limit are its normal ends.
+        return match end {
+            STOPPED | "killed" => (
+                action::REQUEST_SUCCESS,
+                format!(
+                    "wrote {k} images to {file} (unbounded write, stopped){}",
+                    flagged()
+                ),
+            ),
+            MAX_IMAGES_REACHED => (
+                action::REQUEST_SUCCESS,
+                format!(
+                    "wrote {k} images to {file} (unbounded write, ended at max_images = {}){}",
+                    run.max_images.unwrap_or(k),
+                    flagged()
+                ),
+            ),
+            end => (
+                action::REQUEST_FAIL,
+                format!("the unbounded write ended after {k} images: {end}"),
+            ),
+        };
+    };
+    match end {
+        "completed" => (
+            action::REQUEST_SUCCESS,
+            format!("wrote {k} of {n} images to {file}{}", flagged()),
+        ),
         "killed" => (
             action::REQUEST_FAIL,
             format!("killed after {k} of {n} images; {file} holds the {k} images written"),
         ),
-        end => match end.strip_prefix(CANCELLED) {
-            // The writer's words say what was removed.
-            Some(why) => (action::REQUEST_FAIL, why.to_string()),
-            None => (
-                action::REQUEST_FAIL,
-                format!("the write ended after {k} of {n} images: {end}"),
-            ),
-        },
+        end => (
+            action::REQUEST_FAIL,
+            format!("the write ended after {k} of {n} images: {end}"),
+        ),
     }
 }
+
+/// The stop reason (and run `end`) of an unbounded write ended by its kill.
+const STOPPED: &str = "stopped";
 
 /// How the `end` of a run the writer cancelled for having no image begins
 /// ([`Command::CancelIfEmpty`]).
@@ -1309,7 +1357,7 @@ mod tests {
     fn end_messages_are_honest() {
         let run = |end: &str, k| RunSummary {
             output_file: "/d/a.h5".into(),
-            n_images: 10,
+            n_images: Some(10),
             images_written: k,
             end: end.into(),
             ..RunSummary::default()
@@ -1344,6 +1392,78 @@ mod tests {
             (
                 action::REQUEST_FAIL,
                 "no image arrived within timeout_s = 2 s; nothing was written (x)".into()
+            )
+        );
+    }
+
+    /// An unbounded write's stop and limit are successes with the count; any other end is a
+    /// failure that says so.
+    #[test]
+    fn unbounded_end_messages_report_the_count() {
+        let run = |end: &str, k| RunSummary {
+            output_file: "/d/u.h5".into(),
+            n_images: None,
+            max_images: Some(50),
+            images_written: k,
+            end: end.into(),
+            ..RunSummary::default()
+        };
+        for end in ["stopped", "killed"] {
+            assert_eq!(
+                describe_end(&run(end, 137)),
+                (
+                    action::REQUEST_SUCCESS,
+                    "wrote 137 images to /d/u.h5 (unbounded write, stopped)".into()
+                )
+            );
+        }
+        assert_eq!(
+            describe_end(&run("stopped", 0)),
+            (
+                action::REQUEST_SUCCESS,
+                "wrote 0 images to /d/u.h5 (unbounded write, stopped)".into()
+            )
+        );
+        assert_eq!(
+            describe_end(&run(MAX_IMAGES_REACHED, 50)),
+            (
+                action::REQUEST_SUCCESS,
+                "wrote 50 images to /d/u.h5 (unbounded write, ended at max_images = 50)".into()
+            )
+        );
+        let flagged = RunSummary {
+            images_flagged: 2,
+            missing_packets: 7,
+            ..run("stopped", 9)
+        };
+        assert_eq!(
+            describe_end(&flagged).1,
+            "wrote 9 images to /d/u.h5 (unbounded write, stopped); 2 of them flagged incomplete \
+             (7 packets missing, 0 lost in the buffer)"
+        );
+        for (end, message) in [
+            (
+                "stopped: the writer agent was shut down",
+                "the unbounded write ended after 3 images: stopped: the writer agent was shut down",
+            ),
+            (
+                "failed: disk full",
+                "the unbounded write ended after 3 images: failed: disk full",
+            ),
+        ] {
+            assert_eq!(
+                describe_end(&run(end, 3)),
+                (action::REQUEST_FAIL, message.into())
+            );
+        }
+        assert_eq!(
+            describe_end(&run(
+                "cancelled: no image within 2 s; nothing was written (x)",
+                0
+            )),
+            (
+                action::REQUEST_FAIL,
+                "no image within 2 s; nothing was written (x)".into()
             )
         );
     }

@@ -45,7 +45,9 @@ struct Args {
     /// Folder every output_file must resolve into (no `..`, no symbolic link out of it).
     #[arg(long, env = "OUTPUT_ROOT")]
     output_root: PathBuf,
-    /// Largest n_images a request may ask for.
+    /// Largest n_images a request may ask for. Also the most images an unbounded write (a
+    /// request without n_images, written until it is killed) writes: it ends there by itself,
+    /// with request_success.
     #[arg(long, env = "MAX_IMAGES", default_value_t = 1_000_000)]
     max_images: u64,
     /// Create the missing folders of output_file (inside the output root). Off: such a request is

@@ -19,8 +19,11 @@ pub struct WriteRequest {
     /// Absolute path of the HDF5 file to create, ending in `.h5`, inside the agent's output root.
     pub output_file: String,
     /// How many images to write (1..=the agent's `--max-images`): the next `n_images` images the
-    /// assembler publishes after the writer accepted the request.
-    pub n_images: u64,
+    /// assembler publishes after the writer accepted the request. Absent or `null`: an
+    /// **unbounded** write, which writes every image until it is killed (the `kill` exchange),
+    /// and at most `--max-images` images (it then ends by itself).
+    #[serde(default)]
+    pub n_images: Option<u64>,
     /// Legacy (std_daq REST): the user the data belongs to. Any JSON value; echoed only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<serde_json::Value>,
@@ -41,6 +44,11 @@ pub struct WriteRequest {
 }
 
 impl WriteRequest {
+    /// Whether the request writes until it is stopped (no `n_images`).
+    pub fn is_unbounded(&self) -> bool {
+        self.n_images.is_none()
+    }
+
     /// [`WriteRequest::timeout_s`] as a duration (`None` for a value [`parse`] would refuse).
     pub fn timeout(&self) -> Option<std::time::Duration> {
         self.timeout_s
@@ -187,6 +195,8 @@ impl Policy {
         &self.root
     }
 
+    /// The most images one request writes: the bound of `n_images`, and where an unbounded
+    /// write ends if nobody stops it before.
     pub fn max_images(&self) -> u64 {
         self.max_images
     }
@@ -220,9 +230,10 @@ impl Policy {
         if parts.is_empty() {
             return Err(outside());
         }
-        if request.n_images == 0 || request.n_images > self.max_images {
+        // An unbounded request has no count to judge; the writer stops it at max_images.
+        if let Some(n) = request.n_images.filter(|n| *n == 0 || *n > self.max_images) {
             return Err(RequestError::NImages {
-                got: request.n_images,
+                got: n,
                 max: self.max_images,
             });
         }
@@ -331,7 +342,7 @@ mod tests {
     fn req(output_file: &str, n_images: u64) -> WriteRequest {
         WriteRequest {
             output_file: output_file.into(),
-            n_images,
+            n_images: Some(n_images),
             user_id: None,
             run_id: None,
             sources: None,
@@ -427,12 +438,6 @@ mod tests {
             parse(br#"["/a.h5", 3]"#).unwrap_err().to_string(),
             "the request body is not a valid write request: expected a JSON object, got an array"
         );
-        assert_eq!(
-            parse(br#"{"output_file":"/a.h5"}"#)
-                .unwrap_err()
-                .to_string(),
-            "the request body is not a valid write request: missing field `n_images`"
-        );
         let e = parse(br#"{"output_file":"/a.h5","n_images":"ten"}"#).unwrap_err();
         assert!(
             matches!(e, RequestError::BadFields(ref m) if m.starts_with("invalid type: string \"ten\", expected u64")),
@@ -442,10 +447,54 @@ mod tests {
             br#"{"output_file":"/a.h5","n_images":3,"user_id":17,"run_id":"r1","sources":["jf"],"timestamp":1.5}"#,
         )
         .unwrap();
-        assert_eq!(r.n_images, 3);
+        assert_eq!(r.n_images, Some(3));
         assert_eq!(r.user_id, Some(serde_json::json!(17)));
         let e = parse(br#"{"output_file":"/a.h5","n_image":3}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `n_image`"), "{e}");
+    }
+
+    /// `n_images` absent or null is an unbounded write, within any --max-images; a number must
+    /// still be 1..=max; other types are refused with serde's reason.
+    #[test]
+    fn n_images_absent_or_null_is_unbounded_and_a_number_is_checked_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let policy = Policy::new(&root, 10, false).unwrap();
+        let r = root.display();
+        let body = |n: &str| format!(r#"{{"output_file":"{r}/u.h5"{n}}}"#);
+        for shape in ["", r#","n_images":null"#] {
+            let request = parse(body(shape).as_bytes()).unwrap();
+            assert_eq!(request.n_images, None, "{shape}");
+            assert!(request.is_unbounded());
+            assert_eq!(policy.check(&request).unwrap(), root.join("u.h5"));
+        }
+        let bounded = parse(body(r#","n_images":10"#).as_bytes()).unwrap();
+        assert!(!bounded.is_unbounded());
+        assert!(policy.check(&bounded).is_ok());
+        for (n, message) in [
+            ("0", "n_images must be between 1 and 10, got 0"),
+            ("11", "n_images must be between 1 and 10, got 11"),
+        ] {
+            let request = parse(body(&format!(r#","n_images":{n}"#)).as_bytes()).unwrap();
+            assert_eq!(policy.check(&request).unwrap_err().to_string(), message);
+        }
+        for (n, message) in [
+            ("-3", "invalid value: integer `-3`, expected u64"),
+            (r#""ten""#, "invalid type: string \"ten\", expected u64"),
+            ("2.5", "invalid type: floating point `2.5`, expected u64"),
+            ("true", "invalid type: boolean `true`, expected u64"),
+        ] {
+            let e = parse(body(&format!(r#","n_images":{n}"#)).as_bytes()).unwrap_err();
+            assert!(e.is_malformed());
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "the request body is not a valid write request: {message}"
+                )),
+                "{n}: {e}"
+            );
+        }
+        // Nothing was created by any of it.
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `std-daq write` against a real agent, broker and pipeline: exit 0 with the file written on
-//! success; non-zero with the agent's exact reason on failure.
+//! success; non-zero with the agent's exact reason on failure; without --n-images an unbounded
+//! write that `std-daq kill` ends, exit 0 with the count.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -95,6 +96,61 @@ async fn std_daq_write_succeeds_with_the_file_and_fails_with_the_agents_reason()
     assert!(
         stderr.contains("output_file \"rel.h5\" must be an absolute path"),
         "{stderr}"
+    );
+
+    // Unbounded: no --n-images; `std-daq kill <id>` is its normal end.
+    let file = root.join("cli-unbounded.h5");
+    let cli = {
+        let (tag, file) = (tag.clone(), file.display().to_string());
+        tokio::task::spawn_blocking(move || std_daq(&["write", "--output", &file, "--tag", &tag]))
+    };
+    let id = loop {
+        let s = tokio::time::timeout(WATCHDOG, observed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if s.action == action::REQUEST_START && s.body["output_file"] == file.display().to_string()
+        {
+            assert!(
+                s.message.contains("until stopped (unbounded write"),
+                "{s:?}"
+            );
+            break s.request_id;
+        }
+    };
+    let sim = simulate_from(&p, 200, 50.0, 1000);
+    loop {
+        let s = next_for(&mut observed, &id).await;
+        assert_eq!(s.action, action::REQUEST_PROGRESS, "{s:?}");
+        if s.body["images_written"].as_u64().unwrap() >= 3 {
+            break;
+        }
+    }
+    let kill = {
+        let (tag, id) = (tag.clone(), id.clone());
+        tokio::task::spawn_blocking(move || std_daq(&["kill", &id, "--tag", &tag]))
+            .await
+            .unwrap()
+    };
+    assert!(kill.status.success(), "{kill:?}");
+    let out = cli.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sim.await.unwrap();
+    let report = std_daq_tests::verify_h5(&file, &detector, "").unwrap();
+    let k = report["images"].as_u64().unwrap();
+    assert!(k >= 3, "{report}");
+    assert_eq!(report["exact_images"], k, "{report}");
+    assert!(
+        stdout.contains(&format!(
+            "succeeded: wrote {k} images to {} (unbounded write, stopped)",
+            file.display()
+        )),
+        "{stdout}"
     );
 
     agent.stop().await;

@@ -224,6 +224,145 @@ async fn kill_mid_write_leaves_a_trimmed_valid_file_and_an_honest_status() {
     stop_pipeline(p, &work).await;
 }
 
+/// An unbounded write (no n_images): request_start says so, progress shows the count without a
+/// total, the writer's status shows `n_images: null`, and the kill ends it with request_success
+/// and the count k; the file is complete (no .part) and h5py reads exactly k exact images with
+/// consecutive ids. Then, with an agent whose --max-images is 20, an unbounded write nobody stops
+/// ends by itself at 20 images, also a success with a complete file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_write_runs_until_killed_and_ends_in_success_with_a_complete_file() {
+    use h5_writer::command::{Command, WriterClient};
+    let (p, root, detector) = start_pipeline("agentunb").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("unbounded");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, false).unwrap(),
+    )
+    .await;
+    let mut observed = observe_statuses().await;
+    let opts = client_options(&tag);
+    let file = root.join("unbounded.h5");
+    let id = client::new_request_id();
+    let body = serde_json::json!({"output_file": file, "n_images": null}).to_string();
+    let request = {
+        let (opts, id) = (opts.clone(), id.clone());
+        tokio::spawn(async move { client::send_request(&opts, &id, body.as_bytes(), |_| {}).await })
+    };
+    let start = next_for(&mut observed, &id).await;
+    assert_eq!(start.action, action::REQUEST_START);
+    assert_eq!(
+        start.message,
+        format!(
+            "writing images to {} until stopped (unbounded write, at most 1000 images)",
+            file.display()
+        )
+    );
+    let sim = simulate(&p, 200, 50.0);
+    loop {
+        let s = next_for(&mut observed, &id).await;
+        assert_eq!(s.action, action::REQUEST_PROGRESS, "{s:?}");
+        let k = s.body["images_written"].as_u64().unwrap();
+        if s.message.starts_with("waiting for the first image for ") {
+            assert_eq!(k, 0, "{s:?}");
+            continue;
+        }
+        let safe: u64 = s
+            .message
+            .strip_prefix(&format!("wrote {k} images ("))
+            .and_then(|r| r.strip_suffix(" safe in the file)"))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("{}", s.message));
+        assert!(safe <= k, "{}", s.message);
+        if k >= 5 {
+            break;
+        }
+    }
+    // What a poller (the HTTP API, a bluesky device) reads from the writer.
+    let writer = WriterClient::new(
+        &zmq::Context::new(),
+        &writer_endpoint(&p),
+        std::time::Duration::from_secs(5),
+    );
+    let status = tokio::task::spawn_blocking(move || writer.request(&Command::Status))
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+        .unwrap();
+    let current = status.current.expect("the unbounded run is current");
+    assert_eq!(current.request_id.as_deref(), Some(id.as_str()));
+    assert_eq!(current.n_images, None);
+    assert_eq!(current.max_images, Some(1000));
+    assert!(current.images_written >= 5, "{current:?}");
+
+    client::kill(&opts, &id).await.unwrap();
+    let done = request.await.unwrap().unwrap();
+    let k = done.body["images_written"].as_u64().unwrap();
+    assert!((5..=200).contains(&k), "{done:?}");
+    assert_eq!(done.action, action::REQUEST_SUCCESS);
+    assert_eq!(
+        done.message,
+        format!(
+            "wrote {k} images to {} (unbounded write, stopped)",
+            file.display()
+        )
+    );
+    assert_eq!(done.body["n_images"], serde_json::Value::Null);
+    assert_eq!(done.body["run"]["end"], "stopped");
+    assert_eq!(done.body["run"]["n_images"], serde_json::Value::Null);
+    assert_eq!(done.body["run"]["images_written"], k);
+    assert_eq!(done.body["run"]["images_checkpointed"], k);
+    sim.await.unwrap();
+    assert!(!h5_writer::service::partial_path(&file).exists());
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["images"], k, "{report}");
+    assert_eq!(report["exact_images"], k, "{report}");
+    assert_eq!(report["ids_consecutive"], true, "{report}");
+    agent.stop().await;
+
+    // Nobody stops it: it ends by itself at the agent's --max-images.
+    let tag = unique_tag("unbounded-max");
+    let agent = RunningAgent::start(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 20, false).unwrap(),
+    )
+    .await;
+    let file = root.join("capped.h5");
+    let id = client::new_request_id();
+    let body = serde_json::json!({"output_file": file}).to_string();
+    let request = {
+        let opts = client_options(&tag);
+        let id = id.clone();
+        tokio::spawn(async move { client::send_request(&opts, &id, body.as_bytes(), |_| {}).await })
+    };
+    assert_eq!(
+        next_for(&mut observed, &id).await.action,
+        action::REQUEST_START
+    );
+    let sim = simulate_from(&p, 60, 50.0, 1000);
+    let done = request.await.unwrap().unwrap();
+    sim.await.unwrap();
+    assert_eq!(done.action, action::REQUEST_SUCCESS);
+    assert_eq!(
+        done.message,
+        format!(
+            "wrote 20 images to {} (unbounded write, ended at max_images = 20)",
+            file.display()
+        )
+    );
+    assert_eq!(done.body["run"]["end"], "max_images reached");
+    assert!(!h5_writer::service::partial_path(&file).exists());
+    let report = verify_h5(&file, &detector, "").unwrap();
+    assert_eq!(report["images"], 20, "{report}");
+    assert_eq!(report["exact_images"], 20, "{report}");
+    assert_eq!(report["ids_consecutive"], true, "{report}");
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
+
 /// Each bad request gets request_fail with exactly what is wrong, is not requeued, and leaves
 /// nothing on disk (not even a folder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,9 +432,13 @@ async fn bad_requests_are_refused_with_exact_reasons_and_leave_nothing_on_disk()
             r#"{"output_file":17,"n_images":3}"#.into(),
             "the request body is not a valid write request: invalid type: integer `17`, expected a string".into(),
         ),
+        // No n_images is an unbounded write: it passes every check and reaches the (absent)
+        // writer.
         (
             format!(r#"{{"output_file":"{r}/a.h5"}}"#),
-            "the request body is not a valid write request: missing field `n_images`".into(),
+            format!(
+                "the writer at {endpoint} did not take the request: the writer did not answer within 2s"
+            ),
         ),
         (
             format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"overwrite":true}}"#),
