@@ -12,6 +12,8 @@
 //! | GET /config | | the detector config |
 //! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
 //!
+//! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md).
+//!
 //! Never: hold a request open against a timer (PSI's 10 s cap reported long writes as failures),
 //! or report a killed write as a success.
 

@@ -377,9 +377,20 @@ impl Compat {
             .collect();
         let stop = (status != "RUNNING").then_some(now);
         let record = deploy::deployment(&id, status, &message, &services, now, stop);
-        // The supervisor may have finished already: never overwrite its record of this config.
-        let _: () = redis::cmd("SET")
+        // The supervisor may have applied it already: never overwrite its record of this config.
+        let _: i64 = redis::cmd("EVAL")
+            .arg(
+                r"local cur = redis.call('GET', KEYS[1])
+              if cur then
+                local ok, rec = pcall(cjson.decode, cur)
+                if ok and type(rec) == 'table' and rec.config_id == ARGV[1] then return 0 end
+              end
+              redis.call('SET', KEYS[1], ARGV[2])
+              return 1",
+            )
+            .arg(1)
             .arg(deploy::deployment_key(det))
+            .arg(&id)
             .arg(record.to_string())
             .query(&mut con)
             .map_err(|e| format!("storing the deployment record: {e}"))?;

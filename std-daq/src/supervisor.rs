@@ -4,7 +4,8 @@
 //! is restarted with exponential backoff (1 s doubling to 32 s, reset after a minute of uptime)
 //! and the restart is logged. On SIGINT/SIGTERM the children are stopped upstream first
 //! (receivers, assembler, then the rest) so each drains into the next, and whatever a crashed
-//! child left behind (shared memory, ipc files) is removed.
+//! child left behind (shared memory, ipc files) is removed. With `--watch-config`
+//! ([`ConfigWatch`]) it also applies configs set through `std-daq api` (docs/api.md).
 //!
 //! Never: leave a child running after it returns, or restart in a tight loop.
 
