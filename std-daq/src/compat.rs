@@ -18,6 +18,9 @@ use std_daq_common::DetectorConfig;
 use std_writer_agent::client::{self, BlockingError, ClientError};
 use std_writer_agent::protocol::{action, unix_now, StatusMessage};
 
+/// The message of a request no status came back for yet.
+const SENT: &str = "Request sent to the writer agent.";
+
 /// How many acquisitions `/daq/logs` keeps in Redis.
 pub const MAX_LOGS: isize = 1000;
 
@@ -496,7 +499,7 @@ impl Compat {
                 info: json!({"n_images": request.get("n_images"), "output_file": request.get("output_file"), "run_id": run_id}),
                 n_images,
                 state: "WAITING_IMAGES",
-                message: "Request sent to the writer agent.".into(),
+                message: SENT.into(),
                 images_written: 0,
                 start_time: None,
                 stop_time: None,
@@ -537,6 +540,17 @@ impl Compat {
                 Ok(s) => {
                     this.update(|a| a.update(&s));
                     this.log_acquisition();
+                }
+                // Nothing came back (no agent, broker unreachable): nothing started.
+                Err(e)
+                    if this.active().is_some_and(|a| {
+                        a.start_time.is_none() && a.state == "WAITING_IMAGES" && a.message == SENT
+                    }) =>
+                {
+                    if let Ok(mut c) = this.current.lock() {
+                        *c = previous;
+                    }
+                    refusal = Some(e);
                 }
                 Err(e) => this.update(|a| {
                     a.state = "FAILED";

@@ -308,6 +308,41 @@ fn psi_std_daq_client_drives_us_unchanged() {
     assert_eq!(logs[1], *sync);
     assert_eq!(r["logs_1"], serde_json::json!([sync]));
 
+    // A config that reaches up invalid (written to the stream by hand) changes nothing: up
+    // validates it again and its deployment record says why.
+    let mut bad = expected.clone();
+    bad["bit_depth"] = 12.into();
+    let bad_id: String = redis::cmd("XADD")
+        .arg(std_daq::deploy::configs_key(&det))
+        .arg("*")
+        .arg("json")
+        .arg(bad.to_string())
+        .query(&mut s.redis)
+        .unwrap();
+    let mut record = serde_json::Value::Null;
+    wait_for("up to refuse the invalid config", || {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(std_daq::deploy::deployment_key(&det))
+            .query(&mut s.redis)
+            .unwrap();
+        record = text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        record["config_id"] == bad_id.as_str()
+    });
+    assert_eq!(record["status"], "FAILED", "{record}");
+    assert!(
+        record["message"]
+            .as_str()
+            .unwrap()
+            .contains("key `bit_depth`"),
+        "{record}"
+    );
+    let applied: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.work.join("applied.json")).unwrap())
+            .unwrap();
+    assert_eq!(applied, expected, "the applied config is unchanged");
+
     // The logs are in Redis: a restarted API still has them.
     drop(s.api.take());
     let port = std_daq_tests::free_port().unwrap();
@@ -368,4 +403,117 @@ fn stop(mut s: Stack) {
         std_daq::pipeline::leftovers(&s.cfg)
     );
     std::fs::remove_dir_all(&s.work).unwrap();
+}
+
+fn http_post(port: u16, path: &str, body: &str) -> serde_json::Value {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Without `std-daq up --watch-config` (and without an agent): a config is stored and the answer
+/// names what must be restarted; the detector name cannot change; a write has no agent to go to.
+#[test]
+fn without_a_supervisor_a_config_is_stored_and_names_the_restarts() {
+    let opts = std_daq_tests::options("psin").unwrap();
+    let work = opts.work_dir.clone();
+    std::fs::create_dir_all(&work).unwrap();
+    let config_path = work.join("detector.json");
+    let json = config_json(&opts, SimulatedDetector::Jungfrau);
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    let cfg = DetectorConfig::from_file(&config_path).unwrap();
+    let det = cfg.detector_name.clone();
+    let port = std_daq_tests::free_port().unwrap();
+    let api = start_api(&work, &config_path, &det, port);
+
+    let r = http_post(port, "/daq/config", r#"{"detector_name": "other"}"#);
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("key `detector_name`"),
+        "{r}"
+    );
+    let r = http_post(port, "/daq/config", "[1, 2]");
+    assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(
+        http_get(port, "/daq/config")["config"],
+        cfg.raw,
+        "nothing changed"
+    );
+
+    let r = http_post(port, "/daq/config", r#"{"writer_user_id": 5}"#);
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(
+        http_get(port, "/daq/deployment")["deployment"]["status"],
+        "SUCCESS"
+    );
+    let r = http_post(
+        port,
+        "/daq/config",
+        r#"{"frame_timeout_ms": 50, "writer_user_id": null}"#,
+    );
+    assert_eq!(r["status"], "ok", "{r}");
+    assert!(
+        r["config"].get("writer_user_id").is_none(),
+        "null removes a key: {r}"
+    );
+    let message = r["message"].as_str().unwrap();
+    assert!(
+        message.contains("restart std-udp-recv (every module), std-h5-writer yourself"),
+        "{message}"
+    );
+    let d = http_get(port, "/daq/deployment")["deployment"].clone();
+    assert_eq!(d["status"], "RESTART_NEEDED", "{d}");
+    assert_eq!(d["message"], message);
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg(format!("config.std-daq.{det}.udp-recv-1"))
+        .query(&mut redis)
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["frame_timeout_ms"], 50);
+    assert_eq!(http_get(port, "/daq/config")["config"], stored);
+
+    let r = http_post(
+        port,
+        "/writer/write_async",
+        r#"{"output_file": "/tmp/x.h5", "n_images": 1}"#,
+    );
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("no writer agent"),
+        "{r}"
+    );
+    assert_eq!(http_get(port, "/writer/status")["writer"]["state"], "READY");
+    assert_eq!(http_post(port, "/writer/stop", "{}")["status"], "ok");
+    assert_eq!(http_get(port, "/daq/logs/3")["logs"], serde_json::json!([]));
+
+    drop(api);
+    let mut keys = vec![
+        std_daq::deploy::configs_key(&det),
+        std_daq::deploy::deployment_key(&det),
+    ];
+    keys.extend(
+        std_daq::deploy::service_names(&cfg)
+            .into_iter()
+            .map(|n| format!("config.{n}")),
+    );
+    for key in keys {
+        let _: () = redis::cmd("DEL").arg(key).query(&mut redis).unwrap();
+    }
+    std::fs::remove_dir_all(&work).unwrap();
 }
