@@ -537,9 +537,21 @@ impl Compat {
                     }
                     refusal = Some(s.message);
                 }
+                // Logged before it shows as done, so whoever sees it done finds it in the logs.
                 Ok(s) => {
-                    this.update(|a| a.update(&s));
-                    this.log_acquisition();
+                    let fin = this
+                        .current
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.clone())
+                        .map(|mut a| {
+                            a.update(&s);
+                            a
+                        });
+                    if let Some(fin) = fin {
+                        this.log_acquisition(&fin);
+                        this.update(|a| *a = fin);
+                    }
                 }
                 // Nothing came back (no agent, broker unreachable): nothing started.
                 Err(e)
@@ -623,10 +635,7 @@ impl Compat {
     }
 
     /// Appends the finished acquisition to `/daq/logs` (in Redis, so an API restart keeps it).
-    fn log_acquisition(&self) {
-        let Some(a) = self.current.lock().ok().and_then(|c| c.clone()) else {
-            return;
-        };
+    fn log_acquisition(&self, a: &Acquisition) {
         let Some(det) = self
             .file_config
             .as_ref()
