@@ -97,7 +97,8 @@ impl Acquisition {
                 self.finish();
             }
             action::REQUEST_FAIL => {
-                if s.body["killed"] == true && self.images_written > 0 {
+                let killed = s.body["killed"] == true || s.body["run"]["end"] == "killed";
+                if killed && self.images_written > 0 {
                     // Stopped on request: the file holds what was written (PSI: FINISHED,
                     // "Interrupted."), with the agent's words.
                     self.state = "FINISHED";
@@ -830,7 +831,7 @@ mod tests {
         let mut k = acq(Some(10));
         k.update(&status(
             "request_fail",
-            json!({"images_written": 3, "killed": true}),
+            json!({"images_written": 3, "run": {"end": "killed"}}),
         ));
         assert_eq!(
             (k.state, k.message.as_str()),

@@ -123,6 +123,20 @@ def main():
                                                "run_id": 4242})
     t.join()
 
+    # stop_writer on a bounded write: the kill of its request; the file keeps what was written.
+    stopped_file = f"{args.root}/psi_stopped.h5"
+    client.start_writer_async({"output_file": stopped_file, "n_images": 5000})
+    poll("the write to stop to wait", client.get_status,
+         lambda s: s["acquisition"]["state"] == "WAITING_IMAGES"
+         and s["acquisition"]["stats"]["start_time"] is not None)
+    sim = threading.Thread(target=simulate, args=(600, 50))
+    sim.start()
+    poll("images in the write to stop", client.get_status,
+         lambda s: s["acquisition"]["stats"]["n_write_completed"] >= 10)
+    report["stopped"] = client.stop_writer()
+    report["stopped_file"] = stopped_file
+    sim.join()
+
     # Refused by the agent: the client's exception with the agent's words.
     report["refused_write"] = refused(client.start_writer_async,
                                       {"output_file": "relative.h5", "n_images": 5})

@@ -285,12 +285,35 @@ fn psi_std_daq_client_drives_us_unchanged() {
     let report = std_daq_tests::verify_h5(&sync_file, &det, "").unwrap();
     assert_eq!(report["exact_images"], 15, "{report}");
 
+    // stop_writer on a bounded write: FINISHED, "Interrupted." with the agent's words, and the
+    // file holds exactly the images written.
+    let stopped = &r["stopped"];
+    assert_eq!(stopped["state"], "READY", "{stopped}");
+    let st = &stopped["acquisition"];
+    assert_eq!(st["state"], "FINISHED", "{stopped}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Interrupted. killed after "),
+        "{stopped}"
+    );
+    let k = st["stats"]["n_write_completed"].as_u64().unwrap();
+    assert!((10..5000).contains(&k), "{stopped}");
+    let stopped_file = PathBuf::from(r["stopped_file"].as_str().unwrap());
+    let report = std_daq_tests::verify_h5(&stopped_file, &det, "").unwrap();
+    assert_eq!(
+        (report["images"].as_u64(), report["exact_images"].as_u64()),
+        (Some(k), Some(k)),
+        "{report}"
+    );
+
     // A refused write: the client's exception with the agent's words; the last acquisition stays.
     assert_eq!(
         r["refused_write"],
         "output_file \"relative.h5\" must be an absolute path"
     );
-    assert_eq!(r["status_after_refusal"]["acquisition"], *sync);
+    assert_eq!(r["status_after_refusal"]["acquisition"], *st);
     assert!(!s.root.join("relative.h5").exists());
 
     // get_stats: PSI's shape, rates from the services' status.
@@ -301,12 +324,13 @@ fn psi_std_daq_client_drives_us_unchanged() {
         }
     }
 
-    // get_logs: both acquisitions, oldest first, as get_status showed them.
+    // get_logs: the three acquisitions, oldest first, as get_status showed them.
     let logs = r["logs"].as_array().unwrap();
-    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(logs.len(), 3, "{logs:?}");
     assert_eq!(logs[0], *acq);
     assert_eq!(logs[1], *sync);
-    assert_eq!(r["logs_1"], serde_json::json!([sync]));
+    assert_eq!(logs[2], *st);
+    assert_eq!(r["logs_1"], serde_json::json!([st]));
 
     // A config that reaches up invalid (written to the stream by hand) changes nothing: up
     // validates it again and its deployment record says why.
