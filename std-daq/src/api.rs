@@ -12,6 +12,8 @@
 //! | GET /config | | the detector config |
 //! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
 //!
+//! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md).
+//!
 //! Never: hold a request open against a timer (PSI's 10 s cap reported long writes as failures),
 //! or report a killed write as a success.
 
@@ -75,12 +77,18 @@ fn status_json(s: &StatusMessage) -> serde_json::Value {
 /// Serves until the process ends; each request runs on its own thread (a synchronous write may
 /// take as long as the write does).
 pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
+    let compat = Arc::new(crate::compat::Compat::new(
+        settings.client.clone(),
+        settings.redis_url.clone(),
+        settings.config_json.clone(),
+    ));
     let settings = Arc::new(settings);
     let requests = Arc::new(Requests::default());
     for request in server.incoming_requests() {
         let (settings, requests) = (Arc::clone(&settings), Arc::clone(&requests));
+        let compat = Arc::clone(&compat);
         std::thread::spawn(move || {
-            if let Err(e) = handle(request, &settings, &requests) {
+            if let Err(e) = handle(request, &settings, &requests, &compat) {
                 tracing::warn!("answering an HTTP request: {e:#}");
             }
         });
@@ -88,7 +96,12 @@ pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
     Ok(())
 }
 
-fn handle(mut request: Request, settings: &ApiSettings, requests: &Arc<Requests>) -> Result<()> {
+fn handle(
+    mut request: Request,
+    settings: &ApiSettings,
+    requests: &Arc<Requests>,
+    compat: &Arc<crate::compat::Compat>,
+) -> Result<()> {
     let mut body = Vec::new();
     request
         .as_reader()
@@ -97,6 +110,10 @@ fn handle(mut request: Request, settings: &ApiSettings, requests: &Arc<Requests>
         .context("reading the body")?;
     let url = request.url().to_string();
     let path = url.split('?').next().unwrap_or("").to_string();
+    if let Some((code, value)) = compat.route(request.method().as_str(), &path, &body) {
+        request.respond(json_response(code, &value))?;
+        return Ok(());
+    }
     let response = match (request.method(), path.as_str()) {
         (Method::Post, "/write_sync") => write(settings, requests, &body, true),
         (Method::Post, "/write_async") => write(settings, requests, &body, false),
@@ -250,7 +267,7 @@ fn openapi() -> serde_json::Value {
             }
         }}}
     });
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "std-daq control API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Write requests go to std-writer-agent over RabbitMQ (docs/protocol.md)."},
@@ -269,7 +286,37 @@ fn openapi() -> serde_json::Value {
             "/service_status": {"get": {"summary": "Every service's status hash from Redis", "responses": {"200": {"description": "by service"}}}},
             "/config": {"get": {"summary": "The detector config", "responses": {"200": {"description": "config JSON"}}}}
         }
-    })
+    });
+    // PSI std_daq compatibility (std-daq-client 1.3.5): always HTTP 200 with the envelope.
+    let envelope = |key: &str, what: &str| {
+        serde_json::json!({"200": {"description": format!(
+        "{{\"status\": \"ok\"|\"error\", \"message\": str, \"{key}\": {what}}} (a refused request is status error with the reason)")}})
+    };
+    let psi_write = serde_json::json!({"required": true, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["output_file"],
+        "properties": {"output_file": {"type": "string"},
+                       "n_images": {"type": "integer", "minimum": 1, "description": "absent: write until /writer/stop"},
+                       "run_id": {"description": "default: the request time in ns"}}}}}});
+    let compat = serde_json::json!({
+        "/daq/config": {
+            "get": {"summary": "PSI: the detector config", "responses": envelope("config", "the config")},
+            "post": {"summary": "PSI: set config keys (a partial change; null removes a key); validated like a config file, stored in Redis, applied by std-daq up --watch-config",
+                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
+                     "responses": envelope("config", "the config now stored")}},
+        "/writer/write_async": {"post": {"summary": "PSI: start a write; answers once the agent took it", "requestBody": psi_write, "responses": envelope("writer", "writer status")}},
+        "/writer/write_sync": {"post": {"summary": "PSI: write; answers when the write ended", "requestBody": psi_write, "responses": envelope("writer", "writer status")}},
+        "/writer/stop": {"post": {"summary": "PSI: stop the running write (a kill of its request)", "responses": envelope("writer", "writer status")}},
+        "/writer/status": {"get": {"summary": "PSI: writer state READY|WRITING|UNKNOWN and the acquisition", "responses": envelope("writer", "writer status")}},
+        "/daq/stats": {"get": {"summary": "PSI: detector and writer rates from the services' Redis status", "responses": envelope("stats", "{detector, writer: {bytes_per_second, images_per_second}}")}},
+        "/daq/logs/{n}": {"get": {"summary": "PSI: the last n acquisitions, oldest first",
+            "parameters": [{"name": "n", "in": "path", "required": true, "schema": {"type": "integer"}}],
+            "responses": envelope("logs", "list of acquisitions")}},
+        "/daq/deployment": {"get": {"summary": "PSI: progress of the last config change", "responses": envelope("deployment", "{config_id, status, message, servers, stats}")}}
+    });
+    if let (Some(paths), serde_json::Value::Object(more)) = (doc["paths"].as_object_mut(), compat) {
+        paths.extend(more);
+    }
+    doc
 }
 
 const DOCS_HTML: &str = r#"<!doctype html>

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod compat;
+pub mod deploy;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

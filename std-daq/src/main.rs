@@ -39,8 +39,9 @@ enum Cmd {
     /// its Prometheus metrics are served (or "metrics off") and its counters.
     Status(StatusArgs),
     /// The HTTP control API (write sync/async, kill, request status, service status, config,
-    /// OpenAPI at /openapi.json, interactive page at /docs); speaks to the writer agent over
-    /// RabbitMQ.
+    /// OpenAPI at /openapi.json, interactive page at /docs), and PSI std_daq's REST routes for
+    /// std-daq-client (/daq/config, /writer/..., /daq/stats, /daq/logs/<n>, /daq/deployment;
+    /// docs/api.md); speaks to the writer agent over RabbitMQ.
     Api(ApiArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
@@ -52,10 +53,11 @@ struct ApiArgs {
     /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Detector config file (served at /config).
+    /// Detector config file (served at /config; the PSI routes /daq/* and /writer/* need it to
+    /// know the detector, and serve the config last set through /daq/config once there is one).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Redis for /service_status.
+    /// Redis for /service_status and the PSI routes (configs, deployment, logs, stats).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
     #[command(flatten)]
@@ -95,6 +97,16 @@ struct UpArgs {
     /// Also run std-stream-send to this host:port.
     #[arg(long)]
     stream_target: Option<String>,
+    /// Apply configs set at run time through `std-daq api` (`POST /daq/config`): store --config
+    /// in Redis as the detector's config, watch for new ones, validate each again and restart
+    /// the services whose behaviour depends on a changed key (docs/api.md). Needs Redis
+    /// (REDIS_HOST, REDIS_PORT).
+    #[arg(long)]
+    watch_config: bool,
+    /// With --watch-config: where the applied config is written for the restarted services.
+    /// Default: std-daq-up.<detector>.config.json in the temporary folder.
+    #[arg(long)]
+    applied_config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,13 +237,23 @@ fn up(args: UpArgs) -> Result<()> {
         stream_target: args.stream_target,
     };
     let specs = supervisor::services_for(&cfg, &config, &opts);
+    let bin_dir = default_bin_dir()?;
+    let watch = args.watch_config.then(|| supervisor::ConfigWatch {
+        bin_dir: bin_dir.clone(),
+        redis: std_daq_common::status::RedisEnv::from_env(),
+        applied_path: args.applied_config.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("std-daq-up.{}.config.json", cfg.detector_name))
+        }),
+        config_path: config.clone(),
+        opts: opts.clone(),
+    });
     let shutdown = std_daq_common::service::Shutdown::on_signals()?;
     tracing::info!(
         detector = cfg.detector_name,
         services = specs.len(),
         "starting"
     );
-    let report = supervisor::run(&default_bin_dir()?, &cfg, specs, &shutdown)?;
+    let report = supervisor::run_watching(&bin_dir, &cfg, specs, &shutdown, watch.as_ref())?;
     for (service, n) in &report.restarts {
         tracing::info!(service, restarts = n, "was restarted");
     }

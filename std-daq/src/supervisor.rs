@@ -4,7 +4,8 @@
 //! is restarted with exponential backoff (1 s doubling to 32 s, reset after a minute of uptime)
 //! and the restart is logged. On SIGINT/SIGTERM the children are stopped upstream first
 //! (receivers, assembler, then the rest) so each drains into the next, and whatever a crashed
-//! child left behind (shared memory, ipc files) is removed.
+//! child left behind (shared memory, ipc files) is removed. With `--watch-config`
+//! ([`ConfigWatch`]) it also applies configs set through `std-daq api` (docs/api.md).
 //!
 //! Never: leave a child running after it returns, or restart in a tight loop.
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
+use std_daq_common::status::{RedisEnv, StatusBoard, StatusReporter};
 use std_daq_common::{DetectorConfig, MetricsService};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -127,17 +129,42 @@ pub fn run(
     specs: Vec<ServiceSpec>,
     shutdown: &Shutdown,
 ) -> Result<UpReport> {
-    let mut slots: Vec<Slot> = specs
-        .into_iter()
-        .map(|spec| Slot {
-            spec,
-            child: None,
-            started: Instant::now(),
-            restarts: 0,
-            next_start: Some(Instant::now()),
-        })
-        .collect();
+    run_watching(bin_dir, cfg, specs, shutdown, None)
+}
+
+fn new_slot(spec: ServiceSpec) -> Slot {
+    Slot {
+        spec,
+        child: None,
+        started: Instant::now(),
+        restarts: 0,
+        next_start: Some(Instant::now()),
+    }
+}
+
+/// [`run`], and with `watch` also applies the configs set at run time (`POST /daq/config` of
+/// `std-daq api`): see [`ConfigWatch`].
+pub fn run_watching(
+    bin_dir: &Path,
+    cfg: &DetectorConfig,
+    specs: Vec<ServiceSpec>,
+    shutdown: &Shutdown,
+    watch: Option<&ConfigWatch>,
+) -> Result<UpReport> {
+    let mut slots: Vec<Slot> = specs.into_iter().map(new_slot).collect();
+    let mut cfg = cfg.clone();
+    let mut watcher = match watch {
+        Some(w) => Some(Watcher::start(w, &cfg)?),
+        None => None,
+    };
+    let mut cleaned_on_apply = Vec::new();
     while !shutdown.is_triggered() {
+        if let Some(w) = watcher.as_mut() {
+            if let Some(new) = w.poll(&cfg) {
+                apply(&mut slots, &cfg, &new, w, &mut cleaned_on_apply)?;
+                cfg = new;
+            }
+        }
         let now = Instant::now();
         for slot in &mut slots {
             if let Some(child) = &mut slot.child {
@@ -211,7 +238,8 @@ pub fn run(
         .collect();
     // Every child has exited: anything of this detector still in /dev/shm or the ipc folder was
     // left by a child that was killed and is stale.
-    for path in leftovers(cfg) {
+    report.cleaned = cleaned_on_apply;
+    for path in leftovers(&cfg) {
         if std::fs::remove_file(&path).is_ok() {
             report.cleaned.push(path);
         }
@@ -238,4 +266,408 @@ fn spawn(bin_dir: &Path, spec: &ServiceSpec) -> Result<Child> {
         });
     }
     Ok(child)
+}
+
+/// `std-daq up --watch-config`: where configs set at run time come from and where the applied one
+/// is written for the children.
+///
+/// At start `up` stores its `--config` as the detector's current config (stream
+/// `std-daq.<det>.configs`) and keeps the status hash `status.std-daq.<det>.up` (which tells
+/// `std-daq api` that a supervisor applies configs). Every second it looks at the newest entry
+/// of the stream; a new one is validated again (exactly as a config file, and the detector name
+/// may not change), written to `applied_path`, and applied: the children whose behaviour depends
+/// on a changed key ([`crate::deploy::ServiceKind::depends_on`]) are stopped in drain order and
+/// started on the applied config; services the new config adds or drops are started or stopped.
+/// Progress goes to `std-daq.<det>.deployment` (`GET /daq/deployment`). A refused config changes
+/// nothing; its deployment record says why.
+#[derive(Debug, Clone)]
+pub struct ConfigWatch {
+    pub redis: RedisEnv,
+    /// Where the service binaries are.
+    pub bin_dir: PathBuf,
+    pub applied_path: PathBuf,
+    /// The config file `up` was started with (named in the record of the start).
+    pub config_path: PathBuf,
+    pub opts: UpOptions,
+}
+
+struct Watcher {
+    watch: ConfigWatch,
+    bin_dir: PathBuf,
+    con: Option<redis::Connection>,
+    last_id: Option<String>,
+    last_check: Instant,
+    config_id: String,
+    deployment_key: String,
+    _status: StatusReporter,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("last_id", &self.last_id)
+            .finish()
+    }
+}
+
+impl Watcher {
+    fn start(watch: &ConfigWatch, cfg: &DetectorConfig) -> Result<Self> {
+        use crate::deploy;
+        if watch.redis.skip {
+            anyhow::bail!("--watch-config needs Redis, but REDIS_SKIP is set");
+        }
+        let det = &cfg.detector_name;
+        let mut con = redis::Client::open(watch.redis.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .with_context(|| {
+                format!(
+                    "--watch-config: connecting to Redis at {}",
+                    watch.redis.url()
+                )
+            })?;
+        let origin = format!("std-daq up --config {}", watch.config_path.display());
+        let id: String = redis::cmd("XADD")
+            .arg(deploy::configs_key(det))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(deploy::CONFIG_HISTORY)
+            .arg("*")
+            .arg("json")
+            .arg(cfg.raw.to_string())
+            .arg("origin")
+            .arg(&origin)
+            .query(&mut con)
+            .context("--watch-config: storing the config in Redis")?;
+        let now = std_writer_agent::protocol::unix_now();
+        let record = deploy::deployment(
+            &id,
+            "SUCCESS",
+            &format!("Config {id}: {origin} started every service with it."),
+            &serde_json::Map::new(),
+            now,
+            Some(now),
+        );
+        let _: () = redis::cmd("SET")
+            .arg(deploy::deployment_key(det))
+            .arg(record.to_string())
+            .query(&mut con)
+            .context("--watch-config: storing the deployment record")?;
+        let board = StatusBoard::default();
+        board.set("watch_config", deploy::configs_key(det));
+        board.set("applied_config", watch.applied_path.display());
+        board.set("config_id", &id);
+        let env = RedisEnv {
+            service_name: None,
+            ..watch.redis.clone()
+        };
+        let status = StatusReporter::start(&env, &deploy::supervisor_status_name(det), cfg, board);
+        tracing::info!(
+            config_id = id,
+            "watching {} for config changes",
+            deploy::configs_key(det)
+        );
+        Ok(Watcher {
+            bin_dir: watch.bin_dir.clone(),
+            watch: watch.clone(),
+            con: Some(con),
+            last_id: Some(id.clone()),
+            last_check: Instant::now(),
+            config_id: id,
+            deployment_key: deploy::deployment_key(det),
+            _status: status,
+        })
+    }
+
+    /// A new, valid config to apply, at most once a second. A refused one is recorded and
+    /// skipped.
+    fn poll(&mut self, cfg: &DetectorConfig) -> Option<DetectorConfig> {
+        use crate::deploy;
+        if self.last_check.elapsed() < Duration::from_secs(1) {
+            return None;
+        }
+        self.last_check = Instant::now();
+        let key = deploy::configs_key(&cfg.detector_name);
+        if self.con.is_none() {
+            self.con = redis::Client::open(self.watch.redis.url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+                .ok();
+        }
+        let con = self.con.as_mut()?;
+        let reply: redis::Value = match redis::cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(con)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("--watch-config: reading {key}: {e} (retrying)");
+                self.con = None;
+                return None;
+            }
+        };
+        let (id, json) = crate::compat::newest_entry(&reply)?;
+        if self.last_id.as_deref() == Some(id.as_str()) {
+            return None;
+        }
+        self.last_id = Some(id.clone());
+        self.config_id = id.clone();
+        let origin = format!("Redis stream {key} entry {id}");
+        let now = std_writer_agent::protocol::unix_now();
+        let parsed = serde_json::from_str::<serde_json::Value>(&json)
+            .map_err(|e| format!("config {origin}: not JSON: {e}"))
+            .and_then(|v| deploy::validate_change(cfg, &v, &origin));
+        match parsed {
+            Ok(new) => Some(new),
+            Err(e) => {
+                tracing::error!("refused, nothing changed: {e}");
+                self.record(
+                    "FAILED",
+                    &format!("Config {id} refused, nothing changed: {e}"),
+                    &serde_json::Map::new(),
+                    now,
+                    Some(now),
+                );
+                None
+            }
+        }
+    }
+
+    fn record(
+        &mut self,
+        status: &str,
+        message: &str,
+        services: &serde_json::Map<String, serde_json::Value>,
+        start: f64,
+        stop: Option<f64>,
+    ) {
+        use crate::deploy;
+        let Some(con) = self.con.as_mut() else { return };
+        let record = deploy::deployment(&self.config_id, status, message, services, start, stop);
+        let key = self.deployment_key.clone();
+        if let Err(e) = redis::cmd("SET")
+            .arg(&key)
+            .arg(record.to_string())
+            .query::<()>(con)
+        {
+            tracing::warn!("--watch-config: storing the deployment record: {e}");
+        }
+    }
+}
+
+/// Applies a validated new config: writes it for the children, restarts those that depend on a
+/// changed key (drain order), starts added services and stops dropped ones.
+fn apply(
+    slots: &mut Vec<Slot>,
+    old: &DetectorConfig,
+    new: &DetectorConfig,
+    w: &mut Watcher,
+    cleaned: &mut Vec<PathBuf>,
+) -> Result<()> {
+    use crate::deploy::{self, ServiceKind};
+    let start = std_writer_agent::protocol::unix_now();
+    let keys = deploy::changed_keys(&old.raw, &new.raw);
+    let path = &w.watch.applied_path;
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_string_pretty(&new.raw)
+        .map_err(std::io::Error::other)
+        .and_then(|text| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let message = format!(
+            "Config {} not applied, nothing changed: cannot write {}: {e}",
+            w.config_id,
+            path.display()
+        );
+        tracing::error!("{message}");
+        w.record(
+            "FAILED",
+            &message,
+            &serde_json::Map::new(),
+            start,
+            Some(start),
+        );
+        return Ok(());
+    }
+    let new_specs = services_for(new, path, &w.watch.opts);
+    // Args with the config path left out: the same service doing the same thing.
+    let strip = |spec: &ServiceSpec| -> Vec<String> {
+        let mut a = spec.args.clone();
+        if let Some(i) = a.iter().position(|x| x == "--config") {
+            a.drain(i..(i + 2).min(a.len()));
+        }
+        a
+    };
+    let keep = |slot: &Slot| -> bool {
+        let kind = ServiceKind::of(&slot.spec.binary);
+        new_specs
+            .iter()
+            .any(|n| n.name == slot.spec.name && strip(n) == strip(&slot.spec))
+            && kind.is_some_and(|k| !keys.iter().any(|key| k.depends_on(key)))
+    };
+    let going: Vec<String> = slots
+        .iter()
+        .filter(|s| !keep(s))
+        .map(|s| s.spec.name.clone())
+        .collect();
+    let mut services: serde_json::Map<String, serde_json::Value> = going
+        .iter()
+        .map(|n| (n.clone(), "Deploying".into()))
+        .collect();
+    w.record(
+        "RUNNING",
+        &format!("Config {}: restarting {}", w.config_id, going.join(", ")),
+        &services,
+        start,
+        None,
+    );
+    tracing::info!(config_id = w.config_id, changed = ?keys, restart = ?going, "applying a new config");
+    // Drain order, as at shutdown.
+    let stages: [&dyn Fn(&ServiceSpec) -> bool; 3] = [
+        &|s| s.binary == "std-udp-recv",
+        &|s| s.binary == "std-assembler",
+        &|_| true,
+    ];
+    let mut failed = Vec::new();
+    for in_stage in stages {
+        for slot in slots
+            .iter()
+            .filter(|s| going.contains(&s.spec.name) && in_stage(&s.spec))
+        {
+            if let Some(child) = &slot.child {
+                terminate(child)?;
+            }
+        }
+        for slot in slots
+            .iter_mut()
+            .filter(|s| going.contains(&s.spec.name) && in_stage(&s.spec))
+        {
+            if let Some(mut child) = slot.child.take() {
+                let status = wait_with_deadline(&mut child, Duration::from_secs(20))?;
+                if !status.success() {
+                    failed.push(format!("{} exited {status}", slot.spec.name));
+                }
+            }
+        }
+    }
+    // Everything stopped that owned what the new config changes: stale segments of stopped
+    // owners go (a kept service's own segments are in use and stay).
+    if going
+        .iter()
+        .any(|n| n.starts_with("std-udp-recv") || n == "std-assembler")
+    {
+        let stopped_all = slots.iter().all(|s| s.child.is_none());
+        if stopped_all {
+            for p in leftovers(old) {
+                if std::fs::remove_file(&p).is_ok() {
+                    cleaned.push(p);
+                }
+            }
+        }
+    }
+    let mut old_slots: Vec<Slot> = std::mem::take(slots);
+    for spec in new_specs {
+        match old_slots
+            .iter()
+            .position(|s| s.spec.name == spec.name && !going.contains(&s.spec.name))
+        {
+            Some(i) => {
+                let mut slot = old_slots.remove(i);
+                slot.spec = spec;
+                slots.push(slot);
+            }
+            None => {
+                services.insert(spec.name.clone(), "Done".into());
+                let mut slot = new_slot(spec);
+                if let Some(old) = old_slots.iter().find(|s| s.spec.name == slot.spec.name) {
+                    slot.restarts = old.restarts;
+                }
+                slots.push(slot);
+            }
+        }
+    }
+    for name in &going {
+        if !slots.iter().any(|s| &s.spec.name == name) {
+            services.insert(name.clone(), "Removed".into());
+        }
+    }
+    // Start the new children now, and report the deployment done when the writer answers
+    // (the agent's next request needs it; the other services have no command socket).
+    for slot in slots.iter_mut().filter(|s| s.child.is_none()) {
+        match spawn(&w.bin_dir, &slot.spec) {
+            Ok(child) => {
+                tracing::info!(
+                    service = slot.spec.name,
+                    pid = child.id(),
+                    "started on the new config"
+                );
+                slot.child = Some(child);
+                slot.started = Instant::now();
+                slot.next_start = None;
+            }
+            Err(e) => {
+                failed.push(format!("{} cannot start: {e:#}", slot.spec.name));
+                services.insert(slot.spec.name.clone(), "Error".into());
+            }
+        }
+    }
+    if going.iter().any(|n| n == "std-h5-writer") {
+        let ctx = zmq::Context::new();
+        let client = h5_writer::command::WriterClient::new(
+            &ctx,
+            &std_daq_common::names::writer_command_endpoint(new),
+            Duration::from_millis(500),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.request(&h5_writer::command::Command::Status).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                failed.push("std-h5-writer did not answer within 30 s".into());
+                services.insert("std-h5-writer".into(), "Error".into());
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    let stop = std_writer_agent::protocol::unix_now();
+    let what = if keys.is_empty() {
+        "nothing changed".to_string()
+    } else {
+        format!("changed {}", keys.join(", "))
+    };
+    if failed.is_empty() {
+        w.record(
+            "SUCCESS",
+            &format!(
+                "Config {} applied ({what}); restarted {}.",
+                w.config_id,
+                if going.is_empty() {
+                    "nothing".into()
+                } else {
+                    going.join(", ")
+                }
+            ),
+            &services,
+            start,
+            Some(stop),
+        );
+    } else {
+        w.record(
+            "FAILED",
+            &format!(
+                "Config {} applied ({what}); restarted {}; but: {}.",
+                w.config_id,
+                going.join(", "),
+                failed.join("; ")
+            ),
+            &services,
+            start,
+            Some(stop),
+        );
+    }
+    Ok(())
 }
