@@ -4,7 +4,7 @@
 //!
 //! | method, path | body | answer |
 //! |---|---|---|
-//! | POST /write_sync | `{output_file, n_images, ...}` | when the write ended (no time cap): 200 + final status; 400 when the agent refused the request (same message as `request_fail`); 500 when it failed or was killed |
+//! | POST /write_sync | `{output_file, n_images?, timeout_s?, ...}` (no n_images: until killed) | when the write ended (no time cap): 200 + final status; 400 when the agent refused the request (same message as `request_fail`); 500 when it failed or was killed |
 //! | POST /write_async | same | 202 `{request_id}` at once |
 //! | POST /write_kill | `{request_id}` | 200 when the kill was sent |
 //! | GET /status/{request_id} | | the request's last status (action, message, body) |
@@ -259,10 +259,11 @@ fn openapi() -> serde_json::Value {
         "required": true,
         "content": {"application/json": {"schema": {
             "type": "object",
-            "required": ["output_file", "n_images"],
+            "required": ["output_file"],
             "properties": {
                 "output_file": {"type": "string", "description": "absolute .h5 path inside the agent's output root; must not exist"},
-                "n_images": {"type": "integer", "minimum": 1},
+                "n_images": {"type": ["integer", "null"], "minimum": 1, "description": "absent or null: write until killed (/write_kill), at most the agent's --max-images"},
+                "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "end the write with request_fail, leaving nothing on disk, if no image arrived within this many seconds"},
                 "user_id": {}, "run_id": {}, "sources": {}, "timestamp": {}
             }
         }}}
