@@ -12,7 +12,8 @@
 //! | GET /config | | the detector config |
 //! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
 //!
-//! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md).
+//! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md), and
+//! the live view `GET /daq/live` (MJPEG) with `GET /daq/live/stats` ([`crate::live`]).
 //!
 //! Never: hold a request open against a timer (PSI's 10 s cap reported long writes as failures),
 //! or report a killed write as a success.
@@ -31,6 +32,7 @@ pub struct ApiSettings {
     pub client: ClientOptions,
     pub redis_url: String,
     pub config_json: Option<serde_json::Value>,
+    pub live: crate::live::LiveSettings,
 }
 
 /// What is known of each request sent through this API: its statuses as they arrive.
@@ -75,20 +77,21 @@ fn status_json(s: &StatusMessage) -> serde_json::Value {
 }
 
 /// Serves until the process ends; each request runs on its own thread (a synchronous write may
-/// take as long as the write does).
+/// take as long as the write does, and a live view stream as long as its viewer watches).
 pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
     let compat = Arc::new(crate::compat::Compat::new(
         settings.client.clone(),
         settings.redis_url.clone(),
         settings.config_json.clone(),
     ));
+    let live = Arc::new(crate::live::Live::new(settings.live.clone()));
     let settings = Arc::new(settings);
     let requests = Arc::new(Requests::default());
     for request in server.incoming_requests() {
         let (settings, requests) = (Arc::clone(&settings), Arc::clone(&requests));
-        let compat = Arc::clone(&compat);
+        let (compat, live) = (Arc::clone(&compat), Arc::clone(&live));
         std::thread::spawn(move || {
-            if let Err(e) = handle(request, &settings, &requests, &compat) {
+            if let Err(e) = handle(request, &settings, &requests, &compat, &live) {
                 tracing::warn!("answering an HTTP request: {e:#}");
             }
         });
@@ -101,6 +104,7 @@ fn handle(
     settings: &ApiSettings,
     requests: &Arc<Requests>,
     compat: &Arc<crate::compat::Compat>,
+    live: &crate::live::Live,
 ) -> Result<()> {
     let mut body = Vec::new();
     request
@@ -109,7 +113,12 @@ fn handle(
         .read_to_end(&mut body)
         .context("reading the body")?;
     let url = request.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
+    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    let path = path.to_string();
+    // The live view answers itself (a stream writes to the connection for as long as it lasts).
+    let Some(request) = live.route(request, &path, query) else {
+        return Ok(());
+    };
     if let Some((code, value)) = compat.route(request.method().as_str(), &path, &body) {
         request.respond(json_response(code, &value))?;
         return Ok(());
@@ -312,7 +321,16 @@ fn openapi() -> serde_json::Value {
         "/daq/logs/{n}": {"get": {"summary": "PSI: the last n acquisitions, oldest first",
             "parameters": [{"name": "n", "in": "path", "required": true, "schema": {"type": "integer"}}],
             "responses": envelope("logs", "list of acquisitions")}},
-        "/daq/deployment": {"get": {"summary": "PSI: progress of the last config change", "responses": envelope("deployment", "{config_id, status, message, servers, stats}")}}
+        "/daq/deployment": {"get": {"summary": "PSI: progress of the last config change", "responses": envelope("deployment", "{config_id, status, message, servers, stats}")}},
+        "/daq/live": {"get": {"summary": "Live view: the newest image as MJPEG (multipart/x-mixed-replace), scaled to 8-bit grey (docs/api.md)",
+            "parameters": [
+                {"name": "max_fps", "in": "query", "schema": {"type": "number", "default": crate::live::DEFAULT_FPS, "maximum": crate::live::MAX_FPS}, "description": "frames per second at most (larger is capped)"},
+                {"name": "min", "in": "query", "schema": {"type": "number"}, "description": "value shown black (default by dtype)"},
+                {"name": "max", "in": "query", "schema": {"type": "number"}, "description": "value shown white (default by dtype)"},
+                {"name": "bin", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": crate::live::MAX_BIN}, "description": "average bin x bin blocks (default: longer side <= 2048)"},
+                {"name": "quality", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": crate::live::DEFAULT_QUALITY}}],
+            "responses": {"200": {"description": "the stream; each part image/jpeg with X-Image-Id"}, "400": {"description": "a bad parameter"}, "503": {"description": "no --config, or too many viewers"}}}},
+        "/daq/live/stats": {"get": {"summary": "Live view counters: viewers, frames sent, images skipped (rate bound, overwritten)", "responses": {"200": {"description": "JSON"}}}}
     });
     if let (Some(paths), serde_json::Value::Object(more)) = (doc["paths"].as_object_mut(), compat) {
         paths.extend(more);

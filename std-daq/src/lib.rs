@@ -6,6 +6,7 @@
 pub mod api;
 pub mod compat;
 pub mod deploy;
+pub mod live;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

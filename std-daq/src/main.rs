@@ -41,7 +41,8 @@ enum Cmd {
     /// The HTTP control API (write sync/async, kill, request status, service status, config,
     /// OpenAPI at /openapi.json, interactive page at /docs), and PSI std_daq's REST routes for
     /// std-daq-client (/daq/config, /writer/..., /daq/stats, /daq/logs/<n>, /daq/deployment;
-    /// docs/api.md); speaks to the writer agent over RabbitMQ.
+    /// docs/api.md), and the live view /daq/live (MJPEG, needs --config); speaks to the writer
+    /// agent over RabbitMQ.
     Api(ApiArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
@@ -60,6 +61,12 @@ struct ApiArgs {
     /// Redis for /service_status and the PSI routes (configs, deployment, logs, stats).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
+    /// Frames per second of a /daq/live stream without ?max_fps= (at most 25).
+    #[arg(long, default_value_t = std_daq::live::DEFAULT_FPS)]
+    live_fps: f64,
+    /// Viewers of /daq/live at once; more are answered 503.
+    #[arg(long, default_value_t = std_daq::live::DEFAULT_MAX_VIEWERS)]
+    live_max_viewers: usize,
     #[command(flatten)]
     broker: BrokerArgs,
 }
@@ -268,10 +275,18 @@ fn up(args: UpArgs) -> Result<()> {
 }
 
 fn api(args: ApiArgs) -> Result<()> {
-    let config_json = match &args.config {
-        Some(path) => Some(std_daq_common::DetectorConfig::from_file(path)?.raw),
+    let detector = match &args.config {
+        Some(path) => Some(std_daq_common::DetectorConfig::from_file(path)?),
         None => None,
     };
+    if args.live_fps.is_nan() || args.live_fps <= 0.0 || args.live_fps > std_daq::live::MAX_FPS {
+        bail!(
+            "--live-fps {}: use a rate above 0 and at most {}",
+            args.live_fps,
+            std_daq::live::MAX_FPS
+        );
+    }
+    let config_json = detector.as_ref().map(|d| d.raw.clone());
     let server = tiny_http::Server::http(&args.listen)
         .map_err(|e| anyhow::anyhow!("serving HTTP on {}: {e}", args.listen))?;
     tracing::info!(
@@ -285,6 +300,11 @@ fn api(args: ApiArgs) -> Result<()> {
             client: args.broker.options(),
             redis_url: args.redis_url,
             config_json,
+            live: std_daq::live::LiveSettings {
+                detector,
+                fps: args.live_fps,
+                max_viewers: args.live_max_viewers,
+            },
         },
     )
 }
