@@ -810,10 +810,28 @@ impl Agent {
             None => String::new(),
         };
         let ours = |r: &RunSummary| r.request_id.as_deref() == Some(job.id.as_str());
+        // The status poll runs beside the other branches, so a writer slow to answer (or silent
+        // until its command timeout) never delays the first status of a new request or a kill.
+        let mut poll: Option<tokio::task::JoinHandle<Result<Reply, ClientError>>> = None;
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
-                    let status = match self.writer(Command::Status).await {
+                _ = ticker.tick(), if poll.is_none() => {
+                    let client = Arc::clone(&self.client);
+                    poll = Some(tokio::task::spawn_blocking(move || {
+                        client.request(&Command::Status)
+                    }));
+                }
+                polled = async {
+                    match poll.as_mut() {
+                        Some(p) => p.await,
+                        None => std::future::pending().await,
+                    }
+                }, if poll.is_some() => {
+                    poll = None;
+                    let polled = polled.unwrap_or_else(|e| {
+                        Err(ClientError::BadReply(format!("writer call failed: {e}")))
+                    });
+                    let status = match polled {
                         Ok(Reply { ok: true, status: Some(st), .. }) => st,
                         Ok(r) => return Outcome::Lost {
                             why: format!(

@@ -481,3 +481,81 @@ async fn queued_requests_come_back_after_an_agent_crash_and_are_written_in_turn(
     assert!(agent.terminate().await.success());
     stop_pipeline(p, &work).await;
 }
+
+/// Issue 18: "whatever the agent is doing" includes waiting for a writer that does not answer.
+/// The writer is stopped (SIGSTOP) during a write, and the agent's writer commands time out only
+/// after 10 s: a new request still gets `request_queued` within a second, and a bad one its
+/// `request_fail`. Resumed, the writer finishes A, then B is written; both files exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_does_not_answer_never_delays_the_first_status() {
+    let (p, root, detector) = start_pipeline("agenthang").await;
+    let work = root.parent().unwrap().to_path_buf();
+    let tag = unique_tag("hang");
+    let mut settings = test_settings(
+        &tag,
+        &writer_endpoint(&p),
+        Policy::new(&root, 1000, false).unwrap(),
+    );
+    settings.writer_timeout = Duration::from_secs(10);
+    let agent = RunningAgent::start_with(settings).await;
+    let mut watch = observe_statuses().await;
+    let [id_a, id_bad, id_b] = std::array::from_fn(|_| client::new_request_id());
+    let (file_a, file_b) = (root.join("a.h5"), root.join("b.h5"));
+    publish(
+        &tag,
+        &id_a,
+        &serde_json::json!({"output_file": file_a, "n_images": 20}),
+    )
+    .await;
+    assert_eq!(
+        next_for(&mut watch, &id_a).await.action,
+        action::REQUEST_START
+    );
+
+    let writer_pid = p.pid("std-h5-writer").expect("the writer runs").to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &writer_pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {writer_pid}");
+    };
+    signal("-STOP");
+    let sent = publish(
+        &tag,
+        &id_bad,
+        &serde_json::json!({"output_file": "rel.h5", "n_images": 5}),
+    )
+    .await;
+    let refused = within_a_second(&mut watch, &id_bad, sent).await;
+    assert_eq!(refused.action, action::REQUEST_FAIL, "{refused:?}");
+    let sent = publish(
+        &tag,
+        &id_b,
+        &serde_json::json!({"output_file": file_b, "n_images": 10}),
+    )
+    .await;
+    let queued = within_a_second(&mut watch, &id_b, sent).await;
+    assert_eq!(queued.action, action::REQUEST_QUEUED, "{queued:?}");
+    signal("-CONT");
+
+    // Enough frames for A's 20 and, after A's success, B's 10.
+    let sim = simulate(&p, 200, 50.0);
+    let done_a = until_final(&mut watch, &id_a).await;
+    let done_b = until_final(&mut watch, &id_b).await;
+    sim.await.unwrap();
+    assert_eq!(
+        done_a.last().unwrap().action,
+        action::REQUEST_SUCCESS,
+        "{done_a:?}"
+    );
+    assert_eq!(
+        done_b.last().unwrap().action,
+        action::REQUEST_SUCCESS,
+        "{done_b:?}"
+    );
+    assert_exact(&file_a, &detector, 20);
+    assert_exact(&file_b, &detector, 10);
+    agent.stop().await;
+    stop_pipeline(p, &work).await;
+}
