@@ -326,16 +326,7 @@ impl Compat {
                 .arg(&text)
                 .ignore();
         }
-        pipe.cmd("XADD")
-            .arg(deploy::configs_key(det))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(deploy::CONFIG_HISTORY)
-            .arg("*")
-            .arg("json")
-            .arg(&text)
-            .arg("origin")
-            .arg("HTTP POST /daq/config");
+        pipe.add_command(deploy::add_config(det, &text, "HTTP POST /daq/config"));
         let (id,): (String,) = pipe
             .query(&mut con)
             .map_err(|e| format!("storing the config in Redis: {e}"))?;

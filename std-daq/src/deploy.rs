@@ -23,6 +23,22 @@ pub fn configs_key(detector: &str) -> String {
     format!("std-daq.{detector}.configs")
 }
 
+/// The command that appends a config (JSON `text`, and where it came from) to the detector's
+/// config stream; its reply is the new entry's id (the `config_id`).
+pub fn add_config(detector: &str, text: &str, origin: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(configs_key(detector))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(CONFIG_HISTORY)
+        .arg("*")
+        .arg("json")
+        .arg(text)
+        .arg("origin")
+        .arg(origin);
+    cmd
+}
+
 pub fn deployment_key(detector: &str) -> String {
     format!("std-daq.{detector}.deployment")
 }

@@ -326,16 +326,7 @@ impl Watcher {
                 )
             })?;
         let origin = format!("std-daq up --config {}", watch.config_path.display());
-        let id: String = redis::cmd("XADD")
-            .arg(deploy::configs_key(det))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(deploy::CONFIG_HISTORY)
-            .arg("*")
-            .arg("json")
-            .arg(cfg.raw.to_string())
-            .arg("origin")
-            .arg(&origin)
+        let id: String = deploy::add_config(det, &cfg.raw.to_string(), &origin)
             .query(&mut con)
             .context("--watch-config: storing the config in Redis")?;
         let now = std_writer_agent::protocol::unix_now();
