@@ -18,7 +18,8 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 
 PKGS=(build-essential pkg-config libhdf5-dev hdf5-tools python3-h5py python3-numpy
-      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml python3-venv shellcheck)
+      redis-server rabbitmq-server iproute2 procps curl ca-certificates bitshuffle python3-pika python3-yaml python3-venv shellcheck
+      chromium chromium-driver)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,6 +1,7 @@
 //! Redis integration every service shares (std_daq_service's conventions):
 //! - the config comes from a file, or, when no file is given, from Redis key `config.<SERVICE_NAME>`;
-//! - a hash `status.<SERVICE_NAME>` (service_name, config, start_timestamp, live counters) is
+//! - a hash `status.<SERVICE_NAME>` (service_name, config, start_timestamp, updated_timestamp
+//!   (the time of this refresh, so a reader knows how old the counters are), live counters) is
 //!   refreshed every few seconds with a 15 s TTL, so it disappears when a service dies; a clean
 //!   stop deletes it at once. `REDIS_SKIP` turns status reporting off.
 //!
@@ -172,6 +173,11 @@ fn report_loop(
             }
             let Some(c) = con.as_mut() else { return Ok(()) };
             let mut fields = fixed.to_vec();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            fields.push(("updated_timestamp".to_string(), format!("{now:.3}")));
             fields.extend(board.snapshot());
             redis::pipe()
                 .atomic()
@@ -315,6 +321,10 @@ mod tests {
         assert_eq!(fields.get("images").map(String::as_str), Some("42"));
         assert!(fields["config"].contains("redis-test"));
         assert!(fields["start_timestamp"].parse::<f64>().unwrap() > 1.7e9);
+        assert!(
+            fields["updated_timestamp"].parse::<f64>().unwrap()
+                >= fields["start_timestamp"].parse::<f64>().unwrap()
+        );
         let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut con).unwrap();
         assert!((1..=STATUS_TTL_SECS).contains(&ttl), "ttl {ttl}");
         drop(reporter);

@@ -11,9 +11,12 @@
 //! | GET /service_status | | every `status.*` hash in Redis |
 //! | GET /config | | the detector config |
 //! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
+//! | GET / | | the operator's status page ([`crate::page`]) |
+//! | GET /daq/overview | | what the status page shows, as JSON |
 //!
 //! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md), and
-//! the live view `GET /daq/live` (MJPEG) with `GET /daq/live/stats` ([`crate::live`]).
+//! the live view `GET /daq/live` (MJPEG), `GET /daq/live/frame` (one JPEG) with
+//! `GET /daq/live/stats` ([`crate::live`]).
 //!
 //! Never: hold a request open against a timer (PSI's 10 s cap reported long writes as failures),
 //! or report a killed write as a success.
@@ -33,6 +36,8 @@ pub struct ApiSettings {
     pub redis_url: String,
     pub config_json: Option<serde_json::Value>,
     pub live: crate::live::LiveSettings,
+    /// The `source` of the agent's statuses (its service name): the status page follows them.
+    pub agent_source: String,
 }
 
 /// What is known of each request sent through this API: its statuses as they arrive.
@@ -85,13 +90,20 @@ pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
         settings.config_json.clone(),
     ));
     let live = Arc::new(crate::live::Live::new(settings.live.clone()));
+    let page = Arc::new(crate::page::Page::new(
+        settings.live.detector.clone(),
+        settings.redis_url.clone(),
+        settings.client.clone(),
+        settings.agent_source.clone(),
+    ));
     let settings = Arc::new(settings);
     let requests = Arc::new(Requests::default());
     for request in server.incoming_requests() {
         let (settings, requests) = (Arc::clone(&settings), Arc::clone(&requests));
-        let (compat, live) = (Arc::clone(&compat), Arc::clone(&live));
+        let (compat, live, page) = (Arc::clone(&compat), Arc::clone(&live), Arc::clone(&page));
+        let parts = Parts { compat, live, page };
         std::thread::spawn(move || {
-            if let Err(e) = handle(request, &settings, &requests, &compat, &live) {
+            if let Err(e) = handle(request, &settings, &requests, &parts) {
                 tracing::warn!("answering an HTTP request: {e:#}");
             }
         });
@@ -99,13 +111,28 @@ pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
     Ok(())
 }
 
+/// What answers besides the routes of this module.
+struct Parts {
+    compat: Arc<crate::compat::Compat>,
+    live: Arc<crate::live::Live>,
+    page: Arc<crate::page::Page>,
+}
+
+fn html(page: &'static str) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut r = Response::from_data(page.as_bytes().to_vec()).with_status_code(200);
+    if let Ok(h) = Header::from_bytes("Content-Type", "text/html; charset=utf-8") {
+        r.add_header(h);
+    }
+    r
+}
+
 fn handle(
     mut request: Request,
     settings: &ApiSettings,
     requests: &Arc<Requests>,
-    compat: &Arc<crate::compat::Compat>,
-    live: &crate::live::Live,
+    parts: &Parts,
 ) -> Result<()> {
+    let Parts { compat, live, page } = parts;
     let mut body = Vec::new();
     request
         .as_reader()
@@ -156,12 +183,14 @@ fn handle(
             ),
         },
         (Method::Get, "/openapi.json") => json_response(200, &openapi()),
-        (Method::Get, "/docs") | (Method::Get, "/") => {
-            let mut r = Response::from_string(DOCS_HTML).with_status_code(200);
-            if let Ok(h) = Header::from_bytes("Content-Type", "text/html; charset=utf-8") {
-                r.add_header(h);
-            }
-            return Ok(request.respond(r)?);
+        (Method::Get, "/docs") => html(DOCS_HTML),
+        (Method::Get, "/") => html(crate::page::STATUS_PAGE_HTML),
+        (Method::Get, "/daq/overview") => {
+            let rates = compat
+                .route("GET", "/daq/stats", b"")
+                .map_or(serde_json::Value::Null, |(_, v)| v);
+            let (code, value) = page.overview(rates, live.stats());
+            json_response(code, &value)
         }
         _ => json_response(
             404,
@@ -330,7 +359,11 @@ fn openapi() -> serde_json::Value {
                 {"name": "bin", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": crate::live::MAX_BIN}, "description": "average bin x bin blocks (default: longer side <= 2048)"},
                 {"name": "quality", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": crate::live::DEFAULT_QUALITY}}],
             "responses": {"200": {"description": "the stream; each part image/jpeg with X-Image-Id"}, "400": {"description": "a bad parameter"}, "503": {"description": "no --config, or too many viewers"}}}},
-        "/daq/live/stats": {"get": {"summary": "Live view counters: viewers, frames sent, images skipped (rate bound, overwritten)", "responses": {"200": {"description": "JSON"}}}}
+        "/daq/live/frame": {"get": {"summary": "Live view: the newest image as one JPEG (same X-* headers and parameters as /daq/live; max_fps has no effect)",
+            "responses": {"200": {"description": "image/jpeg"}, "400": {"description": "a bad parameter"}, "503": {"description": "no --config, or the image was overwritten while copied (ask again)"}}}},
+        "/daq/live/stats": {"get": {"summary": "Live view counters: viewers, frames sent, images skipped (rate bound, overwritten)", "responses": {"200": {"description": "JSON"}}}},
+        "/": {"get": {"summary": "The operator's status page (HTML): live image, rates, counters per module and stage, writes, start/stop", "responses": {"200": {"description": "text/html"}}}},
+        "/daq/overview": {"get": {"summary": "What the status page shows: services' status hashes, rates, running and last writes, live view (docs/api.md)", "responses": {"200": {"description": "JSON"}, "503": {"description": "started without --config"}}}}
     });
     if let (Some(paths), serde_json::Value::Object(more)) = (doc["paths"].as_object_mut(), compat) {
         paths.extend(more);

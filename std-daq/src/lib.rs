@@ -7,6 +7,7 @@ pub mod api;
 pub mod compat;
 pub mod deploy;
 pub mod live;
+pub mod page;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

@@ -1,5 +1,7 @@
 //! `GET /daq/live`: the latest image as an MJPEG stream (`multipart/x-mixed-replace`), as PSI's
-//! std_daq server serves it, and `GET /daq/live/stats`: what the viewers were sent and skipped.
+//! std_daq server serves it; `GET /daq/live/frame`: the latest image as one JPEG (what the status
+//! page polls, holding no viewer slot); and `GET /daq/live/stats`: what the viewers were sent and
+//! skipped.
 //!
 //! One thread of the API follows the image stream (SUB on the assembler's image endpoint) and
 //! keeps only the newest announced [`ImageMetadata`]; each viewer (its own HTTP thread) waits for
@@ -479,6 +481,10 @@ pub struct Live {
     active: AtomicUsize,
     totals: Counts,
     frames_encoded: AtomicU64,
+    /// Single JPEGs answered by `/daq/live/frame` (the placeholder included).
+    snapshots_sent: AtomicU64,
+    /// `/daq/live/frame` requests whose image was overwritten while copied (answered 503).
+    snapshots_overwritten: AtomicU64,
     /// The last few encoded parts, so viewers with the same parameters share one encode.
     cache: Mutex<VecDeque<(CacheKey, Arc<Vec<u8>>)>>,
 }
@@ -507,6 +513,21 @@ fn part(image_id: Option<u64>, status: u16, scale: &str, jpeg: &[u8]) -> Vec<u8>
     p.extend_from_slice(jpeg);
     p.extend_from_slice(b"\r\n");
     p
+}
+
+/// A part's `X-*` headers and its JPEG (the inverse of [`part`]).
+fn split_part(part: &[u8]) -> (Vec<(&str, &str)>, &[u8]) {
+    let Some(end) = part.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (Vec::new(), &[]);
+    };
+    let head = std::str::from_utf8(&part[..end]).unwrap_or_default();
+    let headers = head
+        .split("\r\n")
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(k, _)| k.starts_with("X-"))
+        .collect();
+    let body = &part[end + 4..part.len().saturating_sub(2).max(end + 4)];
+    (headers, body)
 }
 
 fn placeholder() -> Arc<Vec<u8>> {
@@ -552,12 +573,14 @@ impl Live {
             active: AtomicUsize::new(0),
             totals: Counts::default(),
             frames_encoded: AtomicU64::new(0),
+            snapshots_sent: AtomicU64::new(0),
+            snapshots_overwritten: AtomicU64::new(0),
             cache: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// Answers `GET /daq/live` and `GET /daq/live/stats`; None for any other request (the
-    /// request is handed back).
+    /// Answers `GET /daq/live`, `GET /daq/live/frame` and `GET /daq/live/stats`; None for any
+    /// other request (the request is handed back).
     pub fn route(
         &self,
         request: tiny_http::Request,
@@ -569,6 +592,7 @@ impl Live {
         }
         let result = match path {
             "/daq/live" => self.stream(request, query),
+            "/daq/live/frame" => self.snapshot(request, query),
             "/daq/live/stats" => request.respond(json_reply(200, &self.stats())),
             _ => return Some(request),
         };
@@ -599,6 +623,8 @@ impl Live {
             })
             .collect();
         v["frames_encoded"] = json!(self.frames_encoded.load(Ordering::Relaxed));
+        v["snapshots_sent"] = json!(self.snapshots_sent.load(Ordering::Relaxed));
+        v["snapshots_overwritten"] = json!(self.snapshots_overwritten.load(Ordering::Relaxed));
         v["viewers_active"] = json!(self.active.load(Ordering::Relaxed));
         v["viewers_total"] = json!(self.next_viewer.load(Ordering::Relaxed) - 1);
         v["max_viewers"] = json!(self.settings.max_viewers);
@@ -674,6 +700,52 @@ impl Live {
         )?;
         out.flush()?;
         self.frames(&source, &viewer, &mut out)
+    }
+
+    /// `GET /daq/live/frame`: the newest image as one JPEG with the part's `X-*` headers (the
+    /// placeholder, `X-Image-Id: none`, before the first image). Takes the stream's parameters
+    /// (`max_fps` has no effect); an image overwritten while copied is answered 503 (ask again).
+    fn snapshot(&self, request: tiny_http::Request, query: &str) -> std::io::Result<()> {
+        let Some(cfg) = &self.settings.detector else {
+            return request.respond(json_reply(
+                503,
+                &json!({"error": "std-daq api was started without --config: no live view"}),
+            ));
+        };
+        let params = match parse_query(query, self.settings.fps) {
+            Ok(p) => p,
+            Err(e) => return request.respond(json_reply(400, &json!({ "error": e }))),
+        };
+        let source = self.source(cfg);
+        let part = match source.current().meta {
+            None => placeholder(),
+            Some(meta) => match self.frame(&source, &meta, &params, &mut Vec::new()) {
+                Ok(p) => p,
+                Err(Skip::Overwritten) => {
+                    self.snapshots_overwritten.fetch_add(1, Ordering::Relaxed);
+                    return request.respond(json_reply(
+                        503,
+                        &json!({"error": format!("image {} was overwritten while it was copied; ask again", meta.image_id)}),
+                    ));
+                }
+                Err(Skip::Unreadable(why)) => return request.respond(json_reply(
+                    503,
+                    &json!({"error": format!("image {} cannot be shown: {why}", meta.image_id)}),
+                )),
+            },
+        };
+        let (headers, jpeg) = split_part(&part);
+        let mut r = tiny_http::Response::from_data(jpeg.to_vec());
+        for (k, v) in headers.iter().copied().chain([
+            ("Content-Type", "image/jpeg"),
+            ("Cache-Control", "no-store"),
+        ]) {
+            if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
+                r.add_header(h);
+            }
+        }
+        self.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        request.respond(r)
     }
 
     fn add(&self, viewer: &Viewer, f: impl Fn(&Counts) -> &AtomicU64, n: u64) {
@@ -932,5 +1004,19 @@ mod tests {
         let text = String::from_utf8_lossy(&p);
         assert!(text.starts_with(&format!("--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n")));
         assert!(text.contains("X-Image-Id: none\r\n"));
+    }
+
+    #[test]
+    fn a_part_splits_back_into_its_headers_and_jpeg() {
+        // A body holding CRLF CRLF itself: only the first one ends the headers.
+        let body = b"\xFF\xD8\r\n\r\nxyz\xFF\xD9";
+        let p = part(Some(7), 2, "X-Bin: 1\r\n", body);
+        let (headers, jpeg) = split_part(&p);
+        assert_eq!(jpeg, body);
+        assert_eq!(
+            headers,
+            [("X-Image-Id", "7"), ("X-Image-Status", "2"), ("X-Bin", "1")]
+        );
+        assert_eq!(split_part(b"no headers"), (Vec::new(), &b""[..]));
     }
 }

@@ -39,10 +39,11 @@ enum Cmd {
     /// its Prometheus metrics are served (or "metrics off") and its counters.
     Status(StatusArgs),
     /// The HTTP control API (write sync/async, kill, request status, service status, config,
-    /// OpenAPI at /openapi.json, interactive page at /docs), and PSI std_daq's REST routes for
+    /// OpenAPI at /openapi.json, interactive page at /docs), PSI std_daq's REST routes for
     /// std-daq-client (/daq/config, /writer/..., /daq/stats, /daq/logs/<n>, /daq/deployment;
-    /// docs/api.md), and the live view /daq/live (MJPEG, needs --config); speaks to the writer
-    /// agent over RabbitMQ.
+    /// docs/api.md), the live view /daq/live (MJPEG, needs --config) and the operator's status
+    /// page at / (live image, rates, counters, writes, start/stop); speaks to the writer agent
+    /// over RabbitMQ.
     Api(ApiArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
@@ -67,6 +68,11 @@ struct ApiArgs {
     /// Viewers of /daq/live at once; more are answered 503.
     #[arg(long, default_value_t = std_daq::live::DEFAULT_MAX_VIEWERS)]
     live_max_viewers: usize,
+    /// The writer agent's service name, the `source` of its statuses: the status page at /
+    /// shows the writes of that agent. Default: <detector_name>.writer_agent (the agent's own
+    /// default).
+    #[arg(long)]
+    agent_service_name: Option<String>,
     #[command(flatten)]
     broker: BrokerArgs,
 }
@@ -287,12 +293,18 @@ fn api(args: ApiArgs) -> Result<()> {
         );
     }
     let config_json = detector.as_ref().map(|d| d.raw.clone());
+    let agent_source = args.agent_service_name.clone().unwrap_or_else(|| {
+        detector.as_ref().map_or_else(
+            || format!("{}.writer_agent", args.broker.tag),
+            |d| format!("{}.writer_agent", d.detector_name),
+        )
+    });
     let server = tiny_http::Server::http(&args.listen)
         .map_err(|e| anyhow::anyhow!("serving HTTP on {}: {e}", args.listen))?;
     tracing::info!(
         listen = args.listen,
         tag = args.broker.tag,
-        "HTTP API ready (docs at /docs)"
+        "HTTP API ready (status page at /, docs at /docs)"
     );
     std_daq::api::serve(
         server,
@@ -305,6 +317,7 @@ fn api(args: ApiArgs) -> Result<()> {
                 fps: args.live_fps,
                 max_viewers: args.live_max_viewers,
             },
+            agent_source,
         },
     )
 }
@@ -370,10 +383,11 @@ fn status(args: StatusArgs) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    const SKIP: [&str; 4] = [
+    const SKIP: [&str; 5] = [
         "service_name",
         "config",
         "start_timestamp",
+        "updated_timestamp",
         "metrics_address",
     ];
     for key in keys {

@@ -39,6 +39,8 @@ pub enum ClientError {
     },
     #[error("the broker connection closed while waiting for request {0}")]
     Closed(String),
+    #[error("the broker connection closed; the status watch ended")]
+    WatchEnded,
 }
 
 /// A fresh request id (uuid4), as std_daq clients make them.
@@ -116,6 +118,50 @@ pub async fn send_request(
     };
     let _ = conn.close(200, "done".into()).await;
     result
+}
+
+/// Follows every status on the `status` exchange (all requests, all agents) until the connection
+/// ends: `on_ready` once the private queue is bound (no status after that is missed), then
+/// `on_status` for each. Returns the reason the connection ended (it never ends by itself).
+pub async fn watch_statuses(
+    opts: &ClientOptions,
+    on_ready: impl FnOnce(),
+    mut on_status: impl FnMut(StatusMessage),
+) -> ClientError {
+    let conn = match broker::connect(&opts.broker_url, "std-daq status watcher").await {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    let ch = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => return amqp("opening a channel")(e).into(),
+    };
+    if let Err(e) = broker::declare_exchanges(&ch).await {
+        return e.into();
+    }
+    let mut statuses = match broker::bind_own_queue(&ch, exchange::STATUS, "", true).await {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    on_ready();
+    while let Some(Ok(d)) = statuses.next().await {
+        on_status(StatusMessage::from_amqp(&d.properties, &d.data));
+    }
+    ClientError::WatchEnded
+}
+
+/// Blocking [`watch_statuses`]. Must not be called from inside a tokio runtime.
+pub fn watch_statuses_blocking(
+    opts: &ClientOptions,
+    on_ready: impl FnOnce(),
+    on_status: impl FnMut(StatusMessage),
+) -> BlockingError {
+    match runtime() {
+        Ok(rt) => rt
+            .block_on(watch_statuses(opts, on_ready, on_status))
+            .into(),
+        Err(e) => e.into(),
+    }
 }
 
 /// [`send_request`] with a new request id and a JSON body.
