@@ -55,6 +55,12 @@ if ! cmp -s python/requirements.txt "$VENV/requirements.installed"; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r python/requirements.txt
   cp python/requirements.txt "$VENV/requirements.installed"
 fi
+# The project's own package (python/, import stddaq_bluesky), editable: the venv runs this
+# checkout's code. Its dependencies are the pinned ones above.
+if ! "$VENV/bin/python" -c "import stddaq_bluesky, sys; sys.exit(not stddaq_bluesky.__file__.startswith('$(pwd)/python/'))" 2>/dev/null; then
+  echo "setup: installing python/ (stddaq_bluesky) into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e python/
+fi
 
 # Redis: start when nothing answers on 6379.
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then

@@ -2,6 +2,8 @@
 //! folder) and the independent h5py checker in `tests/python/verify_h5.py`.
 #![forbid(unsafe_code)]
 
+pub mod stack;
+
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;

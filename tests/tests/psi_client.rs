@@ -9,24 +9,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use std_daq::pipeline::{config_json, default_bin_dir, SimulatedDetector};
+use std::process::Command;
+use std_daq::pipeline::{config_json, SimulatedDetector};
 use std_daq_common::DetectorConfig;
-
-const WATCHDOG: Duration = Duration::from_secs(90);
+use std_daq_tests::stack::{poll_until, start_api, venv_python, Stack, WATCHDOG};
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WATCHDOG;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The project's virtual environment (scripts/setup.sh), with std-daq-client.
-fn venv_python() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+    poll_until(what, WATCHDOG, || done().then_some(())).unwrap()
 }
 
 fn http_get(port: u16, path: &str) -> serde_json::Value {
@@ -42,141 +31,28 @@ fn http_get(port: u16, path: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
-/// Kills (SIGTERM, then waits) on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Stack {
-    work: PathBuf,
-    root: PathBuf,
-    config_path: PathBuf,
-    cfg: DetectorConfig,
-    port: u16,
-    api: Option<Proc>,
-    up: Option<Proc>,
-    redis: redis::Connection,
-}
-
-fn start_api(work: &Path, config: &Path, tag: &str, port: u16) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(work.join("api.log"))
-        .unwrap();
-    let api = Proc(
-        Command::new(default_bin_dir().unwrap().join("std-daq"))
-            .args([
-                "api",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--tag",
-                tag,
-            ])
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the API", || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    api
-}
-
+/// The stack with `std-daq up --watch-config`, once up watches the config.
 fn start(tag: &str) -> Stack {
-    let mut opts = std_daq_tests::options(tag).unwrap();
-    opts.ram_buffer_gb = 0.0625;
-    let work = opts.work_dir.clone();
-    let root = work.join("data");
-    std::fs::create_dir_all(work.join("ipc")).unwrap();
-    std::fs::create_dir_all(&root).unwrap();
-    let config_path = work.join("detector.json");
-    let json = config_json(&opts, SimulatedDetector::Jungfrau);
-    std::fs::write(&config_path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    let cfg = DetectorConfig::from_file(&config_path).unwrap();
-    let det = cfg.detector_name.clone();
-    let up = Proc(
-        Command::new(default_bin_dir().unwrap().join("std-daq"))
-            .arg("up")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--agent-output-root")
-            .arg(&root)
-            .arg("--watch-config")
-            .arg("--applied-config")
-            .arg(work.join("applied.json"))
-            .env_remove("REDIS_SKIP")
-            .env_remove("SERVICE_NAME")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(work.join("up.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let field = |con: &mut redis::Connection, service: &str, f: &str| -> Option<String> {
-        redis::cmd("HGET")
-            .arg(format!("status.std-daq.{det}.{service}"))
-            .arg(f)
-            .query(con)
-            .ok()
-            .flatten()
-    };
-    wait_for("the writer agent on the broker", || {
-        field(&mut redis, "writer-agent", "connected").as_deref() == Some("1")
-    });
+    let mut s = Stack::start(
+        tag,
+        &["--watch-config", "--applied-config", "{work}/applied.json"],
+    )
+    .unwrap();
     wait_for("std-daq up watching the config", || {
-        field(&mut redis, "up", "config_id").is_some()
+        s.field("up", "config_id").is_some()
     });
-    let port = std_daq_tests::free_port().unwrap();
-    let api = start_api(&work, &config_path, &det, port);
-    Stack {
-        work,
-        root,
-        config_path,
-        cfg,
-        port,
-        api: Some(api),
-        up: Some(up),
-        redis,
-    }
+    s
 }
 
 fn run_script(s: &Stack, part: &str) -> serde_json::Value {
-    let python = venv_python();
-    if !python.exists() {
-        panic!(
-            "{} is missing: run `bash scripts/setup.sh` (it installs python/requirements.txt, \
-             std-daq-client among them)",
-            python.display()
-        );
-    }
+    let python = venv_python().unwrap();
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/psi_client.py"))
         .args(["--url", &format!("http://127.0.0.1:{}", s.port)])
         .arg("--root")
         .arg(&s.root)
         .arg("--sim")
-        .arg(default_bin_dir().unwrap().join("std-det-sim"))
+        .arg(s.simulator().unwrap())
         .arg("--sim-config")
         .arg(&s.config_path)
         .args(["--part", part])
@@ -368,9 +244,8 @@ fn psi_std_daq_client_drives_us_unchanged() {
     assert_eq!(applied, expected, "the applied config is unchanged");
 
     // The logs are in Redis: a restarted API still has them.
-    drop(s.api.take());
-    let port = std_daq_tests::free_port().unwrap();
-    s.api = Some(start_api(&s.work, &s.config_path, &det, port));
+    s.start_api().unwrap();
+    let port = s.port;
     let again = http_get(port, "/daq/logs/5");
     assert_eq!(again["status"], "ok");
     assert_eq!(again["logs"], r["logs"]);
@@ -457,7 +332,7 @@ fn without_a_supervisor_a_config_is_stored_and_names_the_restarts() {
     let cfg = DetectorConfig::from_file(&config_path).unwrap();
     let det = cfg.detector_name.clone();
     let port = std_daq_tests::free_port().unwrap();
-    let api = start_api(&work, &config_path, &det, port);
+    let api = start_api(&work, &config_path, &det, port).unwrap();
 
     let r = http_post(port, "/daq/config", r#"{"detector_name": "other"}"#);
     assert_eq!(r["status"], "error", "{r}");

@@ -18,47 +18,18 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-use std_daq::pipeline::{config_json, default_bin_dir, SimulatedDetector};
-use std_daq_common::DetectorConfig;
 
-const WATCHDOG: Duration = Duration::from_secs(90);
+use std_daq_tests::stack::{free_run, Proc, SetOnDrop, Stack, WATCHDOG};
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The image: 2 JUNGFRAU modules stacked.
 const SIDE: u64 = 1024;
 const MODULE_PIXELS: u64 = 1024 * 512;
 
-fn wait_for<T>(what: &str, mut done: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WATCHDOG;
-    loop {
-        if let Some(v) = done() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Kills (SIGTERM, then waits) on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn wait_for<T>(what: &str, done: impl FnMut() -> Option<T>) -> T {
+    std_daq_tests::stack::poll_until(what, WATCHDOG, done).unwrap()
 }
 
 /// One HTTP/1.1 exchange on 127.0.0.1:`port` (Content-Length or chunked answers): (code, body).
@@ -260,47 +231,6 @@ impl Drop for Browser {
     }
 }
 
-/// A status hash's field as a number (None: no hash or no such field).
-fn redis_field(con: &mut redis::Connection, det: &str, service: &str, f: &str) -> Option<u64> {
-    redis::cmd("HGET")
-        .arg(format!("status.std-daq.{det}.{service}"))
-        .arg(f)
-        .query::<Option<String>>(con)
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse().ok())
-}
-
-/// The simulator, in batches of 25 frames at 50 Hz (frame numbers run on), until stopped.
-/// Returns the frames it sent.
-fn feed(sim: &Path, config: &Path, stop: &AtomicBool, start: &AtomicU64) -> u64 {
-    let mut sent = 0;
-    while !stop.load(Ordering::Relaxed) && sent < 5000 {
-        let first = start.fetch_add(25, Ordering::Relaxed);
-        let status = Command::new(sim)
-            .arg("--config")
-            .arg(config)
-            .args(["--images", "25", "--rate", "50"])
-            .args(["--start-frame", &first.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "std-det-sim failed");
-        sent += 25;
-    }
-    sent
-}
-
-/// Sets the flag however the scope ends (a failed assert included).
-struct StopOnDrop<'a>(&'a AtomicBool);
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The documented live-view scaling for uint16 (0..65535), recomputed.
 fn grey(v: f64) -> f64 {
     (v * 255.0 / 65535.0).round().clamp(0.0, 255.0)
@@ -350,56 +280,10 @@ fn recent_row(b: &Browser, table: &str, file: &str) -> Option<(String, String, u
 
 #[test]
 fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
-    let mut opts = std_daq_tests::options("page").unwrap();
-    opts.ram_buffer_gb = 0.0625;
-    let work = opts.work_dir.clone();
-    let root = work.join("data");
-    std::fs::create_dir_all(work.join("ipc")).unwrap();
-    std::fs::create_dir_all(&root).unwrap();
-    let config_path = work.join("detector.json");
-    let cfg_json = config_json(&opts, SimulatedDetector::Jungfrau);
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(&cfg_json).unwrap(),
-    )
-    .unwrap();
-    let cfg = DetectorConfig::from_file(&config_path).unwrap();
+    let mut stack = Stack::start("page", &[]).unwrap();
+    let (work, root, port) = (stack.work.clone(), stack.root.clone(), stack.port);
+    let (cfg, config_path) = (stack.cfg.clone(), stack.config_path.clone());
     let det = cfg.detector_name.clone();
-    let bin = default_bin_dir().unwrap();
-    let up = Proc(
-        Command::new(bin.join("std-daq"))
-            .arg("up")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--agent-output-root")
-            .arg(&root)
-            .env_remove("REDIS_SKIP")
-            .env_remove("SERVICE_NAME")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(work.join("up.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    wait_for("the writer agent on the broker", || {
-        (redis_field(&mut redis, &det, "writer-agent", "connected") == Some(1)).then_some(())
-    });
-    let port = std_daq_tests::free_port().unwrap();
-    let api = Proc(
-        Command::new(bin.join("std-daq"))
-            .args(["api", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--tag", &det])
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(work.join("api.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the API", || TcpStream::connect(("127.0.0.1", port)).ok());
 
     let b = Browser::start(&work);
     b.go(&format!("http://127.0.0.1:{port}/"));
@@ -414,14 +298,14 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
         (b.js("return document.getElementById('live').dataset.imageId;") == "none").then_some(())
     });
 
-    let sim = bin.join("std-det-sim");
+    let sim = stack.simulator().unwrap();
     let next_frame = AtomicU64::new(1);
     let stop = AtomicBool::new(false);
 
     // 1. While the detector runs: the image updates with the right pixels, the rates move.
     let sent = std::thread::scope(|scope| {
-        let feeder = scope.spawn(|| feed(&sim, &config_path, &stop, &next_frame));
-        let _stop = StopOnDrop(&stop);
+        let feeder = scope.spawn(|| free_run(&sim, &config_path, &stop, &next_frame).unwrap());
+        let _stop = SetOnDrop(&stop);
         // Pixels sampled all over the image (both modules), read back through a canvas.
         let samples: Vec<u64> = (0..512u64)
             .map(|i| (i * 2053 + 17) % (SIDE * SIDE))
@@ -480,15 +364,9 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
 
     // 2. The detector is quiet: the page's counters equal the services' status hashes.
     wait_for("every frame counted in Redis", || {
-        let all = (0..cfg.n_modules).all(|m| {
-            redis_field(
-                &mut redis,
-                &det,
-                &format!("udp-recv-{m}"),
-                "frames_complete",
-            ) == Some(sent)
-        });
-        (all && redis_field(&mut redis, &det, "assembler", "images") == Some(sent)).then_some(())
+        let all = (0..cfg.n_modules)
+            .all(|m| stack.number(&format!("udp-recv-{m}"), "frames_complete") == Some(sent));
+        (all && stack.number("assembler", "images") == Some(sent)).then_some(())
     });
     let mut compared: Vec<(String, &str)> = Vec::new();
     for m in 0..cfg.n_modules {
@@ -504,7 +382,7 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
             .map(|f| ("assembler".to_string(), *f)),
     );
     for (service, field) in &compared {
-        let want = redis_field(&mut redis, &det, service, field).unwrap();
+        let want = stack.number(service, field).unwrap();
         let (shown, class) = wait_for(&format!("{service}.{field} = {want} on the page"), || {
             page_counter(&b, service, field).filter(|(t, _)| *t == want.to_string())
         });
@@ -524,7 +402,7 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
         }
     }
     assert_eq!(
-        redis_field(&mut redis, &det, "udp-recv-0", "packets"),
+        stack.number("udp-recv-0", "packets"),
         Some(sent * u64::from(cfg.packets_per_frame()))
     );
 
@@ -533,8 +411,8 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
     let unbounded = root.join("page-unbounded.h5");
     stop.store(false, Ordering::Relaxed);
     let stopped_at = std::thread::scope(|scope| {
-        let feeder = scope.spawn(|| feed(&sim, &config_path, &stop, &next_frame));
-        let _stop = StopOnDrop(&stop);
+        let feeder = scope.spawn(|| free_run(&sim, &config_path, &stop, &next_frame).unwrap());
+        let _stop = SetOnDrop(&stop);
         let file = bounded.display().to_string();
         b.type_into("#output-file", &file);
         b.type_into("#n-images", "10");
@@ -596,7 +474,5 @@ fn the_status_page_shows_the_run_and_starts_and_stops_writes() {
     assert_eq!(o["services"]["assembler"]["images_lost_in_buffer"], 0);
 
     drop(b);
-    drop(api);
-    drop(up);
-    std::fs::remove_dir_all(work).unwrap();
+    stack.finish().unwrap();
 }
