@@ -657,16 +657,20 @@ impl Live {
             .clone()
     }
 
+    /// The detector and the viewer's parameters, or the refusal (HTTP code, reason).
+    fn view(&self, query: &str) -> Result<(&DetectorConfig, ViewParams), (u16, String)> {
+        let cfg = self.settings.detector.as_ref().ok_or((
+            503,
+            "std-daq api was started without --config: no live view".to_string(),
+        ))?;
+        let params = parse_query(query, self.settings.fps).map_err(|e| (400, e))?;
+        Ok((cfg, params))
+    }
+
     fn stream(&self, request: tiny_http::Request, query: &str) -> std::io::Result<()> {
-        let Some(cfg) = &self.settings.detector else {
-            return request.respond(json_reply(
-                503,
-                &json!({"error": "std-daq api was started without --config: no live view"}),
-            ));
-        };
-        let params = match parse_query(query, self.settings.fps) {
-            Ok(p) => p,
-            Err(e) => return request.respond(json_reply(400, &json!({ "error": e }))),
+        let (cfg, params) = match self.view(query) {
+            Ok(v) => v,
+            Err((code, e)) => return request.respond(json_reply(code, &json!({ "error": e }))),
         };
         if self.active.fetch_add(1, Ordering::Relaxed) >= self.settings.max_viewers {
             self.active.fetch_sub(1, Ordering::Relaxed);
@@ -706,15 +710,9 @@ impl Live {
     /// placeholder, `X-Image-Id: none`, before the first image). Takes the stream's parameters
     /// (`max_fps` has no effect); an image overwritten while copied is answered 503 (ask again).
     fn snapshot(&self, request: tiny_http::Request, query: &str) -> std::io::Result<()> {
-        let Some(cfg) = &self.settings.detector else {
-            return request.respond(json_reply(
-                503,
-                &json!({"error": "std-daq api was started without --config: no live view"}),
-            ));
-        };
-        let params = match parse_query(query, self.settings.fps) {
-            Ok(p) => p,
-            Err(e) => return request.respond(json_reply(400, &json!({ "error": e }))),
+        let (cfg, params) = match self.view(query) {
+            Ok(v) => v,
+            Err((code, e)) => return request.respond(json_reply(code, &json!({ "error": e }))),
         };
         let source = self.source(cfg);
         let part = match source.current().meta {

@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{default_bin_dir, Pipeline};
+use std_daq_tests::stack::{free_run, SetOnDrop};
 
 const WATCHDOG: Duration = Duration::from_secs(90);
 const SIDE: usize = 1024;
@@ -257,31 +258,9 @@ fn a_plain_http_client_reads_the_live_view_as_mjpeg() {
             &p.config_path,
             &stop,
         );
-        let feeder = scope.spawn(move || {
-            let mut start = 1u64;
-            while !stop.load(Ordering::Relaxed) && start < 5000 {
-                let status = Command::new(&sim)
-                    .arg("--config")
-                    .arg(config)
-                    .args(["--images", "25", "--rate", "50"])
-                    .args(["--start-frame", &start.to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "std-det-sim failed");
-                start += 25;
-            }
-        });
-        // Stops the detector however this scope ends (a failed assert included).
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop = StopOnDrop(stop);
+        let next_frame = AtomicU64::new(1);
+        let feeder = scope.spawn(move || free_run(&sim, config, stop, &next_frame).unwrap());
+        let _stop = SetOnDrop(stop);
         let mut last = None;
         for _ in 0..3 {
             let (id, part) = a.next_image(last);
