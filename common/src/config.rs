@@ -147,6 +147,9 @@ pub struct DetectorConfig {
     pub metrics_base_address: Option<std::net::SocketAddr>,
     /// std_daq's `live_stream_configs`: the preview streams `std-daq up` runs.
     pub live_streams: Vec<LiveStream>,
+    /// The key `nxmx` (std-daq extension, checked): geometry and beam for the file's NXmx
+    /// groups; [`DetectorConfig::nxmx`] gives the values.
+    pub nxmx_settings: crate::nxmx::NxmxRaw,
     /// Keys that were accepted but have no effect here, one sentence each naming the key, the
     /// origin and why. A service logs each once at start ([`crate::service::warn_notices`]);
     /// this crate does no I/O itself.
@@ -297,6 +300,9 @@ struct RawConfig {
     compression: Option<String>,
     #[serde(default)]
     metrics_base_address: Option<String>,
+    /// std-daq extension: the geometry and beam of the NXmx file (docs/nxmx.md).
+    #[serde(default)]
+    nxmx: crate::nxmx::NxmxRaw,
     // std_daq keys that are checked in `from_json_str`: each is implemented, refused with the
     // reason, or accepted with a notice saying why it has no effect (docs/configuration.md).
     #[serde(default)]
@@ -815,7 +821,7 @@ impl DetectorConfig {
             ));
         }
 
-        Ok(DetectorConfig {
+        let cfg = DetectorConfig {
             detector_name: raw.detector_name,
             detector_type: raw.detector_type,
             n_modules: raw.n_modules,
@@ -839,9 +845,18 @@ impl DetectorConfig {
             compression,
             metrics_base_address,
             live_streams,
+            nxmx_settings: raw.nxmx,
             notices,
             raw: raw_value,
-        })
+        };
+        crate::nxmx::Nxmx::new(&cfg, &cfg.nxmx_settings).map_err(|e| invalid("nxmx", e))?;
+        Ok(cfg)
+    }
+
+    /// The NXmx values of this detector (checked when the config was loaded, so an error here
+    /// means the config was changed in memory since).
+    pub fn nxmx(&self) -> Result<crate::nxmx::Nxmx, String> {
+        crate::nxmx::Nxmx::new(self, &self.nxmx_settings)
     }
 
     /// Bytes of one module frame as the receiver stores it in its FrameBuffer slot.

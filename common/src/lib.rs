@@ -10,6 +10,7 @@ pub mod gigafrost;
 pub mod messages;
 pub mod metrics;
 pub mod names;
+pub mod nxmx;
 pub mod service;
 pub mod status;
 

@@ -8,6 +8,9 @@
 //! /<detector_name>/missing_packets   [n] u32
 //! /<detector_name>/missing_modules   [n, 4] u64   bit m = module m missing
 //! /<detector_name>/n_missing_modules [n] u16
+//! /entry/...                         NXmx groups ([`crate::nxmx`], docs/nxmx.md) when created
+//!                                    with [`ImageFile::create_with_nxmx`] (the writer always does);
+//!                                    /entry/data/data is a hard link to /<detector_name>/data
 //! ```
 //!
 //! Images go into `data` by direct chunk writes (`H5Dwrite_chunk`) straight from the caller's
@@ -226,6 +229,16 @@ impl ImageFile {
     /// Creates the file; fails with [`FileError::AlreadyExists`] if anything is at `path` (never
     /// truncates existing data).
     pub fn create(path: &Path, spec: &ImageFileSpec) -> Result<Self, FileError> {
+        Self::create_with_nxmx(path, spec, None)
+    }
+
+    /// [`ImageFile::create`], with the NXmx groups of [`crate::nxmx`] when `nxmx` is given
+    /// (the root's `default` is then `entry`).
+    pub fn create_with_nxmx(
+        path: &Path,
+        spec: &ImageFileSpec,
+        nxmx: Option<&std_daq_common::nxmx::Nxmx>,
+    ) -> Result<Self, FileError> {
         let image_bytes = validate_spec(path, spec)?;
         let compressor = match spec.compression {
             Compression::None => None,
@@ -272,7 +285,7 @@ impl ImageFile {
                 })
             }
         };
-        let (group, data, records) = match create_layout(&file, path, spec) {
+        let (group, data, records) = match create_layout(&file, path, spec, nxmx) {
             Ok(objects) => objects,
             Err(e) => {
                 // The file is ours (created exclusively just now) and useless half-made; leaving it
@@ -531,8 +544,12 @@ impl ImageFile {
             let path = self.path.clone();
             move |source| FileError::Hdf5 { path, op, source }
         };
-        set_str_attr(&open.file, "end_time", &crate::file::now_iso8601())
-            .map_err(hdf5_err("writing end_time"))?;
+        let end_time = crate::file::now_iso8601();
+        set_str_attr(&open.file, "end_time", &end_time).map_err(hdf5_err("writing end_time"))?;
+        if open.file.link_exists("entry") {
+            crate::nxmx::write_end_time(&open.file, &end_time)
+                .map_err(hdf5_err("writing /entry/end_time"))?;
+        }
         open.file.flush().map_err(hdf5_err("flushing the file"))?;
         self.images_checkpointed = count;
         Ok(())
@@ -765,6 +782,7 @@ fn create_layout(
     file: &File,
     path: &Path,
     spec: &ImageFileSpec,
+    nxmx: Option<&std_daq_common::nxmx::Nxmx>,
 ) -> Result<(Group, Dataset, RecordSets), FileError> {
     let hdf5_err = |op| {
         let path = path.to_owned();
@@ -797,11 +815,21 @@ fn create_layout(
         .map_err(hdf5_err("creating the data dataset"))?;
     // NeXus: viewers (silx, NeXpy) open the detector group as plottable data.
     set_str_attr(file, "NX_class", "NXroot").map_err(hdf5_err("writing NeXus attributes"))?;
-    set_str_attr(file, "default", &spec.detector_name)
-        .map_err(hdf5_err("writing NeXus attributes"))?;
+    let default = if nxmx.is_some() {
+        "entry"
+    } else {
+        &spec.detector_name
+    };
+    set_str_attr(file, "default", default).map_err(hdf5_err("writing NeXus attributes"))?;
     set_str_attr(&group, "NX_class", "NXdata").map_err(hdf5_err("writing NeXus attributes"))?;
     set_str_attr(&group, "signal", "data").map_err(hdf5_err("writing NeXus attributes"))?;
-    set_str_attr(file, "start_time", &now_iso8601()).map_err(hdf5_err("writing start_time"))?;
+    let start_time = now_iso8601();
+    set_str_attr(file, "start_time", &start_time).map_err(hdf5_err("writing start_time"))?;
+    if let Some(n) = nxmx {
+        let data_path = format!("/{}/data", spec.detector_name);
+        crate::nxmx::write_entry(file, n, &data_path, spec.width, spec.height, &start_time)
+            .map_err(hdf5_err("writing the NXmx groups"))?;
+    }
     set_str_attr(
         file,
         "software",

@@ -6,4 +6,5 @@
 pub mod command;
 pub mod compress;
 pub mod file;
+pub mod nxmx;
 pub mod service;

@@ -53,6 +53,8 @@ pub struct Writer {
     config_json: String,
     /// How image chunks are stored (set with [`Writer::with_compression`]).
     compression: Compression,
+    /// The NXmx groups of every file (docs/nxmx.md).
+    nxmx: Option<std_daq_common::nxmx::Nxmx>,
     /// How often a run's file is made crash-consistent ([`ImageFile::checkpoint`]).
     checkpoint_interval: Duration,
     ring: RingReader<ImageMetadata>,
@@ -76,6 +78,10 @@ impl Writer {
             dtype: cfg.image_dtype(),
             config_json: cfg.raw.to_string(),
             compression: Compression::None,
+            nxmx: cfg
+                .nxmx()
+                .map_err(|e| tracing::error!("no NXmx groups in the files: {e}"))
+                .ok(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             ring,
             run: None,
@@ -313,7 +319,7 @@ impl Writer {
             dtype: self.dtype,
             compression: self.compression,
         };
-        match ImageFile::create(&partial, &spec) {
+        match ImageFile::create_with_nxmx(&partial, &spec, self.nxmx.as_ref()) {
             Ok(mut file) => {
                 let attributes = [
                     ("detector_config", self.config_json.as_str()),
