@@ -762,6 +762,8 @@ async fn junk_requests_are_refused_with_exact_reasons_counted_and_the_agent_keep
             requests_dead_lettered: 0,
             requests_queued: 0,
             queue_length: 0,
+            triggers_published: 0,
+            triggers_failed: 0,
         }
     );
     agent.stop().await;
