@@ -637,6 +637,7 @@ async fn the_zocalo_dispatcher_runs_the_recipe_of_the_end_trigger() {
             .args(["--tag", &tag, "--service-name", &service_name(&tag)])
             .args(["--broker", &url, "--poll-ms", "50", "--progress-ms", "200"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--create-dirs")
             .env("REDIS_SKIP", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -673,7 +674,7 @@ async fn the_zocalo_dispatcher_runs_the_recipe_of_the_end_trigger() {
         })
     };
     let start = statuses_until_first(&mut observed, &id).await;
-    assert_eq!(start.0.action, action::REQUEST_START);
+    assert_eq!(start.0.action, action::REQUEST_START, "{:?}", start.0);
     let sim = simulate(&p, 60, 100.0);
     let done = request.await.unwrap().unwrap();
     sim.await.unwrap();
