@@ -1678,6 +1678,32 @@ mod tests {
         );
     }
 
+    /// The end trigger goes only for a file complete under its name with images.
+    #[test]
+    fn end_trigger_rule_is_a_complete_file_with_images() {
+        let run = |end: &str, k| RunSummary {
+            images_written: k,
+            end: end.into(),
+            ..RunSummary::default()
+        };
+        for end in [
+            "completed",
+            "killed",
+            "stopped",
+            "stopped: the writer agent was shut down",
+            MAX_IMAGES_REACHED,
+        ] {
+            assert!(file_complete(&run(end, 3)), "{end}");
+            assert!(!file_complete(&run(end, 0)), "{end} with no image");
+        }
+        for end in [
+            "failed: disk full",
+            "cancelled: no image arrived within timeout_s = 2 s; nothing was written",
+        ] {
+            assert!(!file_complete(&run(end, 3)), "{end}");
+        }
+    }
+
     #[test]
     fn seconds_are_written_as_people_write_them() {
         assert_eq!(seconds_text(Duration::from_secs(30)), "30");

@@ -356,6 +356,57 @@ mod tests {
         assert_eq!(start["parameters"]["event"], "start");
     }
 
+    /// zocalo mode sends zocalo.go's headers; both modes are persistent JSON with the trace
+    /// context; the destination follows the mode.
+    #[test]
+    fn properties_and_destination_follow_the_mode() {
+        let header = |p: &BasicProperties, k: &str| crate::protocol::header_text(p, k);
+        let mut zocalo = TriggerSettings::new(
+            ProcessingTrigger {
+                mode: TriggerMode::Zocalo {
+                    queue: "processing_recipe".into(),
+                    recipes: vec!["r".into()],
+                },
+                on_start: false,
+                on_end: true,
+                attempts: 3,
+            },
+            "jf",
+        );
+        zocalo.user = "e1".into();
+        zocalo.host = "bl-ws1".into();
+        let p = properties(&zocalo, &facts(None));
+        assert_eq!(header(&p, "zocalo.go.user").as_deref(), Some("e1"));
+        assert_eq!(header(&p, "zocalo.go.host").as_deref(), Some("bl-ws1"));
+        assert_eq!(
+            header(&p, "traceparent").as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(destination(&zocalo.config), ("", "processing_recipe"));
+        let topic = TriggerSettings::new(
+            ProcessingTrigger {
+                mode: TriggerMode::Topic {
+                    exchange: "amq.topic".into(),
+                    routing_key: "gda.messages.scan".into(),
+                },
+                ..zocalo.config.clone()
+            },
+            "jf",
+        );
+        let untraced = WriteFacts {
+            traceparent: None,
+            ..facts(None)
+        };
+        let p = properties(&topic, &untraced);
+        assert_eq!(header(&p, "zocalo.go.user"), None);
+        assert_eq!(header(&p, "traceparent"), None);
+        assert_eq!(
+            destination(&topic.config),
+            ("amq.topic", "gda.messages.scan")
+        );
+    }
+
     #[test]
     fn gda_scan_message_has_every_field_heliotrapi_requires() {
         let meta = json!({"scan_number": 42, "visit_directory": "/dls/i03/data/2026/cm1-1"});
