@@ -150,6 +150,9 @@ pub struct DetectorConfig {
     /// The key `nxmx` (std-daq extension, checked): geometry and beam for the file's NXmx
     /// groups; [`DetectorConfig::nxmx`] gives the values.
     pub nxmx_settings: crate::nxmx::NxmxRaw,
+    /// std-daq extension `processing_trigger`: the message the writer agent publishes when a
+    /// write's file is complete (and optionally when it starts). `None`: no trigger.
+    pub processing_trigger: Option<ProcessingTrigger>,
     /// Keys that were accepted but have no effect here, one sentence each naming the key, the
     /// origin and why. A service logs each once at start ([`crate::service::warn_notices`]);
     /// this crate does no I/O itself.
@@ -260,6 +263,191 @@ impl LiveStreamMode {
     }
 }
 
+/// The config key `processing_trigger` (std-daq extension, read by the writer agent): what to
+/// publish on RabbitMQ when a write's file is complete (event `end`) and, if asked, when the
+/// write starts (event `start`). docs/processing.md has the message shapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessingTrigger {
+    pub mode: TriggerMode,
+    /// Publish at `request_start` (`"events": ["start", "end"]`).
+    pub on_start: bool,
+    /// Publish when the file is complete (the default, `"events": ["end"]`).
+    pub on_end: bool,
+    /// Publish attempts per event (1..=10, default 3), with a backoff between them.
+    pub attempts: u32,
+}
+
+/// Where and in which shape a [`ProcessingTrigger`] is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriggerMode {
+    /// zocalo's `zocalo.go` message on `queue` (default `processing_recipe`) through the
+    /// default exchange: `{"recipes": [...], "parameters": {...}}`.
+    Zocalo { queue: String, recipes: Vec<String> },
+    /// The GDA scan message (`{status: STARTED|FINISHED, filePath, ...}`) on the topic
+    /// `exchange` (default `amq.topic`) with `routing_key` (default `gda.messages.scan`).
+    Topic {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// Largest `processing_trigger.attempts`.
+pub const MAX_TRIGGER_ATTEMPTS: u32 = 10;
+
+impl ProcessingTrigger {
+    /// Checks the value of the `processing_trigger` key; `invalid(key, message)` builds the
+    /// error (naming the file), the key being `processing_trigger` or `processing_trigger.<field>`.
+    pub fn from_value(
+        value: &serde_json::Value,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<Self, ConfigError> {
+        const KEY: &str = "processing_trigger";
+        let field_key = |f: &str| format!("{KEY}.{f}");
+        let fields = value.as_object().ok_or_else(|| {
+            invalid(
+                KEY,
+                format!(
+                    "must be an object such as {{\"mode\": \"zocalo\", \"recipes\": \
+                     [\"my-recipe\"]}} or {{\"mode\": \"topic\"}}, not {}",
+                    short_json(value)
+                ),
+            )
+        })?;
+        let text = |f: &str| -> Result<Option<String>, ConfigError> {
+            match fields.get(f) {
+                None => Ok(None),
+                Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= 255 => {
+                    Ok(Some(s.clone()))
+                }
+                Some(v) => Err(invalid(
+                    &field_key(f),
+                    format!(
+                        "must be a non-empty string of at most 255 bytes, not {}",
+                        short_json(v)
+                    ),
+                )),
+            }
+        };
+        let mode = match fields.get("mode").and_then(|m| m.as_str()) {
+            Some("zocalo") => "zocalo",
+            Some("topic") => "topic",
+            _ => {
+                return Err(invalid(
+                    &field_key("mode"),
+                    format!(
+                        "must be \"zocalo\" or \"topic\", not {}",
+                        fields.get("mode").map_or("nothing".into(), short_json)
+                    ),
+                ))
+            }
+        };
+        let allowed: &[&str] = match mode {
+            "zocalo" => &["mode", "events", "attempts", "recipes", "queue"],
+            _ => &["mode", "events", "attempts", "exchange", "routing_key"],
+        };
+        if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let why = match unknown.as_str() {
+                "recipes" | "queue" => "it is for mode zocalo only".to_string(),
+                "exchange" | "routing_key" => "it is for mode topic only".to_string(),
+                _ => format!("expected one of {}", allowed.join(", ")),
+            };
+            return Err(invalid(
+                &field_key(unknown),
+                format!("unknown field for mode {mode}: {why}"),
+            ));
+        }
+        let (mut on_start, mut on_end) = (false, true);
+        if let Some(events) = fields.get("events") {
+            let list = events.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+                invalid(
+                    &field_key("events"),
+                    format!(
+                        "must be a non-empty list of \"start\" and \"end\", not {}",
+                        short_json(events)
+                    ),
+                )
+            })?;
+            (on_start, on_end) = (false, false);
+            for event in list {
+                match event.as_str() {
+                    Some("start") => on_start = true,
+                    Some("end") => on_end = true,
+                    _ => {
+                        return Err(invalid(
+                            &field_key("events"),
+                            format!(
+                                "{} is not an event: the events are \"start\" (the write \
+                                 started) and \"end\" (its file is complete)",
+                                short_json(event)
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+        let attempts = match fields.get("attempts") {
+            None => 3,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=u64::from(MAX_TRIGGER_ATTEMPTS)).contains(n))
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        &field_key("attempts"),
+                        format!(
+                            "must be a whole number from 1 to {MAX_TRIGGER_ATTEMPTS}, not {}",
+                            short_json(v)
+                        ),
+                    )
+                })?,
+        };
+        let mode = if mode == "zocalo" {
+            let recipes = match fields.get("recipes") {
+                Some(serde_json::Value::Array(list))
+                    if !list.is_empty()
+                        && list
+                            .iter()
+                            .all(|r| r.as_str().is_some_and(|s| !s.is_empty())) =>
+                {
+                    list.iter()
+                        .filter_map(|r| r.as_str().map(String::from))
+                        .collect()
+                }
+                other => {
+                    return Err(invalid(
+                        &field_key("recipes"),
+                        format!(
+                            "mode zocalo needs a non-empty list of recipe names (the \
+                             Dispatcher loads <recipe_directory>/<name>.json), not {}",
+                            other.map_or("nothing".into(), short_json)
+                        ),
+                    ))
+                }
+            };
+            TriggerMode::Zocalo {
+                queue: text("queue")?.unwrap_or_else(|| "processing_recipe".into()),
+                recipes,
+            }
+        } else {
+            TriggerMode::Topic {
+                exchange: text("exchange")?.unwrap_or_else(|| "amq.topic".into()),
+                routing_key: text("routing_key")?.unwrap_or_else(|| "gda.messages.scan".into()),
+            }
+        };
+        Ok(ProcessingTrigger {
+            mode,
+            on_start,
+            on_end,
+            attempts,
+        })
+    }
+}
+
+/// A JSON value for an error message, cut at 100 characters.
+fn short_json(v: &serde_json::Value) -> String {
+    v.to_string().chars().take(100).collect()
+}
+
 /// The JSON as written: every std_daq key is known here, so unknown ones can be rejected.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,6 +509,8 @@ struct RawConfig {
     switch_user_active: Option<bool>,
     #[serde(default)]
     live_stream_configs: Option<serde_json::Value>,
+    #[serde(default)]
+    processing_trigger: Option<serde_json::Value>,
     #[serde(default)]
     writer_user_id: Option<serde_json::Value>,
     #[serde(default)]
@@ -809,6 +999,11 @@ impl DetectorConfig {
             Some(v) => live_streams(v, origin, &invalid, &mut notices)?,
         };
 
+        let processing_trigger = match &raw.processing_trigger {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(ProcessingTrigger::from_value(v, &invalid)?),
+        };
+
         if metrics_base_address.is_some() && live_streams.len() > MetricsService::MAX_PREVIEWS {
             return Err(invalid(
                 "live_stream_configs",
@@ -846,6 +1041,7 @@ impl DetectorConfig {
             metrics_base_address,
             live_streams,
             nxmx_settings: raw.nxmx,
+            processing_trigger,
             notices,
             raw: raw_value,
         };
@@ -1530,6 +1726,88 @@ mod tests {
         assert_eq!(c.compression, ImageCompression::None);
         assert!(c.notices.is_empty() && c.live_streams.is_empty());
         assert_eq!(c.metrics_addr(MetricsService::Assembler), None);
+    }
+
+    /// `processing_trigger`: both modes with their defaults, and each kind of mistake refused
+    /// naming the field and the file.
+    #[test]
+    fn processing_trigger_is_checked_and_names_the_field() {
+        use serde_json::json;
+        use Want::*;
+        let c = check(
+            "processing_trigger",
+            Some(json!({"mode": "zocalo", "recipes": ["stddaq-test"]})),
+            &Accept,
+        )
+        .unwrap();
+        assert_eq!(
+            c.processing_trigger,
+            Some(ProcessingTrigger {
+                mode: TriggerMode::Zocalo {
+                    queue: "processing_recipe".into(),
+                    recipes: vec!["stddaq-test".into()],
+                },
+                on_start: false,
+                on_end: true,
+                attempts: 3,
+            })
+        );
+        let c = check(
+            "processing_trigger",
+            Some(json!({"mode": "topic", "events": ["start", "end"], "attempts": 1})),
+            &Accept,
+        )
+        .unwrap();
+        assert_eq!(
+            c.processing_trigger,
+            Some(ProcessingTrigger {
+                mode: TriggerMode::Topic {
+                    exchange: "amq.topic".into(),
+                    routing_key: "gda.messages.scan".into(),
+                },
+                on_start: true,
+                on_end: true,
+                attempts: 1,
+            })
+        );
+        let c = check("processing_trigger", Some(json!(null)), &Accept).unwrap();
+        assert_eq!(c.processing_trigger, None);
+        for (value, text) in [
+            (json!("zocalo"), "`processing_trigger`: must be an object"),
+            (
+                json!({"recipes": ["r"]}),
+                "`processing_trigger.mode`: must be",
+            ),
+            (json!({"mode": "kafka"}), "not \"kafka\""),
+            (
+                json!({"mode": "zocalo"}),
+                "`processing_trigger.recipes`: mode zocalo needs a non-empty list",
+            ),
+            (json!({"mode": "zocalo", "recipes": []}), "non-empty list"),
+            (json!({"mode": "zocalo", "recipes": [3]}), "not [3]"),
+            (
+                json!({"mode": "topic", "recipes": ["r"]}),
+                "`processing_trigger.recipes`: unknown field for mode topic: it is for mode zocalo",
+            ),
+            (
+                json!({"mode": "zocalo", "recipes": ["r"], "routing_key": "x"}),
+                "it is for mode topic only",
+            ),
+            (
+                json!({"mode": "topic", "event": ["end"]}),
+                "`processing_trigger.event`: unknown field",
+            ),
+            (
+                json!({"mode": "topic", "events": ["finish"]}),
+                "\"finish\" is not an event",
+            ),
+            (json!({"mode": "topic", "events": []}), "non-empty list"),
+            (json!({"mode": "topic", "attempts": 0}), "from 1 to 10"),
+            (json!({"mode": "topic", "attempts": 11}), "from 1 to 10"),
+            (json!({"mode": "topic", "exchange": ""}), "non-empty string"),
+        ] {
+            check("processing_trigger", Some(value), &Refuse(text));
+        }
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! `stop` (or until its optional `max_images`, a guard against a run nobody stops); in Rust that
 //! is [`Command::StartUnbounded`]. Its summary has `n_images: null`. Old senders, which always
 //! send a number, get exactly what they got before. The wire shape is kept by [`WireCommand`].
+//!
+//! **Run context.** A `start` may carry `metadata` (a JSON object: run id, ISPyB data-collection
+//! id, scan id, ...) and `traceparent` (W3C trace context), both optional ([`RunContext`]). The
+//! writer stores them as the file's root attributes `metadata` (the object as JSON text) and
+//! `traceparent`; without them the file has neither attribute, as before. The writer agent has
+//! checked both; the writer takes them as given.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -29,6 +35,8 @@ pub enum Command {
         output_file: String,
         n_images: u64,
         request_id: Option<String>,
+        /// Written into the file's root attributes.
+        context: RunContext,
     },
     /// Write every image published after this command into `output_file` until a
     /// [`Command::Stop`] (the file is then closed holding exactly the images written), or until
@@ -38,6 +46,8 @@ pub enum Command {
         output_file: String,
         max_images: Option<u64>,
         request_id: Option<String>,
+        /// Written into the file's root attributes.
+        context: RunContext,
     },
     /// Close the current file now, keeping what was written. `reason` (e.g. `killed`) becomes
     /// the run's `end`; the default is `stopped`. The normal end of an unbounded run.
@@ -54,6 +64,14 @@ pub enum Command {
     },
 }
 
+/// What a run carries beyond its images: opaque metadata and the trace context of the request,
+/// stored as the file's root attributes `metadata` (JSON text) and `traceparent`. Both optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunContext {
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub traceparent: Option<String>,
+}
+
 impl Command {
     /// `start` as a caller holds it: `n_images` `None` is an unbounded run (ended by `stop`, or
     /// at `max_images` if given); `max_images` is only for unbounded runs and ignored otherwise.
@@ -63,17 +81,36 @@ impl Command {
         max_images: Option<u64>,
         request_id: Option<String>,
     ) -> Command {
+        Command::start_with(
+            output_file,
+            n_images,
+            max_images,
+            request_id,
+            RunContext::default(),
+        )
+    }
+
+    /// [`Command::start`] with the run's [`RunContext`] (metadata, traceparent).
+    pub fn start_with(
+        output_file: impl Into<String>,
+        n_images: Option<u64>,
+        max_images: Option<u64>,
+        request_id: Option<String>,
+        context: RunContext,
+    ) -> Command {
         let output_file = output_file.into();
         match n_images {
             Some(n_images) => Command::Start {
                 output_file,
                 n_images,
                 request_id,
+                context,
             },
             None => Command::StartUnbounded {
                 output_file,
                 max_images,
                 request_id,
+                context,
             },
         }
     }
@@ -97,6 +134,12 @@ pub enum WireCommand {
         max_images: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
+        /// Opaque JSON object, stored as the file attribute `metadata` (JSON text).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata: Option<serde_json::Map<String, serde_json::Value>>,
+        /// W3C trace context, stored as the file attribute `traceparent`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     Stop {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +172,18 @@ impl TryFrom<WireCommand> for Command {
                 n_images,
                 max_images,
                 request_id,
-            } => Command::start(output_file, n_images, max_images, request_id),
+                metadata,
+                traceparent,
+            } => Command::start_with(
+                output_file,
+                n_images,
+                max_images,
+                request_id,
+                RunContext {
+                    metadata,
+                    traceparent,
+                },
+            ),
             WireCommand::Stop { reason } => Command::Stop { reason },
             WireCommand::Status => Command::Status,
             WireCommand::CancelIfEmpty { reason } => Command::CancelIfEmpty { reason },
@@ -144,21 +198,27 @@ impl From<Command> for WireCommand {
                 output_file,
                 n_images,
                 request_id,
+                context,
             } => WireCommand::Start {
                 output_file,
                 n_images: Some(n_images),
                 max_images: None,
                 request_id,
+                metadata: context.metadata,
+                traceparent: context.traceparent,
             },
             Command::StartUnbounded {
                 output_file,
                 max_images,
                 request_id,
+                context,
             } => WireCommand::Start {
                 output_file,
                 n_images: None,
                 max_images,
                 request_id,
+                metadata: context.metadata,
+                traceparent: context.traceparent,
             },
             Command::Stop { reason } => WireCommand::Stop { reason },
             Command::Status => WireCommand::Status,
@@ -306,11 +366,31 @@ mod tests {
             output_file: "/data/a.h5".into(),
             n_images: 5,
             request_id: None,
+            context: RunContext::default(),
         };
         assert_eq!(
             serde_json::to_string(&start).unwrap(),
             r#"{"command":"start","output_file":"/data/a.h5","n_images":5}"#
         );
+        // The run context travels as two optional fields.
+        let text = r#"{"command":"start","output_file":"/data/a.h5","n_images":5,"metadata":{"dcid":7},"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#;
+        let with_context = serde_json::from_str::<Command>(text).unwrap();
+        let Command::Start { context, .. } = &with_context else {
+            panic!("{with_context:?}")
+        };
+        assert_eq!(
+            context.metadata.as_ref().unwrap()["dcid"],
+            serde_json::json!(7)
+        );
+        assert_eq!(
+            context.traceparent.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(serde_json::to_string(&with_context).unwrap(), text);
+        assert!(serde_json::from_str::<Command>(
+            r#"{"command":"start","output_file":"/a.h5","metadata":[1]}"#
+        )
+        .is_err());
         assert_eq!(
             serde_json::from_str::<Command>(r#"{"command":"stop"}"#).unwrap(),
             Command::Stop { reason: None }
@@ -343,6 +423,7 @@ mod tests {
             output_file: "/data/u.h5".into(),
             max_images,
             request_id: None,
+            context: RunContext::default(),
         };
         for text in [
             r#"{"command":"start","output_file":"/data/u.h5"}"#,
@@ -375,6 +456,7 @@ mod tests {
                 output_file: "/data/a.h5".into(),
                 n_images: 5,
                 request_id: Some("r".into()),
+                context: RunContext::default(),
             }
         );
         let err = |text: &str| {

@@ -10,7 +10,7 @@
 //! while it was being written out is replaced by zeros and flagged `LostInBuffer`, never kept as
 //! good.
 
-use crate::command::{Command, Reply, RunSummary, WriterStatus, MAX_IMAGES_REACHED};
+use crate::command::{Command, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED};
 use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::{Expect, RingReader};
 use std::path::Path;
@@ -137,12 +137,14 @@ impl Writer {
                 output_file,
                 n_images,
                 request_id,
-            } => self.start(&output_file, Some(n_images), None, request_id),
+                context,
+            } => self.start(&output_file, Some(n_images), None, request_id, &context),
             Command::StartUnbounded {
                 output_file,
                 max_images,
                 request_id,
-            } => self.start(&output_file, None, max_images, request_id),
+                context,
+            } => self.start(&output_file, None, max_images, request_id, &context),
             Command::Stop { reason } => match self.finish(reason.as_deref().unwrap_or("stopped")) {
                 Some(run) => Reply {
                     ok: true,
@@ -273,6 +275,7 @@ impl Writer {
         n_images: Option<u64>,
         max_images: Option<u64>,
         request_id: Option<String>,
+        context: &RunContext,
     ) -> Reply {
         if let Some(run) = &self.run {
             let of = match run.summary.n_images {
@@ -321,11 +324,22 @@ impl Writer {
         };
         match ImageFile::create_with_nxmx(&partial, &spec, self.nxmx.as_ref()) {
             Ok(mut file) => {
-                let attributes = [
+                let metadata = context
+                    .metadata
+                    .as_ref()
+                    .map(|m| serde_json::Value::Object(m.clone()).to_string());
+                let mut attributes = vec![
                     ("detector_config", self.config_json.as_str()),
                     ("output_file", output_file),
                     ("request_id", request_id.as_deref().unwrap_or("")),
                 ];
+                // Only when given: files of runs without them look as before.
+                if let Some(m) = metadata.as_deref() {
+                    attributes.push(("metadata", m));
+                }
+                if let Some(t) = context.traceparent.as_deref() {
+                    attributes.push(("traceparent", t));
+                }
                 for (name, value) in attributes {
                     if let Err(e) = file.set_file_attribute(name, value) {
                         tracing::warn!("{e}");
@@ -587,6 +601,8 @@ mod tests {
         "n_modules":1,"bit_depth":16,"image_pixel_height":512,"image_pixel_width":1024,
         "start_udp_port":50000,"module_positions":{"0":[0,0,1023,511]}}"#;
 
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
     fn meta(cfg: &DetectorConfig, image_id: u64) -> ImageMetadata {
         ImageMetadata {
             image_id,
@@ -633,6 +649,12 @@ mod tests {
             output_file: file.display().to_string(),
             n_images,
             request_id: None,
+            context: RunContext {
+                metadata: serde_json::json!({"dcid": 7, "scan": "s1"})
+                    .as_object()
+                    .cloned(),
+                traceparent: Some(TRACEPARENT.into()),
+            },
         });
         assert!(reply.ok, "{reply:?}");
         (cfg, ring, writer, dir, file)
@@ -671,6 +693,10 @@ mod tests {
         assert!(attr(&f, "detector_config").contains("\"detector_name\":\"wtest\""));
         assert!(attr(&f, "software").starts_with("std-daq "));
         assert!(attr(&f, "end_time") >= attr(&f, "start_time"));
+        // The run context of the start command.
+        let metadata: serde_json::Value = serde_json::from_str(&attr(&f, "metadata")).unwrap();
+        assert_eq!(metadata, serde_json::json!({"dcid": 7, "scan": "s1"}));
+        assert_eq!(attr(&f, "traceparent"), TRACEPARENT);
         let modules: Vec<u64> = f
             .dataset("wtest/missing_modules")
             .unwrap()
@@ -743,6 +769,7 @@ mod tests {
             output_file: file.display().to_string(),
             n_images: 2,
             request_id: None,
+            context: RunContext::default(),
         });
         assert!(reply.ok, "{reply:?}");
         publish(&mut ring, &cfg, 0);
@@ -862,6 +889,7 @@ mod tests {
             output_file: output_file.into(),
             n_images,
             request_id: None,
+            context: RunContext::default(),
         };
         let cases = [
             (

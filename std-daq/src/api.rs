@@ -4,7 +4,7 @@
 //!
 //! | method, path | body | answer |
 //! |---|---|---|
-//! | POST /write_sync | `{output_file, n_images?, timeout_s?, ...}` (no n_images: until killed) | when the write ended (no time cap): 200 + final status; 400 when the agent refused the request (same message as `request_fail`); 500 when it failed or was killed |
+//! | POST /write_sync | `{output_file, n_images?, timeout_s?, metadata?, traceparent?, ...}` (no n_images: until killed; an HTTP `traceparent` header is forwarded as the AMQP header) | when the write ended (no time cap): 200 + final status; 400 when the agent refused the request (same message as `request_fail`); 500 when it failed or was killed |
 //! | POST /write_async | same | 202 `{request_id}` at once |
 //! | POST /write_kill | `{request_id}` | 200 when the kill was sent |
 //! | GET /status/{request_id} | | the request's last status (action, message, body) |
@@ -140,19 +140,29 @@ fn handle(
         .read_to_end(&mut body)
         .context("reading the body")?;
     let url = request.url().to_string();
+    // A W3C trace context of the caller goes on to the agent as the AMQP header (the agent
+    // checks it and refuses a malformed one with request_fail).
+    let traceparent = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("traceparent"))
+        .map(|h| h.value.as_str().to_string());
+    let traceparent = traceparent.as_deref();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
     let path = path.to_string();
     // The live view answers itself (a stream writes to the connection for as long as it lasts).
     let Some(request) = live.route(request, &path, query) else {
         return Ok(());
     };
-    if let Some((code, value)) = compat.route(request.method().as_str(), &path, &body) {
+    if let Some((code, value)) =
+        compat.route_traced(request.method().as_str(), &path, &body, traceparent)
+    {
         request.respond(json_response(code, &value))?;
         return Ok(());
     }
     let response = match (request.method(), path.as_str()) {
-        (Method::Post, "/write_sync") => write(settings, requests, &body, true),
-        (Method::Post, "/write_async") => write(settings, requests, &body, false),
+        (Method::Post, "/write_sync") => write(settings, requests, &body, traceparent, true),
+        (Method::Post, "/write_async") => write(settings, requests, &body, traceparent, false),
         (Method::Post, "/write_kill") => kill(settings, &body),
         (Method::Get, p) if p.starts_with("/status/") => {
             let id = &p["/status/".len()..];
@@ -205,15 +215,18 @@ fn write(
     settings: &ApiSettings,
     requests: &Arc<Requests>,
     body: &[u8],
+    traceparent: Option<&str>,
     wait: bool,
 ) -> Response<std::io::Cursor<Vec<u8>>> {
     let id = client::new_request_id();
     requests.update(&id, |_| {});
     let run = {
         let (opts, id, body) = (settings.client.clone(), id.clone(), body.to_vec());
+        let traceparent = traceparent.map(String::from);
         let requests = Arc::clone(requests);
         move || {
-            let result = client::send_raw_blocking(&opts, &id, &body, |s| {
+            let tp = traceparent.as_deref();
+            let result = client::send_raw_traced_blocking(&opts, &id, &body, tp, |s| {
                 requests.update(&id, |r| {
                     r.started |= s.action == action::REQUEST_START;
                     r.last = Some(s.clone());
@@ -302,6 +315,8 @@ fn openapi() -> serde_json::Value {
                 "output_file": {"type": "string", "description": "absolute .h5 path inside the agent's output root; must not exist"},
                 "n_images": {"type": ["integer", "null"], "minimum": 1, "description": "absent or null: write until killed (/write_kill), at most the agent's --max-images"},
                 "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "end the write with request_fail, leaving nothing on disk, if no image arrived within this many seconds"},
+                "metadata": {"type": ["object", "null"], "description": "opaque metadata of the run (run id, ISPyB dcid, scan number, ...), at most 16384 bytes as JSON: echoed in statuses, stored in the file's attribute metadata, added to the processing trigger"},
+                "traceparent": {"type": ["string", "null"], "description": "W3C trace context 00-<32 hex>-<16 hex>-<2 hex>; the HTTP header traceparent does the same (it is forwarded to the agent as the AMQP header)"},
                 "user_id": {}, "run_id": {}, "sources": {}, "timestamp": {}
             }
         }}}

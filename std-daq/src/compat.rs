@@ -204,11 +204,23 @@ impl Compat {
 
     /// The route for `method path`, or None when it is not one of PSI's.
     pub fn route(self: &Arc<Self>, method: &str, path: &str, body: &[u8]) -> Option<Reply> {
+        self.route_traced(method, path, body, None)
+    }
+
+    /// [`Compat::route`] with the HTTP request's `traceparent` header, which a write forwards
+    /// to the agent as the AMQP header.
+    pub fn route_traced(
+        self: &Arc<Self>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        traceparent: Option<&str>,
+    ) -> Option<Reply> {
         Some(match (method, path) {
             ("GET", "/daq/config") => self.get_config(),
             ("POST", "/daq/config") => self.set_config(body),
-            ("POST", "/writer/write_async") => self.write(body, false),
-            ("POST", "/writer/write_sync") => self.write(body, true),
+            ("POST", "/writer/write_async") => self.write(body, traceparent, false),
+            ("POST", "/writer/write_sync") => self.write(body, traceparent, true),
             ("POST", "/writer/stop") => self.stop(),
             ("GET", "/writer/status") => {
                 let w = self.writer_status();
@@ -456,7 +468,7 @@ impl Compat {
         }
     }
 
-    fn write(self: &Arc<Self>, body: &[u8], sync: bool) -> Reply {
+    fn write(self: &Arc<Self>, body: &[u8], traceparent: Option<&str>, sync: bool) -> Reply {
         let request: Value = match serde_json::from_slice(body) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => return error("the write request must be a JSON object"),
@@ -505,9 +517,11 @@ impl Compat {
         let body = serde_json::to_vec(&sent).unwrap_or_default();
         let opts = self.client.clone();
         let thread_id = id.clone();
+        let traceparent = traceparent.map(String::from);
         std::thread::spawn(move || {
             let mut refusal = None;
-            let result = client::send_raw_blocking(&opts, &thread_id, &body, |s| {
+            let tp = traceparent.as_deref();
+            let result = client::send_raw_traced_blocking(&opts, &thread_id, &body, tp, |s| {
                 this.update(|a| a.update(s));
                 let _ = first_tx.send(());
             });

@@ -215,7 +215,8 @@ impl ServiceKind {
             // The writer records the whole config in every file (`detector_config`): any key
             // with an effect.
             ServiceKind::Writer => true,
-            ServiceKind::Agent => false,
+            // It reads the processing trigger at start (docs/processing.md).
+            ServiceKind::Agent => key == "processing_trigger",
             ServiceKind::Preview => matches!(key, "ram_buffer_gb" | "live_stream_configs"),
             ServiceKind::StreamSend => {
                 matches!(key, "ram_buffer_gb" | "stats_collection_period")
@@ -284,6 +285,10 @@ mod tests {
             vec!["std-udp-recv (every module)", "std-h5-writer"]
         );
         assert_eq!(restart_summary(&k(&["log_level"])).len(), 6);
+        assert_eq!(
+            restart_summary(&k(&["processing_trigger"])),
+            vec!["std-h5-writer", "std-writer-agent"]
+        );
         assert!(ServiceKind::Preview.depends_on("live_stream_configs"));
         assert!(!ServiceKind::Receiver.depends_on("live_stream_configs"));
     }

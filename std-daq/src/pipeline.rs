@@ -371,6 +371,7 @@ impl Pipeline {
             output_file: output_file.display().to_string(),
             n_images,
             request_id: None,
+            context: Default::default(),
         })?;
         if !reply.ok {
             bail!(

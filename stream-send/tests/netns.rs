@@ -129,6 +129,7 @@ fn far_run(client: &WriterClient, file: &Path, n: u64) {
             output_file: file.display().to_string(),
             n_images: n,
             request_id: None,
+            context: Default::default(),
         })
         .unwrap();
     assert!(r.ok, "{r:?}");

@@ -128,6 +128,7 @@ impl Services {
             output_file: file.display().to_string(),
             n_images: n,
             request_id: None,
+            context: Default::default(),
         })?;
         if !reply.ok {
             bail!("writer refused: {:?}", reply.error);

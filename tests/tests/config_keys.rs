@@ -109,6 +109,7 @@ fn up_runs_what_the_config_says_metrics_compression_live_stream_and_warnings() {
             output_file: file.display().to_string(),
             n_images: 20,
             request_id: None,
+            context: Default::default(),
         })
         .unwrap();
     assert!(reply.ok, "{reply:?}");

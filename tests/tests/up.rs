@@ -73,6 +73,7 @@ fn up_restarts_a_killed_receiver_and_cleans_up_on_sigterm() {
             output_file: file.display().to_string(),
             n_images: 400,
             request_id: None,
+            context: Default::default(),
         })
         .unwrap();
     assert!(reply.ok, "{reply:?}");

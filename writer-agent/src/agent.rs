@@ -45,20 +45,22 @@ use crate::protocol::{
     AgentQueues, StatusMessage,
 };
 use crate::request::{self, CreatedDirs, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
+use crate::trigger::{self, TriggerSettings};
 use futures_lite::StreamExt;
 use h5_writer::command::{
-    ClientError, Command, Reply, RunSummary, WriterClient, MAX_IMAGES_REACHED,
+    ClientError, Command, Reply, RunContext, RunSummary, WriterClient, MAX_IMAGES_REACHED,
 };
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Everything the agent needs to know.
 #[derive(Debug, Clone)]
@@ -92,6 +94,8 @@ pub struct AgentSettings {
     pub strict_statuses: bool,
     /// While a run has no image, a "waiting for the first image" `request_progress` this often.
     pub waiting_interval: Duration,
+    /// The processing trigger (config key `processing_trigger`); `None`: none is sent.
+    pub trigger: Option<TriggerSettings>,
 }
 
 impl AgentSettings {
@@ -118,6 +122,7 @@ impl AgentSettings {
             max_queued: DEFAULT_MAX_QUEUED,
             strict_statuses: false,
             waiting_interval: DEFAULT_WAITING_INTERVAL,
+            trigger: None,
         }
     }
 }
@@ -167,11 +172,15 @@ pub struct AgentState {
     pub requests_queued: u64,
     /// Requests waiting in the agent's queue now.
     pub queue_length: u64,
+    /// Processing triggers the broker confirmed (and routed).
+    pub triggers_published: u64,
+    /// Processing triggers given up after every attempt failed.
+    pub triggers_failed: u64,
 }
 
 impl AgentState {
     /// Every counter as (name, value), for the status board and `/metrics`.
-    pub fn fields(&self) -> [(&'static str, u64); 11] {
+    pub fn fields(&self) -> [(&'static str, u64); 13] {
         [
             ("connected", u64::from(self.connected)),
             ("connections", self.connections),
@@ -184,6 +193,8 @@ impl AgentState {
             ("requests_dead_lettered", self.requests_dead_lettered),
             ("requests_queued", self.requests_queued),
             ("queue_length", self.queue_length),
+            ("triggers_published", self.triggers_published),
+            ("triggers_failed", self.triggers_failed),
         ]
     }
 }
@@ -214,6 +225,8 @@ pub struct Agent {
     current: Option<String>,
     /// Valid requests received while a write runs, in arrival order, unacked (this connection's).
     queued: VecDeque<Waiting>,
+    /// The outcome of the running write's start trigger, reported with its final status.
+    start_trigger: Option<trigger::Outcome>,
 }
 
 /// A request waiting in the agent's queue for the running write to end.
@@ -226,6 +239,8 @@ struct Waiting {
 
 /// The broker side of one connection, as the request handling needs it.
 struct Links<'a> {
+    /// For the processing trigger's own channels.
+    conn: &'a Connection,
     requests_ch: &'a Channel,
     requests: &'a mut Consumer,
     kills: &'a mut Consumer,
@@ -278,6 +293,7 @@ impl Agent {
             settled: VecDeque::new(),
             current: None,
             queued: VecDeque::new(),
+            start_trigger: None,
         })
     }
 
@@ -399,6 +415,7 @@ impl Agent {
                 self.state
                     .send_modify(|st| st.queue_length = self.queued.len() as u64);
                 let mut links = Links {
+                    conn: &conn,
                     requests_ch: &requests_ch,
                     requests: &mut requests,
                     kills: &mut kills,
@@ -413,6 +430,7 @@ impl Agent {
                 delivery = requests.next() => match delivery {
                     Some(Ok(d)) => {
                         let mut links = Links {
+                            conn: &conn,
                             requests_ch: &requests_ch,
                             requests: &mut requests,
                             kills: &mut kills,
@@ -431,6 +449,7 @@ impl Agent {
                 notice = notices.next() => match notice {
                     Some(Ok(n)) => {
                         let mut links = Links {
+                            conn: &conn,
                             requests_ch: &requests_ch,
                             requests: &mut requests,
                             kills: &mut kills,
@@ -445,15 +464,36 @@ impl Agent {
         }
     }
 
-    /// One request, from delivery (or its turn in the agent's queue: `queued_at` is when it
-    /// arrived) to ack.
+    /// [`Agent::handle_request`] in a tracing span `request` with the request id and, when the
+    /// message carries a valid one, its `traceparent`: every log line about the request has them.
     async fn handle(
         &mut self,
         delivery: Delivery,
         queued_at: Option<f64>,
         links: &mut Links<'_>,
     ) -> Result<(), BrokerError> {
-        let job = self.job_for(&delivery, queued_at.unwrap_or_else(unix_now));
+        let span = tracing::info_span!(
+            "request",
+            request_id = %correlation_id(&delivery.properties).unwrap_or_default(),
+            traceparent = tracing::field::Empty,
+        );
+        if let Some(t) = traceparent_hint(&delivery) {
+            span.record("traceparent", tracing::field::display(&t));
+        }
+        self.handle_request(delivery, queued_at, links)
+            .instrument(span)
+            .await
+    }
+
+    /// One request, from delivery (or its turn in the agent's queue: `queued_at` is when it
+    /// arrived) to ack.
+    async fn handle_request(
+        &mut self,
+        delivery: Delivery,
+        queued_at: Option<f64>,
+        links: &mut Links<'_>,
+    ) -> Result<(), BrokerError> {
+        let mut job = self.job_for(&delivery, queued_at.unwrap_or_else(unix_now));
         let redelivered = match queued_at {
             // Received, logged and counted when it was queued.
             Some(_) => {
@@ -478,6 +518,7 @@ impl Agent {
                     .await
             }
         };
+        job.take_traceparent(&req);
         if redelivered {
             if let Some(leftover) = self.leftover(&req) {
                 return self.resume(&job, &req, leftover, &delivery, links).await;
@@ -494,12 +535,16 @@ impl Agent {
         let output_file = path.display().to_string();
         let max_images = self.settings.policy.max_images();
         let reply = self
-            .writer(Command::start(
+            .writer(Command::start_with(
                 output_file.clone(),
                 req.n_images,
                 // An unbounded write stops at the policy's limit, in the writer (exactly there).
                 Some(max_images),
                 Some(job.id.clone()),
+                RunContext {
+                    metadata: req.metadata.clone(),
+                    traceparent: req.traceparent.clone(),
+                },
             ))
             .await;
         let refused = match reply {
@@ -531,6 +576,20 @@ impl Agent {
         if let Err(e) = broker::publish_status(status_ch, &start).await {
             tracing::warn!("{e}");
             broker_ok = false;
+        }
+        // After request_start: a consumer that hears of the write has its status to follow.
+        self.start_trigger = None;
+        if let Some(t) = self.settings.trigger.as_ref().filter(|t| t.config.on_start) {
+            let facts = trigger::WriteFacts {
+                request_id: &job.id,
+                output_file: &output_file,
+                number_of_frames: req.n_images,
+                metadata: req.metadata.as_ref(),
+                traceparent: req.traceparent.as_deref(),
+            };
+            let outcome = trigger::publish(links.conn, t, trigger::Event::Start, &facts).await;
+            self.count_trigger(&job.id, &outcome);
+            self.start_trigger = Some(outcome);
         }
         self.run_to_end(&job, &req, &delivery, created, links, broker_ok)
             .await
@@ -582,7 +641,7 @@ impl Agent {
         requests_ch: &Channel,
         status_ch: &Channel,
     ) -> Result<(), BrokerError> {
-        let job = self.job_for(&delivery, unix_now());
+        let mut job = self.job_for(&delivery, unix_now());
         let redelivered = self.received(&job, &delivery);
         if redelivered && self.forget_settled(&job.id) {
             tracing::info!(
@@ -599,6 +658,7 @@ impl Agent {
                     .await
             }
         };
+        job.take_traceparent(&req);
         if let Err(e) = self.settings.policy.check(&req) {
             // What an interrupted attempt left is judged at its turn (see `resume`).
             if !(redelivered && self.leftover(&req).is_some()) {
@@ -672,7 +732,7 @@ impl Agent {
                 false,
             ));
         }
-        request::parse(&delivery.data).map_err(|e| {
+        parse_with_header(delivery).map_err(|e| {
             let malformed = e.is_malformed();
             (e.to_string(), malformed)
         })
@@ -716,7 +776,10 @@ impl Agent {
                     "the writer ended this request while no agent followed it"
                 );
                 let (act, message) = describe_end(&run);
-                let fin = job.status(act, message, run.images_written, Some(&*run));
+                let mut fin = job.status(act, message, run.images_written, Some(&*run));
+                // The agent that followed it may have died before its end trigger.
+                self.end_trigger(links.conn, job, req, Some(&*run), &mut fin)
+                    .await;
                 return self.finish(fin, delivery, links.status_ch, true).await;
             }
             None => {}
@@ -758,8 +821,89 @@ impl Agent {
             _ => created.keep(),
         }
         tracing::info!(request_id = job.id, action = act, "{message}");
-        let fin = job.status(act, message, written, run.as_ref());
+        let mut fin = job.status(act, message, written, run.as_ref());
+        self.end_trigger(links.conn, job, req, run.as_ref(), &mut fin)
+            .await;
         self.finish(fin, delivery, links.status_ch, broker_ok).await
+    }
+
+    /// The end trigger of a write, if one is configured, published before the final status
+    /// (so that the status reports how it went) and only for a file that is complete under its
+    /// name and holds at least one image ([`file_complete`]); then the trigger outcomes (start
+    /// and end) go into `fin` as `trigger`. Never changes the final action.
+    async fn end_trigger(
+        &mut self,
+        conn: &Connection,
+        job: &Job,
+        req: &WriteRequest,
+        run: Option<&RunSummary>,
+        fin: &mut StatusMessage,
+    ) {
+        let start = self.start_trigger.take();
+        let Some(t) = self.settings.trigger.clone() else {
+            return;
+        };
+        let mut report = Map::new();
+        if let Some(start) = start {
+            report.insert("start".into(), start.to_json());
+        }
+        if t.config.on_end {
+            let end = match run.filter(|r| file_complete(r)) {
+                Some(r) => {
+                    let facts = trigger::WriteFacts {
+                        request_id: &job.id,
+                        output_file: &r.output_file,
+                        number_of_frames: Some(r.images_written),
+                        metadata: req.metadata.as_ref(),
+                        traceparent: req.traceparent.as_deref(),
+                    };
+                    let outcome = trigger::publish(conn, &t, trigger::Event::End, &facts).await;
+                    self.count_trigger(&job.id, &outcome);
+                    outcome.to_json()
+                }
+                None => {
+                    let why = match run {
+                        Some(r) => format!(
+                            "not sent: the write left no complete file with images ({} images, \
+                             end {:?})",
+                            r.images_written, r.end
+                        ),
+                        None => "not sent: the writer was lost, the file is not complete".into(),
+                    };
+                    tracing::info!(request_id = job.id, "end trigger {why}");
+                    json!({"published": false, "attempts": 0, "error": Value::Null, "skipped": why})
+                }
+            };
+            report.insert("end".into(), end);
+        }
+        if !report.is_empty() {
+            fin.insert("trigger", Value::Object(report));
+        }
+    }
+
+    /// Counts and logs a trigger's outcome.
+    fn count_trigger(&self, request_id: &str, outcome: &trigger::Outcome) {
+        let event = outcome.event.as_str();
+        match &outcome.error {
+            None => {
+                tracing::info!(
+                    request_id,
+                    event,
+                    attempts = outcome.attempts,
+                    "processing trigger published"
+                );
+                self.state.send_modify(|s| s.triggers_published += 1);
+            }
+            Some(e) => {
+                tracing::warn!(
+                    request_id,
+                    event,
+                    attempts = outcome.attempts,
+                    "processing trigger given up (the write is not affected): {e}"
+                );
+                self.state.send_modify(|s| s.triggers_failed += 1);
+            }
+        }
     }
 
     /// Follows the writer until the run ends: publishes progress (and, while no image came,
@@ -780,6 +924,7 @@ impl Agent {
             requests,
             kills,
             status_ch,
+            ..
         } = links;
         let (requests_ch, status_ch) = (*requests_ch, *status_ch);
         let mut ticker = tokio::time::interval(self.settings.poll_interval);
@@ -1068,7 +1213,7 @@ impl Agent {
             tracing::info!(request_id = job.id, "its final status is already out");
             return ack(&notice).await;
         }
-        if let (false, Ok(req)) = (job.id.is_empty(), request::parse(&notice.data)) {
+        if let (false, Ok(req)) = (job.id.is_empty(), parse_with_header(&notice)) {
             match self.writer_knows(&job).await {
                 Some(WriterKnows::Running) => {
                     tracing::info!(
@@ -1082,7 +1227,9 @@ impl Agent {
                 }
                 Some(WriterKnows::Ended(run)) => {
                     let (act, message) = describe_end(&run);
-                    let fin = job.status(act, message, run.images_written, Some(&*run));
+                    let mut fin = job.status(act, message, run.images_written, Some(&*run));
+                    self.end_trigger(links.conn, &job, &req, Some(&*run), &mut fin)
+                        .await;
                     return self.finish(fin, &notice, status_ch, true).await;
                 }
                 None => {}
@@ -1220,6 +1367,14 @@ struct Job {
 }
 
 impl Job {
+    /// A trace context that came only as the AMQP header goes into the echo, so that every
+    /// status carries it (body field and header).
+    fn take_traceparent(&mut self, req: &WriteRequest) {
+        if let Some(t) = &req.traceparent {
+            self.echo.insert("traceparent".into(), t.clone().into());
+        }
+    }
+
     fn status(
         &self,
         act: &str,
@@ -1309,6 +1464,43 @@ fn describe_end(run: &RunSummary) -> (&'static str, String) {
             format!("the write ended after {k} of {n} images: {end}"),
         ),
     }
+}
+
+/// Whether a run left its file complete under its name with at least one image: the rule for
+/// the end trigger. Completed, killed and stopped runs (an unbounded write's kill, the agent's
+/// shutdown) and an unbounded write at its max_images close the file holding exactly the images
+/// written; a failed or cancelled run leaves no such file.
+fn file_complete(run: &RunSummary) -> bool {
+    let end = run.end.as_str();
+    run.images_written > 0
+        && (end == "completed"
+            || end == "killed"
+            || end == MAX_IMAGES_REACHED
+            || end == STOPPED
+            || end.starts_with("stopped:"))
+}
+
+/// Parses a request body and takes in the trace context of its AMQP header `traceparent`.
+fn parse_with_header(delivery: &Delivery) -> Result<WriteRequest, RequestError> {
+    let mut req = request::parse(&delivery.data)?;
+    let header = header_text(&delivery.properties, "traceparent");
+    request::merge_traceparent(&mut req, header.as_deref())?;
+    Ok(req)
+}
+
+/// A valid trace context of a delivery (its header, else its body's field), for log lines
+/// before the request is parsed.
+fn traceparent_hint(delivery: &Delivery) -> Option<String> {
+    let valid = |t: &String| request::check_traceparent(t).is_ok();
+    header_text(&delivery.properties, "traceparent")
+        .filter(valid)
+        .or_else(|| {
+            echo(&delivery.data, MAX_BODY_BYTES)
+                .get("traceparent")
+                .and_then(Value::as_str)
+                .map(String::from)
+                .filter(valid)
+        })
 }
 
 /// The stop reason (and run `end`) of an unbounded write ended by its kill.
@@ -1484,6 +1676,32 @@ mod tests {
                 "no image within 2 s; nothing was written (x)".into()
             )
         );
+    }
+
+    /// The end trigger goes only for a file complete under its name with images.
+    #[test]
+    fn end_trigger_rule_is_a_complete_file_with_images() {
+        let run = |end: &str, k| RunSummary {
+            images_written: k,
+            end: end.into(),
+            ..RunSummary::default()
+        };
+        for end in [
+            "completed",
+            "killed",
+            "stopped",
+            "stopped: the writer agent was shut down",
+            MAX_IMAGES_REACHED,
+        ] {
+            assert!(file_complete(&run(end, 3)), "{end}");
+            assert!(!file_complete(&run(end, 0)), "{end} with no image");
+        }
+        for end in [
+            "failed: disk full",
+            "cancelled: no image arrived within timeout_s = 2 s; nothing was written",
+        ] {
+            assert!(!file_complete(&run(end, 3)), "{end}");
+        }
     }
 
     #[test]

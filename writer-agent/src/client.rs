@@ -10,6 +10,7 @@ use crate::broker::{self, amqp, BrokerError};
 use crate::protocol::{action, exchange, StatusMessage};
 use futures_lite::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 use std::time::Duration;
 
@@ -57,6 +58,18 @@ pub async fn send_request(
     opts: &ClientOptions,
     request_id: &str,
     body: &[u8],
+    on_status: impl FnMut(&StatusMessage),
+) -> Result<StatusMessage, ClientError> {
+    send_request_traced(opts, request_id, body, None, on_status).await
+}
+
+/// [`send_request`] with a W3C trace context sent as the AMQP header `traceparent` (the agent
+/// checks it, keeps it with the run and echoes it in every status; see docs/protocol.md).
+pub async fn send_request_traced(
+    opts: &ClientOptions,
+    request_id: &str,
+    body: &[u8],
+    traceparent: Option<&str>,
     mut on_status: impl FnMut(&StatusMessage),
 ) -> Result<StatusMessage, ClientError> {
     let conn = broker::connect(&opts.broker_url, "std-daq client").await?;
@@ -69,9 +82,14 @@ pub async fn send_request(
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(amqp("enabling publisher confirms"))?;
-    let props = BasicProperties::default()
+    let mut props = BasicProperties::default()
         .with_correlation_id(broker::short(request_id)?)
         .with_content_type("application/json".into());
+    if let Some(t) = traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), AMQPValue::LongString(t.into()));
+        props = props.with_headers(headers);
+    }
     let confirm = ch
         .basic_publish(
             exchange::REQUEST.into(),
@@ -249,6 +267,24 @@ pub fn send_raw_blocking(
     on_status: impl FnMut(&StatusMessage),
 ) -> Result<StatusMessage, BlockingError> {
     Ok(runtime()?.block_on(send_request(opts, request_id, body, on_status))?)
+}
+
+/// [`send_raw_blocking`] with a W3C trace context sent as the AMQP header `traceparent`
+/// ([`send_request_traced`]; `None`: no header). Must not be called from inside a tokio runtime.
+pub fn send_raw_traced_blocking(
+    opts: &ClientOptions,
+    request_id: &str,
+    body: &[u8],
+    traceparent: Option<&str>,
+    on_status: impl FnMut(&StatusMessage),
+) -> Result<StatusMessage, BlockingError> {
+    Ok(runtime()?.block_on(send_request_traced(
+        opts,
+        request_id,
+        body,
+        traceparent,
+        on_status,
+    ))?)
 }
 
 /// Blocking [`kill`]. Must not be called from inside a tokio runtime.

@@ -10,6 +10,8 @@
 //!   dead-lettering, so requests survive agent and broker restarts, are never written twice, and
 //!   a poison request ends in `std-daq.<service>.dead-letter` instead of looping.
 //! - [`client`]: publish a request and follow its status; send a kill.
+//! - [`trigger`]: the processing trigger (zocalo recipe or GDA scan topic message) published
+//!   when a write's file is complete, with confirms and bounded retries.
 //!
 //! This crate must never write image data itself (the writer does) and never trust anything that
 //! arrives from the network: every body and header is checked, and nothing received panics.
@@ -20,6 +22,7 @@ pub mod broker;
 pub mod client;
 pub mod protocol;
 pub mod request;
+pub mod trigger;
 
 pub use agent::{Agent, AgentSettings, AgentState, ShutdownHandle};
 pub use client::{ClientError, ClientOptions};

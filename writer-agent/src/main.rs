@@ -119,6 +119,10 @@ fn main() -> Result<()> {
     settings.waiting_interval = Duration::from_millis(args.waiting_ms);
     settings.max_queued = args.max_queued;
     settings.strict_statuses = args.strict_statuses;
+    settings.trigger = cfg
+        .processing_trigger
+        .clone()
+        .map(|t| std_writer_agent::trigger::TriggerSettings::new(t, &cfg.detector_name));
     let agent = Agent::new(settings).context("setting up the agent")?;
     let status_name = format!("std-daq.{}.writer-agent", cfg.detector_name);
     let board = StatusBoard::default();
@@ -127,6 +131,10 @@ fn main() -> Result<()> {
     board.set("output_root", args.output_root.display());
     board.set("request_queue", &agent.queues().requests);
     board.set("dead_letter_queue", &agent.queues().dead_letter);
+    board.set(
+        "processing_trigger",
+        trigger_summary(cfg.processing_trigger.as_ref()),
+    );
     show_state(&board, &agent.state().borrow());
     let metrics_addr = args
         .metrics_addr
@@ -154,6 +162,29 @@ fn main() -> Result<()> {
         agent.run().await
     })?;
     Ok(())
+}
+
+/// Where the processing trigger goes, for the status board (`off` without one).
+fn trigger_summary(t: Option<&std_daq_common::config::ProcessingTrigger>) -> String {
+    use std_daq_common::config::TriggerMode;
+    let Some(t) = t else { return "off".into() };
+    let events = match (t.on_start, t.on_end) {
+        (true, true) => "start,end",
+        (true, false) => "start",
+        _ => "end",
+    };
+    match &t.mode {
+        TriggerMode::Zocalo { queue, recipes } => {
+            format!(
+                "zocalo queue {queue} recipes {} events {events}",
+                recipes.join(",")
+            )
+        }
+        TriggerMode::Topic {
+            exchange,
+            routing_key,
+        } => format!("topic {exchange} {routing_key} events {events}"),
+    }
 }
 
 /// The agent's counters on the status board (Redis status hash and /metrics).

@@ -87,7 +87,8 @@ impl StatusMessage {
         self.action == action::REQUEST_SUCCESS || self.action == action::REQUEST_FAIL
     }
 
-    /// AMQP properties: correlation_id, JSON content type, the three headers.
+    /// AMQP properties: correlation_id, JSON content type, the three headers, and `traceparent`
+    /// when the body carries a valid one (the request's trace context).
     pub fn properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
         for (k, v) in [
@@ -97,6 +98,9 @@ impl StatusMessage {
         ] {
             headers.insert(k.into(), AMQPValue::LongString(v.as_str().into()));
         }
+        if let Some(t) = self.traceparent() {
+            headers.insert("traceparent".into(), AMQPValue::LongString(t.into()));
+        }
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_headers(headers);
@@ -104,6 +108,14 @@ impl StatusMessage {
             Ok(id) if !id.as_str().is_empty() => props.with_correlation_id(id),
             _ => props,
         }
+    }
+
+    /// The request's trace context: the body's `traceparent` if it is a valid W3C one.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.body
+            .get("traceparent")
+            .and_then(serde_json::Value::as_str)
+            .filter(|t| crate::request::check_traceparent(t).is_ok())
     }
 
     /// Adds a field to the body (a body that is not an object is left alone).
@@ -243,6 +255,17 @@ mod tests {
         let back = StatusMessage::from_amqp(&msg.properties(), &msg.payload());
         assert_eq!(back, msg);
         assert!(back.is_final());
+        assert_eq!(header_text(&msg.properties(), "traceparent"), None);
+        // A valid trace context in the body travels as a header too; a malformed one does not.
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut traced = msg.clone();
+        traced.insert("traceparent", tp.into());
+        assert_eq!(
+            header_text(&traced.properties(), "traceparent").as_deref(),
+            Some(tp)
+        );
+        traced.insert("traceparent", "00-bad".into());
+        assert_eq!(header_text(&traced.properties(), "traceparent"), None);
     }
 
     #[test]

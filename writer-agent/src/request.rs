@@ -41,6 +41,18 @@ pub struct WriteRequest {
     /// A write that received an image is never ended by it. Checked by [`parse`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
+    /// std-daq extension: opaque metadata of the run (run id, ISPyB data-collection id, scan id,
+    /// ...): a JSON object of at most [`MAX_METADATA_BYTES`] as JSON text. Echoed in every
+    /// status, stored in the file's root attribute `metadata`, and its keys are added to the
+    /// processing trigger's parameters. Checked by [`parse`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// std-daq extension: W3C trace context `00-<32 hex trace id>-<16 hex parent id>-<2 hex
+    /// flags>` (also accepted as the AMQP header `traceparent`, see [`merge_traceparent`]).
+    /// Echoed in every status (body and header), logged, stored in the file's root attribute
+    /// `traceparent` and sent with the processing trigger. Checked by [`parse`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl WriteRequest {
@@ -59,6 +71,78 @@ impl WriteRequest {
 
 /// Largest `timeout_s` accepted (about 11.5 days): a longer wait is no timeout.
 pub const MAX_TIMEOUT_S: f64 = 1_000_000.0;
+
+/// Largest `metadata` accepted, as compact JSON text.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Checks a W3C trace context (<https://www.w3.org/TR/trace-context/#traceparent-header>),
+/// version `00`: `00-<32 lowercase hex trace id>-<16 lowercase hex parent id>-<2 lowercase hex
+/// flags>`, neither id all zeros. `Err` says what is wrong.
+pub fn check_traceparent(value: &str) -> Result<(), String> {
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let parts: Vec<&str> = value.split('-').collect();
+    let [version, trace_id, parent_id, flags] = parts.as_slice() else {
+        return Err("it needs 4 fields separated by '-'".into());
+    };
+    if *version != "00" {
+        return Err(format!(
+            "version {:?} is not supported (only 00)",
+            version.chars().take(8).collect::<String>()
+        ));
+    }
+    if trace_id.len() != 32 || !hex(trace_id) {
+        return Err("the trace id must be 32 lowercase hex digits".into());
+    }
+    if trace_id.bytes().all(|b| b == b'0') {
+        return Err("the trace id must not be all zeros".into());
+    }
+    if parent_id.len() != 16 || !hex(parent_id) {
+        return Err("the parent id must be 16 lowercase hex digits".into());
+    }
+    if parent_id.bytes().all(|b| b == b'0') {
+        return Err("the parent id must not be all zeros".into());
+    }
+    if flags.len() != 2 || !hex(flags) {
+        return Err("the flags must be 2 lowercase hex digits".into());
+    }
+    Ok(())
+}
+
+/// A value as shown in an error message: JSON, at most 100 characters.
+fn shown(value: &serde_json::Value) -> String {
+    value.to_string().chars().take(100).collect()
+}
+
+/// Takes the trace context of the AMQP header `traceparent` (`header`, if the message had one)
+/// into the request. The header alone: it becomes the request's `traceparent`. Both: they must
+/// be the same, otherwise the request is refused (a client that sends two trace contexts has a
+/// bug, and picking one would file the run under the wrong trace).
+pub fn merge_traceparent(
+    request: &mut WriteRequest,
+    header: Option<&str>,
+) -> Result<(), RequestError> {
+    let Some(header) = header else {
+        return Ok(());
+    };
+    check_traceparent(header).map_err(|why| RequestError::TraceparentHeader {
+        value: shown(&header.into()),
+        why,
+    })?;
+    match &request.traceparent {
+        None => {
+            request.traceparent = Some(header.to_string());
+            Ok(())
+        }
+        Some(body) if body == header => Ok(()),
+        Some(body) => Err(RequestError::TraceparentsDiffer {
+            header: header.to_string(),
+            body: body.clone(),
+        }),
+    }
+}
 
 /// Largest request body accepted (a write request is a few hundred bytes); a larger one is refused
 /// unparsed, and status messages echo only its first 1000 characters.
@@ -90,6 +174,28 @@ pub enum RequestError {
          no timeout), got {0}"
     )]
     TimeoutS(String),
+    #[error(
+        "metadata must be a JSON object (e.g. {{\"dcid\": 12345, \"scan_id\": \"s-42\"}}) or \
+         null, got {0}"
+    )]
+    MetadataNotObject(String),
+    #[error("metadata is {0} bytes as JSON; at most {MAX_METADATA_BYTES} bytes are accepted")]
+    MetadataTooLarge(usize),
+    #[error(
+        "traceparent must be a W3C trace context 00-<32 hex trace id>-<16 hex parent id>-<2 hex \
+         flags> (lowercase, ids not all zero): {why}; got {value}"
+    )]
+    Traceparent { value: String, why: String },
+    #[error(
+        "the AMQP header traceparent must be a W3C trace context 00-<32 hex trace id>-<16 hex \
+         parent id>-<2 hex flags> (lowercase, ids not all zero): {why}; got {value}"
+    )]
+    TraceparentHeader { value: String, why: String },
+    #[error(
+        "the AMQP header traceparent ({header}) and the request's traceparent field ({body}) \
+         differ: send one of them, or the same in both"
+    )]
+    TraceparentsDiffer { header: String, body: String },
     #[error("n_images must be between 1 and {max}, got {got}")]
     NImages { got: u64, max: u64 },
     #[error(
@@ -157,6 +263,33 @@ pub fn parse(body: &[u8]) -> Result<WriteRequest, RequestError> {
         if !ok {
             let text: String = t.to_string().chars().take(100).collect();
             return Err(RequestError::TimeoutS(text));
+        }
+    }
+    if let Some(m) = value.get("metadata") {
+        match m {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(_) => {
+                let len = m.to_string().len();
+                if len > MAX_METADATA_BYTES {
+                    return Err(RequestError::MetadataTooLarge(len));
+                }
+            }
+            other => return Err(RequestError::MetadataNotObject(shown(other))),
+        }
+    }
+    if let Some(t) = value.get("traceparent") {
+        match t.as_str() {
+            _ if t.is_null() => {}
+            Some(text) => check_traceparent(text).map_err(|why| RequestError::Traceparent {
+                value: shown(t),
+                why,
+            })?,
+            None => {
+                return Err(RequestError::Traceparent {
+                    value: shown(t),
+                    why: "it must be a string".into(),
+                })
+            }
         }
     }
     serde_json::from_value(value).map_err(|e| RequestError::BadFields(e.to_string()))
@@ -348,7 +481,129 @@ mod tests {
             sources: None,
             timestamp: None,
             timeout_s: None,
+            metadata: None,
+            traceparent: None,
         }
+    }
+
+    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn metadata_must_be_a_bounded_object() {
+        let with = |m: &str| {
+            parse(format!(r#"{{"output_file":"/a.h5","n_images":3,"metadata":{m}}}"#).as_bytes())
+        };
+        let r = with(r#"{"dcid": 12345, "scan_id": "s-42", "nested": {"a": [1, 2]}}"#).unwrap();
+        let m = r.metadata.as_ref().unwrap();
+        assert_eq!(m["dcid"], 12345);
+        assert_eq!(m["nested"]["a"][1], 2);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["metadata"]["scan_id"],
+            "s-42"
+        );
+        assert_eq!(with("null").unwrap().metadata, None);
+        for (bad, got) in [("[1]", "[1]"), (r#""run 5""#, r#""run 5""#), ("7", "7")] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e, RequestError::MetadataNotObject(got.into()));
+            assert!(!e.is_malformed());
+            assert!(
+                e.to_string().starts_with("metadata must be a JSON object"),
+                "{e}"
+            );
+        }
+        let big = format!(r#"{{"x": "{}"}}"#, "y".repeat(MAX_METADATA_BYTES));
+        let e = with(&big).unwrap_err();
+        assert_eq!(e, RequestError::MetadataTooLarge(MAX_METADATA_BYTES + 8));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "metadata is {} bytes as JSON; at most 16384 bytes are accepted",
+                MAX_METADATA_BYTES + 8
+            )
+        );
+        let fits = format!(r#"{{"x": "{}"}}"#, "y".repeat(MAX_METADATA_BYTES - 8));
+        assert!(with(&fits).is_ok());
+    }
+
+    #[test]
+    fn traceparent_is_checked_in_the_body_and_the_header() {
+        let with = |t: &str| {
+            parse(format!(r#"{{"output_file":"/a.h5","n_images":3,"traceparent":{t}}}"#).as_bytes())
+        };
+        assert_eq!(
+            with(&format!("{TP:?}")).unwrap().traceparent.as_deref(),
+            Some(TP)
+        );
+        assert_eq!(with("null").unwrap().traceparent, None);
+        for (bad, why) in [
+            (
+                "\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331\"",
+                "4 fields",
+            ),
+            (
+                "\"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"",
+                "version \"01\"",
+            ),
+            (
+                "\"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01\"",
+                "trace id must be 32",
+            ),
+            (
+                "\"00-0af7651916cd43dd8448eb211c8031-b7ad6b7169203331-01\"",
+                "trace id must be 32",
+            ),
+            (
+                "\"00-00000000000000000000000000000000-b7ad6b7169203331-01\"",
+                "trace id must not be all zeros",
+            ),
+            (
+                "\"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01\"",
+                "parent id must not be all zeros",
+            ),
+            (
+                "\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333x-01\"",
+                "parent id must be 16",
+            ),
+            (
+                "\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1\"",
+                "flags must be 2",
+            ),
+            ("17", "must be a string"),
+        ] {
+            let e = with(bad).unwrap_err();
+            let text = e.to_string();
+            assert!(!e.is_malformed());
+            assert!(
+                text.starts_with("traceparent must be a W3C trace context 00-<32 hex trace id>")
+                    && text.contains(why)
+                    && text.ends_with(&format!("; got {bad}")),
+                "{bad}: {text}"
+            );
+        }
+        // The AMQP header: taken when the body has none, refused when malformed or different.
+        let mut r = with("null").unwrap();
+        merge_traceparent(&mut r, None).unwrap();
+        assert_eq!(r.traceparent, None);
+        merge_traceparent(&mut r, Some(TP)).unwrap();
+        assert_eq!(r.traceparent.as_deref(), Some(TP));
+        merge_traceparent(&mut r, Some(TP)).unwrap();
+        let other = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01";
+        let e = merge_traceparent(&mut r, Some(other)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the AMQP header traceparent ({other}) and the request's traceparent field \
+                 ({TP}) differ: send one of them, or the same in both"
+            )
+        );
+        let e = merge_traceparent(&mut r, Some("nope")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("the AMQP header traceparent must be a W3C trace context")
+                && e.to_string()
+                    .ends_with("it needs 4 fields separated by '-'; got \"nope\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -409,7 +664,7 @@ mod tests {
         assert!(
             e.to_string().contains(
                 "unknown field `timeout`, expected one of `output_file`, `n_images`, `user_id`, \
-                 `run_id`, `sources`, `timestamp`, `timeout_s`"
+                 `run_id`, `sources`, `timestamp`, `timeout_s`, `metadata`, `traceparent`"
             ),
             "{e}"
         );

@@ -161,6 +161,7 @@ async fn a_poison_request_is_dead_lettered_after_max_deliveries_and_the_next_req
                 output_file: file.display().to_string(),
                 n_images: 10,
                 request_id: Some(id.clone()),
+                context: Default::default(),
             }
         );
         agent.crash();

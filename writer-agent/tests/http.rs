@@ -14,10 +14,15 @@ use std_writer_agent::Policy;
 
 /// A minimal HTTP/1.1 client: (status code, body).
 fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(port, method, path, body, "")
+}
+
+/// [`http`] with extra header lines (`"Name: value\r\n"` each).
+fn http_with(port: u16, method: &str, path: &str, body: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -126,13 +131,38 @@ async fn http_write_kill_and_refusal_behave_like_the_agent() {
         "output_file \"rel.h5\" must be an absolute path"
     );
 
-    // An asynchronous write: 202 with an id, then the statuses up to success, and an exact file.
+    // The HTTP traceparent header goes on to the agent (as the AMQP header), on our routes and
+    // PSI's: a malformed one is refused by the agent, with its words.
+    let bad_tp = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7\r\n";
+    let tp_body = serde_json::json!({"output_file": root.join("tp.h5"), "n_images": 5}).to_string();
+    let (code, body) = http_with(port, "POST", "/write_sync", &tp_body, bad_tp);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the AMQP header traceparent must be a W3C trace context"),
+        "{body}"
+    );
+    let (code, body) = http_with(port, "POST", "/writer/write_sync", &tp_body, bad_tp);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["status"], "error", "{body}");
+    assert!(
+        body.contains("the AMQP header traceparent must be a W3C trace context"),
+        "{body}"
+    );
+    assert!(!root.join("tp.h5").exists());
+
+    // An asynchronous write: 202 with an id, then the statuses up to success, and an exact file;
+    // its HTTP traceparent is the request's trace context.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let file = root.join("http.h5");
-    let (code, body) = http(
+    let (code, body) = http_with(
         port,
         "POST",
         "/write_async",
         &serde_json::json!({"output_file": file, "n_images": 30}).to_string(),
+        &format!("traceparent: {tp}\r\n"),
     );
     assert_eq!(code, 202, "{body}");
     let id = json(&body)["request_id"].as_str().unwrap().to_string();
@@ -142,6 +172,7 @@ async fn http_write_kill_and_refusal_behave_like_the_agent() {
         v["action"] == "request_success" || v["action"] == "request_fail"
     });
     assert_eq!(done["action"], "request_success", "{done}");
+    assert_eq!(done["body"]["traceparent"], tp, "{done}");
     let report = std_daq_tests::verify_h5(&file, &detector, "").unwrap();
     assert_eq!(report["exact_images"], 30, "{report}");
 

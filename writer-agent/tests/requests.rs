@@ -442,7 +442,7 @@ async fn bad_requests_are_refused_with_exact_reasons_and_leave_nothing_on_disk()
         ),
         (
             format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"overwrite":true}}"#),
-            "the request body is not a valid write request: unknown field `overwrite`, expected one of `output_file`, `n_images`, `user_id`, `run_id`, `sources`, `timestamp`, `timeout_s`".into(),
+            "the request body is not a valid write request: unknown field `overwrite`, expected one of `output_file`, `n_images`, `user_id`, `run_id`, `sources`, `timestamp`, `timeout_s`, `metadata`, `traceparent`".into(),
         ),
         (
             format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"timeout_s":-1}}"#),
@@ -762,6 +762,8 @@ async fn junk_requests_are_refused_with_exact_reasons_counted_and_the_agent_keep
             requests_dead_lettered: 0,
             requests_queued: 0,
             queue_length: 0,
+            triggers_published: 0,
+            triggers_failed: 0,
         }
     );
     agent.stop().await;
