@@ -53,10 +53,9 @@ class ImageFormat:
     #: numpy dtype name, e.g. "uint16", "float32".
     dtype: str
 
-    @property
-    def dataset(self) -> str:
-        """The image dataset of a written file (std_daq's layout)."""
-        return f"/{self.detector_name}/data"
+    #: The image dataset of a written file: NXmx's NXdata (docs/nxmx.md); std_daq's
+    #: `/<detector_name>/data` is the same dataset.
+    dataset: str = "/entry/data/data"
 
 
 class StdDaqClient:

@@ -68,7 +68,8 @@ def read_back(docs, n_modules):
         start, stop = datum["indices"]["start"], datum["indices"]["stop"]
         with h5py.File(path, "r") as f:
             data = f[dataset]
-            group = f[dataset.rsplit("/", 1)[0]]
+            # std_daq's group beside /entry holds the per-image records.
+            group = f[next(k for k in f.keys() if k != "entry")]
             out["files"][path] = {"images": int(data.shape[0]), "dataset": dataset}
             for row in range(start, stop):
                 image = data[row]
