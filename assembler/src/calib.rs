@@ -178,15 +178,22 @@ impl ConvertedPixel for f32 {
     }
 }
 
-/// Photon counts, int16: `round(x)` half away from zero (`f32::round`), negatives kept,
+/// Photon counts, int16: `round(x)` half away from zero (as `f32::round`), negatives kept,
 /// clamped to `[-32767, 32767]` (32767 = saturation); NaN (masked) -> -32768.
 impl ConvertedPixel for i16 {
     const INVALID: Self = i16::MIN;
     const MASKED_DOUBLE: Self = i16::MIN;
     #[inline(always)]
     fn from_scaled(x: f32) -> Self {
-        // `as i32` saturates (and sends NaN to 0, replaced below): no undefined values.
-        let v = (x.round() as i32).clamp(i32::from(i16::MIN) + 1, i32::from(i16::MAX)) as i16;
+        // Written so that it vectorises (a saturating `as i32` per lane does not, on x86):
+        // round half away from zero as `trunc(x + copysign(0.49999997, x))` (exact for every
+        // f32: the largest f32 below 0.5 never carries a value below x.5 over the next integer;
+        // LLVM lowers `f32::round` the same way), clamp in f32 (`max`/`min` also send NaN to a
+        // number, replaced below), then the whole number |v| <= 32767 is read out of the
+        // mantissa of `v + 1.5 * 2^23` (a bit cast, exact for |v| < 2^22).
+        let r = (x + 0.499_999_97f32.copysign(x)).trunc();
+        let c = r.max(-32767.0).min(32767.0);
+        let v = ((c + 12_582_912.0).to_bits() as i32 - 0x4b40_0000) as i16;
         if x.is_nan() {
             i16::MIN
         } else {
@@ -348,9 +355,22 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
     };
     let p: &[f32; BLOCK] = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
     let g: &[f32; BLOCK] = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
-    for i in 0..BLOCK {
-        let adc = f32::from(raw[i] & 0x3fff);
-        out[if REV { BLOCK - 1 - i } else { i }] = P::from_scaled((adc - p[i]) * g[i]);
+    if REV {
+        // Forward into a stack block, then one reversing copy: a reversed store inside the
+        // conversion loop kept it from vectorising for 2-byte pixels.
+        let mut tmp = [P::default(); BLOCK];
+        for i in 0..BLOCK {
+            let adc = f32::from(raw[i] & 0x3fff);
+            tmp[i] = P::from_scaled((adc - p[i]) * g[i]);
+        }
+        for (o, t) in out.iter_mut().zip(tmp.iter().rev()) {
+            *o = *t;
+        }
+    } else {
+        for i in 0..BLOCK {
+            let adc = f32::from(raw[i] & 0x3fff);
+            out[i] = P::from_scaled((adc - p[i]) * g[i]);
+        }
     }
 }
 
