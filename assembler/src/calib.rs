@@ -188,11 +188,11 @@ impl ConvertedPixel for i16 {
         // Written so that it vectorises (a saturating `as i32` per lane does not, on x86):
         // round half away from zero as `trunc(x + copysign(0.49999997, x))` (exact for every
         // f32: the largest f32 below 0.5 never carries a value below x.5 over the next integer;
-        // LLVM lowers `f32::round` the same way), clamp in f32 (`max`/`min` also send NaN to a
-        // number, replaced below), then the whole number |v| <= 32767 is read out of the
+        // LLVM lowers `f32::round` the same way), clamp in f32 (a NaN stays NaN and is replaced
+        // below), then the whole number |v| <= 32767 is read out of the
         // mantissa of `v + 1.5 * 2^23` (a bit cast, exact for |v| < 2^22).
         let r = (x + 0.499_999_97f32.copysign(x)).trunc();
-        let c = r.max(-32767.0).min(32767.0);
+        let c = r.clamp(-32767.0, 32767.0);
         let v = ((c + 12_582_912.0).to_bits() as i32 - 0x4b40_0000) as i16;
         if x.is_nan() {
             i16::MIN
