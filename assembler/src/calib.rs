@@ -355,9 +355,10 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
     };
     let p: &[f32; BLOCK] = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
     let g: &[f32; BLOCK] = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
-    if REV {
+    if REV && std::mem::size_of::<P>() != 4 {
         // Forward into a stack block, then one reversing copy: a reversed store inside the
-        // conversion loop kept it from vectorising for 2-byte pixels.
+        // conversion loop kept it from vectorising for 2-byte pixels. (4-byte pixels keep the
+        // reversed store, the float32 kernel as before.)
         let mut tmp = [P::default(); BLOCK];
         for i in 0..BLOCK {
             let adc = f32::from(raw[i] & 0x3fff);
@@ -369,7 +370,7 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
     } else {
         for i in 0..BLOCK {
             let adc = f32::from(raw[i] & 0x3fff);
-            out[i] = P::from_scaled((adc - p[i]) * g[i]);
+            out[if REV { BLOCK - 1 - i } else { i }] = P::from_scaled((adc - p[i]) * g[i]);
         }
     }
 }
