@@ -2,7 +2,7 @@
 //! against a plain memcpy of the same bytes measured in the same run and the same memory set-up.
 //!
 //! Run: `cargo bench -p std-assembler --bench throughput` (optional argument: seconds per case,
-//! default 2; the whole run takes 22 x that plus a few seconds of set-up).
+//! default 2; the whole run takes 34 x that plus a few seconds of set-up).
 //! Single-threaded: PSI sizes one core per module, so one module frame (module 1 of a 2-module
 //! image) per iteration on one core is the figure to compare with the receiver's rate.
 //!
@@ -19,12 +19,18 @@
 //!   convert more modules than their shared L3 holds tables for. With one module, its 4 MiB of G0
 //!   tables stay in L3 between frames.
 //!
+//! Conversion cases run twice: float32 keV (the default) and photon counts as int16
+//! (`converted_output: "photons_int16"`, 12.4 keV), same frames, same set-up; the photon/float
+//! ratios are printed after the table.
+//!
 //! Conversion input patterns: `all16` (the simulator's: every 16-bit value, so all gain stages
 //! including the invalid code occur, in runs of 16384 pixels) and `bragg` (G0 background, adc
 //! 1000-4000, with 5x5 clusters of G1 around a G2 centre on a 40x40 grid shifted per frame:
 //! 1.6 % of the pixels not in G0, on 1 in 8 rows).
 
-use assembler::calib::{Calibration, MaskCounts, ModuleCalibration, MODULE_HEIGHT, MODULE_WIDTH};
+use assembler::calib::{
+    Calibration, MaskCounts, ModuleCalibration, Scale, MODULE_HEIGHT, MODULE_WIDTH,
+};
 use assembler::pixels::ModulePixels;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -34,8 +40,9 @@ const PIXELS: usize = MODULE_WIDTH * MODULE_HEIGHT;
 const FRAME_BYTES: usize = PIXELS * 2;
 /// Source frames generated per pattern (the largest ring).
 const MAX_SOURCES: usize = 64;
+const PHOTON_ENERGY_KEV: f64 = 12.4;
 
-fn config(detector_type: &str, gaps: bool, flip: bool) -> DetectorConfig {
+fn config(detector_type: &str, gaps: bool, flip: bool, photons: bool) -> DetectorConfig {
     let (w, h) = if gaps { (1030, 514) } else { (1024, 512) };
     let m1 = if flip {
         serde_json::json!([w - 1, 2 * h - 1, 0, h])
@@ -51,12 +58,16 @@ fn config(detector_type: &str, gaps: bool, flip: bool) -> DetectorConfig {
     if detector_type == "jungfrau-converted" {
         json["calibration_file"] = "/unused.h5".into();
     }
+    if photons {
+        json["converted_output"] = "photons_int16".into();
+        json["photon_energy_kev"] = PHOTON_ENERGY_KEV.into();
+    }
     DetectorConfig::from_json_str(&json.to_string(), "bench").expect("bench config")
 }
 
 /// Calibration of a 2-module detector whose module 1 has tables number `k` (module 0 is never
 /// written by the bench and gets empty tables, so that 8 table sets take 96 MiB, not 192).
-fn calibration(k: usize) -> Calibration {
+fn calibration(k: usize, scale: Scale) -> Calibration {
     let p: [Vec<f32>; 3] = std::array::from_fn(|s| {
         (0..PIXELS)
             .map(|i| 1000.0 + ((i * 7 + s * 13 + k) % 500) as f32)
@@ -68,10 +79,11 @@ fn calibration(k: usize) -> Calibration {
             .collect()
     });
     let mask: Vec<bool> = (0..PIXELS).map(|i| (i + k).is_multiple_of(1009)).collect();
-    let module = ModuleCalibration::from_values(
+    let module = ModuleCalibration::from_values_scaled(
         [&p[0], &p[1], &p[2]],
         [&g[0], &g[1], &g[2]],
         &mask,
+        scale,
         &mut MaskCounts::default(),
     );
     let empty = ModuleCalibration {
@@ -165,7 +177,17 @@ fn main() {
         ("all16", (0..MAX_SOURCES).map(all16).collect()),
         ("bragg", (0..MAX_SOURCES).map(bragg).collect()),
     ];
-    let tables: Vec<Calibration> = (0..8).map(calibration).collect();
+    let tables: Vec<Calibration> = (0..8).map(|k| calibration(k, Scale::Energy)).collect();
+    let photon_tables: Vec<Calibration> = (0..8)
+        .map(|k| {
+            calibration(
+                k,
+                Scale::Photons {
+                    energy_kev: PHOTON_ENERGY_KEV,
+                },
+            )
+        })
+        .collect();
     let mut frame = ModuleFrame::new(1, 1, 128);
     for p in 0..128 {
         frame.mark_received(p);
@@ -179,6 +201,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
 
     let mut verdicts = Vec::new();
+    let mut ratios = Vec::new();
     for setup in &SETUPS {
         let sources = |p: usize| &patterns[p].1[..setup.n_sources];
         let warm = setup.n_sources.max(setup.n_images) + 8;
@@ -195,22 +218,56 @@ fn main() {
 
         let mut cases: Vec<(String, f64)> = Vec::new();
         let layouts = [
-            ("raw placement, no gaps", "jungfrau-raw", false, false),
-            ("raw placement, gaps + mirrored", "jungfrau-raw", true, true),
-            ("conversion, no gaps", "jungfrau-converted", false, false),
+            (
+                "raw placement, no gaps",
+                "jungfrau-raw",
+                false,
+                false,
+                false,
+            ),
+            (
+                "raw placement, gaps + mirrored",
+                "jungfrau-raw",
+                true,
+                true,
+                false,
+            ),
+            (
+                "conversion, no gaps",
+                "jungfrau-converted",
+                false,
+                false,
+                false,
+            ),
             (
                 "conversion, gaps + split + mirrored",
                 "jungfrau-converted",
                 true,
                 true,
+                false,
+            ),
+            (
+                "photons int16, no gaps",
+                "jungfrau-converted",
+                false,
+                false,
+                true,
+            ),
+            (
+                "photons int16, gaps + split + mirrored",
+                "jungfrau-converted",
+                true,
+                true,
+                true,
             ),
         ];
-        for (name, kind, gaps, flip) in layouts {
+        for (name, kind, gaps, flip, photons) in layouts {
             let converted = kind == "jungfrau-converted";
             if setup.n_tables > 1 && !converted {
                 continue; // raw placement reads no tables
             }
-            let cfg = config(kind, gaps, flip);
+            let cfg = config(kind, gaps, flip, photons);
+            let tables = if photons { &photon_tables } else { &tables };
             let mut pixels: Vec<ModulePixels> = if converted {
                 tables[..setup.n_tables]
                     .iter()
@@ -247,6 +304,20 @@ fn main() {
                 gbs * 1e9 / FRAME_BYTES as f64
             );
         }
+        for (case, gbs) in &cases {
+            let Some(rest) = case.strip_prefix("photons int16") else {
+                continue;
+            };
+            let float = format!("conversion{rest}");
+            if let Some((_, f)) = cases.iter().find(|(c, _)| *c == float) {
+                ratios.push(format!(
+                    "{}: photons int16{rest}: {:.2}x float32 ({gbs:.2} vs {f:.2} GB/s), {:.2}x memcpy",
+                    setup.name,
+                    gbs / f,
+                    gbs / reference
+                ));
+            }
+        }
         let worst_conversion = cases
             .iter()
             .filter(|(c, _)| c.starts_with("conversion, no gaps"))
@@ -257,6 +328,10 @@ fn main() {
             .find(|(c, _)| c.starts_with("raw placement, no gaps"))
             .map(|(_, g)| g / reference);
         verdicts.push((setup.name, raw, worst_conversion));
+    }
+    println!();
+    for line in &ratios {
+        println!("{line}");
     }
     println!();
     for (name, raw, conv) in verdicts {

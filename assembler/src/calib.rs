@@ -1,4 +1,5 @@
-//! JUNGFRAU conversion (`jungfrau-converted`): raw u16 pixels to float32 energies.
+//! JUNGFRAU conversion (`jungfrau-converted`): raw u16 pixels to float32 energies or to photon
+//! counts (int16 / int32, `converted_output`).
 //!
 //! A raw pixel is `gain bits (15..14) | adc (13..0)`. Gain bits 00 -> G0, 01 -> G1, 11 -> G2;
 //! 10 is invalid and gives 0. Output = `(adc - pedestal[g][px]) / gain[g][px]` in keV, where the
@@ -8,6 +9,13 @@
 //! whose gain is 0 or whose pedestal/gain is not finite, gives exactly +0.0: masking is folded
 //! into the tables (pedestal 0, inv_gain 0), so the hot loop has no mask branch.
 //!
+//! Photon counts (as Jungfraujoch): the table holds `1/(gain * photon_energy_kev)` instead
+//! (computed in f64 at load, stored as f32), so the loop is the same one multiply,
+//! `x = (adc - pedestal) * factor`, then `round(x)` (half away from zero), kept negative, clamped
+//! to `[MIN + 1, MAX]` of the type (MAX = the saturation value). MIN (-32768 / -2147483648) marks
+//! a pixel without a value: masked, bad stage (folded in as factor NaN), gain code 10, and the
+//! rows of a lost packet. The rules: [`ConvertedPixel`] impls and docs/calibration.md.
+//!
 //! Tables are per module, in the receiver's module orientation (row-major 512x1024, before any
 //! mirroring), one contiguous array per stage and quantity (6 streams of f32: 24 bytes per pixel),
 //! so a row converts as a straight vectorisable loop. File layout: docs/calibration.md.
@@ -15,6 +23,7 @@
 //! Never: convert a pixel with another stage's parameters, or allocate or log per image.
 
 use std::path::{Path, PathBuf};
+use std_daq_common::config::ConvertedOutput;
 
 /// Module frame size (pixels) the tables describe.
 pub const MODULE_WIDTH: usize = 1024;
@@ -45,12 +54,33 @@ pub enum CalibrationError {
     },
 }
 
+/// What the tables convert to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scale {
+    /// keV: factor `1/gain`, masked = factor 0 (output +0.0).
+    Energy,
+    /// Photons of this energy (keV): factor `1/(gain * energy)`, masked = factor NaN (output
+    /// the type's MIN).
+    Photons { energy_kev: f64 },
+}
+
+impl Scale {
+    /// From the config's `converted_output` and `photon_energy_kev`.
+    pub fn from_config(cfg: &std_daq_common::DetectorConfig) -> Self {
+        match (cfg.converted_output, cfg.photon_energy_kev) {
+            (ConvertedOutput::Float32, _) | (_, None) => Scale::Energy,
+            (_, Some(energy_kev)) => Scale::Photons { energy_kev },
+        }
+    }
+}
+
 /// Conversion tables for one module.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleCalibration {
     /// `pedestal[s][px]` in ADU, s = G0, G1, G2.
     pub pedestal: [Vec<f32>; N_STAGES],
-    /// `inv_gain[s][px]` in keV/ADU (0 where masked).
+    /// `inv_gain[s][px]`: the factor after the pedestal, in keV/ADU (`1/gain`, 0 where masked)
+    /// or, for [`Scale::Photons`], photons/ADU (`1/(gain * energy)`, NaN where masked).
     pub inv_gain: [Vec<f32>; N_STAGES],
 }
 
@@ -72,10 +102,26 @@ impl ModuleCalibration {
         mask: &[bool],
         counts: &mut MaskCounts,
     ) -> Self {
+        Self::from_values_scaled(pedestal, gain, mask, Scale::Energy, counts)
+    }
+
+    /// As [`Self::from_values`], converting to `scale`. For photons a stage whose factor
+    /// `1/(gain * energy)` is not finite in f32 counts as a bad stage too.
+    pub fn from_values_scaled(
+        pedestal: [&[f32]; N_STAGES],
+        gain: [&[f32]; N_STAGES],
+        mask: &[bool],
+        scale: Scale,
+        counts: &mut MaskCounts,
+    ) -> Self {
         counts.pixel_mask += mask.iter().filter(|m| **m).count();
+        let (masked, energy) = match scale {
+            Scale::Energy => (0.0, 1.0),
+            Scale::Photons { energy_kev } => (f32::NAN, energy_kev),
+        };
         let mut out = ModuleCalibration {
             pedestal: std::array::from_fn(|_| vec![0.0; mask.len()]),
-            inv_gain: std::array::from_fn(|_| vec![0.0; mask.len()]),
+            inv_gain: std::array::from_fn(|_| vec![masked; mask.len()]),
         };
         for s in 0..N_STAGES {
             for px in 0..mask.len() {
@@ -83,12 +129,15 @@ impl ModuleCalibration {
                 if mask[px] {
                     continue;
                 }
-                if !(p.is_finite() && g.is_finite() && g != 0.0) {
+                // Energy: 1/g exactly as before (times 1.0 is exact in f64).
+                let factor = (1.0 / (f64::from(g) * energy)) as f32;
+                let factor_ok = scale == Scale::Energy || factor.is_finite();
+                if !(p.is_finite() && g.is_finite() && g != 0.0 && factor_ok) {
                     counts.bad_stage += 1;
                     continue;
                 }
                 out.pedestal[s][px] = p;
-                out.inv_gain[s][px] = (1.0 / f64::from(g)) as f32;
+                out.inv_gain[s][px] = factor;
             }
         }
         out
@@ -96,6 +145,91 @@ impl ModuleCalibration {
 
     pub fn n_pixels(&self) -> usize {
         self.pedestal[0].len()
+    }
+}
+
+/// An image pixel type of converted JUNGFRAU data: what the loop writes for a scaled value
+/// `x = (adc - pedestal) * factor` and for a pixel without a value.
+pub trait ConvertedPixel:
+    bytemuck::Pod + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static
+{
+    /// A pixel without a value: gain code 10, the rows of a lost packet, a missing module.
+    /// (Masked pixels and bad stages come out of the tables: +0.0 as f32, `INVALID` as
+    /// photons.)
+    const INVALID: Self;
+    /// The output for `x` (NaN only from a masked table entry).
+    fn from_scaled(x: f32) -> Self;
+    /// The value a double pixel keeps when split in two (`mask`: see [`Self::MASKED_DOUBLE`]).
+    fn half(self) -> Self;
+    /// What `double_pixels: "mask"` writes over double and gap pixels.
+    const MASKED_DOUBLE: Self;
+}
+
+/// keV, exactly as before photon output existed.
+impl ConvertedPixel for f32 {
+    const INVALID: Self = 0.0;
+    const MASKED_DOUBLE: Self = 0.0;
+    #[inline(always)]
+    fn from_scaled(x: f32) -> Self {
+        x
+    }
+    fn half(self) -> Self {
+        self * 0.5
+    }
+}
+
+/// Photon counts, int16: `round(x)` half away from zero (as `f32::round`), negatives kept,
+/// clamped to `[-32767, 32767]` (32767 = saturation); NaN (masked) -> -32768.
+impl ConvertedPixel for i16 {
+    const INVALID: Self = i16::MIN;
+    const MASKED_DOUBLE: Self = i16::MIN;
+    #[inline(always)]
+    fn from_scaled(x: f32) -> Self {
+        // Written so that it vectorises (a saturating `as i32` per lane does not, on x86):
+        // round half away from zero as `trunc(x + copysign(0.49999997, x))` (exact for every
+        // f32: the largest f32 below 0.5 never carries a value below x.5 over the next integer;
+        // LLVM lowers `f32::round` the same way), clamp in f32 (a NaN stays NaN and is replaced
+        // below), then the whole number |v| <= 32767 is read out of the
+        // mantissa of `v + 1.5 * 2^23` (a bit cast, exact for |v| < 2^22).
+        let r = (x + 0.499_999_97f32.copysign(x)).trunc();
+        let c = r.clamp(-32767.0, 32767.0);
+        let v = ((c + 12_582_912.0).to_bits() as i32 - 0x4b40_0000) as i16;
+        if x.is_nan() {
+            i16::MIN
+        } else {
+            v
+        }
+    }
+    /// Integer division truncating toward zero (as Jungfraujoch); MIN and MAX stay as they are.
+    fn half(self) -> Self {
+        if self == i16::MIN || self == i16::MAX {
+            self
+        } else {
+            self / 2
+        }
+    }
+}
+
+/// Photon counts, int32: as int16 with `[-2147483647, 2147483647]`; NaN (masked) ->
+/// -2147483648.
+impl ConvertedPixel for i32 {
+    const INVALID: Self = i32::MIN;
+    const MASKED_DOUBLE: Self = i32::MIN;
+    #[inline(always)]
+    fn from_scaled(x: f32) -> Self {
+        let v = (x.round() as i32).max(i32::MIN + 1);
+        if x.is_nan() {
+            i32::MIN
+        } else {
+            v
+        }
+    }
+    fn half(self) -> Self {
+        if self == i32::MIN || self == i32::MAX {
+            self
+        } else {
+            self / 2
+        }
     }
 }
 
@@ -108,24 +242,39 @@ const BLOCK: usize = 64;
 /// Converts one row: `raw` holds `out.len()` little-endian u16 pixels starting at module pixel
 /// `start`. Branch-free per pixel (selects), so it vectorises; per block of [`BLOCK`] pixels in
 /// a single gain stage, only that stage's tables are read.
-pub fn convert_row(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
-    convert::<false>(cal, start, raw, out);
+pub fn convert_row<P: ConvertedPixel>(
+    cal: &ModuleCalibration,
+    start: usize,
+    raw: &[u8],
+    out: &mut [P],
+) {
+    convert::<P, false>(cal, start, raw, out);
 }
 
 /// As [`convert_row`], with the pixels in reverse order: `out[n - 1 - i]` is pixel `start + i`
 /// (a row segment of a module mirrored in x, written straight into the image).
-pub fn convert_row_reversed(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
-    convert::<true>(cal, start, raw, out);
+pub fn convert_row_reversed<P: ConvertedPixel>(
+    cal: &ModuleCalibration,
+    start: usize,
+    raw: &[u8],
+    out: &mut [P],
+) {
+    convert::<P, true>(cal, start, raw, out);
 }
 
 /// [`convert_row`] (`REV` false) or [`convert_row_reversed`] (`REV` true).
-fn convert<const REV: bool>(cal: &ModuleCalibration, start: usize, raw: &[u8], out: &mut [f32]) {
+fn convert<P: ConvertedPixel, const REV: bool>(
+    cal: &ModuleCalibration,
+    start: usize,
+    raw: &[u8],
+    out: &mut [P],
+) {
     let n = out.len();
     let raw = &raw[..2 * n];
     // FrameBuffer slots are page aligned: the bytes are read as u16 in place. Otherwise (or on a
     // big-endian host) each block is decoded into a stack buffer first.
     match bytemuck::try_cast_slice::<u8, u16>(raw) {
-        Ok(px) if cfg!(target_endian = "little") => convert_u16::<REV>(cal, start, px, out),
+        Ok(px) if cfg!(target_endian = "little") => convert_u16::<P, REV>(cal, start, px, out),
         _ => {
             let mut buf = [0u16; BLOCK];
             for (k, bytes) in raw.chunks(2 * BLOCK).enumerate() {
@@ -138,7 +287,7 @@ fn convert<const REV: bool>(cal: &ModuleCalibration, start: usize, raw: &[u8], o
                 } else {
                     &mut out[i..i + len]
                 };
-                convert_u16::<REV>(cal, start + i, &buf[..len], o);
+                convert_u16::<P, REV>(cal, start + i, &buf[..len], o);
             }
         }
     }
@@ -146,11 +295,11 @@ fn convert<const REV: bool>(cal: &ModuleCalibration, start: usize, raw: &[u8], o
 
 /// `out` (reversed when `REV`) = pixels `raw` from module pixel `start` on: whole blocks with
 /// fixed-size arrays (no bounds checks in the loops), then the remaining `n % BLOCK` pixels.
-fn convert_u16<const REV: bool>(
+fn convert_u16<P: ConvertedPixel, const REV: bool>(
     cal: &ModuleCalibration,
     start: usize,
     raw: &[u16],
-    out: &mut [f32],
+    out: &mut [P],
 ) {
     let n = out.len();
     let full = n - n % BLOCK;
@@ -163,9 +312,9 @@ fn convert_u16<const REV: bool>(
             .zip(out_full.rchunks_exact_mut(BLOCK))
             .zip((start..).step_by(BLOCK))
         {
-            convert_block::<REV>(cal, px, r, o);
+            convert_block::<P, REV>(cal, px, r, o);
         }
-        convert_mixed::<REV>(cal, tail_start, raw_tail, out_tail);
+        convert_mixed::<P, REV>(cal, tail_start, raw_tail, out_tail);
     } else {
         let (out_full, out_tail) = out.split_at_mut(full);
         for ((r, o), px) in raw_full
@@ -173,22 +322,22 @@ fn convert_u16<const REV: bool>(
             .zip(out_full.chunks_exact_mut(BLOCK))
             .zip((start..).step_by(BLOCK))
         {
-            convert_block::<REV>(cal, px, r, o);
+            convert_block::<P, REV>(cal, px, r, o);
         }
-        convert_mixed::<REV>(cal, tail_start, raw_tail, out_tail);
+        convert_mixed::<P, REV>(cal, tail_start, raw_tail, out_tail);
     }
 }
 
 /// One block of exactly [`BLOCK`] pixels from module pixel `px`.
 #[inline(always)]
-fn convert_block<const REV: bool>(
+fn convert_block<P: ConvertedPixel, const REV: bool>(
     cal: &ModuleCalibration,
     px: usize,
     raw: &[u16],
-    out: &mut [f32],
+    out: &mut [P],
 ) {
     let raw: &[u16; BLOCK] = raw.try_into().expect("a whole block");
-    let out: &mut [f32; BLOCK] = out.try_into().expect("a whole block");
+    let out: &mut [P; BLOCK] = out.try_into().expect("a whole block");
     let (mut all, mut any) = (0xffffu16, 0u16);
     for v in raw {
         all &= v;
@@ -196,29 +345,43 @@ fn convert_block<const REV: bool>(
     }
     // Same gain bits in every pixel of the block iff AND and OR agree on bits 15..14.
     if (all ^ any) >> 14 != 0 {
-        return convert_mixed::<REV>(cal, px, raw, out);
+        return convert_mixed::<P, REV>(cal, px, raw, out);
     }
     let s = match any >> 14 {
         0 => 0,
         1 => 1,
         3 => 2,
-        _ => return out.fill(0.0),
+        _ => return out.fill(P::INVALID),
     };
     let p: &[f32; BLOCK] = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
     let g: &[f32; BLOCK] = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
-    for i in 0..BLOCK {
-        let adc = f32::from(raw[i] & 0x3fff);
-        out[if REV { BLOCK - 1 - i } else { i }] = (adc - p[i]) * g[i];
+    if REV && std::mem::size_of::<P>() != 4 {
+        // Forward into a stack block, then one reversing copy: a reversed store inside the
+        // conversion loop kept it from vectorising for 2-byte pixels. (4-byte pixels keep the
+        // reversed store, the float32 kernel as before.)
+        let mut tmp = [P::default(); BLOCK];
+        for i in 0..BLOCK {
+            let adc = f32::from(raw[i] & 0x3fff);
+            tmp[i] = P::from_scaled((adc - p[i]) * g[i]);
+        }
+        for (o, t) in out.iter_mut().zip(tmp.iter().rev()) {
+            *o = *t;
+        }
+    } else {
+        for i in 0..BLOCK {
+            let adc = f32::from(raw[i] & 0x3fff);
+            out[if REV { BLOCK - 1 - i } else { i }] = P::from_scaled((adc - p[i]) * g[i]);
+        }
     }
 }
 
 /// Any pixels (a block with several gain stages, or a row's last `n % BLOCK` pixels): all three
 /// stages computed, the pixel's own selected. Gives the same bits as the single-stage path.
-fn convert_mixed<const REV: bool>(
+fn convert_mixed<P: ConvertedPixel, const REV: bool>(
     cal: &ModuleCalibration,
     px: usize,
     raw: &[u16],
-    out: &mut [f32],
+    out: &mut [P],
 ) {
     let n = out.len();
     let (p0, p1, p2) = (
@@ -241,7 +404,11 @@ fn convert_mixed<const REV: bool>(
         let e2 = (adc - p2[i]) * g2[i];
         let e = if gain_bits == 0 { e0 } else { e1 };
         let e = if gain_bits == 3 { e2 } else { e };
-        out[if REV { n - 1 - i } else { i }] = if gain_bits == 2 { 0.0 } else { e };
+        out[if REV { n - 1 - i } else { i }] = if gain_bits == 2 {
+            P::INVALID
+        } else {
+            P::from_scaled(e)
+        };
     }
 }
 
@@ -258,6 +425,15 @@ impl Calibration {
     /// `gains` [3, n*512, 1024] float (ADU/keV), `pedestals` [3, n*512, 1024] float (ADU),
     /// `pixel_mask` [n*512, 1024] integer (nonzero = bad).
     pub fn load(file: &Path, n_modules: usize) -> Result<Self, CalibrationError> {
+        Self::load_scaled(file, n_modules, Scale::Energy)
+    }
+
+    /// As [`Self::load`], with tables for `scale` (photons: `1/(gain * energy)` folded in).
+    pub fn load_scaled(
+        file: &Path,
+        n_modules: usize,
+        scale: Scale,
+    ) -> Result<Self, CalibrationError> {
         let f = hdf5::File::open(file).map_err(|source| CalibrationError::Open {
             file: file.to_path_buf(),
             source,
@@ -276,10 +452,11 @@ impl Calibration {
                 let g: [Vec<f32>; N_STAGES] = std::array::from_fn(|s| stage(&gains, s, m));
                 let p: [Vec<f32>; N_STAGES] = std::array::from_fn(|s| stage(&pedestals, s, m));
                 let mk = &mask[m * MODULE_PIXELS..(m + 1) * MODULE_PIXELS];
-                ModuleCalibration::from_values(
+                ModuleCalibration::from_values_scaled(
                     [&p[0], &p[1], &p[2]],
                     [&g[0], &g[1], &g[2]],
                     mk,
+                    scale,
                     &mut masked,
                 )
             })
@@ -546,6 +723,245 @@ mod tests {
                 assert_eq!(got, want_reversed, "reversed, start {start} n {n}");
             }
         }
+    }
+
+    /// `tiny()`'s pixels as photon tables for 2 keV photons: factors 1/(gain*2) =
+    /// px0 0.25 / -1 / -2; px1 masked; px2 0.125 / bad / 0.0625; px3 0.5 / 0.5 / bad.
+    fn tiny_photons() -> ModuleCalibration {
+        let p = [
+            vec![100.0, 100.0, 10.0, 0.0],
+            vec![200.0, 200.0, 20.0, 0.0],
+            vec![300.0, 300.0, 30.0, 0.0],
+        ];
+        let g = [
+            vec![2.0, 2.0, 4.0, 1.0],
+            vec![-0.5, -0.5, 0.0, 1.0],
+            vec![-0.25, -0.25, 8.0, f32::NAN],
+        ];
+        let mut counts = MaskCounts::default();
+        let c = ModuleCalibration::from_values_scaled(
+            [&p[0], &p[1], &p[2]],
+            [&g[0], &g[1], &g[2]],
+            &[false, true, false, false],
+            Scale::Photons { energy_kev: 2.0 },
+            &mut counts,
+        );
+        assert_eq!(
+            counts,
+            MaskCounts {
+                pixel_mask: 1,
+                bad_stage: 2
+            }
+        );
+        c
+    }
+
+    fn photons<P: ConvertedPixel>(c: &ModuleCalibration, raw: [u16; 4]) -> [P; 4] {
+        let bytes: Vec<u8> = raw.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = [P::default(); 4];
+        convert_row(c, 0, &bytes, &mut out);
+        out
+    }
+
+    #[test]
+    fn photon_tables_fold_one_over_gain_times_energy() {
+        let c = tiny_photons();
+        assert_eq!(
+            [c.inv_gain[0][0], c.inv_gain[1][0], c.inv_gain[2][0]],
+            [0.25, -1.0, -2.0]
+        );
+        assert_eq!((c.inv_gain[0][2], c.inv_gain[2][2]), (0.125, 0.0625));
+        // Masked pixel and bad stages: NaN factor (pedestal 0), so the loop gives MIN.
+        assert!(c.inv_gain.iter().all(|g| g[1].is_nan()));
+        assert!(c.inv_gain[1][2].is_nan() && c.inv_gain[2][3].is_nan());
+        // A factor that overflows f32 (gain 1e-30 ADU/keV, 1e-10 keV) is a bad stage too.
+        let mut counts = MaskCounts::default();
+        let t = ModuleCalibration::from_values_scaled(
+            [&[0.0], &[0.0], &[0.0]],
+            [&[1e-30], &[1.0], &[1.0]],
+            &[false],
+            Scale::Photons { energy_kev: 1e-10 },
+            &mut counts,
+        );
+        assert!(t.inv_gain[0][0].is_nan() && t.inv_gain[1][0] == 1e10);
+        assert_eq!(counts.bad_stage, 1);
+    }
+
+    #[test]
+    fn photons_in_every_gain_stage_round_half_away_from_zero() {
+        let c = tiny_photons();
+        // G0 px0: (150-100)*0.25 = 12.5 -> 13; px2 (30-10)*0.125 = 2.5 -> 3;
+        // px3 (7-0)*0.5 = 3.5 -> 4. px1 masked -> MIN.
+        assert_eq!(
+            photons::<i16>(&c, [G0 | 150, G0 | 150, G0 | 30, G0 | 7]),
+            [13, i16::MIN, 3, 4]
+        );
+        assert_eq!(
+            photons::<i32>(&c, [G0 | 150, G0 | 150, G0 | 30, G0 | 7]),
+            [13, i32::MIN, 3, 4]
+        );
+        // px0 around zero: adc 98 -> -0.5 -> -1, 99 -> -0.25 -> 0, 101 -> 0.25 -> 0,
+        // 102 -> 0.5 -> 1; 146 -> 11.5 -> 12; 94 -> -1.5 -> -2. In each call px2 adc 13 ->
+        // 0.375 -> 0 and px3 adc 1 -> 0.5 -> 1.
+        for (adc, want) in [(98, -1), (99, 0), (101, 0), (102, 1), (146, 12), (94, -2)] {
+            let got = photons::<i16>(&c, [G0 | adc, 0, G0 | 13, G0 | 1]);
+            assert_eq!(got, [want, i16::MIN, 0, 1], "adc {adc}");
+        }
+        // G1: px0 (180-200)*-1 = 20, (201-200)*-1 = -1 kept negative; px2 gain 0 -> MIN;
+        // px3 (5-0)*0.5 = 2.5 -> 3.
+        assert_eq!(
+            photons::<i16>(&c, [G1 | 180, G1 | 180, G1 | 50, G1 | 5]),
+            [20, i16::MIN, i16::MIN, 3]
+        );
+        assert_eq!(photons::<i16>(&c, [G1 | 201, 0, 0, 0])[0], -1);
+        // G2 (bits 11): px0 (260-300)*-2 = 80; px2 (46-30)*0.0625 = 1; px3 NaN gain -> MIN.
+        assert_eq!(
+            photons::<i16>(&c, [G2 | 260, G2 | 260, G2 | 46, G2 | 9]),
+            [80, i16::MIN, 1, i16::MIN]
+        );
+        // Max adc in G2: (16383-300)*-2 = -32166, in range.
+        assert_eq!(photons::<i16>(&c, [G2 | 0x3fff, 0, 0, 0])[0], -32166);
+        // Gain code 10 -> MIN whatever the pixel.
+        assert_eq!(
+            photons::<i16>(&c, [INVALID | 150, INVALID, INVALID | 0x3fff, INVALID | 7]),
+            [i16::MIN; 4]
+        );
+        assert_eq!(photons::<i32>(&c, [INVALID | 150, 0, 0, 0])[0], i32::MIN);
+    }
+
+    #[test]
+    fn photons_saturate_at_max_and_clamp_at_min_plus_one() {
+        // Gain 0.01 ADU/keV, 1 keV: 100 photons per ADU. G0 pedestal 0; G1 pedestal 16000.
+        let mut counts = MaskCounts::default();
+        let c = ModuleCalibration::from_values_scaled(
+            [&[0.0; 4], &[16000.0; 4], &[0.0; 4]],
+            [&[0.01; 4], &[0.01; 4], &[1.0; 4]],
+            &[false; 4],
+            Scale::Photons { energy_kev: 1.0 },
+            &mut counts,
+        );
+        // G0 adc 16383 -> 1638300: int16 saturates at 32767, int32 exact. adc 327 -> 32700
+        // fits. G1 adc 0 -> -1600000: int16 -32767 (MIN stays the "no value" marker).
+        let raw = [G0 | 0x3fff, G0 | 327, G1, G1 | 15999];
+        assert_eq!(photons::<i16>(&c, raw), [32767, 32700, -32767, -100]);
+        assert_eq!(photons::<i32>(&c, raw), [1638300, 32700, -1600000, -100]);
+        // The rule itself, at the edges of f32 and of the types.
+        for (x, want16, want32) in [
+            (0.0f32, 0i16, 0i32),
+            (-0.0, 0, 0),
+            (0.49999997, 0, 0), // floor(x + 0.5) in f32 would give 1
+            (0.5, 1, 1),
+            (-0.5, -1, -1),
+            (1.5, 2, 2),
+            (2.5, 3, 3),
+            (-2.5, -3, -3),
+            (-0.49999997, 0, 0),
+            (32766.5, 32767, 32767),
+            (32767.49, 32767, 32767),
+            (32767.5, 32767, 32768),
+            (-32767.4, -32767, -32767),
+            (-32768.0, -32767, -32768),
+            (1e9, 32767, 1_000_000_000),
+            (2147483520.0, 32767, 2147483520),
+            (3e9, 32767, i32::MAX),
+            (-3e9, -32767, i32::MIN + 1),
+            (f32::INFINITY, 32767, i32::MAX),
+            (f32::NEG_INFINITY, -32767, i32::MIN + 1),
+            (f32::NAN, i16::MIN, i32::MIN),
+        ] {
+            assert_eq!(i16::from_scaled(x), want16, "{x}");
+            assert_eq!(i32::from_scaled(x), want32, "{x}");
+        }
+        // Double-pixel halves: toward zero, markers kept.
+        assert_eq!(
+            (7i16.half(), (-7i16).half(), i16::MIN.half()),
+            (3, -3, i16::MIN)
+        );
+        assert_eq!(
+            (i16::MAX.half(), i32::MAX.half(), 5i32.half()),
+            (i16::MAX, i32::MAX, 2)
+        );
+    }
+
+    #[test]
+    fn photon_blocks_tails_mirrored_rows_and_unaligned_input_match_the_reference() {
+        // `varied()`'s parameters as photon tables (12.4 keV); every 37th pixel masked.
+        let p: [Vec<f32>; 3] = std::array::from_fn(|s| {
+            (0..MODULE_PIXELS)
+                .map(|i| 900.0 + ((i * 31 + s * 7) % 613) as f32 * 0.37)
+                .collect()
+        });
+        let g: [Vec<f32>; 3] = std::array::from_fn(|s| {
+            (0..MODULE_PIXELS)
+                .map(|i| [41.3, -1.37, -0.113][s] * (1.0 + (i % 89) as f32 * 1e-3))
+                .collect()
+        });
+        let mask: Vec<bool> = (0..MODULE_PIXELS).map(|i| i % 37 == 0).collect();
+        let c = ModuleCalibration::from_values_scaled(
+            [&p[0], &p[1], &p[2]],
+            [&g[0], &g[1], &g[2]],
+            &mask,
+            Scale::Photons { energy_kev: 12.4 },
+            &mut MaskCounts::default(),
+        );
+        let raw: Vec<u16> = (0..3 * MODULE_WIDTH)
+            .map(|i| {
+                let code = if (i / 256) % 2 == 0 {
+                    i / 512 % 4
+                } else {
+                    i * 7 / 5 % 4
+                };
+                ((code as u16) << 14) | ((i * 2654435761) % 16384) as u16
+            })
+            .collect();
+        let aligned: &[u8] = bytemuck::cast_slice(&raw);
+        let mut store = vec![0u8; aligned.len() + 1];
+        let odd = usize::from((store.as_ptr() as usize).is_multiple_of(2));
+        store[odd..odd + aligned.len()].copy_from_slice(aligned);
+        let unaligned = &store[odd..odd + aligned.len()];
+        // The reference, pixel by pixel without blocks or selects: the same f32 expression,
+        // f32::round (half away from zero), clamped.
+        let reference = |px: usize, v: u16| -> i16 {
+            let s = match v >> 14 {
+                0 => 0,
+                1 => 1,
+                3 => 2,
+                _ => return i16::MIN,
+            };
+            let f = c.inv_gain[s][px];
+            if f.is_nan() {
+                return i16::MIN;
+            }
+            let x = (f32::from(v & 0x3fff) - c.pedestal[s][px]) * f;
+            x.round().clamp(-32767.0, 32767.0) as i16
+        };
+        let mut saw = [false; 3]; // a negative count, a positive count, a MIN marker
+        for (first, start, n) in [
+            (0, 0, 1024),
+            (0, 300 * 1024, 3 * 1024),
+            (5, 300 * 1024 + 5, 1000),
+            (64, 7, 63),
+            (1, MODULE_PIXELS - 130, 130),
+        ] {
+            let want: Vec<i16> = (0..n)
+                .map(|i| reference(start + i, raw[first + i]))
+                .collect();
+            for v in &want {
+                saw[0] |= *v < 0 && *v != i16::MIN;
+                saw[1] |= *v > 0;
+                saw[2] |= *v == i16::MIN;
+            }
+            let want_reversed: Vec<i16> = want.iter().rev().copied().collect();
+            for bytes in [aligned, unaligned] {
+                let input = &bytes[2 * first..];
+                let mut out = vec![0i16; n];
+                convert_row(&c, start, input, &mut out);
+                assert_eq!(out, want, "start {start} n {n}");
+                convert_row_reversed(&c, start, input, &mut out);
+                assert_eq!(out, want_reversed, "reversed, start {start} n {n}");
+            }
+        }
+        assert_eq!(saw, [true, true, true]);
     }
 
     /// Writes a one-module calibration file, without dataset `skip`, with a 4-d `gains` when

@@ -9,20 +9,22 @@
 //! Never: allocate or log per image (the row buffer is allocated once), or convert the zeroed
 //! rows of a packet that did not arrive (they stay 0, not `(0 - pedestal) * gain`).
 
-use crate::calib::{self, Calibration, CalibrationError, ModuleCalibration};
+use crate::calib::{self, Calibration, CalibrationError, ConvertedPixel, ModuleCalibration, Scale};
 use crate::place::Geometry;
-use std_daq_common::config::{DetectorType, DoublePixels};
+use std_daq_common::config::{ConvertedOutput, DetectorType, DoublePixels};
 use std_daq_common::{DetectorConfig, ModuleFrame};
 
 #[derive(Debug, Clone)]
 enum Mode {
     /// Frame pixels are image pixels.
     Raw,
-    /// JUNGFRAU raw u16 to f32 keV.
+    /// JUNGFRAU raw u16 to f32 keV or to int16/int32 photon counts (`output`).
     Converted {
         calibration: Calibration,
         double_pixels: DoublePixels,
-        row: Vec<f32>,
+        output: ConvertedOutput,
+        /// One module row of output pixels (4-byte words, so any output type fits aligned).
+        row: Vec<u32>,
     },
     /// GigaFRoST 12-bit packed streams to u16 quadrants.
     Gigafrost {
@@ -85,16 +87,19 @@ impl ModulePixels {
     /// Loads the calibration file named in the config when the mode needs one.
     pub fn from_config(cfg: &DetectorConfig) -> Result<Self, CalibrationError> {
         let calibration = match (&cfg.calibration_file, cfg.detector_type) {
-            (Some(file), DetectorType::JungfrauConverted) => {
-                Some(Calibration::load(file, usize::from(cfg.n_modules))?)
-            }
+            (Some(file), DetectorType::JungfrauConverted) => Some(Calibration::load_scaled(
+                file,
+                usize::from(cfg.n_modules),
+                Scale::from_config(cfg),
+            )?),
             _ => None,
         };
         Ok(Self::with_calibration(cfg, calibration))
     }
 
     /// As [`Self::from_config`], with the calibration given (`None` = raw mode). A converted
-    /// config without calibration is refused by config validation.
+    /// config without calibration is refused by config validation. The tables must be built for
+    /// the config's output ([`Scale::from_config`]).
     pub fn with_calibration(cfg: &DetectorConfig, calibration: Option<Calibration>) -> Self {
         let geometry = Geometry::from_config(cfg);
         let packets = cfg.packets_per_frame().max(1) as usize;
@@ -114,7 +119,8 @@ impl ModulePixels {
                 Mode::Converted {
                     calibration,
                     double_pixels: cfg.double_pixels,
-                    row: vec![0.0; geometry.layout.module_width],
+                    output: cfg.converted_output,
+                    row: vec![0; geometry.layout.module_width],
                 }
             }
             _ => Mode::Raw,
@@ -148,29 +154,40 @@ impl ModulePixels {
             Mode::Converted {
                 calibration,
                 double_pixels,
+                output,
                 row,
             } => {
                 let g = &self.geometry;
                 let cal = &calibration.modules[m];
-                let image_bytes = g.image_bytes();
-                // ImageBuffer slots are page aligned: convert straight into the image's f32
-                // pixels (no row buffer, no second copy); otherwise through the row buffer.
                 let rows_per_packet = self.rows_per_packet;
                 let received = |r: usize| frame.packet_received(r / rows_per_packet);
-                match bytemuck::try_cast_slice_mut::<u8, f32>(&mut image[..image_bytes]) {
-                    Ok(pixels) => convert_direct(g, m, cal, src, received, pixels),
-                    Err(_) => convert_via_row(g, m, cal, src, received, row, image),
-                }
-                if g.layout.gap > 0 {
-                    g.finish_double_pixels(m, *double_pixels, image);
+                match output {
+                    ConvertedOutput::Float32 => {
+                        convert_module::<f32>(g, m, cal, src, received, *double_pixels, row, image)
+                    }
+                    ConvertedOutput::PhotonsInt16 => {
+                        convert_module::<i16>(g, m, cal, src, received, *double_pixels, row, image)
+                    }
+                    ConvertedOutput::PhotonsInt32 => {
+                        convert_module::<i32>(g, m, cal, src, received, *double_pixels, row, image)
+                    }
                 }
             }
         }
     }
 
-    /// Zeroes module `m`'s rectangle (the module is missing).
+    /// Zeroes module `m`'s rectangle (the module is missing); photon counts: fills it with the
+    /// "no value" pixel (MIN of the type).
     pub fn zero(&self, m: usize, image: &mut [u8]) {
         match &self.mode {
+            Mode::Converted {
+                output: ConvertedOutput::PhotonsInt16,
+                ..
+            } => self.geometry.fill(m, i16::INVALID, image),
+            Mode::Converted {
+                output: ConvertedOutput::PhotonsInt32,
+                ..
+            } => self.geometry.fill(m, i32::INVALID, image),
             Mode::Gigafrost { stream, .. } => {
                 let w = stream.stream_width();
                 for r in 0..stream.stream_height() {
@@ -184,16 +201,45 @@ impl ModulePixels {
     }
 }
 
-/// Converts module `m`'s rows straight into the image (`image`: its pixels as f32), segment by
-/// segment, mirrored segments in reverse order. Rows `r` with `!received(r)` (their packet did
-/// not arrive) are 0.
-fn convert_direct(
+/// Converts module `m`'s frame into `image` as pixels `P`, then handles its double pixels.
+#[allow(clippy::too_many_arguments)]
+fn convert_module<P: ConvertedPixel>(
     g: &Geometry,
     m: usize,
     cal: &ModuleCalibration,
     src: &[u8],
     received: impl Fn(usize) -> bool,
-    image: &mut [f32],
+    double_pixels: DoublePixels,
+    row: &mut [u32],
+    image: &mut [u8],
+) {
+    let image_bytes = g.image_bytes();
+    // ImageBuffer slots are page aligned: convert straight into the image's pixels (no row
+    // buffer, no second copy); otherwise through the row buffer.
+    match bytemuck::try_cast_slice_mut::<u8, P>(&mut image[..image_bytes]) {
+        Ok(pixels) => convert_direct(g, m, cal, src, received, pixels),
+        Err(_) => {
+            // u32 words hold 1 (f32, i32) or 2 (i16) pixels, aligned for either.
+            let row: &mut [P] = bytemuck::cast_slice_mut(row);
+            let row = &mut row[..g.layout.module_width];
+            convert_via_row(g, m, cal, src, received, row, image)
+        }
+    }
+    if g.layout.gap > 0 {
+        g.finish_double_pixels_as::<P>(m, double_pixels, image);
+    }
+}
+
+/// Converts module `m`'s rows straight into the image (`image`: its pixels as `P`), segment by
+/// segment, mirrored segments in reverse order. Rows `r` with `!received(r)` (their packet did
+/// not arrive) are `P::INVALID` (+0.0 as f32).
+fn convert_direct<P: ConvertedPixel>(
+    g: &Geometry,
+    m: usize,
+    cal: &ModuleCalibration,
+    src: &[u8],
+    received: impl Fn(usize) -> bool,
+    image: &mut [P],
 ) {
     let w = g.layout.module_width;
     for (r, raw_row) in src
@@ -206,7 +252,7 @@ fn convert_direct(
             let out = &mut image[s.image_pixel..s.image_pixel + s.len];
             let raw = &raw_row[2 * s.column..2 * (s.column + s.len)];
             match (received, s.reversed) {
-                (false, _) => out.fill(0.0),
+                (false, _) => out.fill(P::INVALID),
                 (true, false) => calib::convert_row(cal, r * w + s.column, raw, out),
                 (true, true) => calib::convert_row_reversed(cal, r * w + s.column, raw, out),
             }
@@ -215,14 +261,14 @@ fn convert_direct(
 }
 
 /// As [`convert_direct`], through `row` (one module row) and [`Geometry::place_row`], for an
-/// image that is not 4-byte aligned.
-fn convert_via_row(
+/// image that is not aligned for `P`.
+fn convert_via_row<P: ConvertedPixel>(
     g: &Geometry,
     m: usize,
     cal: &ModuleCalibration,
     src: &[u8],
     received: impl Fn(usize) -> bool,
-    row: &mut [f32],
+    row: &mut [P],
     image: &mut [u8],
 ) {
     let w = g.layout.module_width;
@@ -234,7 +280,7 @@ fn convert_via_row(
         if received(r) {
             calib::convert_row(cal, r * w, raw_row, row);
         } else {
-            row.fill(0.0);
+            row.fill(P::INVALID);
         }
         g.place_row(m, r, bytemuck::cast_slice(row), image);
     }
@@ -375,6 +421,103 @@ mod tests {
                 let row = &px[y * w..(y + 1) * w];
                 assert!(row.iter().all(|v| *v == 0.0), "{case}: module 1 row {r}");
             }
+        }
+    }
+
+    /// Photon counts (int16, 1 keV): G0 pedestal 100, gain 10 ADU/keV everywhere (0.1 photons
+    /// per ADU); raw G0 | 170 -> 7 photons. Two modules with gaps, module 1 rotated by 180
+    /// degrees; packet 3 of module 0 lost; then module 1 missing.
+    #[test]
+    fn photon_images_split_double_pixels_and_mark_lost_rows() {
+        let n = MODULE_WIDTH * MODULE_HEIGHT;
+        let module = || {
+            let p: [Vec<f32>; 3] = std::array::from_fn(|s| vec![[100.0, 0.0, 0.0][s]; n]);
+            let g: [Vec<f32>; 3] = std::array::from_fn(|s| vec![[10.0, -1.0, -0.1][s]; n]);
+            let mut mask = vec![false; n];
+            mask[20 * 1024 + 30] = true;
+            calib::ModuleCalibration::from_values_scaled(
+                [&p[0], &p[1], &p[2]],
+                [&g[0], &g[1], &g[2]],
+                &mask,
+                Scale::Photons { energy_kev: 1.0 },
+                &mut MaskCounts::default(),
+            )
+        };
+        let raw: Vec<u8> = (0..n).flat_map(|_| 170u16.to_le_bytes()).collect();
+        let mut lost = ModuleFrame::new(1, 0, 128);
+        let mut whole = ModuleFrame::new(1, 1, 128);
+        for p in 0..128 {
+            whole.mark_received(p);
+            if p != 3 {
+                lost.mark_received(p);
+            }
+        }
+        let mut stores = (Vec::new(), Vec::new());
+        for double_pixels in ["split", "mask"] {
+            let mut json: serde_json::Value =
+                converted_config(true, true, double_pixels).raw.clone();
+            json["converted_output"] = "photons_int16".into();
+            json["photon_energy_kev"] = 1.0.into();
+            let cfg = DetectorConfig::from_json_str(&json.to_string(), "t").unwrap();
+            assert_eq!(cfg.image_bytes(), 1030 * 1028 * 2);
+            let calibration = Calibration {
+                modules: vec![module(), module()],
+                masked: MaskCounts::default(),
+            };
+            let mut pixels = ModulePixels::with_calibration(&cfg, Some(calibration));
+            let len = cfg.image_bytes();
+            let direct = buffer(&mut stores.0, len, true);
+            let via_row = buffer(&mut stores.1, len, false);
+            assert!(bytemuck::try_cast_slice_mut::<u8, i16>(via_row).is_err());
+            for image in [&mut *direct, &mut *via_row] {
+                pixels.write(0, &lost, &raw, image);
+                pixels.write(1, &whole, &raw, image);
+            }
+            assert!(direct == via_row, "{double_pixels}");
+            let px: Vec<i16> = direct
+                .chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let at = |x: usize, y: usize| px[y * 1030 + x];
+            // Module 0 (not mirrored): ordinary pixels 7; the masked one MIN; rows 12..15
+            // (packet 3) MIN, gaps included.
+            assert_eq!((at(0, 0), at(100, 300), at(30, 20)), (7, 7, i16::MIN));
+            assert!((0..1030).all(|x| (12..16).all(|y| at(x, y) == i16::MIN)));
+            // Module 1 rotated: module pixel (c, r) at (1029 - c', 1027 - r').
+            assert_eq!(at(1029, 1027), 7);
+            assert_eq!(at(1029 - 30, 1027 - 20), i16::MIN);
+            match double_pixels {
+                // 7 / 2 = 3 (toward zero) in the double pixel and its gap pixel; the corner
+                // pixel double both ways 7 / 2 / 2 = 1 over 2x2.
+                "split" => {
+                    assert_eq!(
+                        (at(255, 10), at(256, 10), at(257, 10), at(258, 10)),
+                        (3, 3, 3, 3)
+                    );
+                    assert_eq!((at(255, 255), at(256, 256), at(257, 257)), (1, 1, 1));
+                    assert_eq!(at(254, 10), 7);
+                }
+                _ => {
+                    assert_eq!(
+                        (
+                            at(255, 10),
+                            at(256, 10),
+                            at(257, 10),
+                            at(258, 10),
+                            at(254, 10)
+                        ),
+                        (i16::MIN, i16::MIN, i16::MIN, i16::MIN, 7)
+                    );
+                }
+            }
+            // A missing module: its whole rectangle MIN, the other module untouched.
+            pixels.zero(1, direct);
+            let px: Vec<i16> = direct
+                .chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            assert!(px[514 * 1030..].iter().all(|v| *v == i16::MIN));
+            assert_eq!(px[100 * 1030 + 100], 7);
         }
     }
 

@@ -7,12 +7,13 @@
 //! rectangle, so mirroring and gaps commute: gaps and double pixels are handled in rectangle
 //! coordinates after the rows are placed.
 //!
-//! Pixels here are opaque `bytes_per_pixel` units of the *image* format (u8/u16/u32 raw, f32
-//! converted); conversion happens before (`calib.rs`).
+//! Pixels here are opaque `bytes_per_pixel` units of the *image* format (u8/u16/u32 raw, f32 or
+//! i16/i32 converted); conversion happens before (`calib.rs`).
 //!
 //! Never: write outside the module's own rectangle, or leave a pixel of the rectangle holding a
 //! previous image's value (gap pixels are always rewritten). No allocation here.
 
+use crate::calib::ConvertedPixel;
 use std_daq_common::config::{DetectorType, DoublePixels};
 use std_daq_common::DetectorConfig;
 
@@ -254,6 +255,20 @@ impl Geometry {
         }
     }
 
+    /// Fills module `module`'s whole rectangle in `image` with `value` (a missing module of
+    /// photon counts: the "no value" pixel). Pixels of `value`'s size.
+    pub fn fill<P: bytemuck::Pod>(&self, module: usize, value: P, image: &mut [u8]) {
+        let p = self.modules[module];
+        let bytes = bytemuck::bytes_of(&value);
+        debug_assert_eq!(bytes.len(), self.bytes_per_pixel);
+        for y in 0..p.height {
+            let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
+            for px in image[start..start + p.width * bytes.len()].chunks_exact_mut(bytes.len()) {
+                px.copy_from_slice(bytes);
+            }
+        }
+    }
+
     fn zero_pixel(&self, p: &Placement, x: usize, y: usize, image: &mut [u8]) {
         let o = self.offset(p, x, y);
         image[o..o + self.bytes_per_pixel].fill(0);
@@ -278,46 +293,59 @@ impl Geometry {
         }
     }
 
-    /// JUNGFRAU converted (f32 pixels) with 2-pixel gaps: after all rows of module `module` are
+    /// JUNGFRAU converted (f32 pixels) with 2-pixel gaps: [`Self::finish_double_pixels_as`].
+    pub fn finish_double_pixels(&self, module: usize, mode: DoublePixels, image: &mut [u8]) {
+        self.finish_double_pixels_as::<f32>(module, mode, image);
+    }
+
+    /// JUNGFRAU converted (pixels `P`) with 2-pixel gaps: after all rows of module `module` are
     /// placed, handles the double pixels next to each gap and writes every gap pixel.
     ///
-    /// `Split`: a border pixel's value v becomes v/2 in itself and v/2 in the gap pixel next to
-    /// it; done for columns (data rows), then for rows (all columns), so a pixel double in both
-    /// directions spreads v/4 over 2x2 pixels. `Mask`: border and gap pixels become 0.
-    pub fn finish_double_pixels(&self, module: usize, mode: DoublePixels, image: &mut [u8]) {
+    /// `Split`: a border pixel's value v becomes `v.half()` in itself and in the gap pixel next
+    /// to it (f32: v/2; photon counts: v/2 truncated toward zero, the MIN and MAX markers kept);
+    /// done for columns (data rows), then for rows (all columns), so a pixel double in both
+    /// directions spreads v/4 over 2x2 pixels. `Mask`: border and gap pixels become
+    /// `P::MASKED_DOUBLE` (f32: 0; photon counts: MIN).
+    pub fn finish_double_pixels_as<P: ConvertedPixel>(
+        &self,
+        module: usize,
+        mode: DoublePixels,
+        image: &mut [u8],
+    ) {
         let l = self.layout;
         if l.gap == 0 {
             return;
         }
-        debug_assert!(l.gap == 2 && self.bytes_per_pixel == 4);
+        let size = std::mem::size_of::<P>();
+        debug_assert!(l.gap == 2 && self.bytes_per_pixel == size);
         let p = self.modules[module];
         let get = |image: &[u8], x: usize, y: usize| {
             let o = self.offset(&p, x, y);
-            f32::from_le_bytes([image[o], image[o + 1], image[o + 2], image[o + 3]])
+            bytemuck::pod_read_unaligned::<P>(&image[o..o + size])
         };
-        let set = |image: &mut [u8], x: usize, y: usize, v: f32| {
+        let set = |image: &mut [u8], x: usize, y: usize, v: P| {
             let o = self.offset(&p, x, y);
-            image[o..o + 4].copy_from_slice(&v.to_le_bytes());
+            image[o..o + size].copy_from_slice(bytemuck::bytes_of(&v));
         };
         match mode {
             DoublePixels::Split => {
                 for gx in l.gap_columns() {
                     // Data rows only: gap rows are written by the row pass below.
                     for y in (0..p.height).filter(|y| y % (l.chip_height + l.gap) < l.chip_height) {
-                        let left = get(image, gx - 1, y) * 0.5;
+                        let left = get(image, gx - 1, y).half();
                         set(image, gx - 1, y, left);
                         set(image, gx, y, left);
-                        let right = get(image, gx + 2, y) * 0.5;
+                        let right = get(image, gx + 2, y).half();
                         set(image, gx + 2, y, right);
                         set(image, gx + 1, y, right);
                     }
                 }
                 for gy in l.gap_rows() {
                     for x in 0..p.width {
-                        let top = get(image, x, gy - 1) * 0.5;
+                        let top = get(image, x, gy - 1).half();
                         set(image, x, gy - 1, top);
                         set(image, x, gy, top);
-                        let bottom = get(image, x, gy + 2) * 0.5;
+                        let bottom = get(image, x, gy + 2).half();
                         set(image, x, gy + 2, bottom);
                         set(image, x, gy + 1, bottom);
                     }
@@ -327,14 +355,14 @@ impl Geometry {
                 for gx in l.gap_columns() {
                     for y in 0..p.height {
                         for x in gx - 1..gx + 3 {
-                            set(image, x, y, 0.0);
+                            set(image, x, y, P::MASKED_DOUBLE);
                         }
                     }
                 }
                 for gy in l.gap_rows() {
                     for y in gy - 1..gy + 3 {
                         for x in 0..p.width {
-                            set(image, x, y, 0.0);
+                            set(image, x, y, P::MASKED_DOUBLE);
                         }
                     }
                 }

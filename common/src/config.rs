@@ -69,6 +69,46 @@ pub enum DoublePixels {
     Mask,
 }
 
+/// The pixel type of `jungfrau-converted` images: the config key `converted_output`
+/// (std-daq extension; docs/calibration.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvertedOutput {
+    /// Energy in keV as float32 (the default, std_daq's output).
+    #[default]
+    Float32,
+    /// Photon counts as int16, with `photon_energy_kev` (as Jungfraujoch).
+    PhotonsInt16,
+    /// Photon counts as int32, with `photon_energy_kev`.
+    PhotonsInt32,
+}
+
+impl ConvertedOutput {
+    /// The spelling in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvertedOutput::Float32 => "float32",
+            ConvertedOutput::PhotonsInt16 => "photons_int16",
+            ConvertedOutput::PhotonsInt32 => "photons_int32",
+        }
+    }
+
+    /// Bytes per image pixel.
+    pub fn bytes_per_pixel(self) -> usize {
+        match self {
+            ConvertedOutput::PhotonsInt16 => 2,
+            ConvertedOutput::Float32 | ConvertedOutput::PhotonsInt32 => 4,
+        }
+    }
+
+    pub fn dtype(self) -> crate::Dtype {
+        match self {
+            ConvertedOutput::Float32 => crate::Dtype::Float32,
+            ConvertedOutput::PhotonsInt16 => crate::Dtype::Int16,
+            ConvertedOutput::PhotonsInt32 => crate::Dtype::Int32,
+        }
+    }
+}
+
 /// Where a module sits in the assembled image: std_daq's inclusive corners `[x0, y0, x1, y1]`.
 /// The corner order gives the orientation: `x1 < x0` mirrors columns, `y1 < y0` mirrors rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +178,12 @@ pub struct DetectorConfig {
     pub chip_gaps: bool,
     /// JUNGFRAU converted with `chip_gaps`: how double pixels at chip borders are handled.
     pub double_pixels: DoublePixels,
+    /// JUNGFRAU converted: the image pixel type (std-daq extension `converted_output`, default
+    /// float32 keV; the photon types need `photon_energy_kev`).
+    pub converted_output: ConvertedOutput,
+    /// JUNGFRAU converted to photons: the photon energy in keV (std-daq extension; positive,
+    /// finite; refused without a photon `converted_output` and for other detector types).
+    pub photon_energy_kev: Option<f64>,
     /// How the writer stores image chunks (std-daq extension `compression`, default `none`);
     /// std-h5-writer's `--compression` overrides it.
     pub compression: ImageCompression,
@@ -485,6 +531,10 @@ struct RawConfig {
     #[serde(default)]
     double_pixels: Option<String>,
     #[serde(default)]
+    converted_output: Option<String>,
+    #[serde(default)]
+    photon_energy_kev: Option<f64>,
+    #[serde(default)]
     compression: Option<String>,
     #[serde(default)]
     metrics_base_address: Option<String>,
@@ -681,11 +731,72 @@ impl DetectorConfig {
                 Ok(_) => {}
             }
         }
+        let converted = raw.detector_type == DetectorType::JungfrauConverted;
+        let converted_output = match raw.converted_output.as_deref() {
+            None => ConvertedOutput::default(),
+            Some(_) if !converted => {
+                return Err(invalid(
+                    "converted_output",
+                    format!(
+                        "only applies to jungfrau-converted, not {}",
+                        raw.detector_type
+                    ),
+                ))
+            }
+            Some("float32") => ConvertedOutput::Float32,
+            Some("photons_int16") => ConvertedOutput::PhotonsInt16,
+            Some("photons_int32") => ConvertedOutput::PhotonsInt32,
+            Some(other) => {
+                return Err(invalid(
+                    "converted_output",
+                    format!(
+                        "{other:?} is not one of \"float32\", \"photons_int16\", \"photons_int32\""
+                    ),
+                ))
+            }
+        };
+        let photons = converted_output != ConvertedOutput::Float32;
+        match raw.photon_energy_kev {
+            Some(_) if !converted => {
+                return Err(invalid(
+                    "photon_energy_kev",
+                    format!(
+                        "only applies to jungfrau-converted, not {}",
+                        raw.detector_type
+                    ),
+                ))
+            }
+            Some(e) if !(e.is_finite() && e > 0.0) => {
+                return Err(invalid(
+                    "photon_energy_kev",
+                    format!("{e} must be a positive number of keV"),
+                ))
+            }
+            // Accepted without effect would be a silent drop: float32 output is in keV.
+            Some(_) if !photons => {
+                return Err(invalid(
+                    "photon_energy_kev",
+                    "has no effect with converted_output \"float32\" (energies in keV): set \
+                     converted_output to \"photons_int16\" or \"photons_int32\", or remove the key"
+                        .into(),
+                ))
+            }
+            None if photons => {
+                return Err(invalid(
+                    "photon_energy_kev",
+                    format!(
+                        "is required for converted_output {:?} (the photon energy in keV)",
+                        converted_output.as_str()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         // Found by the `config` fuzz target: the image size was only checked against the
         // modules, so height x width x bytes per pixel could overflow. One image must fit one
         // HDF5 chunk (4 GiB), the writer's unit of storage.
         let bytes_per_pixel: u64 = match raw.detector_type {
-            DetectorType::JungfrauConverted => 4,
+            DetectorType::JungfrauConverted => converted_output.bytes_per_pixel() as u64,
             DetectorType::Gigafrost => 2,
             _ => u64::from(raw.bit_depth).div_ceil(8),
         };
@@ -1037,6 +1148,8 @@ impl DetectorConfig {
             calibration_file: raw.calibration_file,
             chip_gaps: raw.chip_gaps,
             double_pixels,
+            converted_output,
+            photon_energy_kev: raw.photon_energy_kev,
             compression,
             metrics_base_address,
             live_streams,
@@ -1073,7 +1186,7 @@ impl DetectorConfig {
     /// Bytes per pixel of the assembled image.
     pub fn image_bytes_per_pixel(&self) -> usize {
         match self.detector_type {
-            DetectorType::JungfrauConverted => 4,
+            DetectorType::JungfrauConverted => self.converted_output.bytes_per_pixel(),
             DetectorType::Gigafrost => 2,
             _ => usize::from(self.bit_depth).div_ceil(8),
         }
@@ -1082,7 +1195,7 @@ impl DetectorConfig {
     /// The image dtype written into ImageMetadata and the file.
     pub fn image_dtype(&self) -> crate::Dtype {
         match (self.detector_type, self.image_bytes_per_pixel()) {
-            (DetectorType::JungfrauConverted, _) => crate::Dtype::Float32,
+            (DetectorType::JungfrauConverted, _) => self.converted_output.dtype(),
             (_, 1) => crate::Dtype::Uint8,
             (_, 4) => crate::Dtype::Uint32,
             _ => crate::Dtype::Uint16,
@@ -1541,6 +1654,90 @@ mod tests {
             err.contains("`double_pixels`") && err.contains("chip_gaps"),
             "{err}"
         );
+    }
+
+    /// `converted_output` and `photon_energy_kev`: photon types need the energy, both keys are
+    /// refused for other detector types, the energy must be a positive number, and the energy
+    /// without a photon type is refused (it would have no effect). Errors name key and file.
+    #[test]
+    fn converted_output_and_photon_energy_are_checked() {
+        use serde_json::json;
+        let load = |extra: serde_json::Value| {
+            let mut extra = extra;
+            extra["calibration_file"] = "/c.h5".into();
+            DetectorConfig::from_json_str(&converted(extra), "/etc/std-daq/p.json")
+        };
+        let refused = |r: Result<DetectorConfig, ConfigError>, key: &str, text: &str| {
+            let err = r.unwrap_err().to_string();
+            assert!(
+                err.contains("/etc/std-daq/p.json")
+                    && err.contains(&format!("`{key}`"))
+                    && err.contains(text),
+                "{err}"
+            );
+        };
+        // Default: float32 keV, exactly as before.
+        let c = load(json!({})).unwrap();
+        assert_eq!(c.converted_output, ConvertedOutput::Float32);
+        assert_eq!(c.photon_energy_kev, None);
+        assert_eq!((c.image_bytes_per_pixel(), c.image_dtype() as u16), (4, 24));
+        let c = load(json!({"converted_output": "float32"})).unwrap();
+        assert_eq!(c.image_dtype(), crate::Dtype::Float32);
+        // Photon types: int16 (code 12, 2 bytes), int32 (code 14, 4 bytes).
+        let c =
+            load(json!({"converted_output": "photons_int16", "photon_energy_kev": 12.4})).unwrap();
+        assert_eq!(c.converted_output, ConvertedOutput::PhotonsInt16);
+        assert_eq!(c.photon_energy_kev, Some(12.4));
+        assert_eq!((c.image_bytes_per_pixel(), c.image_dtype() as u16), (2, 12));
+        assert_eq!(c.image_bytes(), 1024 * 1024 * 2);
+        assert!(c.notices.is_empty(), "{:?}", c.notices);
+        let c = load(json!({"converted_output": "photons_int32", "photon_energy_kev": 8})).unwrap();
+        assert_eq!((c.image_bytes_per_pixel(), c.image_dtype() as u16), (4, 14));
+
+        refused(
+            load(json!({"converted_output": "photons_int16"})),
+            "photon_energy_kev",
+            "required",
+        );
+        refused(
+            load(json!({"converted_output": "photons"})),
+            "converted_output",
+            "\"photons\" is not one of",
+        );
+        refused(
+            load(json!({"converted_output": 16})),
+            "converted_output",
+            "",
+        );
+        for bad in [json!(0), json!(-12.4)] {
+            refused(
+                load(json!({"converted_output": "photons_int32", "photon_energy_kev": bad})),
+                "photon_energy_kev",
+                "positive",
+            );
+        }
+        refused(
+            load(json!({"converted_output": "photons_int32", "photon_energy_kev": "12"})),
+            "photon_energy_kev",
+            "",
+        );
+        refused(
+            load(json!({"photon_energy_kev": 12.4})),
+            "photon_energy_kev",
+            "no effect",
+        );
+        // Other detector types refuse both keys.
+        for (key, value) in [
+            ("converted_output", json!("photons_int16")),
+            ("converted_output", json!("float32")),
+            ("photon_energy_kev", json!(12.4)),
+        ] {
+            refused(
+                DetectorConfig::from_json_str(&with(key, value), "/etc/std-daq/p.json"),
+                key,
+                "only applies to jungfrau-converted, not jungfrau-raw",
+            );
+        }
     }
 
     /// What a config with one key set does.

@@ -80,6 +80,10 @@ pub enum Dtype {
     Uint16 = 2,
     Uint32 = 4,
     Uint64 = 8,
+    /// JUNGFRAU photon counts (`converted_output: "photons_int16"`).
+    Int16 = 12,
+    /// JUNGFRAU photon counts (`converted_output: "photons_int32"`).
+    Int32 = 14,
     Float32 = 24,
 }
 
@@ -90,6 +94,8 @@ impl Dtype {
             2 => Dtype::Uint16,
             4 => Dtype::Uint32,
             8 => Dtype::Uint64,
+            12 => Dtype::Int16,
+            14 => Dtype::Int32,
             24 => Dtype::Float32,
             _ => Dtype::Unknown,
         }
@@ -98,8 +104,8 @@ impl Dtype {
         match self {
             Dtype::Unknown => 0,
             Dtype::Uint8 => 1,
-            Dtype::Uint16 => 2,
-            Dtype::Uint32 | Dtype::Float32 => 4,
+            Dtype::Uint16 | Dtype::Int16 => 2,
+            Dtype::Uint32 | Dtype::Int32 | Dtype::Float32 => 4,
             Dtype::Uint64 => 8,
         }
     }
@@ -298,6 +304,32 @@ mod tests {
         assert_eq!(m.as_bytes(), &golden[..]);
         assert_eq!(ImageMetadata::from_bytes(&golden).unwrap(), m);
         assert!(m.module_missing(1) && !m.module_missing(0) && !m.module_missing(999));
+    }
+
+    /// The codes on the wire (ImageMetadata.dtype, the replication header): std_daq's rule,
+    /// byte count + 10 for signed + 20 for float. Existing codes never change.
+    #[test]
+    fn dtype_codes_are_fixed() {
+        for (dtype, code, bytes) in [
+            (Dtype::Unknown, 0u16, 0usize),
+            (Dtype::Uint8, 1, 1),
+            (Dtype::Uint16, 2, 2),
+            (Dtype::Uint32, 4, 4),
+            (Dtype::Uint64, 8, 8),
+            (Dtype::Int16, 12, 2),
+            (Dtype::Int32, 14, 4),
+            (Dtype::Float32, 24, 4),
+        ] {
+            assert_eq!(dtype as u16, code, "{dtype:?}");
+            assert_eq!(Dtype::from_u16(code), dtype);
+            assert_eq!(dtype.bytes(), bytes, "{dtype:?}");
+        }
+        assert_eq!(Dtype::from_u16(11), Dtype::Unknown);
+        let m = ImageMetadata {
+            dtype: Dtype::Int16 as u16,
+            ..Zeroable::zeroed()
+        };
+        assert_eq!(&m.as_bytes()[46..48], &[12, 0]);
     }
 
     #[test]

@@ -918,6 +918,8 @@ fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileErro
         Dtype::Uint16 => TypeDescriptor::Unsigned(IntSize::U2),
         Dtype::Uint32 => TypeDescriptor::Unsigned(IntSize::U4),
         Dtype::Uint64 => TypeDescriptor::Unsigned(IntSize::U8),
+        Dtype::Int16 => TypeDescriptor::Integer(IntSize::U2),
+        Dtype::Int32 => TypeDescriptor::Integer(IntSize::U4),
         Dtype::Float32 => TypeDescriptor::Float(FloatSize::U4),
         Dtype::Unknown => {
             return Err(FileError::UnsupportedDtype {
@@ -1147,6 +1149,8 @@ mod tests {
             (Dtype::Uint16, 2),
             (Dtype::Uint32, 4),
             (Dtype::Uint64, 8),
+            (Dtype::Int16, 2),
+            (Dtype::Int32, 4),
             (Dtype::Float32, 4),
         ] {
             let dir = tempfile::tempdir().unwrap();
@@ -1158,6 +1162,15 @@ mod tests {
             let file = File::open(&path).unwrap();
             let ds = file.dataset("jf-test/data").unwrap();
             assert_eq!(ds.dtype().unwrap().size(), size, "{dtype:?}");
+            let signed = matches!(
+                ds.dtype().unwrap().to_descriptor().unwrap(),
+                TypeDescriptor::Integer(_)
+            );
+            assert_eq!(
+                signed,
+                matches!(dtype, Dtype::Int16 | Dtype::Int32),
+                "{dtype:?}"
+            );
         }
     }
 

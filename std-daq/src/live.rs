@@ -71,11 +71,13 @@ impl Default for LiveSettings {
 /// The default `(min, max)` of the scaling, by image dtype:
 /// uint8 `[0, 255]`, uint16 `[0, 65535]` (the full range); uint32 and uint64 (EIGER 32-bit)
 /// `[0, 65535]` as uint16 (counts above show white: pass `max=` for more); float32 (JUNGFRAU
-/// converted, keV-like) `[0, 100]`.
+/// converted, keV-like) `[0, 100]`; int16 and int32 (JUNGFRAU photon counts) `[0, 10]` photons
+/// (negative counts and the -32768 / -2147483648 "no value" marker show black).
 pub fn default_range(dtype: Dtype) -> (f64, f64) {
     match dtype {
         Dtype::Uint8 => (0.0, 255.0),
         Dtype::Float32 => (0.0, 100.0),
+        Dtype::Int16 | Dtype::Int32 => (0.0, 10.0),
         _ => (0.0, 65535.0),
     }
 }
@@ -126,6 +128,16 @@ fn row_values(bytes: &[u8], dtype: Dtype, out: &mut [f64]) {
         Dtype::Float32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+        }
+        Dtype::Int16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f64::from(i16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        Dtype::Int32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             }
         }
         Dtype::Uint64 => {
@@ -881,6 +893,8 @@ mod tests {
         assert_eq!(default_range(Dtype::Uint16), (0.0, 65535.0));
         assert_eq!(default_range(Dtype::Uint32), (0.0, 65535.0));
         assert_eq!(default_range(Dtype::Float32), (0.0, 100.0));
+        assert_eq!(default_range(Dtype::Int16), (0.0, 10.0));
+        assert_eq!(default_range(Dtype::Int32), (0.0, 10.0));
     }
 
     #[test]
@@ -907,6 +921,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(img.pixels, [128, 0, 0, 255, 26, 255]);
+        // Photon counts: [0, 10] photons by default; negatives and the -32768 marker black.
+        let i16s: Vec<u8> = [5i16, i16::MIN, 10, 3, -2, 32767]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let img = render(&i16s, Dtype::Int16, 3, 2, default_range(Dtype::Int16), 1).unwrap();
+        assert_eq!(img.pixels, [128, 0, 255, 77, 0, 255]);
+        let i32s: Vec<u8> = [1i32, i32::MIN, 100_000]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let img = render(&i32s, Dtype::Int32, 3, 1, default_range(Dtype::Int32), 1).unwrap();
+        assert_eq!(img.pixels, [26, 0, 255]);
         // EIGER 32-bit: above 65535 white by default; a wider max shows them.
         let u32s: Vec<u8> = [70000u32, 1000]
             .iter()

@@ -112,6 +112,8 @@ fn type_name(dtype: Dtype) -> &'static str {
         Dtype::Uint16 => "uint16",
         Dtype::Uint32 => "uint32",
         Dtype::Uint64 => "uint64",
+        Dtype::Int16 => "int16",
+        Dtype::Int32 => "int32",
         Dtype::Float32 => "float32",
         Dtype::Unknown => "unknown",
     }

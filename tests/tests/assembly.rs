@@ -283,6 +283,141 @@ fn jungfrau_converted_with_calibration_gaps_and_flips_is_exact() {
     let _ = std::fs::remove_dir_all(&s.work);
 }
 
+/// Photon counts (`converted_output: "photons_int16"`, 8 keV) through the real binaries: two
+/// modules, module 1 rotated by 180 degrees. The calibration makes every `gain * energy` a power
+/// of two and every pedestal whole, so `(adc - pedestal) / (gain * energy)` is exact in f32 and
+/// f64 and the file's pixels must equal the formula computed here with numpy exactly: round half
+/// away from zero, clamp to [-32767, 32767], -32768 for masked pixels, a zero gain and gain code
+/// 10. The simulator's ramp reaches every gain code, saturation and large negatives.
+#[test]
+fn jungfrau_photons_int16_are_exact() {
+    let work = work_dir("jfphot-cal");
+    std::fs::create_dir_all(&work).unwrap();
+    let cal = work.join("calibration.h5");
+    let script = r#"
+import sys, h5py, numpy as np
+h, w = 1024, 1024
+y, x = np.mgrid[0:h, 0:w]
+peds = np.stack([1000 + (x * 7 + y) % 300, 3000 + (x + y * 3) % 500, 5000 + (x * 5) % 700]).astype(np.float64)
+# ADU/keV; times 8 keV: G0 32..256, G1 -2..-8, G2 -1/8 or -1/4 ADU per photon.
+gains = np.stack([4.0 * 2.0 ** (x % 4), -0.25 * 2.0 ** (y % 3), -(2.0 ** -6) * 2.0 ** (x % 2)]).astype(np.float32)
+gains[1, 100, 200] = 0.0
+mask = ((x * 31 + y * 17) % 997 == 0).astype(np.uint8)
+with h5py.File(sys.argv[1], "w") as f:
+    f["gains"] = gains
+    f["pedestals"] = peds
+    f["pixel_mask"] = mask
+"#;
+    let out = Process::new(python())
+        .args(["-c", script])
+        .arg(&cal)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = serde_json::json!({
+        "detector_type": "jungfrau-converted", "n_modules": 2, "bit_depth": 16,
+        "image_pixel_height": 1024, "image_pixel_width": 1024,
+        "calibration_file": cal.display().to_string(),
+        "converted_output": "photons_int16", "photon_energy_kev": 8.0,
+        "module_positions": {"0": [0, 0, 1023, 511], "1": [1023, 1023, 0, 512]},
+    });
+    // Tag length 8: its UDP ports (base + 2 * 8) differ from the other tests'.
+    let mut s = Services::start("jfphoton", config).unwrap();
+    let detector = s.config.detector_name.clone();
+    let file = s.work.join("photons.h5");
+    s.start_run(&file, 12).unwrap();
+    let mut sim = s.simulator(12, 50.0).unwrap();
+    let run = s.wait_until("the run to end", |_| false).unwrap();
+    assert!(sim.wait().unwrap().success());
+    let (failed, stopped) = s.stop_ref_work();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(run.images_written, 12);
+    let check = r#"
+import sys, json, h5py, numpy as np
+data_file, cal_file, name = sys.argv[1:4]
+E, MIN = 8.0, -32768
+with h5py.File(cal_file, "r") as c:
+    gains, peds, mask = c["gains"][:].astype(np.float64), c["pedestals"][:], c["pixel_mask"][:]
+
+def photons(frame, m):
+    # The simulator's ramp (tests/python/verify_assembly.py).
+    offset = ((frame % 65535) * 7919 + m * 104729) % 65535
+    raw = (1 + (np.arange(512 * 1024, dtype=np.int64) + offset) % 65535).reshape(512, 1024)
+    adc, bits = (raw & 0x3FFF).astype(np.float64), raw >> 14
+    rows = slice(m * 512, (m + 1) * 512)
+    out = np.full(raw.shape, MIN, dtype=np.int64)
+    for b, s in ((0, 0), (1, 1), (3, 2)):
+        g = gains[s, rows] * E
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = (adc - peds[s, rows]) / g
+        r = np.clip(np.sign(x) * np.floor(np.abs(x) + 0.5), -32767, 32767)
+        ok = (bits == b) & (g != 0)
+        out[ok] = r[ok]
+    out[mask[rows] != 0] = MIN
+    return out.astype(np.int16)
+
+with h5py.File(data_file, "r") as f:
+    g = f[name]
+    data, ids, status = g["data"], g["image_id"][:], g["status"][:]
+    report = {"dtype": str(data.dtype), "shape": list(data.shape), "exact_images": 0,
+              "status": sorted(set(int(v) for v in status)), "mismatches": [],
+              "min": 0, "max": 0, "negative": 0, "zero": 0, "positive": 0}
+    for i in range(data.shape[0]):
+        frame = int(ids[i])
+        want = np.zeros((1024, 1024), dtype=np.int16)
+        want[:512] = photons(frame, 0)
+        want[512:] = photons(frame, 1)[::-1, ::-1]
+        got = data[i]
+        if np.array_equal(got, want):
+            report["exact_images"] += 1
+        else:
+            y, x = np.argwhere(got != want)[0]
+            report["mismatches"].append({"image_id": frame, "y": int(y), "x": int(x),
+                                         "got": int(got[y, x]), "want": int(want[y, x])})
+        report["min"] += int(np.sum(got == MIN))
+        report["max"] += int(np.sum(got == 32767))
+        report["negative"] += int(np.sum((got < 0) & (got != MIN)))
+        report["zero"] += int(np.sum(got == 0))
+        report["positive"] += int(np.sum((got > 0) & (got != 32767)))
+    # Two hand-picked pixels of the first image, from the formula written out.
+    frame = int(ids[0])
+    report["pixel_0_0"] = [int(data[0][0, 0]), int(photons(frame, 0)[0, 0])]
+print(json.dumps(report))
+"#;
+    let out = Process::new(python())
+        .args(["-c", check])
+        .arg(&file)
+        .arg(&cal)
+        .arg(&detector)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr))),
+    )
+    .unwrap();
+    eprintln!("photon report: {report}");
+    assert_eq!(report["dtype"], "int16", "{report}");
+    assert_eq!(report["shape"], serde_json::json!([12, 1024, 1024]));
+    assert_eq!(report["status"], serde_json::json!([1]), "{report}");
+    assert_eq!(report["exact_images"], 12, "{report}");
+    let p = &report["pixel_0_0"];
+    assert_eq!(p[0], p[1], "{report}");
+    // Every kind of value occurs: the markers, saturation, negatives, zeros, counts.
+    for kind in ["min", "max", "negative", "zero", "positive"] {
+        assert!(report[kind].as_u64().unwrap() > 1000, "{kind}: {report}");
+    }
+    std::fs::remove_dir_all(&work).unwrap();
+    let _ = std::fs::remove_dir_all(&stopped.work);
+}
+
 /// EIGER, 4 half-modules at 16 bit in a 2x2 layout with chip gaps; the bottom half-modules are
 /// mirrored vertically (`y1 < y0`), one also horizontally.
 #[test]
