@@ -7,7 +7,7 @@
 //! along -y, so the pixel at the beam centre lies on the beam; the detector sits at `distance`
 //! along z. Never invent a value silently: every default is documented in docs/nxmx.md.
 
-use crate::config::{DetectorConfig, DetectorType};
+use crate::config::{ConvertedOutput, DetectorConfig, DetectorType};
 use serde::Deserialize;
 
 /// The JSON of the config key `nxmx` (every field optional; defaults in docs/nxmx.md).
@@ -41,6 +41,9 @@ pub struct Nxmx {
     /// Counts at and above which a pixel is saturated; None where it does not apply (converted
     /// JUNGFRAU floats).
     pub saturation_value: Option<i64>,
+    /// The value of a pixel that has no value (photon counts: masked, invalid gain, lost
+    /// packet; docs/calibration.md); None where there is none.
+    pub underload_value: Option<i64>,
     /// One per NXdetector_module.
     pub modules: Vec<ModuleGeometry>,
 }
@@ -69,6 +72,15 @@ pub fn sensor(detector_type: DetectorType) -> (f64, &'static str, f64) {
         DetectorType::Eiger => (75e-6, "Si", 450e-6),
         // The GigaFRoST camera: 11 um pixels of a CMOS sensor (its scintillator is not part of it).
         DetectorType::Gigafrost => (11e-6, "Si", 10e-6),
+    }
+}
+
+/// The saturation value of raw counts of `bit_depth` bits.
+fn saturation(t: DetectorType, bit_depth: u8) -> Option<i64> {
+    match t {
+        DetectorType::JungfrauConverted => None,
+        DetectorType::JungfrauRaw => Some(65535),
+        DetectorType::Eiger | DetectorType::Gigafrost => Some((1i64 << u32::from(bit_depth)) - 1),
     }
 }
 
@@ -121,12 +133,15 @@ impl Nxmx {
                 ],
             })
             .collect();
-        let saturation_value = match cfg.detector_type {
-            DetectorType::JungfrauConverted => None,
-            DetectorType::JungfrauRaw => Some(65535),
-            DetectorType::Eiger | DetectorType::Gigafrost => {
-                Some((1i64 << u32::from(cfg.bit_depth)) - 1)
+        let (saturation_value, underload_value) = match (cfg.detector_type, cfg.converted_output) {
+            (DetectorType::JungfrauConverted, ConvertedOutput::Float32) => (None, None),
+            (DetectorType::JungfrauConverted, ConvertedOutput::PhotonsInt16) => {
+                (Some(i64::from(i16::MAX)), Some(i64::from(i16::MIN)))
             }
+            (DetectorType::JungfrauConverted, ConvertedOutput::PhotonsInt32) => {
+                (Some(i64::from(i32::MAX)), Some(i64::from(i32::MIN)))
+            }
+            (t, _) => (saturation(t, cfg.bit_depth), None),
         };
         Ok(Nxmx {
             detector_distance_m: positive(
@@ -157,6 +172,7 @@ impl Nxmx {
             ),
             bit_depth_readout: cfg.bit_depth,
             saturation_value,
+            underload_value,
             modules,
         })
     }
@@ -225,6 +241,26 @@ mod tests {
         assert_eq!(mask.iter().filter(|&&b| b == 1).count(), 76 * 1024);
         assert_eq!(mask[512 * 1024], 1);
         assert_eq!(mask[511 * 1024 + 5], 0);
+    }
+
+    #[test]
+    fn photon_counts_have_the_types_limits_as_saturation_and_underload() {
+        let converted = |output: &str| {
+            config(serde_json::json!({
+                "detector_type": "jungfrau-converted", "calibration_file": "/cal.h5",
+                "converted_output": output, "photon_energy_kev": 8.0,
+            }))
+        };
+        let n = Nxmx::new(&converted("photons_int16"), &NxmxRaw::default()).expect("valid");
+        assert_eq!(
+            (n.saturation_value, n.underload_value),
+            (Some(32767), Some(-32768))
+        );
+        let n = Nxmx::new(&converted("photons_int32"), &NxmxRaw::default()).expect("valid");
+        assert_eq!(
+            (n.saturation_value, n.underload_value),
+            (Some(i64::from(i32::MAX)), Some(i64::from(i32::MIN)))
+        );
     }
 
     #[test]

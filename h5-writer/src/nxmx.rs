@@ -11,6 +11,7 @@
 //! /entry/instrument/beam                   NXbeam: incident_wavelength (angstrom)
 //! /entry/instrument/detector               NXdetector: description, distance, beam_center_x/y,
 //!                                          sensor_material, sensor_thickness, saturation_value,
+//!                                          underload_value (photon counts),
 //!                                          bit_depth_readout, pixel_mask, depends_on
 //! /entry/instrument/detector/transformations/det_z     translation along z by the distance
 //! /entry/instrument/detector/module_<m>    NXdetector_module: data_origin, data_size,
@@ -131,10 +132,13 @@ pub fn write_entry(
     det.new_dataset::<i32>()
         .create("bit_depth_readout")?
         .write_scalar(&i32::from(n.bit_depth_readout))?;
-    if let Some(s) = n.saturation_value {
-        det.new_dataset::<i64>()
-            .create("saturation_value")?
-            .write_scalar(&s)?;
+    for (name, value) in [
+        ("saturation_value", n.saturation_value),
+        ("underload_value", n.underload_value),
+    ] {
+        if let Some(v) = value {
+            det.new_dataset::<i64>().create(name)?.write_scalar(&v)?;
+        }
     }
     let mask = ndarray::Array2::from_shape_vec(
         (height as usize, width as usize),
