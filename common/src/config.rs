@@ -1168,6 +1168,12 @@ impl DetectorConfig {
         crate::nxmx::Nxmx::new(self, &self.nxmx_settings)
     }
 
+    /// The NXmx values with a write request's `nxmx` over the config's; the error names the
+    /// sub-key (`nxmx.<key> = ...: ...`).
+    pub fn nxmx_with(&self, over: &crate::nxmx::NxmxRaw) -> Result<crate::nxmx::Nxmx, String> {
+        crate::nxmx::Nxmx::new(self, &self.nxmx_settings.overridden_by(over))
+    }
+
     /// Bytes of one module frame as the receiver stores it in its FrameBuffer slot.
     pub fn module_frame_bytes(&self) -> usize {
         match self.detector_type {

@@ -8,19 +8,50 @@
 //! along z. Never invent a value silently: every default is documented in docs/nxmx.md.
 
 use crate::config::{ConvertedOutput, DetectorConfig, DetectorType};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The JSON of the config key `nxmx` (every field optional; defaults in docs/nxmx.md).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The JSON of the config key `nxmx`, and of a write request's `nxmx` field that overrides it
+/// for one file (every field optional; defaults in docs/nxmx.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NxmxRaw {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detector_distance_m: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beam_center_x_px: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beam_center_y_px: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident_wavelength_angstrom: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensor_material: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensor_thickness_m: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_name: Option<String>,
+}
+
+impl NxmxRaw {
+    /// These settings with every field `over` gives replaced (a request over the config).
+    pub fn overridden_by(&self, over: &NxmxRaw) -> NxmxRaw {
+        NxmxRaw {
+            detector_distance_m: over.detector_distance_m.or(self.detector_distance_m),
+            beam_center_x_px: over.beam_center_x_px.or(self.beam_center_x_px),
+            beam_center_y_px: over.beam_center_y_px.or(self.beam_center_y_px),
+            incident_wavelength_angstrom: over
+                .incident_wavelength_angstrom
+                .or(self.incident_wavelength_angstrom),
+            sensor_material: over
+                .sensor_material
+                .clone()
+                .or_else(|| self.sensor_material.clone()),
+            sensor_thickness_m: over.sensor_thickness_m.or(self.sensor_thickness_m),
+            sample_name: over
+                .sample_name
+                .clone()
+                .or_else(|| self.sample_name.clone()),
+        }
+    }
 }
 
 /// The values of the file's NXmx groups.

@@ -70,6 +70,9 @@ pub enum Command {
 pub struct RunContext {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub traceparent: Option<String>,
+    /// The request's NXmx geometry and beam, over the config's `nxmx` for this file only
+    /// (docs/nxmx.md); the writer refuses the start if the result is invalid.
+    pub nxmx: Option<std_daq_common::nxmx::NxmxRaw>,
 }
 
 impl Command {
@@ -123,6 +126,7 @@ pub const MAX_IMAGES_REACHED: &str = "max_images reached";
 /// Kept apart so that the Rust variants stay what existing callers build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant)] // built or parsed once per command, never stored
 pub enum WireCommand {
     Start {
         output_file: String,
@@ -140,6 +144,9 @@ pub enum WireCommand {
         /// W3C trace context, stored as the file attribute `traceparent`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
+        /// NXmx geometry and beam for this file, over the config's (docs/nxmx.md).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nxmx: Option<std_daq_common::nxmx::NxmxRaw>,
     },
     Stop {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +181,7 @@ impl TryFrom<WireCommand> for Command {
                 request_id,
                 metadata,
                 traceparent,
+                nxmx,
             } => Command::start_with(
                 output_file,
                 n_images,
@@ -182,6 +190,7 @@ impl TryFrom<WireCommand> for Command {
                 RunContext {
                     metadata,
                     traceparent,
+                    nxmx,
                 },
             ),
             WireCommand::Stop { reason } => Command::Stop { reason },
@@ -206,6 +215,7 @@ impl From<Command> for WireCommand {
                 request_id,
                 metadata: context.metadata,
                 traceparent: context.traceparent,
+                nxmx: context.nxmx,
             },
             Command::StartUnbounded {
                 output_file,
@@ -219,6 +229,7 @@ impl From<Command> for WireCommand {
                 request_id,
                 metadata: context.metadata,
                 traceparent: context.traceparent,
+                nxmx: context.nxmx,
             },
             Command::Stop { reason } => WireCommand::Stop { reason },
             Command::Status => WireCommand::Status,

@@ -55,6 +55,8 @@ pub struct Writer {
     compression: Compression,
     /// The NXmx groups of every file (docs/nxmx.md).
     nxmx: Option<std_daq_common::nxmx::Nxmx>,
+    /// The config, for a request's NXmx values over its own.
+    detector: DetectorConfig,
     /// How often a run's file is made crash-consistent ([`ImageFile::checkpoint`]).
     checkpoint_interval: Duration,
     ring: RingReader<ImageMetadata>,
@@ -82,6 +84,7 @@ impl Writer {
                 .nxmx()
                 .map_err(|e| tracing::error!("no NXmx groups in the files: {e}"))
                 .ok(),
+            detector: cfg.clone(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             ring,
             run: None,
@@ -312,6 +315,13 @@ impl Writer {
         if path.exists() {
             return Reply::error(format!("output_file {output_file:?} already exists"));
         }
+        let nxmx = match &context.nxmx {
+            None => self.nxmx.clone(),
+            Some(over) => match self.detector.nxmx_with(over) {
+                Ok(n) => Some(n),
+                Err(e) => return Reply::error(format!("the request's {e}")),
+            },
+        };
         let partial = partial_path(path);
         let spec = ImageFileSpec {
             detector_name: self.detector_name.clone(),
@@ -322,7 +332,7 @@ impl Writer {
             dtype: self.dtype,
             compression: self.compression,
         };
-        match ImageFile::create_with_nxmx(&partial, &spec, self.nxmx.as_ref()) {
+        match ImageFile::create_with_nxmx(&partial, &spec, nxmx.as_ref()) {
             Ok(mut file) => {
                 let metadata = context
                     .metadata
@@ -654,6 +664,7 @@ mod tests {
                     .as_object()
                     .cloned(),
                 traceparent: Some(TRACEPARENT.into()),
+                nxmx: None,
             },
         });
         assert!(reply.ok, "{reply:?}");

@@ -3,7 +3,8 @@
 //! with PyPI's hdf5plugin), EIGER and GigaFRoST (tests/python/check_nxmx.py): one entry,
 //! definition NXmx, one detector with one module per detector module, every transformation
 //! chain resolvable to the documented lab positions, wavelength, distance, NXdata with n images
-//! that are std_daq's `/<detector>/data` (checked pixel-exact by verify_h5.py).
+//! that are std_daq's `/<detector>/data` (checked pixel-exact by verify_h5.py); and a write
+//! request's `nxmx` field sets its own file's geometry through the real agent and API.
 
 #![allow(clippy::unwrap_used)]
 
@@ -205,4 +206,61 @@ fn gigafrost_and_eiger_files_are_nxmx_with_default_geometry() {
     let report = std_daq_tests::verify_h5_as(&file, &det, "", "eiger").unwrap();
     assert_eq!(report["exact_images"], 8, "{report}");
     std::fs::remove_dir_all(work).unwrap();
+}
+
+/// A write request's `nxmx` overrides the config's for its file only; a misspelt or invalid
+/// value is refused with the reason, before anything is written (real agent and API).
+#[test]
+fn a_write_request_sets_the_geometry_of_its_file() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std_daq_tests::stack::{free_run, http, SetOnDrop, Stack};
+    let stack = Stack::start("nxreq", &[]).unwrap();
+    let sim = stack.simulator().unwrap();
+    let (stop, next_frame) = (AtomicBool::new(false), AtomicU64::new(1));
+    let file = stack.root.join("geometry.h5");
+    let (ok, bad_key, bad_value) = std::thread::scope(|scope| {
+        let feeder =
+            scope.spawn(|| free_run(&sim, &stack.config_path, &stop, &next_frame).unwrap());
+        let _stop = SetOnDrop(&stop);
+        let write = |body: Value| {
+            let (code, body) = http(stack.port, "POST", "/write_sync", Some(&body)).unwrap();
+            (code, serde_json::from_slice::<Value>(&body).unwrap())
+        };
+        let ok = write(
+            json!({"output_file": file.display().to_string(), "n_images": 3,
+            "nxmx": {"detector_distance_m": 0.35, "beam_center_x_px": 100.0,
+                     "sample_name": "lysozyme"}}),
+        );
+        let bad_key = write(
+            json!({"output_file": stack.root.join("k.h5").display().to_string(),
+            "n_images": 3, "nxmx": {"distance": 0.35}}),
+        );
+        let bad_value = write(
+            json!({"output_file": stack.root.join("v.h5").display().to_string(),
+            "n_images": 3, "nxmx": {"incident_wavelength_angstrom": -1.0}}),
+        );
+        drop(_stop);
+        feeder.join().unwrap();
+        (ok, bad_key, bad_value)
+    });
+    assert_eq!(ok.0, 200, "{}", ok.1);
+    let r = check_nxmx(&file);
+    assert!(close(r["distance_mm"].as_f64().unwrap(), 350.0), "{r}");
+    // The request's beam centre x, the config's default y (the image centre).
+    assert_eq!(r["beam_center"], json!([100.0, 512.0]));
+    let report = std_daq_tests::verify_h5(&file, &stack.cfg.detector_name, "").unwrap();
+    assert_eq!(report["exact_images"], 3, "{report}");
+
+    assert_eq!(bad_key.0, 400, "{}", bad_key.1);
+    let e = bad_key.1["error"].as_str().unwrap();
+    assert!(e.contains("unknown field `distance`"), "{e}");
+    assert!(!stack.root.join("k.h5").exists());
+    assert_eq!(bad_value.0, 400, "{}", bad_value.1);
+    let e = bad_value.1["error"].as_str().unwrap();
+    assert!(
+        e.contains("nxmx.incident_wavelength_angstrom = -1") && e.contains("positive"),
+        "{e}"
+    );
+    assert!(!stack.root.join("v.h5").exists());
+    stack.finish().unwrap();
 }

@@ -15,7 +15,6 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,60 +31,9 @@ fn wait_for<T>(what: &str, done: impl FnMut() -> Option<T>) -> T {
     std_daq_tests::stack::poll_until(what, WATCHDOG, done).unwrap()
 }
 
-/// One HTTP/1.1 exchange on 127.0.0.1:`port` (Content-Length or chunked answers): (code, body).
+/// One HTTP/1.1 exchange on 127.0.0.1:`port`: (code, body).
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WATCHDOG)).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    let code = status
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (mut length, mut chunked) = (None, false);
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse::<usize>().ok();
-        }
-        chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
-    }
-    let mut out = Vec::new();
-    if chunked {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).unwrap();
-            let n = usize::from_str_radix(size.trim(), 16).unwrap();
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk).unwrap();
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
-    } else if let Some(n) = length {
-        out.resize(n, 0);
-        r.read_exact(&mut out).unwrap();
-    } else {
-        r.read_to_end(&mut out).unwrap();
-    }
-    (code, out)
+    std_daq_tests::stack::http(port, method, path, body).unwrap()
 }
 
 /// A headless Chromium session through chromedriver's WebDriver endpoint. Saves a screenshot

@@ -544,6 +544,7 @@ impl Agent {
                 RunContext {
                     metadata: req.metadata.clone(),
                     traceparent: req.traceparent.clone(),
+                    nxmx: req.nxmx.clone(),
                 },
             ))
             .await;

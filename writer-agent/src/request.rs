@@ -53,6 +53,13 @@ pub struct WriteRequest {
     /// `traceparent` and sent with the processing trigger. Checked by [`parse`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// std-daq extension: the NXmx geometry and beam of this file (`detector_distance_m`,
+    /// `beam_center_x_px`, `beam_center_y_px`, `incident_wavelength_angstrom`, `sensor_material`,
+    /// `sensor_thickness_m`, `sample_name`; each optional, unknown ones refused), over the
+    /// config key `nxmx` (docs/nxmx.md). The writer checks the values and refuses the start
+    /// naming the bad one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nxmx: Option<std_daq_common::nxmx::NxmxRaw>,
 }
 
 impl WriteRequest {
@@ -483,6 +490,7 @@ mod tests {
             timeout_s: None,
             metadata: None,
             traceparent: None,
+            nxmx: None,
         }
     }
 

@@ -442,7 +442,7 @@ async fn bad_requests_are_refused_with_exact_reasons_and_leave_nothing_on_disk()
         ),
         (
             format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"overwrite":true}}"#),
-            "the request body is not a valid write request: unknown field `overwrite`, expected one of `output_file`, `n_images`, `user_id`, `run_id`, `sources`, `timestamp`, `timeout_s`, `metadata`, `traceparent`".into(),
+            "the request body is not a valid write request: unknown field `overwrite`, expected one of `output_file`, `n_images`, `user_id`, `run_id`, `sources`, `timestamp`, `timeout_s`, `metadata`, `traceparent`, `nxmx`".into(),
         ),
         (
             format!(r#"{{"output_file":"{r}/a.h5","n_images":5,"timeout_s":-1}}"#),
