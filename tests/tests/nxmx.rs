@@ -114,12 +114,13 @@ fn assert_common(r: &Value, n: u64, shape: [u64; 2]) {
     assert!(r["pixel_sum"].as_f64().unwrap() > 0.0, "{r}");
 }
 
-/// One test, the detectors one after the other: a GigaFRoST's 8 streams take 8 UDP ports, more
+/// One test, the pipelines one after the other: a GigaFRoST's 8 streams take 8 UDP ports, more
 /// than a test's share of `std_daq_tests::options` when pipelines run side by side.
 #[test]
-fn files_of_every_detector_type_are_nxmx() {
+fn files_of_every_detector_type_are_nxmx_and_a_request_sets_its_geometry() {
     gigafrost_and_eiger_files_are_nxmx_with_default_geometry();
     jungfrau_files_are_nxmx_with_the_configured_geometry_raw_and_compressed();
+    a_write_request_sets_the_geometry_of_its_file();
 }
 
 fn jungfrau_files_are_nxmx_with_the_configured_geometry_raw_and_compressed() {
@@ -210,7 +211,6 @@ fn gigafrost_and_eiger_files_are_nxmx_with_default_geometry() {
 
 /// A write request's `nxmx` overrides the config's for its file only; a misspelt or invalid
 /// value is refused with the reason, before anything is written (real agent and API).
-#[test]
 fn a_write_request_sets_the_geometry_of_its_file() {
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std_daq_tests::stack::{free_run, http, SetOnDrop, Stack};
