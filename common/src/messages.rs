@@ -135,9 +135,11 @@ pub struct ImageMetadata {
     pub version: u16,
     /// Bit m set = module m's frame did not arrive (its pixels are zero).
     pub missing_modules: [u64; MAX_MODULES / 64],
+    /// Which calibration converted the image (its id as the assembler loaded it; 0 = raw, none).
+    pub calibration_id: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<ImageMetadata>() == 88);
+const _: () = assert!(std::mem::size_of::<ImageMetadata>() == 96);
 
 /// A message that is not a valid `ModuleFrame` or `ImageMetadata`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -289,6 +291,7 @@ mod tests {
             n_missing_modules: 0,
             version: IMAGE_METADATA_VERSION,
             missing_modules: [0; 4],
+            calibration_id: 0x6162_6364_6566_6768,
         };
         m.set_module_missing(1);
         m.set_module_missing(1);
@@ -301,6 +304,7 @@ mod tests {
         golden.extend_from_slice(&[2, 0, 0, 0, 1, 0, 1, 0]);
         golden.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
         golden.extend_from_slice(&[0; 24]);
+        golden.extend_from_slice(&[0x68, 0x67, 0x66, 0x65, 0x64, 0x63, 0x62, 0x61]);
         assert_eq!(m.as_bytes(), &golden[..]);
         assert_eq!(ImageMetadata::from_bytes(&golden).unwrap(), m);
         assert!(m.module_missing(1) && !m.module_missing(0) && !m.module_missing(999));
