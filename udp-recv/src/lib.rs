@@ -6,6 +6,7 @@
 //! Never: trust a header field before checking it, leave bytes of an older frame where a packet
 //! is missing, allocate or log per packet.
 
+pub mod dark;
 pub mod eiger;
 pub mod format;
 pub mod gigafrost;

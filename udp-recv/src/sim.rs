@@ -14,7 +14,12 @@
 //!
 //! Because the value only shifts with the frame, every payload is a slice of one precomputed
 //! table: sending costs no pixel generation. Chosen packets can be dropped (`--drop`).
+//!
+//! JUNGFRAU dark frames per gain stage and photon hits on a known pedestal
+//! ([`SimSettings::jungfrau_pixels`]) replace the ramp with the frames of [`crate::dark`] (its
+//! docs give the formulas), also precomputed before the first packet.
 
+use crate::dark::{DarkSettings, FrameSet};
 use crate::eiger::{self, EigerHeader};
 use crate::format::PacketFormat;
 use crate::gigafrost::{Gigafrost, GigafrostHeader, PROTOCOL_ID};
@@ -344,6 +349,24 @@ pub struct SimSettings {
     pub gso: bool,
     /// Loss, reordering, duplication, malformed packets and bursts, by rate and by list.
     pub faults: Faults,
+    /// JUNGFRAU only: dark frames or photon hits ([`crate::dark`]) instead of the ramp.
+    pub jungfrau_pixels: Option<DarkSettings>,
+}
+
+/// Where payloads come from: the ramp table, or precomputed JUNGFRAU dark/hit frames.
+#[derive(Debug)]
+enum Payloads {
+    Pattern(PatternTable),
+    Frames(FrameSet),
+}
+
+impl Payloads {
+    fn payload(&self, frame: u64, module: u16, p: u32) -> &[u8] {
+        match self {
+            Payloads::Pattern(t) => t.payload(frame, module, p),
+            Payloads::Frames(f) => f.payload(frame, module, p),
+        }
+    }
 }
 
 /// Faults injected on purpose, each by rate (probability per packet) and by explicit list.
@@ -496,7 +519,18 @@ pub fn run_logging_losses(
     mut lost: Option<&mut Vec<(u64, u16, u32)>>,
 ) -> io::Result<SimReport> {
     let det = settings.detector;
-    let table = PatternTable::for_detector(det);
+    let table = match (settings.jungfrau_pixels, det) {
+        (Some(dark), SimDetector::Jungfrau) => {
+            Payloads::Frames(FrameSet::new(&dark, settings.n_modules))
+        }
+        (Some(_), _) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "dark frames and photon hits are JUNGFRAU only",
+            ))
+        }
+        (None, _) => Payloads::Pattern(PatternTable::for_detector(det)),
+    };
     let ppf = det.packets_per_frame();
     let hb = det.header_bytes();
     let segment = det.packet_bytes(0);

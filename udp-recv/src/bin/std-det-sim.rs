@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::DetectorConfig;
 use std_daq_common::DetectorType;
+use udp_recv::dark::{DarkSettings, JungfrauPixels};
 use udp_recv::gigafrost::Gigafrost;
 use udp_recv::sim::{self, DropList, Faults, SimDetector, SimSettings};
 
@@ -16,8 +17,11 @@ use udp_recv::sim::{self, DropList, Faults, SimDetector, SimSettings};
 /// 128 per module frame; EIGER: 4144 bytes, 32/64/128 per half-module frame at 8/16/32 bit;
 /// GigaFRoST: 32-byte header and 12-bit pixels, sizes from the image size) for every module of the
 /// config to start_udp_port + module, paced at --rate frames/s.
-/// Pixel values follow a formula tests recompute (see the udp_recv::sim module docs). Prints a
-/// JSON report on stdout when done.
+/// Pixel values follow a formula tests recompute (see the udp_recv::sim module docs). JUNGFRAU can
+/// instead play dark frames of one gain stage (--jungfrau-dark G0|G1|G2: per-pixel pedestal plus
+/// Gaussian noise from --pixel-seed, a few dead, wrong-gain and noisy pixels) or photon hits on
+/// the G0 pedestal (--jungfrau-hits), by the formulas in the udp_recv::dark module docs
+/// (docs/calibration.md). Prints a JSON report on stdout when done.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -74,6 +78,21 @@ struct Args {
     /// Seed of the fault generator (same seed, same faults).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// JUNGFRAU: play dark frames with the detector in this gain stage (G0, G1 or G2) instead of
+    /// the ramp: pedestal + noise per pixel from --pixel-seed (udp_recv::dark).
+    #[arg(long, value_parser = udp_recv::dark::parse_stage, conflicts_with = "jungfrau_hits")]
+    jungfrau_dark: Option<usize>,
+    /// JUNGFRAU: play G0 frames of known photon hits, each photon HIT_ADU ADU above the rounded
+    /// G0 pedestal of --pixel-seed (no noise; udp_recv::dark).
+    #[arg(long, value_name = "HIT_ADU")]
+    jungfrau_hits: Option<u16>,
+    /// Seed of the dark/hit frames' pedestals, noise and dead/noisy pixels.
+    #[arg(long, default_value_t = 1)]
+    pixel_seed: u64,
+    /// Distinct dark/hit frames per module (noise and hits repeat with this period; each costs
+    /// 1 MiB per module of memory, computed before sending).
+    #[arg(long, default_value_t = udp_recv::dark::DEFAULT_DISTINCT_FRAMES)]
+    noise_frames: usize,
     /// Write every packet a receiver will not get whole (frame:module:packet, comma-separated,
     /// the --drop syntax) to this file.
     #[arg(long)]
@@ -114,6 +133,20 @@ fn main() -> Result<()> {
         bail!("--rate must be a non-negative number of frames per second");
     }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    let jungfrau_pixels = match (args.jungfrau_dark, args.jungfrau_hits) {
+        (Some(stage), _) => Some(JungfrauPixels::Dark { stage }),
+        (None, Some(hit_adu)) => Some(JungfrauPixels::Hits { hit_adu }),
+        (None, None) => None,
+    };
+    if jungfrau_pixels.is_some() && detector != SimDetector::Jungfrau {
+        bail!("--jungfrau-dark and --jungfrau-hits need a JUNGFRAU config");
+    }
+    if !(1..=udp_recv::dark::MAX_DISTINCT_FRAMES).contains(&args.noise_frames) {
+        bail!(
+            "--noise-frames must be 1..={}",
+            udp_recv::dark::MAX_DISTINCT_FRAMES
+        );
+    }
     let settings = SimSettings {
         detector,
         target: args.target,
@@ -136,6 +169,11 @@ fn main() -> Result<()> {
             reorders: args.reorder,
             seed: args.seed,
         },
+        jungfrau_pixels: jungfrau_pixels.map(|pixels| DarkSettings {
+            pixels,
+            seed: args.pixel_seed,
+            n_distinct: args.noise_frames,
+        }),
     };
     for (name, rate) in [
         ("--loss-rate", args.loss_rate),

@@ -190,6 +190,7 @@ fn trial(
         drops: DropList::default(),
         gso: true,
         faults: Default::default(),
+        jungfrau_pixels: None,
     };
     let sender_cpu = if args.cpu == 0 { 1 } else { 0 };
     let done = Arc::clone(&sender_done);
