@@ -93,6 +93,7 @@ fn calibration(k: usize, scale: Scale) -> Calibration {
     Calibration {
         modules: vec![empty, module],
         masked: MaskCounts::default(),
+        id: 1,
     }
 }
 

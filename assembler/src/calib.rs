@@ -417,6 +417,35 @@ fn convert_mixed<P: ConvertedPixel, const REV: bool>(
 pub struct Calibration {
     pub modules: Vec<ModuleCalibration>,
     pub masked: MaskCounts,
+    /// Which calibration this is ([`calibration_id`] of the file's content; never 0, which
+    /// `ImageMetadata.calibration_id` uses for "raw, no calibration").
+    pub id: u64,
+}
+
+/// The id of a calibration: xxh3-64 of its content as the assembler reads it, i.e. the bytes of
+/// `gains` then `pedestals` as little-endian f32 (whatever float type the file stores), then
+/// `pixel_mask` as one byte per pixel (1 = masked, 0 = not), all in the file's stacked row-major
+/// order; 0 becomes 1. The same content gives the same id whatever the file's HDF5 layout or
+/// timestamps; any changed value gives another id.
+pub fn calibration_id(gains: &[f32], pedestals: &[f32], mask: &[bool]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for values in [gains, pedestals] {
+        for chunk in values.chunks(4096) {
+            let mut buf = [0u8; 4 * 4096];
+            for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            h.update(&buf[..4 * chunk.len()]);
+        }
+    }
+    for chunk in mask.chunks(4096) {
+        let mut buf = [0u8; 4096];
+        for (b, m) in buf.iter_mut().zip(chunk) {
+            *b = u8::from(*m);
+        }
+        h.update(&buf[..chunk.len()]);
+    }
+    h.digest().max(1)
 }
 
 impl Calibration {
@@ -442,6 +471,7 @@ impl Calibration {
         let gains = read_f32(&f, file, "gains", &[N_STAGES, h, MODULE_WIDTH])?;
         let pedestals = read_f32(&f, file, "pedestals", &[N_STAGES, h, MODULE_WIDTH])?;
         let mask = read_mask(&f, file, &[h, MODULE_WIDTH])?;
+        let id = calibration_id(&gains, &pedestals, &mask);
         let stage = |data: &[f32], s: usize, m: usize| {
             let base = s * h * MODULE_WIDTH + m * MODULE_PIXELS;
             data[base..base + MODULE_PIXELS].to_vec()
@@ -461,11 +491,138 @@ impl Calibration {
                 )
             })
             .collect();
-        Ok(Calibration { modules, masked })
+        Ok(Calibration {
+            modules,
+            masked,
+            id,
+        })
     }
 }
 
-fn dataset(
+/// What `stat` says about the calibration file; a change of any field is a new file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(file: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(file).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// Hot swap of the calibration: a thread stats `calibration_file` every `period` (a few times a
+/// second, never per image); when the file changed (another inode after a rename, size, mtime or
+/// ctime) it loads it there, off the assembler's hot path, and, if its [`Calibration::id`]
+/// differs from the one in use, hands it over. The assembler takes it with [`Self::take`] between
+/// images (a non-blocking channel receive) and gives the old tables back with
+/// [`Self::recycle`], so even freeing them happens on the watcher's thread. A file that does not
+/// load (being written in place, wrong shape) is logged once per change and ignored: the
+/// assembler keeps converting with the calibration it has.
+#[derive(Debug)]
+pub struct CalibrationWatcher {
+    new: std::sync::mpsc::Receiver<Calibration>,
+    old: std::sync::mpsc::SyncSender<Calibration>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CalibrationWatcher {
+    /// Watches `file`, whose current content has id `current_id` (stamped now).
+    pub fn start(
+        file: PathBuf,
+        n_modules: usize,
+        scale: Scale,
+        current_id: u64,
+        period: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (new_tx, new) = std::sync::mpsc::sync_channel::<Calibration>(1);
+        let (old, old_rx) = std::sync::mpsc::sync_channel::<Calibration>(2);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let mut seen = FileStamp::of(&file);
+        let thread = std::thread::Builder::new()
+            .name("calibration-watch".into())
+            .spawn(move || {
+                let mut current = current_id;
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(period);
+                    while old_rx.try_recv().is_ok() {}
+                    let stamp = FileStamp::of(&file);
+                    if stamp == seen || stamp.is_none() {
+                        continue;
+                    }
+                    seen = stamp;
+                    match Calibration::load_scaled(&file, n_modules, scale) {
+                        Ok(c) if c.id == current => {
+                            tracing::info!(
+                                calibration_id = c.id,
+                                "calibration file rewritten, same content"
+                            );
+                        }
+                        Ok(c) => {
+                            tracing::info!(
+                                calibration = %file.display(),
+                                calibration_id = c.id,
+                                previous_id = current,
+                                masked = ?c.masked,
+                                "new calibration loaded; taken at the next image"
+                            );
+                            current = c.id;
+                            if new_tx.send(c).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(
+                            "calibration file changed but does not load, keeping id {current}: {e}"
+                        ),
+                    }
+                }
+            })?;
+        Ok(CalibrationWatcher {
+            new,
+            old,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The newest calibration loaded since the last call, if any (never blocks).
+    pub fn take(&self) -> Option<Calibration> {
+        self.new.try_recv().ok()
+    }
+
+    /// Hands a replaced calibration to the watcher thread to be freed there.
+    pub fn recycle(&self, old: Calibration) {
+        let _ = self.old.try_send(old);
+    }
+}
+
+impl Drop for CalibrationWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Unblocks a thread waiting to hand over a calibration.
+        while self.new.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn dataset(
     f: &hdf5::File,
     file: &Path,
     name: &'static str,
@@ -490,7 +647,7 @@ fn dataset(
     Ok(ds)
 }
 
-fn read_f32(
+pub(crate) fn read_f32(
     f: &hdf5::File,
     file: &Path,
     name: &'static str,
@@ -510,7 +667,7 @@ fn read_f32(
     })
 }
 
-fn read_mask(
+pub(crate) fn read_mask(
     f: &hdf5::File,
     file: &Path,
     expected: &[usize],
@@ -1008,6 +1165,66 @@ mod tests {
                 .unwrap();
             ds.write_raw(&mask).unwrap();
         }
+    }
+
+    /// The watcher notices a file renamed over the calibration file, loads it on its thread and
+    /// hands it over once; the id is the content's.
+    #[test]
+    fn the_watcher_hands_over_a_replaced_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cal.h5");
+        write_file(&path, None, false);
+        let first = Calibration::load(&path, 1).unwrap();
+        assert_ne!(first.id, 0);
+        // The same content written again has the same id.
+        let again = dir.path().join("again.h5");
+        write_file(&again, None, false);
+        assert_eq!(Calibration::load(&again, 1).unwrap().id, first.id);
+        let watcher = CalibrationWatcher::start(
+            path.clone(),
+            1,
+            Scale::Energy,
+            first.id,
+            std::time::Duration::from_millis(5),
+        )
+        .unwrap();
+        // Another content (pedestals 5), made aside and renamed into place.
+        let next = dir.path().join("next.h5");
+        {
+            let f = hdf5::File::create(&next).unwrap();
+            let stack = [3, MODULE_HEIGHT, MODULE_WIDTH];
+            let ones = vec![1.0f32; 3 * MODULE_PIXELS];
+            let fives = vec![5.0f32; 3 * MODULE_PIXELS];
+            let ds = f.new_dataset::<f32>().shape(stack).create("gains").unwrap();
+            ds.write_raw(&ones).unwrap();
+            let ds = f
+                .new_dataset::<f32>()
+                .shape(stack)
+                .create("pedestals")
+                .unwrap();
+            ds.write_raw(&fives).unwrap();
+            let ds = f
+                .new_dataset::<u8>()
+                .shape([MODULE_HEIGHT, MODULE_WIDTH])
+                .create("pixel_mask")
+                .unwrap();
+            ds.write_raw(&vec![0u8; MODULE_PIXELS]).unwrap();
+        }
+        let want = Calibration::load(&next, 1).unwrap();
+        assert_ne!(want.id, first.id);
+        std::fs::rename(&next, &path).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let got = loop {
+            if let Some(c) = watcher.take() {
+                break c;
+            }
+            assert!(std::time::Instant::now() < deadline, "no new calibration");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(got, want);
+        assert_eq!(got.modules[0].pedestal[1][17], 5.0);
+        watcher.recycle(first);
+        drop(watcher);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod calib;
+pub mod pedestal;
 pub mod pixels;
 pub mod place;
 pub mod service;

@@ -14,8 +14,9 @@ use std_daq_common::{names, ImageMetadata, MetricsService, ModuleFrame};
 
 /// Synchronises the frames of all modules by image_id, places each module into the ImageBuffer
 /// (/dev/shm/std-daq.<detector>.image) at its module_positions place (with chip gaps when
-/// `chip_gaps` is set; jungfrau-converted: float32 keV from `calibration_file`, see
-/// docs/calibration.md), and publishes ImageMetadata
+/// `chip_gaps` is set; jungfrau-converted: float32 keV or photon counts from `calibration_file`,
+/// see docs/calibration.md; a replaced calibration file is taken without restart, between two
+/// images, and each image's ImageMetadata.calibration_id says which converted it), and publishes ImageMetadata
 /// (status computed from all modules) on ipc://<ipc_dir>/std-daq-<detector>-image. Waits for every
 /// receiver's FrameBuffer to exist before it starts. Stops on SIGINT/SIGTERM after emitting every
 /// pending image.
@@ -42,7 +43,11 @@ fn main() -> Result<()> {
     // Before waiting for receivers: a bad calibration file fails the start at once.
     let pixels = ModulePixels::from_config(&cfg)?;
     if let Some(file) = &cfg.calibration_file {
-        tracing::info!(calibration = %file.display(), "calibration loaded");
+        tracing::info!(
+            calibration = %file.display(),
+            calibration_id = pixels.calibration_id(),
+            "calibration loaded"
+        );
     }
 
     let ctx = zmq::Context::new();
@@ -93,6 +98,10 @@ fn main() -> Result<()> {
         "assembling"
     );
     let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
+    // Hot swap: a replaced calibration_file is loaded off the hot path, taken between images.
+    assembler
+        .watch_calibration(&cfg)
+        .context("starting the calibration file watcher")?;
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
         args.metrics_addr

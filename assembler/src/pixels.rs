@@ -132,6 +132,28 @@ impl ModulePixels {
         }
     }
 
+    /// The id of the calibration images are converted with; 0 when they are not (raw modes).
+    pub fn calibration_id(&self) -> u64 {
+        match &self.mode {
+            Mode::Converted { calibration, .. } => calibration.id,
+            _ => 0,
+        }
+    }
+
+    /// Replaces the calibration of a converting mode (call between images) and returns the one
+    /// it replaced; a raw mode converts nothing and gives `new` back. `new` must be built for
+    /// the same module count and [`Scale`] (as [`calib::CalibrationWatcher`] loads it).
+    pub fn swap_calibration(&mut self, new: Calibration) -> Calibration {
+        match &mut self.mode {
+            Mode::Converted { calibration, .. }
+                if calibration.modules.len() == new.modules.len() =>
+            {
+                std::mem::replace(calibration, new)
+            }
+            _ => new,
+        }
+    }
+
     /// Writes module `m`'s frame (`src`, as in its FrameBuffer slot; `frame` its metadata) into
     /// `image`, every pixel of the module's rectangle included.
     pub fn write(&mut self, m: usize, frame: &ModuleFrame, src: &[u8], image: &mut [u8]) {
@@ -333,6 +355,7 @@ mod tests {
         Calibration {
             modules: vec![module(0), module(1)],
             masked: MaskCounts::default(),
+            id: 1,
         }
     }
 
@@ -463,6 +486,7 @@ mod tests {
             let calibration = Calibration {
                 modules: vec![module(), module()],
                 masked: MaskCounts::default(),
+                id: 1,
             };
             let mut pixels = ModulePixels::with_calibration(&cfg, Some(calibration));
             let len = cfg.image_bytes();

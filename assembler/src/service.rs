@@ -18,6 +18,8 @@ use std_daq_common::status::StatusBoard;
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus, ModuleFrame};
 
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
+/// How often the calibration file is checked for a replacement (hot swap).
+pub const CALIBRATION_POLL: Duration = Duration::from_millis(250);
 const POLL_MS: i64 = 10;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,9 @@ pub struct Assembler {
     /// From the arrival of an image's last module frame (≈ its receiver's commit: ipc takes
     /// microseconds) to its ImageMetadata published.
     pub latency: Arc<Histogram>,
+    /// Hot swap of the calibration ([`Assembler::watch_calibration`]); `None` = not watched.
+    calibration_watch: Option<crate::calib::CalibrationWatcher>,
+    pub calibration_swaps: u64,
 }
 
 impl Assembler {
@@ -120,6 +125,43 @@ impl Assembler {
                 "image_publish_latency_seconds",
                 "last module frame of an image received -> its ImageMetadata published",
             ),
+            calibration_watch: None,
+            calibration_swaps: 0,
+        }
+    }
+
+    /// Watches the config's `calibration_file` for a new calibration (hot swap, taken between
+    /// images by [`run`]); nothing to watch in raw modes.
+    pub fn watch_calibration(&mut self, cfg: &DetectorConfig) -> std::io::Result<()> {
+        let id = self.pixels.calibration_id();
+        if let (Some(file), true) = (&cfg.calibration_file, id != 0) {
+            self.calibration_watch = Some(crate::calib::CalibrationWatcher::start(
+                file.clone(),
+                usize::from(cfg.n_modules),
+                crate::calib::Scale::from_config(cfg),
+                id,
+                CALIBRATION_POLL,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Takes a calibration the watcher loaded, if there is one: call between images.
+    pub fn take_new_calibration(&mut self) {
+        let Some(watch) = &self.calibration_watch else {
+            return;
+        };
+        if let Some(new) = watch.take() {
+            let id = new.id;
+            let old = self.pixels.swap_calibration(new);
+            tracing::info!(
+                calibration_id = id,
+                previous_id = old.id,
+                next_image_after = self.stats.images,
+                "calibration swapped"
+            );
+            self.calibration_swaps += 1;
+            watch.recycle(old);
         }
     }
 
@@ -136,6 +178,8 @@ impl Assembler {
         board.set("duplicate_frames", s.duplicate_frames);
         board.set("late_frames", s.late_frames);
         board.set("pending_images", self.sync.n_pending());
+        board.set("calibration_id", self.pixels.calibration_id());
+        board.set("calibration_swaps", self.calibration_swaps);
     }
 
     /// A receiver that restarted created a new FrameBuffer under the same name: map the new
@@ -229,6 +273,7 @@ impl Assembler {
             n_modules: ready.frames.len() as u16,
             dtype: self.dtype as u16,
             version: IMAGE_METADATA_VERSION,
+            calibration_id: self.pixels.calibration_id(),
             ..bytemuck::Zeroable::zeroed()
         };
         // Receivers only hand on ids below MAX_IMAGE_ID, so this cannot fail for valid input.
@@ -335,6 +380,8 @@ pub fn run(
                 }
             }
         }
+        // Between images: a calibration the watcher loaded converts from the next image on.
+        assembler.take_new_calibration();
         let now = Instant::now();
         assembler.emit_ready(now, stopping && !readable, &mut publish);
         if stopping && !readable {
@@ -518,6 +565,7 @@ mod tests {
         let calibration = Calibration {
             modules: vec![cal_module(), cal_module()],
             masked: MaskCounts::default(),
+            id: 1,
         };
         let mut rig = rig(&cfg, Some(calibration));
         // Module 0: G0, adc 1500 -> 50 keV. Module 1: G2 (bits 11), adc 1000 -> 16000 keV,
