@@ -8,6 +8,7 @@ pub mod compat;
 pub mod deploy;
 pub mod live;
 pub mod page;
+pub mod pedestal;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

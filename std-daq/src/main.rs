@@ -45,6 +45,20 @@ enum Cmd {
     /// page at / (live image, rates, counters, writes, start/stop); speaks to the writer agent
     /// over RabbitMQ.
     Api(ApiArgs),
+    /// A JUNGFRAU pedestal run on the running pipeline: takes --frames dark frames per module
+    /// of each gain stage G0, G1, G2 as the detector delivers them (the stage is set on the
+    /// detector; each frame's stage is the one most of its pixels' gain bits say, and a pixel's
+    /// value counts only if it was itself in that stage). Reads the raw module frames from the
+    /// receivers' FrameBuffers (image ids from the assembler's image stream, so it also works
+    /// while a jungfrau-converted assembler converts), computes per pixel and stage the mean
+    /// (pedestal) and RMS, masks pixels never in a stage, stuck (RMS <= --min-rms) or noisy
+    /// (RMS > --max-rms-factor x the module's median), and writes the calibration file
+    /// (docs/calibration.md: gains from --gain-file, never invented; pedestals; pixel_mask; plus
+    /// pedestal_rms, pedestal_mask, pedestal_counts, pedestal_frames) atomically (temp file +
+    /// rename). With the default output (the config's calibration_file) a running assembler
+    /// takes it at the next image, without a restart. Prints a JSON report; prints "ready" on
+    /// stderr once it follows the image stream (start the dark frames after that).
+    Pedestal(PedestalArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
     Preview(PreviewArgs),
@@ -97,6 +111,38 @@ struct PreviewArgs {
     /// metrics_base_address + 5 + i when the config has metrics_base_address.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PedestalArgs {
+    /// Detector config file (JUNGFRAU).
+    #[arg(long)]
+    config: PathBuf,
+    /// Dark frames per module and gain stage.
+    #[arg(long, default_value_t = 1000)]
+    frames: u32,
+    /// HDF5 file with the gains: dataset `gains` [3, n_modules*512, 1024] in ADU/keV (any
+    /// float type), optionally `pixel_mask` [n_modules*512, 1024] (nonzero = bad, kept masked).
+    /// A calibration file is a gain file.
+    #[arg(long)]
+    gain_file: PathBuf,
+    /// Calibration file to write. Default: the config's calibration_file (so the running
+    /// assembler takes it).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Mask a stage of a pixel that was in it in fewer than this fraction of the stage's frames.
+    #[arg(long, default_value_t = 0.9)]
+    min_fraction: f64,
+    /// Mask a stage of a pixel whose RMS is at most this (ADU): stuck.
+    #[arg(long, default_value_t = 0.1)]
+    min_rms: f64,
+    /// Mask a stage of a pixel whose RMS is above this many times the median RMS of its module
+    /// in that stage: noisy.
+    #[arg(long, default_value_t = 3.0)]
+    max_rms_factor: f64,
+    /// Fail if the frames have not all arrived within this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout_s: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -232,6 +278,7 @@ fn main() -> Result<()> {
         Cmd::Status(args) => status(args),
         Cmd::Preview(args) => preview(args),
         Cmd::Api(args) => api(args),
+        Cmd::Pedestal(args) => pedestal(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
@@ -320,6 +367,51 @@ fn api(args: ApiArgs) -> Result<()> {
             agent_source,
         },
     )
+}
+
+fn pedestal(args: PedestalArgs) -> Result<()> {
+    use std_daq::pedestal::{self, PedestalOptions};
+    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    let output = match (&args.output, &cfg.calibration_file) {
+        (Some(o), _) => o.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => bail!("--output is needed: the config has no calibration_file"),
+    };
+    if !(args.timeout_s > 0.0 && args.timeout_s.is_finite()) {
+        bail!("--timeout-s must be a positive number of seconds");
+    }
+    let opts = PedestalOptions {
+        settings: assembler::pedestal::PedestalSettings {
+            frames_per_stage: args.frames,
+            min_fraction: args.min_fraction,
+            min_rms: args.min_rms,
+            max_rms_factor: args.max_rms_factor,
+        },
+        gain_file: args.gain_file,
+        output,
+        timeout: Duration::from_secs_f64(args.timeout_s),
+    };
+    let shutdown = std_daq_common::service::Shutdown::on_signals()?;
+    let report = pedestal::run(
+        &cfg,
+        &opts,
+        &|| shutdown.is_triggered(),
+        &mut || {
+            eprintln!(
+                "ready: following {}",
+                std_daq_common::names::image_endpoint(&cfg)
+            )
+        },
+        &mut |p| tracing::debug!(frames = ?p.frames, "pedestal progress"),
+    )?;
+    tracing::info!(
+        output = %report.output.display(),
+        calibration_id = report.calibration_id,
+        pixels_masked = report.pixels_masked,
+        "calibration written"
+    );
+    println!("{}", report.to_json());
+    Ok(())
 }
 
 fn preview(args: PreviewArgs) -> Result<()> {
