@@ -13,6 +13,7 @@
 //! | GET /openapi.json, GET /docs | | the OpenAPI document and an interactive page |
 //! | GET / | | the operator's status page ([`crate::page`]) |
 //! | GET /daq/overview | | what the status page shows, as JSON |
+//! | POST /pedestal, GET /pedestal, POST /pedestal/cancel | `{gain_file, frames_per_stage?, output?, ...}` | a JUNGFRAU pedestal run ([`crate::pedestal::PedestalApi`]): 202 when started, then its state and report |
 //!
 //! Beside them, PSI std_daq's routes for `std-daq-client` ([`crate::compat`], docs/api.md), and
 //! the live view `GET /daq/live` (MJPEG), `GET /daq/live/frame` (one JPEG) with
@@ -96,12 +97,21 @@ pub fn serve(server: Server, settings: ApiSettings) -> Result<()> {
         settings.client.clone(),
         settings.agent_source.clone(),
     ));
+    let pedestal = Arc::new(crate::pedestal::PedestalApi::new(
+        settings.live.detector.clone(),
+    ));
     let settings = Arc::new(settings);
     let requests = Arc::new(Requests::default());
     for request in server.incoming_requests() {
         let (settings, requests) = (Arc::clone(&settings), Arc::clone(&requests));
         let (compat, live, page) = (Arc::clone(&compat), Arc::clone(&live), Arc::clone(&page));
-        let parts = Parts { compat, live, page };
+        let pedestal = Arc::clone(&pedestal);
+        let parts = Parts {
+            compat,
+            live,
+            page,
+            pedestal,
+        };
         std::thread::spawn(move || {
             if let Err(e) = handle(request, &settings, &requests, &parts) {
                 tracing::warn!("answering an HTTP request: {e:#}");
@@ -116,6 +126,7 @@ struct Parts {
     compat: Arc<crate::compat::Compat>,
     live: Arc<crate::live::Live>,
     page: Arc<crate::page::Page>,
+    pedestal: Arc<crate::pedestal::PedestalApi>,
 }
 
 fn html(page: &'static str) -> Response<std::io::Cursor<Vec<u8>>> {
@@ -132,7 +143,12 @@ fn handle(
     requests: &Arc<Requests>,
     parts: &Parts,
 ) -> Result<()> {
-    let Parts { compat, live, page } = parts;
+    let Parts {
+        compat,
+        live,
+        page,
+        pedestal,
+    } = parts;
     let mut body = Vec::new();
     request
         .as_reader()
@@ -157,6 +173,10 @@ fn handle(
     if let Some((code, value)) =
         compat.route_traced(request.method().as_str(), &path, &body, traceparent)
     {
+        request.respond(json_response(code, &value))?;
+        return Ok(());
+    }
+    if let Some((code, value)) = pedestal.route(request.method().as_str(), &path, &body) {
         request.respond(json_response(code, &value))?;
         return Ok(());
     }
@@ -338,7 +358,21 @@ fn openapi() -> serde_json::Value {
                 "parameters": [{"name": "request_id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the status"}, "404": {"description": "unknown request"}}}},
             "/service_status": {"get": {"summary": "Every service's status hash from Redis", "responses": {"200": {"description": "by service"}}}},
-            "/config": {"get": {"summary": "The detector config", "responses": {"200": {"description": "config JSON"}}}}
+            "/config": {"get": {"summary": "The detector config", "responses": {"200": {"description": "config JSON"}}}},
+            "/pedestal": {
+                "post": {"summary": "Start a JUNGFRAU pedestal run (as std-daq pedestal): frames_per_stage dark frames per module of G0, G1, G2 from the running pipeline, then the calibration file (docs/calibration.md); needs --config",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["gain_file"],
+                        "properties": {
+                            "gain_file": {"type": "string", "description": "HDF5 file with gains [3, n*512, 1024] ADU/keV (and optionally pixel_mask)"},
+                            "frames_per_stage": {"type": "integer", "minimum": 1, "default": 1000},
+                            "output": {"type": "string", "description": "default: the config's calibration_file (the running assembler takes it); must be an absolute .h5 path in that file's folder"},
+                            "min_fraction": {"type": "number", "default": 0.9}, "min_rms": {"type": "number", "default": 0.1},
+                            "max_rms_factor": {"type": "number", "default": 3.0}, "timeout_s": {"type": "number", "default": 600}}}}}},
+                    "responses": {"202": {"description": "{pedestal_id, state: starting}"}, "400": {"description": "a bad body, with the reason"}, "409": {"description": "a run is in progress"}, "503": {"description": "no --config"}}},
+                "get": {"summary": "The current or last pedestal run: state idle|starting|running|succeeded|failed, progress (frames per module and stage), report or error",
+                    "responses": {"200": {"description": "JSON"}}}},
+            "/pedestal/cancel": {"post": {"summary": "Cancel the running pedestal run (nothing is written)", "responses": {"200": {"description": "cancel sent"}}}}
         }
     });
     // PSI std_daq compatibility (std-daq-client 1.3.5): always HTTP 200 with the envelope.

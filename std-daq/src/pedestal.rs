@@ -21,7 +21,7 @@ use assembler::pedestal::{
     STAGE_NAMES,
 };
 use image_buffer::{Expect, RingReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use std_daq_common::config::jungfrau;
 use std_daq_common::{names, DetectorConfig, DetectorType, ImageMetadata, ModuleFrame};
@@ -255,4 +255,276 @@ pub fn run(
         pixels_masked: result.pixel_mask.iter().map(|m| u64::from(*m)).sum(),
         median_rms: result.median_rms,
     })
+}
+
+/// `POST /pedestal`, `GET /pedestal`, `POST /pedestal/cancel` of `std-daq api` (needs
+/// `--config`): one pedestal run at a time, on its own thread, as `std-daq pedestal` runs it.
+///
+/// Body of `POST /pedestal`: `{"gain_file": str (required), "frames_per_stage": int (1000),
+/// "output": str (the config's calibration_file), "min_fraction": 0.9, "min_rms": 0.1,
+/// "max_rms_factor": 3.0, "timeout_s": 600}`. `output` must be an absolute `.h5` path in the
+/// folder of the config's `calibration_file` (the API never writes elsewhere). Answers 202
+/// `{"pedestal_id", "state": "starting"}`, 400 (bad body, with the reason), 409 (one is
+/// running), 503 (no `--config`). `GET /pedestal`: `{"pedestal_id", "state": "idle" | "starting"
+/// | "running" | "succeeded" | "failed", "progress", "report" (as `std-daq pedestal` prints it)
+/// or "error"}`; "running" means the run follows the image stream (start the dark frames).
+#[derive(Debug)]
+pub struct PedestalApi {
+    cfg: Option<DetectorConfig>,
+    state: std::sync::Arc<std::sync::Mutex<ApiState>>,
+}
+
+#[derive(Debug, Default)]
+struct ApiState {
+    id: u64,
+    state: &'static str,
+    progress: Option<PedestalProgress>,
+    report: Option<serde_json::Value>,
+    error: Option<String>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PedestalApi {
+    pub fn new(cfg: Option<DetectorConfig>) -> Self {
+        PedestalApi {
+            cfg,
+            state: std::sync::Arc::new(std::sync::Mutex::new(ApiState {
+                state: "idle",
+                ..ApiState::default()
+            })),
+        }
+    }
+
+    /// Answers the pedestal routes; `None` for any other.
+    pub fn route(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, serde_json::Value)> {
+        match (method, path) {
+            ("GET", "/pedestal") => Some((200, self.status())),
+            ("POST", "/pedestal") => Some(self.start(body)),
+            ("POST", "/pedestal/cancel") => {
+                let st = self.state.lock().ok()?;
+                st.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                Some((
+                    200,
+                    serde_json::json!({"pedestal_id": st.id, "cancel": "sent"}),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let Ok(st) = self.state.lock() else {
+            return serde_json::json!({"error": "state lock poisoned"});
+        };
+        serde_json::json!({
+            "pedestal_id": st.id,
+            "state": st.state,
+            "progress": st.progress.as_ref().map(PedestalProgress::to_json),
+            "report": st.report,
+            "error": st.error,
+        })
+    }
+
+    fn start(&self, body: &[u8]) -> (u16, serde_json::Value) {
+        let bad = |m: String| (400, serde_json::json!({ "error": m }));
+        let Some(cfg) = self.cfg.clone() else {
+            return (
+                503,
+                serde_json::json!({"error": "std-daq api was started without --config"}),
+            );
+        };
+        let opts = match options_from_body(&cfg, body) {
+            Ok(o) => o,
+            Err(e) => return bad(e),
+        };
+        let Ok(mut st) = self.state.lock() else {
+            return (500, serde_json::json!({"error": "state lock poisoned"}));
+        };
+        if matches!(st.state, "starting" | "running") {
+            return (
+                409,
+                serde_json::json!({"error": "a pedestal run is in progress", "pedestal_id": st.id}),
+            );
+        }
+        st.id += 1;
+        st.state = "starting";
+        st.progress = None;
+        st.report = None;
+        st.error = None;
+        st.cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (id, cancel, state) = (st.id, st.cancel.clone(), self.state.clone());
+        drop(st);
+        std::thread::spawn(move || {
+            let set = |f: &dyn Fn(&mut ApiState)| {
+                if let Ok(mut s) = state.lock() {
+                    f(&mut s);
+                }
+            };
+            let result = run(
+                &cfg,
+                &opts,
+                &|| cancel.load(std::sync::atomic::Ordering::Relaxed),
+                &mut || set(&|s| s.state = "running"),
+                &mut |p| set(&|s| s.progress = Some(p.clone())),
+            );
+            match result {
+                Ok(report) => {
+                    tracing::info!(
+                        calibration_id = report.calibration_id,
+                        output = %report.output.display(),
+                        "pedestal run succeeded"
+                    );
+                    let json = report.to_json();
+                    set(&|s| {
+                        s.state = "succeeded";
+                        s.progress = Some(report.progress.clone());
+                        s.report = Some(json.clone());
+                    });
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    tracing::warn!("pedestal run failed: {msg}");
+                    set(&|s| {
+                        s.state = "failed";
+                        s.error = Some(msg.clone());
+                    });
+                }
+            }
+        });
+        (
+            202,
+            serde_json::json!({"pedestal_id": id, "state": "starting"}),
+        )
+    }
+}
+
+/// The options of a `POST /pedestal` body (module docs of [`PedestalApi`]).
+fn options_from_body(cfg: &DetectorConfig, body: &[u8]) -> Result<PedestalOptions, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("the body must be a JSON object")?;
+    const KEYS: [&str; 7] = [
+        "gain_file",
+        "frames_per_stage",
+        "output",
+        "min_fraction",
+        "min_rms",
+        "max_rms_factor",
+        "timeout_s",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?} (known: {})", KEYS.join(", ")));
+    }
+    let gain_file = obj
+        .get("gain_file")
+        .and_then(|g| g.as_str())
+        .ok_or("gain_file (a path) is required")?;
+    let number = |k: &str, default: f64| -> Result<f64, String> {
+        match obj.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or(format!("{k} must be a number")),
+        }
+    };
+    let d = PedestalSettings::default();
+    let frames = number("frames_per_stage", f64::from(d.frames_per_stage))?;
+    if frames.fract() != 0.0 || !(1.0..=1e6).contains(&frames) {
+        return Err("frames_per_stage must be an integer 1..=1000000".into());
+    }
+    let settings = PedestalSettings {
+        frames_per_stage: frames as u32,
+        min_fraction: number("min_fraction", d.min_fraction)?,
+        min_rms: number("min_rms", d.min_rms)?,
+        max_rms_factor: number("max_rms_factor", d.max_rms_factor)?,
+    };
+    settings.check().map_err(|e| e.to_string())?;
+    let timeout = number("timeout_s", 600.0)?;
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        return Err("timeout_s must be a positive number".into());
+    }
+    let calibration = cfg
+        .calibration_file
+        .clone()
+        .ok_or("the config has no calibration_file (the API writes only next to it)")?;
+    let output = match obj.get("output").and_then(|o| o.as_str()) {
+        None => calibration.clone(),
+        Some(o) => {
+            let o = PathBuf::from(o);
+            let same_dir = o.parent() == calibration.parent();
+            let ok = o.is_absolute()
+                && same_dir
+                && o.extension().is_some_and(|e| e == "h5")
+                && !o.components().any(|c| c == std::path::Component::ParentDir);
+            if !ok {
+                return Err(format!(
+                    "output must be an absolute .h5 path in {} (the folder of the config's calibration_file)",
+                    calibration.parent().unwrap_or(Path::new("/")).display()
+                ));
+            }
+            o
+        }
+    };
+    Ok(PedestalOptions {
+        settings,
+        gain_file: PathBuf::from(gain_file),
+        output,
+        timeout: Duration::from_secs_f64(timeout),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg() -> DetectorConfig {
+        let json = serde_json::json!({
+            "detector_name": "pt", "detector_type": "jungfrau-converted", "n_modules": 1,
+            "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
+            "start_udp_port": 50000, "calibration_file": "/cal/jf.h5",
+            "module_positions": {"0": [0, 0, 1023, 511]},
+        });
+        DetectorConfig::from_json_str(&json.to_string(), "test").unwrap()
+    }
+
+    #[test]
+    fn api_bodies_are_checked_and_outputs_stay_next_to_the_calibration() {
+        let c = cfg();
+        let o =
+            options_from_body(&c, br#"{"gain_file": "/g.h5", "frames_per_stage": 50}"#).unwrap();
+        assert_eq!(o.output, PathBuf::from("/cal/jf.h5"));
+        assert_eq!(o.settings.frames_per_stage, 50);
+        let o = options_from_body(&c, br#"{"gain_file": "/g.h5", "output": "/cal/new.h5"}"#);
+        assert_eq!(o.unwrap().output, PathBuf::from("/cal/new.h5"));
+        for (body, words) in [
+            (&br#"{"frames_per_stage": 5}"#[..], "gain_file"),
+            (
+                br#"{"gain_file": "/g.h5", "output": "/etc/x.h5"}"#,
+                "output must be",
+            ),
+            (
+                br#"{"gain_file": "/g.h5", "output": "/cal/../x.h5"}"#,
+                "output must be",
+            ),
+            (
+                br#"{"gain_file": "/g.h5", "frames_per_stage": 1.5}"#,
+                "integer",
+            ),
+            (
+                br#"{"gain_file": "/g.h5", "max_rms_factor": 0.5}"#,
+                "above 1",
+            ),
+            (br#"{"gain_file": "/g.h5", "colour": 1}"#, "unknown field"),
+            (b"[]", "object"),
+        ] {
+            let e = options_from_body(&c, body).unwrap_err();
+            assert!(e.contains(words), "{e}");
+        }
+        let api = PedestalApi::new(None);
+        assert_eq!(api.route("POST", "/pedestal", b"{}").unwrap().0, 503);
+        assert_eq!(
+            api.route("GET", "/pedestal", b"").unwrap().1["state"],
+            "idle"
+        );
+        assert!(api.route("GET", "/pedestals", b"").is_none());
+    }
 }

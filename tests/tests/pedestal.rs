@@ -344,6 +344,43 @@ fn config(cal: &Path) -> serde_json::Value {
     })
 }
 
+/// Dark frames of G0, G1, G2 in turn, `frames` of each (`frames` distinct noise frames, so each
+/// is used once), frame numbers from `first` on.
+fn play_darks(s: &Services, frames: u64, first: u64) -> Result<()> {
+    for (stage, name) in ["G0", "G1", "G2"].iter().enumerate() {
+        s.simulate(&[
+            "--jungfrau-dark".into(),
+            name.to_string(),
+            "--images".into(),
+            frames.to_string(),
+            "--start-frame".into(),
+            (first + stage as u64 * frames).to_string(),
+            "--noise-frames".into(),
+            frames.to_string(),
+            "--pixel-seed".into(),
+            SEED.to_string(),
+            "--rate".into(),
+            "50".into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The assembler's log says it swapped in calibration `id` (it takes a replaced file without
+/// restart, at an image boundary).
+fn wait_for_swap(s: &Services, id: u64) -> Result<()> {
+    poll_until(
+        "the assembler to swap in the new calibration",
+        WATCHDOG,
+        || {
+            s.log("std-assembler")
+                .lines()
+                .any(|l| l.contains("calibration swapped") && l.contains(&id.to_string()))
+                .then_some(())
+        },
+    )
+}
+
 /// Frames per stage = distinct noise frames: each noise frame is used exactly once.
 const FRAMES: u64 = 32;
 
@@ -390,24 +427,7 @@ fn pedestal_run_makes_the_calibration_and_photon_counts_are_exact() {
     })
     .unwrap();
 
-    for (stage, name) in ["G0", "G1", "G2"].iter().enumerate() {
-        let first = 1 + stage as u64 * FRAMES;
-        s.simulate(&[
-            "--jungfrau-dark".into(),
-            name.to_string(),
-            "--images".into(),
-            FRAMES.to_string(),
-            "--start-frame".into(),
-            first.to_string(),
-            "--noise-frames".into(),
-            FRAMES.to_string(),
-            "--pixel-seed".into(),
-            SEED.to_string(),
-            "--rate".into(),
-            "50".into(),
-        ])
-        .unwrap();
-    }
+    play_darks(&s, FRAMES, 1).unwrap();
     let out = pedestal.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -712,6 +732,80 @@ fn a_calibration_swapped_while_the_assembler_runs_converts_from_an_image_boundar
     eprintln!("swap: {with_a} images with A, then {with_b} with B, every pixel exact");
     assert!(with_a >= 50 && with_b > 0, "{with_a} {with_b}");
     drop(follower);
+    drop(s);
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// The same run as a request to the HTTP API (`POST /pedestal`, then `GET /pedestal` until it
+/// succeeded): the calibration file is written, its id reported, and the assembler takes it.
+#[test]
+fn a_pedestal_run_requested_over_http_writes_the_calibration_the_assembler_takes() {
+    use std_daq_tests::stack::{http, start_api};
+    let work = work_dir("pedapi");
+    std::fs::create_dir_all(&work).unwrap();
+    let gain_path = work.join("gains.h5");
+    let cal_path = work.join("calibration.h5");
+    let gains = gain_file();
+    write_cal(&gain_path, &gains).unwrap();
+    write_cal(&cal_path, &gains).unwrap();
+    let s = Services::start("pedapi", work.clone(), config(&cal_path)).unwrap();
+    let port = std_daq_tests::free_port().unwrap();
+    let _api = start_api(&work, &s.config_path, &s.config.detector_name, port).unwrap();
+    let json = |r: (u16, Vec<u8>)| -> (u16, serde_json::Value) {
+        (r.0, serde_json::from_slice(&r.1).unwrap())
+    };
+    let (code, v) = json(
+        http(
+            port,
+            "POST",
+            "/pedestal",
+            Some(&serde_json::json!({"frames_per_stage": 8})),
+        )
+        .unwrap(),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("gain_file"), "{v}");
+    let body = serde_json::json!({"gain_file": gain_path.display().to_string(), "frames_per_stage": 8, "timeout_s": 120});
+    let (code, v) = json(http(port, "POST", "/pedestal", Some(&body)).unwrap());
+    assert_eq!(code, 202, "{v}");
+    let (code, v) = json(http(port, "POST", "/pedestal", Some(&body)).unwrap());
+    assert_eq!(code, 409, "a second run while one is in progress: {v}");
+    poll_until("the run following the image stream", WATCHDOG, || {
+        let (_, v) = json(http(port, "GET", "/pedestal", None).ok()?);
+        (v["state"] == "running").then_some(())
+    })
+    .unwrap();
+    play_darks(&s, 8, 1).unwrap();
+    let v = poll_until("the run to end", WATCHDOG, || {
+        let (_, v) = json(http(port, "GET", "/pedestal", None).ok()?);
+        (v["state"] != "running").then_some(v)
+    })
+    .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let report = &v["report"];
+    assert_eq!(
+        report["stages"]["G1"]["frames"],
+        serde_json::json!([8, 8]),
+        "{v}"
+    );
+    let id = report["calibration_id"].as_u64().unwrap();
+    let cal = read_cal(&cal_path).unwrap();
+    let mask: Vec<bool> = cal.mask.iter().map(|m| *m != 0).collect();
+    assert_eq!(
+        assembler::calib::calibration_id(&cal.gains, &cal.pedestals, &mask),
+        id
+    );
+    assert_eq!(cal.gains, gains.gains);
+    // Dead, wrong-gain, noisy and gain-file pixels, nothing else (8 frames: as many as the
+    // first test's 32 for these classes).
+    let bad = (0..PLANE)
+        .filter(|&i| {
+            let (m, px) = ((i / MODULE_PIXELS) as u16, i % MODULE_PIXELS);
+            dark::pixel_class(SEED, m, px) != PixelClass::Normal || gains.mask[i] != 0
+        })
+        .count() as u64;
+    assert_eq!(report["pixels_masked"].as_u64(), Some(bad), "{v}");
+    wait_for_swap(&s, id).unwrap();
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
