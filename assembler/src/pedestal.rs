@@ -174,13 +174,21 @@ impl PedestalAccumulator {
         }
         sums.frames += 1;
         let bits = GAIN_BITS[stage];
-        for (i, &v) in frame.iter().enumerate() {
-            if v >> 14 == bits {
-                let a = u64::from(v & 0x3fff);
-                sums.count[i] += 1;
-                sums.sum[i] += a;
-                sums.sum2[i] += a * a;
-            }
+        // Branch-free (a value not in the stage adds 0), so the loop vectorises.
+        let Sums {
+            count, sum, sum2, ..
+        } = sums;
+        for (((&v, c), s), s2) in frame
+            .iter()
+            .zip(count.iter_mut())
+            .zip(sum.iter_mut())
+            .zip(sum2.iter_mut())
+        {
+            let hit = u32::from(v >> 14 == bits);
+            let a = u64::from(v & 0x3fff) * u64::from(hit);
+            *c += hit;
+            *s += a;
+            *s2 += a * a;
         }
         FrameUse::Counted(stage)
     }

@@ -369,6 +369,54 @@ mod tests {
         &mut store[skip..skip + len]
     }
 
+    /// A swapped calibration converts the next frame and names it; raw modes have id 0 and
+    /// give a calibration back untouched.
+    #[test]
+    fn a_swapped_calibration_converts_the_next_frame() {
+        let cfg = converted_config(false, false, "split");
+        let mut pixels = ModulePixels::with_calibration(&cfg, Some(calibration()));
+        assert_eq!(pixels.calibration_id(), 1);
+        let n = MODULE_WIDTH * MODULE_HEIGHT;
+        let raw: Vec<u16> = (0..n).map(|i| 800 + (i % 300) as u16).collect();
+        let frame = ModuleFrame {
+            n_packets_expected: 128,
+            received: [u64::MAX; 4],
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let convert = |p: &mut ModulePixels| {
+            let mut image = vec![0u8; cfg.image_bytes()];
+            p.write(0, &frame, bytemuck::cast_slice(&raw), &mut image);
+            bytemuck::cast_slice::<u8, f32>(&image)[..n].to_vec()
+        };
+        let before = convert(&mut pixels);
+        let mut other = calibration();
+        other.id = 2;
+        for m in &mut other.modules {
+            for p in &mut m.pedestal {
+                p.iter_mut().for_each(|v| *v += 10.0);
+            }
+        }
+        let old = pixels.swap_calibration(other);
+        assert_eq!((old.id, pixels.calibration_id()), (1, 2));
+        let after = convert(&mut pixels);
+        let changed = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        // Every pixel but the masked ones (1 in 101) moved by 10 ADU.
+        assert!(changed > n * 98 / 100, "{changed}");
+        let raw_cfg = DetectorConfig::from_json_str(
+            &serde_json::json!({
+                "detector_name": "t", "detector_type": "jungfrau-raw", "n_modules": 1,
+                "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
+                "start_udp_port": 50000, "module_positions": {"0": [0, 0, 1023, 511]},
+            })
+            .to_string(),
+            "t",
+        )
+        .unwrap();
+        let mut raw_pixels = ModulePixels::with_calibration(&raw_cfg, None);
+        assert_eq!(raw_pixels.calibration_id(), 0);
+        assert_eq!(raw_pixels.swap_calibration(old).id, 1);
+    }
+
     #[test]
     fn direct_and_row_buffer_conversion_write_the_same_bytes() {
         let n = MODULE_WIDTH * MODULE_HEIGHT;
