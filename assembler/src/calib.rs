@@ -540,7 +540,7 @@ pub struct CalibrationWatcher {
 }
 
 impl CalibrationWatcher {
-    /// Watches `file`, whose current content has id `current_id` (stamped now).
+    /// Watches `file`; `current_id` is the id of the calibration in use.
     pub fn start(
         file: PathBuf,
         n_modules: usize,
@@ -553,7 +553,9 @@ impl CalibrationWatcher {
         let (old, old_rx) = std::sync::mpsc::sync_channel::<Calibration>(2);
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
-        let mut seen = FileStamp::of(&file);
+        // Not stamped yet: the first check loads the file once and compares ids, so a file
+        // replaced between the assembler's first load and this start is not missed.
+        let mut seen: Option<FileStamp> = None;
         let thread = std::thread::Builder::new()
             .name("calibration-watch".into())
             .spawn(move || {
@@ -568,9 +570,9 @@ impl CalibrationWatcher {
                     seen = stamp;
                     match Calibration::load_scaled(&file, n_modules, scale) {
                         Ok(c) if c.id == current => {
-                            tracing::info!(
+                            tracing::debug!(
                                 calibration_id = c.id,
-                                "calibration file rewritten, same content"
+                                "calibration file checked: same content"
                             );
                         }
                         Ok(c) => {
