@@ -17,7 +17,8 @@ pub const MAX_PACKETS_PER_FRAME: usize = 256;
 pub const MAX_MODULES: usize = 256;
 
 pub const MODULE_FRAME_VERSION: u16 = 1;
-pub const IMAGE_METADATA_VERSION: u16 = 1;
+/// 2: adds `calibration_id` (96 bytes).
+pub const IMAGE_METADATA_VERSION: u16 = 2;
 
 /// One module's frame, as committed by its receiver.
 #[repr(C)]
@@ -301,7 +302,7 @@ mod tests {
         }
         golden.extend_from_slice(&[0, 4, 0, 0, 0, 4, 0, 0]);
         golden.extend_from_slice(&[128, 0, 0, 0, 2, 0, 2, 0]);
-        golden.extend_from_slice(&[2, 0, 0, 0, 1, 0, 1, 0]);
+        golden.extend_from_slice(&[2, 0, 0, 0, 1, 0, 2, 0]);
         golden.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
         golden.extend_from_slice(&[0; 24]);
         golden.extend_from_slice(&[0x68, 0x67, 0x66, 0x65, 0x64, 0x63, 0x62, 0x61]);

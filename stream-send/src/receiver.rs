@@ -575,7 +575,7 @@ impl Reader {
             let _ = out.send(FromReader::Closed(why, protocol));
         };
         let mut hasher = wire::ChecksumState::new();
-        let mut hb = [0u8; 136];
+        let mut hb = [0u8; wire::FRAME_HEADER_BYTES];
         loop {
             if let Err(e) = self.stream.read_exact(&mut hb) {
                 return closed(format!("connection: {e}"), false);

@@ -4,7 +4,7 @@
 //! ```text
 //! sender -> receiver, once per connection:  Hello (48 B)
 //! receiver -> sender, on connection 0:      Reply kind=Welcome (32 B) with the resume sequence
-//! sender -> receiver, repeatedly:           FrameHeader (136 B) [payload (payload_len B) Trailer (16 B)]
+//! sender -> receiver, repeatedly:           FrameHeader (144 B) [payload (payload_len B) Trailer (16 B)]
 //!                                            kind Image: payload + trailer follow
 //!                                            kind Lost / Heartbeat: nothing follows
 //! receiver -> sender, on connection 0:      Reply kind=Ack (32 B) every ACK_PERIOD
@@ -93,7 +93,9 @@ pub struct FrameHeader {
     /// The ImageMetadata exactly as the sender's assembler published it.
     pub meta: ImageMetadata,
 }
-const _: () = assert!(std::mem::size_of::<FrameHeader>() == 136);
+/// Bytes of a [`FrameHeader`] on the wire.
+pub const FRAME_HEADER_BYTES: usize = 144;
+const _: () = assert!(std::mem::size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
 
 /// Follows the payload of an Image frame.
 #[repr(C)]
@@ -197,7 +199,7 @@ impl Hello {
 impl FrameHeader {
     /// Checks everything that can be checked without the stream's state; `image_bytes` is the
     /// receiver's image size (payloads longer than that are refused before any allocation/read).
-    pub fn decode(bytes: &[u8; 136], image_bytes: u64) -> Result<Self, WireError> {
+    pub fn decode(bytes: &[u8; FRAME_HEADER_BYTES], image_bytes: u64) -> Result<Self, WireError> {
         let h: FrameHeader = bytemuck::pod_read_unaligned(bytes);
         check("FrameHeader", h.magic, FRAME_MAGIC, h.version)?;
         match h.kind {
@@ -288,7 +290,7 @@ mod tests {
         ImageMetadata {
             image_id: id,
             data_bytes: bytes,
-            version: 1,
+            version: std_daq_common::messages::IMAGE_METADATA_VERSION,
             ..Zeroable::zeroed()
         }
     }
@@ -318,7 +320,7 @@ mod tests {
         golden.extend_from_slice(&[1, 0, 2, 0, 0, 0, 0, 0]);
         golden.extend_from_slice(meta(42, 100).as_bytes());
         assert_eq!(bytemuck::bytes_of(&h), &golden[..]);
-        let arr: [u8; 136] = golden.try_into().unwrap();
+        let arr: [u8; FRAME_HEADER_BYTES] = golden.try_into().unwrap();
         assert_eq!(FrameHeader::decode(&arr, 100).unwrap(), h);
     }
 
@@ -394,7 +396,9 @@ mod tests {
             reserved: 0,
             meta: meta(1, 100),
         };
-        let enc = |h: FrameHeader| -> [u8; 136] { bytemuck::bytes_of(&h).try_into().unwrap() };
+        let enc = |h: FrameHeader| -> [u8; FRAME_HEADER_BYTES] {
+            bytemuck::bytes_of(&h).try_into().unwrap()
+        };
         assert!(FrameHeader::decode(&enc(good), 100).is_ok());
         let cases: [fn(&mut FrameHeader); 9] = [
             |h| h.magic = 0,
@@ -423,7 +427,7 @@ mod tests {
         // Random bytes never panic.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..10_000 {
-            let mut b = [0u8; 136];
+            let mut b = [0u8; FRAME_HEADER_BYTES];
             for chunk in b.chunks_mut(8) {
                 x ^= x << 13;
                 x ^= x >> 7;

@@ -46,7 +46,7 @@ fn meta_of(id: u64) -> ImageMetadata {
             0 => 1,
             _ => 2,
         },
-        version: 1,
+        version: std_daq_common::messages::IMAGE_METADATA_VERSION,
         ..bytemuck::Zeroable::zeroed()
     }
 }
@@ -428,7 +428,7 @@ fn forward_frames(
     let mut hello = [0u8; 56];
     from.read_exact(&mut hello)?;
     to.write_all(&hello)?;
-    let mut hb = [0u8; 136];
+    let mut hb = [0u8; stream_send::wire::FRAME_HEADER_BYTES];
     let mut payload = Vec::new();
     loop {
         from.read_exact(&mut hb)?;

@@ -416,7 +416,7 @@ fn meta_of(a: &EndArgs, id: u64) -> ImageMetadata {
         n_modules: 1,
         dtype: DTYPE_U16,
         status: ImageStatus::Good as u16,
-        version: 1,
+        version: std_daq_common::messages::IMAGE_METADATA_VERSION,
         ..bytemuck::Zeroable::zeroed()
     }
 }

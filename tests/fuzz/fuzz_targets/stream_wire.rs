@@ -13,12 +13,13 @@
 //! - the parts of an image tile it exactly, in order; `connection_of` < n_connections.
 //!
 //! Input: 8 bytes of image size (receiver side), 2 parts, 2 connections, 8 seq, then the message
-//! bytes (each decoder reads the first 56/136/16/32 of them).
+//! bytes (each decoder reads the first 56/144/16/32 of them).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use stream_send::wire::{
-    connection_of, part_range, FrameHeader, Hello, Kind, Reply, Trailer, MAX_CONNECTIONS,
+    connection_of, part_range, FrameHeader, Hello, Kind, Reply, Trailer, FRAME_HEADER_BYTES,
+    MAX_CONNECTIONS,
     REPLY_ACK, REPLY_WELCOME, VERDICT_INTACT, VERDICT_OVERWRITTEN,
 };
 
@@ -85,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
             check_layout(image_bytes, h.parts, seq, h.n_connections);
         }
     }
-    if let Some(b) = take::<136>(msg) {
+    if let Some(b) = take::<FRAME_HEADER_BYTES>(msg) {
         if let Ok(h) = FrameHeader::decode(b, image_bytes) {
             assert_eq!(bytemuck::bytes_of(&h), b);
             let kind = h.kind().expect("a decoded frame has a known kind");
