@@ -78,6 +78,8 @@ pub struct Assembler {
     /// Hot swap of the calibration ([`Assembler::watch_calibration`]); `None` = not watched.
     calibration_watch: Option<crate::calib::CalibrationWatcher>,
     pub calibration_swaps: u64,
+    /// Whether images get their end-to-end checksum (always, except to measure its cost).
+    checksums: bool,
 }
 
 impl Assembler {
@@ -127,7 +129,15 @@ impl Assembler {
             ),
             calibration_watch: None,
             calibration_swaps: 0,
+            checksums: true,
         }
+    }
+
+    /// Publishes images without the end-to-end checksum (`checksum_kind` 0): only for the
+    /// benchmark that measures the checksum's cost.
+    pub fn without_checksums(mut self) -> Self {
+        self.checksums = false;
+        self
     }
 
     /// Watches the config's `calibration_file` for a new calibration (hot swap, taken between
@@ -306,6 +316,10 @@ impl Assembler {
             match placed {
                 Some(frame) => {
                     meta.missing_packets += u32::from(frame.n_missing_packets);
+                    if let Some(count) = meta.module_missing_packets.get_mut(m) {
+                        *count = frame.n_missing_packets;
+                    }
+                    meta.bunch_id_bits = frame.bunch_id_bits;
                     id_mismatch |= frame_index.is_some_and(|f| f != frame.frame_index);
                     frame_index.get_or_insert(frame.frame_index);
                     meta.frame_index = frame.frame_index;
@@ -315,6 +329,9 @@ impl Assembler {
                     self.pixels.zero(m, image);
                     meta.set_module_missing(m);
                     meta.missing_packets += self.packets_per_frame;
+                    if let Some(count) = meta.module_missing_packets.get_mut(m) {
+                        *count = u16::try_from(self.packets_per_frame).unwrap_or(u16::MAX);
+                    }
                 }
             }
         }
@@ -332,6 +349,12 @@ impl Assembler {
             ImageStatus::MissingPackets
         };
         meta.status = status as u16;
+        if self.checksums {
+            // The image was just written: the bytes are still in cache.
+            let bytes = (meta.data_bytes as usize).min(image.len());
+            meta.checksum = std_daq_common::checksum::image_checksum(&image[..bytes]);
+            meta.checksum_kind = std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS;
+        }
         *slot.meta_mut() = meta;
         slot.commit();
         self.stats.images += 1;
@@ -349,7 +372,7 @@ pub fn run(
     board: &StatusBoard,
     shutdown: &Shutdown,
 ) -> Result<AssemblerStats, AssemblerError> {
-    let mut buf = [0u8; 512];
+    let mut buf = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut last_heartbeat: Option<Instant> = None;
     let mut last_report = Instant::now();
     let mut publish = |meta: &ImageMetadata| {
@@ -473,6 +496,7 @@ mod tests {
             }
             frame.n_missing_packets = u16::from(lost.is_some());
             frame.frame_index = frame_index;
+            frame.bunch_id_bits = (frame_index as f64 + 0.5).to_bits();
             let mut slot = self.modules[usize::from(m)].begin_write(id).unwrap();
             for (i, px) in slot.data_mut().chunks_exact_mut(2).enumerate() {
                 // Lost packets are zero in the slot, as the receiver leaves them.
@@ -544,6 +568,57 @@ mod tests {
         assert_eq!(s, vec![(1, 2, 1), (2, 3, 0), (3, 1, 0)]);
         assert_eq!(out[0].dtype, 2);
         assert_eq!(rig.assembler.stats.images_id_mismatch, 1);
+    }
+
+    /// Each image carries its per-module missing packets, the detector's bunch id and the
+    /// end-to-end checksum of exactly the bytes its slot holds.
+    #[test]
+    fn images_carry_per_module_counts_bunch_id_and_their_checksum() {
+        let cfg = config("ck", "jungfrau-raw");
+        let mut rig = rig(&cfg, None);
+        rig.send(0, 1, 10, 7, None);
+        rig.send(1, 1, 10, 9, Some(3));
+        rig.send(1, 2, 11, 9, None); // module 0 never arrives
+        let out = rig.emit();
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[0].module_missing_packets[..3], &[0, 1, 0]);
+        assert_eq!(&out[1].module_missing_packets[..3], &[128, 0, 0]);
+        assert_eq!(f64::from_bits(out[0].bunch_id_bits), 10.5);
+        for m in &out {
+            assert_eq!(
+                m.checksum_kind,
+                std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS
+            );
+            let (stored, computed) = rig
+                .images
+                .read(m.image_id, |slot_meta, data| {
+                    let bytes = &data[..m.data_bytes as usize];
+                    (*slot_meta, std_daq_common::checksum::image_checksum(bytes))
+                })
+                .unwrap();
+            assert_eq!(stored, *m, "the slot holds the published metadata");
+            assert_eq!(m.checksum, computed);
+        }
+        assert_ne!(out[0].checksum, out[1].checksum);
+    }
+
+    #[test]
+    fn without_checksums_images_have_kind_none() {
+        let cfg = config("nock", "jungfrau-raw");
+        let Rig {
+            modules,
+            assembler,
+            images,
+        } = rig(&cfg, None);
+        let mut rig = Rig {
+            modules,
+            assembler: assembler.without_checksums(),
+            images,
+        };
+        rig.send(0, 1, 1, 7, None);
+        rig.send(1, 1, 1, 7, None);
+        let out = rig.emit();
+        assert_eq!((out[0].checksum_kind, out[0].checksum), (0, 0));
     }
 
     #[test]

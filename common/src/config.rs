@@ -680,6 +680,16 @@ impl DetectorConfig {
         if raw.n_modules == 0 {
             return Err(invalid("n_modules", "must be at least 1".into()));
         }
+        if usize::from(raw.n_modules) > crate::messages::MAX_MODULES {
+            return Err(invalid(
+                "n_modules",
+                format!(
+                    "is {}, at most {} are supported (ImageMetadata's per-module fields)",
+                    raw.n_modules,
+                    crate::messages::MAX_MODULES
+                ),
+            ));
+        }
         let expected_bit_depth: &[u8] = match raw.detector_type {
             DetectorType::JungfrauRaw | DetectorType::JungfrauConverted => &[16],
             DetectorType::Eiger => &[8, 16, 32],

@@ -5,6 +5,7 @@
 //! This crate must stay small and free of I/O beyond reading a config file: no sockets, no shm.
 #![forbid(unsafe_code)]
 
+pub mod checksum;
 pub mod config;
 pub mod gigafrost;
 pub mod messages;

@@ -17,8 +17,15 @@ pub const MAX_PACKETS_PER_FRAME: usize = 256;
 pub const MAX_MODULES: usize = 256;
 
 pub const MODULE_FRAME_VERSION: u16 = 1;
-/// 2: adds `calibration_id` (96 bytes).
-pub const IMAGE_METADATA_VERSION: u16 = 2;
+/// 2: adds `calibration_id` (96 bytes). 3: adds `checksum`, `bunch_id_bits`, `checksum_kind` and
+/// `module_missing_packets` (632 bytes).
+pub const IMAGE_METADATA_VERSION: u16 = 3;
+/// Bytes of an `ImageMetadata` on the wire.
+pub const IMAGE_METADATA_BYTES: usize = 632;
+/// A receive buffer for any one message a stage subscribes to (ImageMetadata, ModuleFrame,
+/// heartbeats) with room to spare: a message that does not fit is reported as too long
+/// (`recv_into` returns its full length), never read truncated.
+pub const RECV_BUFFER_BYTES: usize = 1024;
 
 /// One module's frame, as committed by its receiver.
 #[repr(C)]
@@ -138,9 +145,21 @@ pub struct ImageMetadata {
     pub missing_modules: [u64; MAX_MODULES / 64],
     /// Which calibration converted the image (its id as the assembler loaded it; 0 = raw, none).
     pub calibration_id: u64,
+    /// The end-to-end checksum of the slot's `data_bytes` bytes (`crate::checksum`), computed
+    /// by the assembler when it made the image; meaningful only when `checksum_kind` is not 0.
+    pub checksum: u64,
+    /// The detector's pulse/bunch id of the image (JUNGFRAU `bunchid`, an f64, as raw bits;
+    /// EIGER `det_spec1`, GigaFRoST scan id), from the last module that arrived.
+    pub bunch_id_bits: u64,
+    /// `crate::checksum::CHECKSUM_NONE` or `CHECKSUM_XXH3_BLOCKS`.
+    pub checksum_kind: u16,
+    pub reserved: [u16; 3],
+    /// Packets missing per module (a module that did not arrive counts all its packets).
+    pub module_missing_packets: [u16; MAX_MODULES],
 }
 
-const _: () = assert!(std::mem::size_of::<ImageMetadata>() == 96);
+const _: () = assert!(std::mem::size_of::<ImageMetadata>() == IMAGE_METADATA_BYTES);
+const _: () = assert!(IMAGE_METADATA_BYTES <= RECV_BUFFER_BYTES);
 
 /// A message that is not a valid `ModuleFrame` or `ImageMetadata`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,7 +312,14 @@ mod tests {
             version: IMAGE_METADATA_VERSION,
             missing_modules: [0; 4],
             calibration_id: 0x6162_6364_6566_6768,
+            checksum: 0x7172_7374_7576_7778,
+            bunch_id_bits: 2.5f64.to_bits(),
+            checksum_kind: crate::checksum::CHECKSUM_XXH3_BLOCKS,
+            reserved: [0; 3],
+            module_missing_packets: [0; MAX_MODULES],
         };
+        m.module_missing_packets[1] = 128;
+        m.module_missing_packets[255] = 0x0102;
         m.set_module_missing(1);
         m.set_module_missing(1);
         let mut golden = Vec::new();
@@ -302,10 +328,17 @@ mod tests {
         }
         golden.extend_from_slice(&[0, 4, 0, 0, 0, 4, 0, 0]);
         golden.extend_from_slice(&[128, 0, 0, 0, 2, 0, 2, 0]);
-        golden.extend_from_slice(&[2, 0, 0, 0, 1, 0, 2, 0]);
+        golden.extend_from_slice(&[2, 0, 0, 0, 1, 0, 3, 0]);
         golden.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
         golden.extend_from_slice(&[0; 24]);
         golden.extend_from_slice(&[0x68, 0x67, 0x66, 0x65, 0x64, 0x63, 0x62, 0x61]);
+        golden.extend_from_slice(&[0x78, 0x77, 0x76, 0x75, 0x74, 0x73, 0x72, 0x71]);
+        golden.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x04, 0x40]);
+        golden.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        golden.extend_from_slice(&[0, 0, 128, 0]);
+        golden.extend_from_slice(&[0; 2 * 253]);
+        golden.extend_from_slice(&[0x02, 0x01]);
+        assert_eq!(golden.len(), IMAGE_METADATA_BYTES);
         assert_eq!(m.as_bytes(), &golden[..]);
         assert_eq!(ImageMetadata::from_bytes(&golden).unwrap(), m);
         assert!(m.module_missing(1) && !m.module_missing(0) && !m.module_missing(999));

@@ -540,7 +540,7 @@ pub fn run(
     shutdown: &Shutdown,
 ) -> Result<(), WriterError> {
     let mut last_status = Instant::now();
-    let mut buf = [0u8; 512];
+    let mut buf = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut last_invalid_report = 0;
     let mut last_report = Instant::now();
     while !shutdown.is_triggered() {

@@ -438,7 +438,7 @@ impl Source {
         *lock(&self.error) = None;
         let ring_name = names::image_buffer_name(&cfg.detector_name);
         let mut checked: Option<Instant> = None;
-        let mut msg = [0u8; 512];
+        let mut msg = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
         loop {
             if checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
                 checked = Some(Instant::now());

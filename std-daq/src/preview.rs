@@ -134,7 +134,7 @@ pub fn run(
     let mut stats = PreviewStats::default();
     let mut shown = Instant::now();
     stats.show(board);
-    let mut msg = [0u8; 512];
+    let mut msg = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut data = vec![0u8; ring.slot_bytes() as usize];
     while !shutdown.is_triggered() {
         if shown.elapsed() >= Duration::from_secs(1) {

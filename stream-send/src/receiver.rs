@@ -128,6 +128,8 @@ struct Part {
     status: PartStatus,
 }
 
+// Parts are nearly every message and travel by value: boxing them would allocate per part.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum FromReader {
     Part(Part),

@@ -218,7 +218,7 @@ pub fn run(
     };
 
     let mut stats = SenderStats::default();
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut last_report = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
     let result = loop {

@@ -4,7 +4,7 @@
 //! ```text
 //! sender -> receiver, once per connection:  Hello (48 B)
 //! receiver -> sender, on connection 0:      Reply kind=Welcome (32 B) with the resume sequence
-//! sender -> receiver, repeatedly:           FrameHeader (144 B) [payload (payload_len B) Trailer (16 B)]
+//! sender -> receiver, repeatedly:           FrameHeader (680 B) [payload (payload_len B) Trailer (16 B)]
 //!                                            kind Image: payload + trailer follow
 //!                                            kind Lost / Heartbeat: nothing follows
 //! receiver -> sender, on connection 0:      Reply kind=Ack (32 B) every ACK_PERIOD
@@ -16,7 +16,8 @@
 use bytemuck::{Pod, Zeroable};
 use std_daq_common::ImageMetadata;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the FrameHeader carries ImageMetadata version 3 (680 B).
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"SDRH");
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"SDRF");
 pub const TRAILER_MAGIC: u32 = u32::from_le_bytes(*b"SDRT");
@@ -94,7 +95,7 @@ pub struct FrameHeader {
     pub meta: ImageMetadata,
 }
 /// Bytes of a [`FrameHeader`] on the wire.
-pub const FRAME_HEADER_BYTES: usize = 144;
+pub const FRAME_HEADER_BYTES: usize = 680;
 const _: () = assert!(std::mem::size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
 
 /// Follows the payload of an Image frame.
@@ -312,7 +313,7 @@ mod tests {
         };
         let mut golden = Vec::new();
         golden.extend_from_slice(b"SDRF");
-        golden.extend_from_slice(&[1, 0, 1, 0]);
+        golden.extend_from_slice(&[2, 0, 1, 0]);
         golden.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
         golden.extend_from_slice(&42u64.to_le_bytes());
         golden.extend_from_slice(&50u64.to_le_bytes());
@@ -343,7 +344,7 @@ mod tests {
         };
         let mut g = Vec::new();
         g.extend_from_slice(b"SDRH");
-        g.extend_from_slice(&[1, 0, 1, 0, 2, 0, 2, 0, 0, 4, 0, 0]);
+        g.extend_from_slice(&[2, 0, 1, 0, 2, 0, 2, 0, 0, 4, 0, 0]);
         for v in [7u64, 8, 9, 10] {
             g.extend_from_slice(&v.to_le_bytes());
         }
@@ -373,7 +374,7 @@ mod tests {
         };
         let mut g = Vec::new();
         g.extend_from_slice(b"SDRA");
-        g.extend_from_slice(&[1, 0, 2, 0]);
+        g.extend_from_slice(&[2, 0, 2, 0]);
         for v in [3u64, 4, 5] {
             g.extend_from_slice(&v.to_le_bytes());
         }

@@ -426,7 +426,7 @@ struct Progress {
     sub: zmq::Socket,
     committed: Option<u64>,
     not_good: u64,
-    buf: [u8; 256],
+    buf: [u8; std_daq_common::messages::RECV_BUFFER_BYTES],
 }
 
 impl Progress {
@@ -489,7 +489,7 @@ fn client_repl(a: &EndArgs) -> Result<()> {
         sub: ctx.socket(zmq::SUB)?,
         committed: None,
         not_good: 0,
-        buf: [0; 256],
+        buf: [0; std_daq_common::messages::RECV_BUFFER_BYTES],
     };
     progress.sub.set_rcvhwm(1_000_000)?;
     progress.sub.set_subscribe(b"")?;

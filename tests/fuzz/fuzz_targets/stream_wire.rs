@@ -13,7 +13,7 @@
 //! - the parts of an image tile it exactly, in order; `connection_of` < n_connections.
 //!
 //! Input: 8 bytes of image size (receiver side), 2 parts, 2 connections, 8 seq, then the message
-//! bytes (each decoder reads the first 56/144/16/32 of them).
+//! bytes (each decoder reads the first 56/680/16/32 of them).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
