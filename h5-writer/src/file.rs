@@ -8,6 +8,9 @@
 //! /<detector_name>/missing_packets   [n] u32
 //! /<detector_name>/missing_modules   [n, 4] u64   bit m = module m missing
 //! /<detector_name>/n_missing_modules [n] u16
+//! /<detector_name>/frame_index, timestamp, bunch_id, module_missing_packets [n, n_modules] u16,
+//!                  lost_in_buffer, checksum, checksum_kind, calibration_id: the ledger
+//!                  ([`LEDGER`]: every record dataset with its `description` and `units`)
 //! /entry/...                         NXmx groups ([`crate::nxmx`], docs/nxmx.md) when created
 //!                                    with [`ImageFile::create_with_nxmx`] (the writer always does);
 //!                                    /entry/data/data is a hard link to /<detector_name>/data
@@ -48,7 +51,8 @@ use hdf5::{Dataset, Extent, File, Group, H5Type, SimpleExtents};
 use hdf5_sys::h5::hsize_t;
 use hdf5_sys::h5d::H5Dwrite_chunk;
 use hdf5_sys::h5p::H5P_DEFAULT;
-use std_daq_common::Dtype;
+use std_daq_common::messages::MAX_MODULES;
+use std_daq_common::{Dtype, ImageMetadata};
 
 use crate::compress::{CompressError, Compressor, BSHUF_CLIENT_VALUES, BSHUF_FILTER_ID};
 
@@ -84,6 +88,8 @@ pub struct ImageFileSpec {
     pub width: u32,
     pub dtype: Dtype,
     pub compression: Compression,
+    /// Modules per image: the columns of `module_missing_packets` (1..=256).
+    pub n_modules: u16,
 }
 
 impl ImageFileSpec {
@@ -93,8 +99,8 @@ impl ImageFileSpec {
     }
 }
 
-/// What is written into `image_id`, `status` and `missing_packets` for one image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The ledger row of one image: what is written into the record datasets ([`LEDGER`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ImageRecord {
     pub image_id: u64,
     /// An [`std_daq_common::ImageStatus`] code; 0 (undefined) for an index never written.
@@ -102,7 +108,98 @@ pub struct ImageRecord {
     pub missing_packets: u32,
     /// Bit m set = module m's frame did not arrive (ImageMetadata's mask, modules 0..256).
     pub missing_modules: [u64; 4],
+    pub frame_index: u64,
+    pub timestamp: u64,
+    /// The detector's pulse/bunch id (JUNGFRAU `bunchid`; 0 where the detector sends none).
+    pub bunch_id: f64,
+    /// The assembler's end-to-end checksum of the image ([`std_daq_common::checksum`]).
+    pub checksum: u64,
+    /// 0 = no checksum (e.g. an image the writer replaced by zeros), 1 = xxh3 blocks.
+    pub checksum_kind: u16,
+    pub calibration_id: u64,
+    /// Packets missing per module; only the first `n_modules` of the file are stored.
+    pub module_missing_packets: [u16; MAX_MODULES],
 }
+
+impl Default for ImageRecord {
+    fn default() -> Self {
+        ImageRecord {
+            image_id: 0,
+            status: 0,
+            missing_packets: 0,
+            missing_modules: [0; 4],
+            frame_index: 0,
+            timestamp: 0,
+            bunch_id: 0.0,
+            checksum: 0,
+            checksum_kind: 0,
+            calibration_id: 0,
+            module_missing_packets: [0; MAX_MODULES],
+        }
+    }
+}
+
+impl From<&ImageMetadata> for ImageRecord {
+    fn from(m: &ImageMetadata) -> Self {
+        ImageRecord {
+            image_id: m.image_id,
+            status: m.status,
+            missing_packets: m.missing_packets,
+            missing_modules: m.missing_modules,
+            frame_index: m.frame_index,
+            timestamp: m.timestamp,
+            bunch_id: f64::from_bits(m.bunch_id_bits),
+            checksum: m.checksum,
+            checksum_kind: m.checksum_kind,
+            calibration_id: m.calibration_id,
+            module_missing_packets: m.module_missing_packets,
+        }
+    }
+}
+
+impl ImageRecord {
+    /// The record of an image whose pixels are not the assembler's (replaced by zeros): the
+    /// checksum no longer describes them.
+    pub fn without_checksum(mut self) -> Self {
+        self.checksum = 0;
+        self.checksum_kind = 0;
+        self
+    }
+}
+
+/// An [`ImageRecord`] as kept in memory per image (the module column lives in `module_rows`, so
+/// a record costs 80 bytes, not 600).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Row {
+    image_id: u64,
+    status: u16,
+    checksum_kind: u16,
+    missing_packets: u32,
+    missing_modules: [u64; 4],
+    frame_index: u64,
+    timestamp: u64,
+    bunch_id: f64,
+    checksum: u64,
+    calibration_id: u64,
+}
+
+/// The record datasets of the detector group: name, meaning, units (`description` and `units`
+/// attributes in the file; docs/file-format.md repeats them).
+pub const LEDGER: &[(&str, &str, &str)] = &[
+    ("image_id", "the image's id (JUNGFRAU: the frame number), in file order", ""),
+    ("status", "image status: 0 undefined (never written), 1 good, 2 missing packets (their pixels are zero), 3 modules disagreed on the frame, 4 lost in buffer (pixels zero)", ""),
+    ("missing_packets", "UDP packets missing over all modules (a missing module counts all its packets)", "packets"),
+    ("missing_modules", "bit m of the 256-bit mask (4 x u64, little-endian words) set = module m's frame did not arrive", ""),
+    ("n_missing_modules", "modules whose frame did not arrive", "modules"),
+    ("module_missing_packets", "UDP packets missing per module [image, module]", "packets"),
+    ("frame_index", "the detector's frame counter of the image", ""),
+    ("timestamp", "the detector's timestamp field (JUNGFRAU: 10 MHz clock ticks)", "counts"),
+    ("bunch_id", "the detector's pulse/bunch id (JUNGFRAU bunchid; EIGER det_spec1; GigaFRoST scan id), 0 where none", ""),
+    ("lost_in_buffer", "1 = the image was overwritten in shared memory before it was written: its pixels are zero", ""),
+    ("checksum", "the assembler's end-to-end checksum of the image's uncompressed bytes (xxh3-64 over 256 KiB block digests); std-daq verify recomputes it", ""),
+    ("checksum_kind", "0 = no checksum (the pixels are not the assembler's, e.g. zeros), 1 = xxh3-64 over 256 KiB block digests", ""),
+    ("calibration_id", "which calibration converted the image (xxh3-64 of its content), 0 = raw", ""),
+];
 
 /// Why a file could not be created, written or closed. Every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +273,14 @@ struct RecordSets {
     missing_packets: Dataset,
     missing_modules: Dataset,
     n_missing_modules: Dataset,
+    module_missing_packets: Dataset,
+    frame_index: Dataset,
+    timestamp: Dataset,
+    bunch_id: Dataset,
+    lost_in_buffer: Dataset,
+    checksum: Dataset,
+    checksum_kind: Dataset,
+    calibration_id: Dataset,
 }
 
 /// Rows per chunk of the record datasets.
@@ -192,7 +297,9 @@ pub struct ImageFile {
     /// `None` once finished.
     open: Option<Open>,
     /// Indexed by image index; `written[i]` says whether image `i` has been written.
-    records: Vec<ImageRecord>,
+    records: Vec<Row>,
+    /// `n_modules` missing-packet counts per image index.
+    module_rows: Vec<u16>,
     written: Vec<bool>,
     images_written: u64,
     /// Images whose data and records are in the file on disk (the last checkpoint).
@@ -322,6 +429,7 @@ impl ImageFile {
                 records,
             }),
             records: Vec::with_capacity(capacity),
+            module_rows: Vec::with_capacity(capacity * usize::from(spec.n_modules)),
             written: Vec::with_capacity(capacity),
             images_written: 0,
             images_checkpointed: 0,
@@ -489,12 +597,28 @@ impl ImageFile {
     fn set_record(&mut self, index: u64, record: ImageRecord) {
         // `index < n_images`, which was checked to fit a usize-sized dataspace at create.
         let i = index as usize;
+        let n_modules = usize::from(self.spec.n_modules);
         if i >= self.records.len() {
             // Amortised growth; within the initial capacity this does not allocate.
-            self.records.resize(i + 1, ImageRecord::default());
+            self.records.resize(i + 1, Row::default());
+            self.module_rows.resize((i + 1) * n_modules, 0);
             self.written.resize(i + 1, false);
         }
-        self.records[i] = record;
+        self.records[i] = Row {
+            image_id: record.image_id,
+            status: record.status,
+            checksum_kind: record.checksum_kind,
+            missing_packets: record.missing_packets,
+            missing_modules: record.missing_modules,
+            frame_index: record.frame_index,
+            timestamp: record.timestamp,
+            bunch_id: record.bunch_id,
+            checksum: record.checksum,
+            calibration_id: record.calibration_id,
+        };
+        // n_modules <= MAX_MODULES (validate_spec).
+        self.module_rows[i * n_modules..(i + 1) * n_modules]
+            .copy_from_slice(&record.module_missing_packets[..n_modules]);
         self.written[i] = true;
         self.images_written = self.images_written.max(index + 1);
     }
@@ -559,7 +683,9 @@ impl ImageFile {
     /// read back as the reader's uninitialised buffer.
     fn fill_gaps(&mut self, count: u64) -> Result<(), FileError> {
         let n = count as usize;
-        self.records.resize(n, ImageRecord::default());
+        self.records.resize(n, Row::default());
+        self.module_rows
+            .resize(n * usize::from(self.spec.n_modules), 0);
         self.written.resize(n, false);
         let first = self.images_checkpointed as usize;
         if self.written[first.min(n)..].contains(&false) {
@@ -609,21 +735,60 @@ impl ImageFile {
         append(&r.n_missing_modules, from, to, &n_missing)
             .map_err(hdf5_err("writing n_missing_modules"))?;
         let modules: Vec<u64> = new.iter().flat_map(|r| r.missing_modules).collect();
-        (|| -> hdf5::Result<()> {
-            r.missing_modules.resize((to, 4))?;
-            if to > from {
-                let view = ndarray::ArrayView2::from_shape((to - from, 4), &modules)
-                    .map_err(|e| hdf5::Error::from(e.to_string()))?;
-                r.missing_modules.write_slice(view, (from..to, ..))?;
-            }
-            Ok(())
-        })()
-        .map_err(hdf5_err("writing missing_modules"))
+        append_rows(&r.missing_modules, from, to, 4, &modules)
+            .map_err(hdf5_err("writing missing_modules"))?;
+        let n_modules = usize::from(self.spec.n_modules);
+        let module_rows = &self.module_rows[from.min(to) * n_modules..to * n_modules];
+        append_rows(&r.module_missing_packets, from, to, n_modules, module_rows)
+            .map_err(hdf5_err("writing module_missing_packets"))?;
+        append(&r.frame_index, from, to, &column(new, |r| r.frame_index))
+            .map_err(hdf5_err("writing frame_index"))?;
+        append(&r.timestamp, from, to, &column(new, |r| r.timestamp))
+            .map_err(hdf5_err("writing timestamp"))?;
+        append(&r.bunch_id, from, to, &column(new, |r| r.bunch_id))
+            .map_err(hdf5_err("writing bunch_id"))?;
+        let lost = column(new, |r| {
+            u8::from(r.status == std_daq_common::ImageStatus::LostInBuffer as u16)
+        });
+        append(&r.lost_in_buffer, from, to, &lost).map_err(hdf5_err("writing lost_in_buffer"))?;
+        append(&r.checksum, from, to, &column(new, |r| r.checksum))
+            .map_err(hdf5_err("writing checksum"))?;
+        append(
+            &r.checksum_kind,
+            from,
+            to,
+            &column(new, |r| r.checksum_kind),
+        )
+        .map_err(hdf5_err("writing checksum_kind"))?;
+        append(
+            &r.calibration_id,
+            from,
+            to,
+            &column(new, |r| r.calibration_id),
+        )
+        .map_err(hdf5_err("writing calibration_id"))
     }
 }
 
-fn column<T>(records: &[ImageRecord], f: impl Fn(&ImageRecord) -> T) -> Vec<T> {
+fn column<T>(records: &[Row], f: impl Fn(&Row) -> T) -> Vec<T> {
     records.iter().map(f).collect()
+}
+
+/// Grows a 2-D record dataset to `to` rows and writes `values` (row-major) into rows `from..to`.
+fn append_rows<T: H5Type>(
+    ds: &Dataset,
+    from: usize,
+    to: usize,
+    columns: usize,
+    values: &[T],
+) -> hdf5::Result<()> {
+    ds.resize((to, columns))?;
+    if to > from {
+        let view = ndarray::ArrayView2::from_shape((to - from, columns), values)
+            .map_err(|e| hdf5::Error::from(e.to_string()))?;
+        ds.write_slice(view, (from..to, ..))?;
+    }
+    Ok(())
 }
 
 /// Grows a 1-D record dataset to `to` rows and writes `values` into rows `from..to`.
@@ -837,12 +1002,25 @@ fn create_layout(
     )
     .map_err(hdf5_err("writing the software version"))?;
     let records = (|| -> hdf5::Result<RecordSets> {
+        let n_modules = usize::from(spec.n_modules);
         Ok(RecordSets {
             image_id: record_set::<u64>(&group, "image_id", None)?,
             status: record_set::<u16>(&group, "status", None)?,
             missing_packets: record_set::<u32>(&group, "missing_packets", None)?,
             missing_modules: record_set::<u64>(&group, "missing_modules", Some(4))?,
             n_missing_modules: record_set::<u16>(&group, "n_missing_modules", None)?,
+            module_missing_packets: record_set::<u16>(
+                &group,
+                "module_missing_packets",
+                Some(n_modules),
+            )?,
+            frame_index: record_set::<u64>(&group, "frame_index", None)?,
+            timestamp: record_set::<u64>(&group, "timestamp", None)?,
+            bunch_id: record_set::<f64>(&group, "bunch_id", None)?,
+            lost_in_buffer: record_set::<u8>(&group, "lost_in_buffer", None)?,
+            checksum: record_set::<u64>(&group, "checksum", None)?,
+            checksum_kind: record_set::<u16>(&group, "checksum_kind", None)?,
+            calibration_id: record_set::<u64>(&group, "calibration_id", None)?,
         })
     })()
     .map_err(hdf5_err("creating the record datasets"))?;
@@ -856,19 +1034,26 @@ fn record_set<T: H5Type>(
     columns: Option<usize>,
 ) -> hdf5::Result<Dataset> {
     let builder = group.new_dataset::<T>();
-    match columns {
+    let ds = match columns {
         None => builder
             .chunk(RECORD_CHUNK)
             .shape(SimpleExtents::from_vec(vec![Extent::resizable(0)]))
-            .create(name),
+            .create(name)?,
         Some(c) => builder
             .chunk((RECORD_CHUNK, c))
             .shape(SimpleExtents::from_vec(vec![
                 Extent::resizable(0),
                 Extent::fixed(c),
             ]))
-            .create(name),
+            .create(name)?,
+    };
+    if let Some((_, description, units)) = LEDGER.iter().find(|(n, ..)| *n == name) {
+        set_str_attr(&ds, "description", description)?;
+        if !units.is_empty() {
+            set_str_attr(&ds, "units", units)?;
+        }
     }
+    Ok(ds)
 }
 
 /// Checks what HDF5 would reject later, or worse accept; returns the bytes of one image.
@@ -890,6 +1075,12 @@ fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, FileError> 
         )));
     }
     type_descriptor(path, spec.dtype)?;
+    if spec.n_modules == 0 || usize::from(spec.n_modules) > MAX_MODULES {
+        return Err(invalid(format!(
+            "n_modules {} is not in 1..={MAX_MODULES}",
+            spec.n_modules
+        )));
+    }
     let image_bytes = spec.image_bytes();
     // A compressed chunk can be slightly larger than the image (incompressible data).
     let chunk_bytes = match spec.compression {
@@ -981,6 +1172,7 @@ mod tests {
             width: 8,
             dtype,
             compression: Compression::None,
+            n_modules: 2,
         }
     }
 
@@ -1484,6 +1676,7 @@ mod tests {
             width: w,
             dtype: Dtype::Uint16,
             compression: Compression::None,
+            n_modules: 1,
         };
         // A few distinct source images, as if from different shared-memory slots.
         let images: Vec<Vec<u8>> = (0..4)

@@ -8,3 +8,4 @@ pub mod compress;
 pub mod file;
 pub mod nxmx;
 pub mod service;
+pub mod verify;

@@ -331,6 +331,7 @@ impl Writer {
             width: self.width,
             dtype: self.dtype,
             compression: self.compression,
+            n_modules: self.detector.n_modules,
         };
         match ImageFile::create_with_nxmx(&partial, &spec, nxmx.as_ref()) {
             Ok(mut file) => {
@@ -402,19 +403,14 @@ impl Writer {
             return;
         };
         let index = run.summary.images_written;
-        let mut record = ImageRecord {
-            image_id: meta.image_id,
-            status: meta.status,
-            missing_packets: meta.missing_packets,
-            missing_modules: meta.missing_modules,
-        };
+        let mut record = ImageRecord::from(&meta);
         let image_bytes = run.file.image_bytes();
         let file = &mut run.file;
         let written = self
             .ring
             .read(meta.image_id, |_, data| match data.get(..image_bytes) {
                 Some(image) => file.write_image(index, image, record),
-                None => file.write_zero_image(index, record),
+                None => file.write_zero_image(index, record.without_checksum()),
             });
         let result = match written {
             Ok(result) => result,
@@ -422,6 +418,7 @@ impl Writer {
                 // Overwritten before or while it was written out: zeros, flagged.
                 run.summary.images_lost_in_buffer += 1;
                 record.status = ImageStatus::LostInBuffer as u16;
+                record = record.without_checksum();
                 run.file.write_zero_image(index, record)
             }
         };

@@ -199,6 +199,7 @@ fn file_reads_back_in_h5py_and_matches_the_filter_byte_for_byte() {
         width: w as u32,
         dtype: Dtype::Uint16,
         compression: Compression::BitshuffleLz4,
+        n_modules: 1,
     };
     let mut f = ImageFile::create(&path, &spec).unwrap();
     f.write_image(0, &common::u16_bytes(&images[0]), ImageRecord::default())

@@ -33,6 +33,7 @@ fn h5py_reads_the_file() {
         width: 8,
         dtype: Dtype::Uint16,
         compression: Compression::None,
+        n_modules: 2,
     };
     let mut f = ImageFile::create(&path, &spec).unwrap();
     for i in 0..3u64 {
@@ -40,12 +41,19 @@ fn h5py_reads_the_file() {
             .flat_map(|y| (0..8).map(move |x| (y, x)))
             .flat_map(|(y, x)| pixel(i, y, x).to_le_bytes())
             .collect();
-        let record = ImageRecord {
+        let mut record = ImageRecord {
             image_id: 5000 + i,
-            status: 1,
+            status: if i == 1 { 4 } else { 1 },
             missing_packets: i as u32,
+            frame_index: 70 + i,
+            timestamp: 1_000_000 + i,
+            bunch_id: 0.5 + i as f64,
+            checksum: 0xffff_ffff_ffff_fff0 + i,
+            checksum_kind: 1,
+            calibration_id: 99,
             ..ImageRecord::default()
         };
+        record.module_missing_packets[1] = i as u16;
         f.write_image(i, &image, record).unwrap();
     }
     assert_eq!(f.close().unwrap(), 3);
@@ -58,6 +66,11 @@ with h5py.File(sys.argv[1], "r") as f:
     print(f["jf-test/image_id"].dtype, list(f["jf-test/image_id"][:]))
     print(f["jf-test/status"].dtype, list(f["jf-test/status"][:]))
     print(f["jf-test/missing_packets"].dtype, list(f["jf-test/missing_packets"][:]))
+    g = f["jf-test"]
+    print([int(v) for v in g["frame_index"]], [int(v) for v in g["timestamp"]], [float(v) for v in g["bunch_id"]])
+    print(g["module_missing_packets"].dtype, g["module_missing_packets"][:].tolist())
+    print([int(v) for v in g["lost_in_buffer"]], [hex(int(v)) for v in g["checksum"]], [int(v) for v in g["checksum_kind"]], [int(v) for v in g["calibration_id"]])
+    print(g["module_missing_packets"].attrs["units"], g["bunch_id"].attrs["description"][:24])
 "#;
     let out = Command::new(PYTHON)
         .args(["-c", script])
@@ -80,8 +93,12 @@ with h5py.File(sys.argv[1], "r") as f:
             )
             .as_str(),
             "uint64 [5000, 5001, 5002]",
-            "uint16 [1, 1, 1]",
+            "uint16 [1, 4, 1]",
             "uint32 [0, 1, 2]",
+            "[70, 71, 72] [1000000, 1000001, 1000002] [0.5, 1.5, 2.5]",
+            "uint16 [[0, 0], [0, 1], [0, 2]]",
+            "[0, 1, 0] ['0xfffffffffffffff0', '0xfffffffffffffff1', '0xfffffffffffffff2'] [1, 1, 1] [99, 99, 99]",
+            "packets the detector's pulse/bun",
         ],
         "h5py output:\n{stdout}"
     );

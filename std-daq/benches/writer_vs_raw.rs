@@ -41,6 +41,7 @@ fn h5_write(path: &Path, images: &[Vec<u8>], n: u64) -> f64 {
         width: 1024,
         dtype: Dtype::Uint16,
         compression: Default::default(),
+        n_modules: 1,
     };
     let t = Instant::now();
     let mut file = ImageFile::create(path, &spec).unwrap();

@@ -59,6 +59,12 @@ enum Cmd {
     /// takes it at the next image, without a restart. Prints a JSON report; prints "ready" on
     /// stderr once it follows the image stream (start the dark frames after that).
     Pedestal(PedestalArgs),
+    /// Checks written files: recomputes every image's end-to-end checksum (the one the
+    /// assembler computed when it made the image, stored per image in /<detector>/checksum)
+    /// from the pixels as any reader gets them (decompressed if compressed) and names every
+    /// image that does not match or cannot be read. Prints a JSON report per file; exits 1 if
+    /// any image failed. Never modifies a file.
+    Verify(VerifyArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
     Preview(PreviewArgs),
@@ -111,6 +117,13 @@ struct PreviewArgs {
     /// metrics_base_address + 5 + i when the config has metrics_base_address.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    /// HDF5 files written by std-h5-writer (also a `.part` file still being written).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -279,12 +292,45 @@ fn main() -> Result<()> {
         Cmd::Preview(args) => preview(args),
         Cmd::Api(args) => api(args),
         Cmd::Pedestal(args) => pedestal(args),
+        Cmd::Verify(args) => verify(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
             Ok(())
         }
     }
+}
+
+fn verify(args: VerifyArgs) -> Result<()> {
+    let mut failed = 0usize;
+    for file in &args.files {
+        let report = h5_writer::verify::verify_file(file)?;
+        for m in &report.mismatches {
+            eprintln!(
+                "{}: image {} (image_id {}): checksum mismatch: stored {:#018x}, pixels give {:#018x}",
+                file.display(),
+                m.index,
+                m.image_id,
+                m.stored,
+                m.computed
+            );
+        }
+        for u in &report.unreadable {
+            eprintln!(
+                "{}: image {} (image_id {}): unreadable: {}",
+                file.display(),
+                u.index,
+                u.image_id,
+                u.error
+            );
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        failed += usize::from(!report.ok());
+    }
+    if failed > 0 {
+        bail!("{failed} of {} files failed verification", args.files.len());
+    }
+    Ok(())
 }
 
 fn up(args: UpArgs) -> Result<()> {
