@@ -59,6 +59,16 @@ enum Cmd {
     /// takes it at the next image, without a restart. Prints a JSON report; prints "ready" on
     /// stderr once it follows the image stream (start the dark frames after that).
     Pedestal(PedestalArgs),
+    /// The pedestal service: takes pedestal requests over RabbitMQ (exchange `request`, routing
+    /// key --tag, default <detector_name>.pedestal; request id = AMQP correlation_id; body the
+    /// JSON of `POST /pedestal`: {"gain_file": ..., "frames_per_stage": ..., "output": ...,
+    /// ...}) and runs them as `std-daq pedestal` does, one at a time. Reports on `status`:
+    /// request_start, request_progress (state "running" once it follows the image stream: start
+    /// the dark frames then; frame counts), then request_success with the report as message, or
+    /// request_fail with the reason. A kill (exchange `kill`, same key, correlation_id = the
+    /// request id) cancels the run: nothing is written, request_fail "killed". See
+    /// docs/protocol.md, "Pedestal requests".
+    PedestalAgent(PedestalAgentArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
     Preview(PreviewArgs),
@@ -143,6 +153,29 @@ struct PedestalArgs {
     /// Fail if the frames have not all arrived within this many seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout_s: f64,
+}
+
+#[derive(Debug, clap::Args)]
+struct PedestalAgentArgs {
+    /// Detector config file (JUNGFRAU); outputs may only be written next to its
+    /// calibration_file.
+    #[arg(long)]
+    config: PathBuf,
+    /// RabbitMQ URL (vhost `/` is written `%2f`).
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    /// Routing key bound on `request` and `kill`. Default: <detector_name>.pedestal, which the
+    /// writer agent's default tag (the detector name) does not match. Do not give the writer
+    /// agent the tag `#` next to this service: it would take pedestal requests as bad writes.
+    #[arg(long, env = "PEDESTAL_TAG")]
+    tag: Option<String>,
+    /// The `source` header of every status. Default: <detector_name>.pedestal_agent.
+    #[arg(long)]
+    service_name: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -279,6 +312,7 @@ fn main() -> Result<()> {
         Cmd::Preview(args) => preview(args),
         Cmd::Api(args) => api(args),
         Cmd::Pedestal(args) => pedestal(args),
+        Cmd::PedestalAgent(args) => pedestal_agent(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
@@ -411,6 +445,45 @@ fn pedestal(args: PedestalArgs) -> Result<()> {
         "calibration written"
     );
     println!("{}", report.to_json());
+    Ok(())
+}
+
+fn pedestal_agent(args: PedestalAgentArgs) -> Result<()> {
+    use std_daq::pedestal_agent::{PedestalAgent, PedestalAgentSettings};
+    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    std_daq_common::service::warn_notices(&cfg);
+    let mut settings = PedestalAgentSettings::new(&args.broker, &cfg);
+    if let Some(tag) = args.tag {
+        settings.tag = tag;
+    }
+    if let Some(name) = args.service_name {
+        settings.service_name = name;
+    }
+    let agent = PedestalAgent::new(settings, cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = agent.shutdown_handle();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            shutdown.trigger();
+        });
+        agent.run().await
+    })?;
     Ok(())
 }
 

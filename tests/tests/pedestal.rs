@@ -814,3 +814,223 @@ fn a_pedestal_run_requested_over_http_writes_the_calibration_the_assembler_takes
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Whether RabbitMQ answers on 127.0.0.1:5672 (scripts/setup.sh starts it). Without it the test
+/// is skipped with a reason, except in CI (`CI=true`), where it fails.
+fn broker_available(test: &str) -> bool {
+    match std::net::TcpStream::connect(("127.0.0.1", 5672)) {
+        Ok(_) => true,
+        Err(e) => {
+            let why = format!("{test}: RabbitMQ on 127.0.0.1:5672 is not reachable ({e})");
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{why}; in CI every prerequisite must be there (run scripts/setup.sh)");
+            }
+            eprintln!("skipped: {why} (run scripts/setup.sh)");
+            false
+        }
+    }
+}
+
+/// One request of a thread of its own: its statuses as they come, then its outcome.
+struct Request {
+    id: String,
+    statuses: std::sync::mpsc::Receiver<std_writer_agent::StatusMessage>,
+    thread: std::thread::JoinHandle<
+        Result<std_writer_agent::StatusMessage, std_writer_agent::client::BlockingError>,
+    >,
+}
+
+impl Request {
+    fn send(opts: &std_writer_agent::ClientOptions, body: &serde_json::Value) -> Request {
+        let id = std_writer_agent::client::new_request_id();
+        let (tx, statuses) = std::sync::mpsc::channel();
+        let (opts, rid, body) = (opts.clone(), id.clone(), body.clone());
+        let thread = std::thread::spawn(move || {
+            std_writer_agent::client::send_request_blocking(&opts, &rid, &body, |s| {
+                let _ = tx.send(s.clone());
+            })
+        });
+        Request {
+            id,
+            statuses,
+            thread,
+        }
+    }
+
+    /// The non-final statuses up to and including the first with `state: "running"` (the run
+    /// follows the image stream).
+    fn until_running(&self) -> Vec<std_writer_agent::StatusMessage> {
+        let mut seen = Vec::new();
+        loop {
+            let s = self
+                .statuses
+                .recv_timeout(WATCHDOG)
+                .unwrap_or_else(|e| panic!("no running status ({e}); seen {seen:?}"));
+            let running = s.body["state"] == "running";
+            seen.push(s);
+            if running {
+                return seen;
+            }
+        }
+    }
+
+    /// The final status (request_success) or the request_fail one, and the statuses before.
+    fn end(
+        self,
+    ) -> (
+        Result<std_writer_agent::StatusMessage, std_writer_agent::StatusMessage>,
+        Vec<std_writer_agent::StatusMessage>,
+    ) {
+        use std_writer_agent::client::{BlockingError, ClientError};
+        let result = match self.thread.join().unwrap() {
+            Ok(s) => Ok(s),
+            Err(BlockingError::Client(ClientError::Failed(s))) => Err(*s),
+            Err(e) => panic!("request {}: {e}", self.id),
+        };
+        (result, self.statuses.try_iter().collect())
+    }
+}
+
+/// The same run as a request over RabbitMQ to `std-daq pedestal-agent` (real broker, real
+/// binaries): a refused body (request_fail naming the field), a run killed while it follows
+/// the stream (request_fail "killed", no file, the old calibration kept; a request sent
+/// meanwhile refused as "in progress"), then a run that succeeds: request_start, progress with
+/// state "running", request_success whose message is the report, its calibration_id the file's.
+#[test]
+fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_writes_nothing() {
+    use std_daq_tests::stack::Proc;
+    use std_writer_agent::protocol::action;
+    if !broker_available("pedestal over RabbitMQ") {
+        return;
+    }
+    let work = work_dir("pedamqp");
+    std::fs::create_dir_all(&work).unwrap();
+    let gain_path = work.join("gains.h5");
+    let cal_path = work.join("calibration.h5");
+    let gains = gain_file();
+    write_cal(&gain_path, &gains).unwrap();
+    write_cal(&cal_path, &gains).unwrap();
+    let s = Services::start("pedamqp", work.clone(), config(&cal_path)).unwrap();
+    let det = s.config.detector_name.clone();
+    let agent_log = work.join("pedestal-agent.log");
+    let _agent = Proc(
+        Process::new(s.bin.join("std-daq"))
+            .arg("pedestal-agent")
+            .arg("--config")
+            .arg(&s.config_path)
+            .args(["--broker", BROKER])
+            .env("HDF5_USE_FILE_LOCKING", "FALSE")
+            .env_remove("PEDESTAL_TAG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    poll_until("the pedestal service on the broker", WATCHDOG, || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .contains("serving pedestal requests")
+            .then_some(())
+    })
+    .unwrap();
+    let opts = std_writer_agent::ClientOptions {
+        broker_url: BROKER.into(),
+        // The documented default routing key.
+        tag: format!("{det}.pedestal"),
+        idle_timeout: WATCHDOG,
+    };
+    let source = format!("{det}.pedestal_agent");
+    let gain = gain_path.display().to_string();
+
+    // Refused bodies: the HTTP route's checks, the field named, nothing started.
+    for (body, words) in [
+        (
+            serde_json::json!({"gain_file": gain, "frames_per_stage": 8, "colour": 1}),
+            "unknown field \"colour\"",
+        ),
+        (serde_json::json!({"frames_per_stage": 8}), "gain_file"),
+        (
+            serde_json::json!({"gain_file": gain, "output": "/tmp/elsewhere.h5"}),
+            "output must be",
+        ),
+    ] {
+        let (result, before) = Request::send(&opts, &body).end();
+        let fail = result.unwrap_err();
+        assert_eq!(fail.action, action::REQUEST_FAIL);
+        assert!(fail.message.contains(words), "{words}: {fail:?}");
+        assert_eq!(fail.source, source);
+        assert!(before.is_empty(), "statuses before a refusal: {before:?}");
+    }
+
+    // Killed while it follows the stream: request_fail "killed", nothing written.
+    let killed_path = work.join("killed.h5");
+    let before_files = std::fs::read_dir(&work).unwrap().count();
+    let body = serde_json::json!({
+        "gain_file": gain, "frames_per_stage": 8, "timeout_s": 120,
+        "output": killed_path.display().to_string(),
+    });
+    let victim = Request::send(&opts, &body);
+    let seen = victim.until_running();
+    assert_eq!(seen[0].action, action::REQUEST_START, "{seen:?}");
+    // One run at a time.
+    let (second, _) = Request::send(&opts, &body).end();
+    let second = second.unwrap_err();
+    assert!(second.message.contains("in progress"), "{second:?}");
+    std_writer_agent::client::kill_blocking(&opts, &victim.id).unwrap();
+    let (result, _) = victim.end();
+    let fail = result.unwrap_err();
+    assert_eq!(fail.action, action::REQUEST_FAIL);
+    assert!(fail.message.starts_with("killed"), "{fail:?}");
+    assert_eq!(fail.body["killed"], true, "{fail:?}");
+    assert!(!killed_path.exists());
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), before_files);
+    assert_eq!(read_cal(&cal_path).unwrap().pedestals, gains.pedestals);
+
+    // The run that succeeds, into the config's calibration_file.
+    let body = serde_json::json!({"gain_file": gain, "frames_per_stage": 8, "timeout_s": 120});
+    let run = Request::send(&opts, &body);
+    let seen = run.until_running();
+    assert_eq!(seen[0].action, action::REQUEST_START, "{seen:?}");
+    assert!(
+        seen[1..]
+            .iter()
+            .all(|s| s.action == action::REQUEST_PROGRESS),
+        "{seen:?}"
+    );
+    play_darks(&s, 8, 1).unwrap();
+    let (result, after) = run.end();
+    let done = result.unwrap_or_else(|f| panic!("request_fail: {f:?}"));
+    assert_eq!(done.action, action::REQUEST_SUCCESS);
+    assert!(
+        after.iter().all(|s| s.action == action::REQUEST_PROGRESS),
+        "{after:?}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&done.message).unwrap();
+    assert_eq!(done.body["report"], report);
+    assert_eq!(done.body["gain_file"], gain.as_str(), "the request echoed");
+    assert_eq!(
+        report["stages"]["G1"]["frames"],
+        serde_json::json!([8, 8]),
+        "{report}"
+    );
+    assert_eq!(report["output"], cal_path.display().to_string());
+    let id = report["calibration_id"].as_u64().unwrap();
+    let cal = read_cal(&cal_path).unwrap();
+    let mask: Vec<bool> = cal.mask.iter().map(|m| *m != 0).collect();
+    assert_eq!(
+        assembler::calib::calibration_id(&cal.gains, &cal.pedestals, &mask),
+        id
+    );
+    // The file's attribute (decimal text) is the reported id.
+    let f = hdf5::File::open(&cal_path).unwrap();
+    let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
+    drop(f);
+    assert_eq!(attr.as_str(), id.to_string());
+    assert_eq!(cal.gains, gains.gains);
+    wait_for_swap(&s, id).unwrap();
+    drop(s);
+    std::fs::remove_dir_all(&work).unwrap();
+}
