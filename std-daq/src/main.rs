@@ -125,9 +125,19 @@ struct PreviewArgs {
 
 #[derive(Debug, clap::Args)]
 struct PedestalArgs {
-    /// Detector config file (JUNGFRAU).
+    /// Detector config file (JUNGFRAU). With --broker only used for the default --tag.
+    #[arg(long, required_unless_present = "broker")]
+    config: Option<PathBuf>,
+    /// Do not run here: send the run as a request to `std-daq pedestal-agent` over this RabbitMQ
+    /// (docs/protocol.md, "Pedestal requests"), print "ready" on stderr when it follows the image
+    /// stream and the report on stdout when it succeeded. Paths (made absolute here) must be
+    /// valid on the service's host; prints the request id first (`std-daq kill <id> --tag <tag>`
+    /// cancels the run). E.g. amqp://guest:guest@127.0.0.1:5672/%2f.
     #[arg(long)]
-    config: PathBuf,
+    broker: Option<String>,
+    /// With --broker: the pedestal service's routing key. Default: <detector_name>.pedestal.
+    #[arg(long, requires = "broker")]
+    tag: Option<String>,
     /// Dark frames per module and gain stage.
     #[arg(long, default_value_t = 1000)]
     frames: u32,
@@ -405,7 +415,13 @@ fn api(args: ApiArgs) -> Result<()> {
 
 fn pedestal(args: PedestalArgs) -> Result<()> {
     use std_daq::pedestal::{self, PedestalOptions};
-    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    if let Some(broker) = &args.broker {
+        return pedestal_request(broker, &args);
+    }
+    let Some(config) = &args.config else {
+        bail!("--config is needed (or --broker to send the run to a pedestal service)");
+    };
+    let cfg = std_daq_common::DetectorConfig::from_file(config)?;
     let output = match (&args.output, &cfg.calibration_file) {
         (Some(o), _) => o.clone(),
         (None, Some(c)) => c.clone(),
@@ -446,6 +462,59 @@ fn pedestal(args: PedestalArgs) -> Result<()> {
     );
     println!("{}", report.to_json());
     Ok(())
+}
+
+/// `std-daq pedestal --broker`: the run as a request to `std-daq pedestal-agent`.
+fn pedestal_request(broker: &str, args: &PedestalArgs) -> Result<()> {
+    use std_writer_agent::client::{self, BlockingError, ClientError, ClientOptions};
+    let tag = match (&args.tag, &args.config) {
+        (Some(t), _) => t.clone(),
+        (None, Some(c)) => std_daq::pedestal_agent::default_tag(
+            &std_daq_common::DetectorConfig::from_file(c)?.detector_name,
+        ),
+        (None, None) => bail!("--tag or --config is needed with --broker"),
+    };
+    let gain_file = std::path::absolute(&args.gain_file).context("resolving --gain-file")?;
+    let mut body = serde_json::json!({
+        "gain_file": gain_file.display().to_string(),
+        "frames_per_stage": args.frames,
+        "min_fraction": args.min_fraction,
+        "min_rms": args.min_rms,
+        "max_rms_factor": args.max_rms_factor,
+        "timeout_s": args.timeout_s,
+    });
+    if let Some(o) = &args.output {
+        let o = std::path::absolute(o).context("resolving --output")?;
+        body["output"] = o.display().to_string().into();
+    }
+    let opts = ClientOptions {
+        broker_url: broker.into(),
+        tag: tag.clone(),
+        // The service reports about once a second while a run goes on.
+        idle_timeout: Duration::from_secs(60),
+    };
+    let request_id = client::new_request_id();
+    eprintln!("request {request_id} to the pedestal service on tag {tag}");
+    let result = client::send_request_blocking(&opts, &request_id, &body, |s| {
+        let progress = s.body.get("progress").is_some();
+        if s.body["state"] == "running" && !progress {
+            eprintln!("ready: {}", s.message);
+        } else if progress {
+            tracing::debug!("{}", s.message);
+        } else {
+            eprintln!("{}: {}", s.action, s.message);
+        }
+    });
+    match result {
+        Ok(done) => {
+            println!("{}", done.message);
+            Ok(())
+        }
+        Err(BlockingError::Client(ClientError::Failed(st))) => {
+            bail!("request {request_id} failed: {}", st.message)
+        }
+        Err(e) => bail!("request {request_id}: {e}"),
+    }
 }
 
 fn pedestal_agent(args: PedestalAgentArgs) -> Result<()> {

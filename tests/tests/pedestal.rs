@@ -897,7 +897,8 @@ impl Request {
 /// binaries): a refused body (request_fail naming the field), a run killed while it follows
 /// the stream (request_fail "killed", no file, the old calibration kept; a request sent
 /// meanwhile refused as "in progress"), then a run that succeeds: request_start, progress with
-/// state "running", request_success whose message is the report, its calibration_id the file's.
+/// state "running", request_success whose message is the report, its calibration_id the file's;
+/// then the same through `std-daq pedestal --broker`.
 #[test]
 fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_writes_nothing() {
     use std_daq_tests::stack::Proc;
@@ -1031,6 +1032,42 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
     assert_eq!(attr.as_str(), id.to_string());
     assert_eq!(cal.gains, gains.gains);
     wait_for_swap(&s, id).unwrap();
+
+    // The same through the CLI: `std-daq pedestal --broker` (a refusal, then a run).
+    let cli = |extra: &[&str]| {
+        let mut c = Process::new(s.bin.join("std-daq"));
+        c.args(["pedestal", "--broker", BROKER, "--tag", &opts.tag])
+            .args(["--gain-file", &gain, "--frames", "8", "--timeout-s", "120"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let out = cli(&["--output", "/tmp/elsewhere.h5"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("output must be"), "{err}");
+    let mut child = cli(&[]).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{lines:?}");
+        let ready = line.starts_with("ready:");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    play_darks(&s, 8, 3 * 8 + 1).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{lines:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = hdf5::File::open(&cal_path).unwrap();
+    let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
+    drop(f);
+    assert_eq!(report["calibration_id"].to_string(), attr.as_str());
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
