@@ -30,8 +30,8 @@ enum Cmd {
     /// Stops a running write request; its file keeps the images written so far.
     Kill(KillArgs),
     /// Runs one detector's services (a receiver per module, assembler, writer, a `std-daq
-    /// preview` per entry of the config's `live_stream_configs`, optionally the writer agent and
-    /// the stream sender) as supervised child processes: a crashed child is restarted with
+    /// preview` per entry of the config's `live_stream_configs`, optionally the writer agent,
+    /// the stream sender and the pedestal service) as supervised child processes: a crashed child is restarted with
     /// backoff; SIGINT/SIGTERM stops them all in order and cleans up. Every child reads the same
     /// config (compression, metrics_base_address, ...).
     Up(UpArgs),
@@ -199,6 +199,11 @@ struct UpArgs {
     /// Also run std-stream-send to this host:port.
     #[arg(long)]
     stream_target: Option<String>,
+    /// Also run `std-daq pedestal-agent` (JUNGFRAU pedestal runs requested over RabbitMQ,
+    /// routing key <detector_name>.pedestal; broker from BROKER_URL). A config change of
+    /// calibration_file restarts it, cancelling a run in progress.
+    #[arg(long)]
+    pedestal_agent: bool,
     /// Apply configs set at run time through `std-daq api` (`POST /daq/config`): store --config
     /// in Redis as the detector's config, watch for new ones, validate each again and restart
     /// the services whose behaviour depends on a changed key (docs/api.md). Needs Redis
@@ -334,11 +339,21 @@ fn main() -> Result<()> {
 fn up(args: UpArgs) -> Result<()> {
     use std_daq::supervisor::{self, UpOptions};
     let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    if args.pedestal_agent
+        && !matches!(
+            cfg.detector_type,
+            std_daq_common::DetectorType::JungfrauRaw
+                | std_daq_common::DetectorType::JungfrauConverted
+        )
+    {
+        bail!("--pedestal-agent needs a JUNGFRAU config (detector_type jungfrau-raw or jungfrau-converted)");
+    }
     // Each child logs the config's notices itself, once.
     let config = std::path::absolute(&args.config).context("resolving --config")?;
     let opts = UpOptions {
         agent_output_root: args.agent_output_root,
         stream_target: args.stream_target,
+        pedestal_agent: args.pedestal_agent,
     };
     let specs = supervisor::services_for(&cfg, &config, &opts);
     let bin_dir = default_bin_dir()?;
