@@ -255,10 +255,28 @@ struct Cal {
 
 const PLANE: usize = N_MODULES * H * W;
 
+/// Opens an HDF5 file without HDF5's file lock. The tests of this binary run in parallel and
+/// spawn children while this process has HDF5 files open; libhdf5 opens without O_CLOEXEC, so a
+/// child started meanwhile keeps the locked descriptor (and its lock) for its life, and this
+/// process's next open of the same file fails with EAGAIN (seen with the HTTP and RabbitMQ
+/// tests in parallel). The children run without locking too (`HDF5_USE_FILE_LOCKING=FALSE`).
+fn h5_open(path: &Path) -> hdf5::Result<hdf5::File> {
+    hdf5::File::with_options()
+        .with_fapl(|p| p.file_locking(false))
+        .open(path)
+}
+
+/// [`h5_open`] for a new file.
+fn h5_create(path: &Path) -> hdf5::Result<hdf5::File> {
+    hdf5::File::with_options()
+        .with_fapl(|p| p.file_locking(false))
+        .create(path)
+}
+
 fn write_cal(path: &Path, c: &Cal) -> Result<()> {
     let tmp = path.with_extension("tmp.h5");
     {
-        let f = hdf5::File::create(&tmp)?;
+        let f = h5_create(&tmp)?;
         let stack = [3, N_MODULES * H, W];
         f.new_dataset::<f32>()
             .shape(stack)
@@ -278,7 +296,7 @@ fn write_cal(path: &Path, c: &Cal) -> Result<()> {
 }
 
 fn read_cal(path: &Path) -> Result<Cal> {
-    let f = hdf5::File::open(path)?;
+    let f = h5_open(path)?;
     Ok(Cal {
         gains: f.dataset("gains")?.read_raw::<f32>()?,
         pedestals: f.dataset("pedestals")?.read_raw::<f32>()?,
@@ -326,7 +344,7 @@ fn photon(c: &Cal, i: usize, v: u16) -> i16 {
 
 /// `/<det>/data` and `/<det>/image_id` of a written file.
 fn read_images(file: &Path, det: &str) -> Result<(Vec<i16>, Vec<u64>)> {
-    let f = hdf5::File::open(file)?;
+    let f = h5_open(file)?;
     let data = f.dataset(&format!("{det}/data"))?;
     let shape = data.shape();
     if shape[1..] != [N_MODULES * H, W] {
@@ -452,7 +470,7 @@ fn pedestal_run_makes_the_calibration_and_photon_counts_are_exact() {
         assembler::calib::calibration_id(&cal.gains, &cal.pedestals, &mask_bool),
         new_id
     );
-    let f = hdf5::File::open(&cal_path).unwrap();
+    let f = h5_open(&cal_path).unwrap();
     let rms = f
         .dataset("pedestal_rms")
         .unwrap()
@@ -1026,7 +1044,7 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
         id
     );
     // The file's attribute (decimal text) is the reported id.
-    let f = hdf5::File::open(&cal_path).unwrap();
+    let f = h5_open(&cal_path).unwrap();
     let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
     drop(f);
     assert_eq!(attr.as_str(), id.to_string());
@@ -1064,7 +1082,7 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{lines:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let f = hdf5::File::open(&cal_path).unwrap();
+    let f = h5_open(&cal_path).unwrap();
     let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
     drop(f);
     assert_eq!(report["calibration_id"].to_string(), attr.as_str());
