@@ -543,7 +543,14 @@ fn pedestal_agent(args: PedestalAgentArgs) -> Result<()> {
     if let Some(name) = args.service_name {
         settings.service_name = name;
     }
-    let agent = PedestalAgent::new(settings, cfg)?;
+    let agent = PedestalAgent::new(settings, cfg.clone())?;
+    let redis = std_daq_common::status::RedisEnv::from_env();
+    let _status = std_daq_common::status::StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.pedestal-agent", cfg.detector_name),
+        &cfg,
+        agent.board(),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -37,6 +37,7 @@ use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use std_daq_common::status::StatusBoard;
 use std_daq_common::{names, DetectorConfig};
 use std_writer_agent::broker::{self, BrokerError};
 use std_writer_agent::protocol::{action, correlation_id, echo, exchange, unix_now};
@@ -199,6 +200,19 @@ pub struct PedestalAgent {
     run: Option<Running>,
     /// Statuses that could not be published (the broker went away), oldest first.
     owed: Vec<StatusMessage>,
+    /// The service's counters (its Redis status hash): [`PedestalAgent::board`].
+    board: StatusBoard,
+    counts: Counts,
+}
+
+/// Counters of the status hash.
+#[derive(Debug, Default)]
+struct Counts {
+    requests_received: u64,
+    requests_refused: u64,
+    runs_succeeded: u64,
+    runs_failed: u64,
+    runs_killed: u64,
 }
 
 impl PedestalAgent {
@@ -215,14 +229,48 @@ impl PedestalAgent {
         }
         broker::short(&settings.tag).map_err(PedestalAgentError::Broker)?;
         let (tx, rx) = watch::channel(false);
-        Ok(PedestalAgent {
+        let agent = PedestalAgent {
             settings,
             cfg,
             shutdown: rx,
             shutdown_tx: Arc::new(tx),
             run: None,
             owed: Vec::new(),
-        })
+            board: StatusBoard::default(),
+            counts: Counts::default(),
+        };
+        agent.board.set("tag", &agent.settings.tag);
+        agent.board.set(
+            "broker",
+            std_writer_agent::agent::redact(&agent.settings.broker_url),
+        );
+        agent.board.set("connected", 0);
+        agent.show();
+        Ok(agent)
+    }
+
+    /// The service's state for its status hash (`std-daq status`): `connected`, `state` (idle,
+    /// starting, running), `current_request_id`, `requests_received`, `requests_refused`,
+    /// `runs_succeeded`, `runs_failed`, `runs_killed`, `last_calibration_id`.
+    pub fn board(&self) -> StatusBoard {
+        self.board.clone()
+    }
+
+    fn show(&self) {
+        let b = &self.board;
+        let c = &self.counts;
+        let (state, current) = match &self.run {
+            None => ("idle", String::new()),
+            Some(r) if r.ready => ("running", r.job.id.clone()),
+            Some(r) => ("starting", r.job.id.clone()),
+        };
+        b.set("state", state);
+        b.set("current_request_id", current);
+        b.set("requests_received", c.requests_received);
+        b.set("requests_refused", c.requests_refused);
+        b.set("runs_succeeded", c.runs_succeeded);
+        b.set("runs_failed", c.runs_failed);
+        b.set("runs_killed", c.runs_killed);
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -240,11 +288,13 @@ impl PedestalAgent {
             match self.serve(&mut served).await {
                 Ok(()) => break,
                 Err(e) if e.is_fatal() => {
+                    self.board.set("connected", 0);
                     tracing::error!("{e}");
                     self.abandon().await;
                     return Err(PedestalAgentError::Broker(e));
                 }
                 Err(e) => {
+                    self.board.set("connected", 0);
                     if served {
                         backoff = FIRST_BACKOFF;
                     }
@@ -309,6 +359,7 @@ impl PedestalAgent {
             broker::bind_own_queue(&requests_ch, exchange::REQUEST, &s.tag, true).await?;
         let mut kills = broker::bind_own_queue(&kill_ch, exchange::KILL, &s.tag, true).await?;
         *served = true;
+        self.board.set("connected", 1);
         tracing::info!(
             broker = %std_writer_agent::agent::redact(&s.broker_url),
             tag = s.tag,
@@ -353,6 +404,7 @@ impl PedestalAgent {
             source: self.settings.service_name.clone(),
         };
         tracing::info!(request_id = job.id, "pedestal request received");
+        self.counts.requests_received += 1;
         let refusal = if job.id.is_empty() {
             Some("a pedestal request needs its request id as the AMQP correlation_id".to_string())
         } else if let Some(run) = &self.run {
@@ -377,6 +429,8 @@ impl PedestalAgent {
             Ok(o) => o,
             Err(reason) => {
                 tracing::info!(request_id = job.id, "refused: {reason}");
+                self.counts.requests_refused += 1;
+                self.show();
                 let fin = job.status(action::REQUEST_FAIL, reason, json!({}));
                 return self.publish(fin, status_ch).await;
             }
@@ -422,6 +476,7 @@ impl PedestalAgent {
             events,
             handle,
         });
+        self.show();
         self.publish(start, status_ch).await
     }
 
@@ -473,6 +528,10 @@ impl PedestalAgent {
         match step {
             Step::Event(Event::Ready) => {
                 run.ready = true;
+                self.show();
+                let Some(run) = &self.run else {
+                    return Ok(());
+                };
                 let message = format!(
                     "following the image stream {}: start the dark frames",
                     names::image_endpoint(&self.cfg)
@@ -508,6 +567,17 @@ impl PedestalAgent {
                     return Ok(());
                 };
                 let fin = final_status(&run, result);
+                match fin.action.as_str() {
+                    action::REQUEST_SUCCESS => {
+                        self.counts.runs_succeeded += 1;
+                        if let Some(id) = fin.body["report"]["calibration_id"].as_u64() {
+                            self.board.set("last_calibration_id", id);
+                        }
+                    }
+                    _ if fin.body["killed"] == true => self.counts.runs_killed += 1,
+                    _ => self.counts.runs_failed += 1,
+                }
+                self.show();
                 tracing::info!(
                     request_id = run.job.id,
                     action = fin.action,

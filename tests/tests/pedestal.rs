@@ -835,13 +835,19 @@ fn a_pedestal_run_requested_over_http_writes_the_calibration_the_assembler_takes
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Whether RabbitMQ answers on 127.0.0.1:5672 (scripts/setup.sh starts it). Without it the test
-/// is skipped with a reason, except in CI (`CI=true`), where it fails.
+/// Whether RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer (scripts/setup.sh starts
+/// them). Without them the test is skipped with a reason, except in CI (`CI=true`), where it
+/// fails.
 fn broker_available(test: &str) -> bool {
-    match std::net::TcpStream::connect(("127.0.0.1", 5672)) {
-        Ok(_) => true,
+    let reach = |port: u16, what: &str| {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| format!("{what} on 127.0.0.1:{port} is not reachable ({e})"))
+    };
+    match reach(5672, "RabbitMQ").and_then(|()| reach(6379, "Redis")) {
+        Ok(()) => true,
         Err(e) => {
-            let why = format!("{test}: RabbitMQ on 127.0.0.1:5672 is not reachable ({e})");
+            let why = format!("{test}: {e}");
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("{why}; in CI every prerequisite must be there (run scripts/setup.sh)");
             }
@@ -942,6 +948,8 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
             .args(["--broker", BROKER])
             .env("HDF5_USE_FILE_LOCKING", "FALSE")
             .env_remove("PEDESTAL_TAG")
+            .env_remove("REDIS_SKIP")
+            .env_remove("SERVICE_NAME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&agent_log).unwrap())
@@ -1086,6 +1094,31 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
     let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
     drop(f);
     assert_eq!(report["calibration_id"].to_string(), attr.as_str());
+
+    // Its status hash (refreshed every few seconds) counts what happened: 5 refusals (3 bodies,
+    // one "in progress", the CLI's), 1 killed run, 2 that succeeded.
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = format!("status.std-daq.{det}.pedestal-agent");
+    let want = [
+        ("requests_received", "8"),
+        ("requests_refused", "5"),
+        ("runs_killed", "1"),
+        ("runs_succeeded", "2"),
+        ("runs_failed", "0"),
+        ("state", "idle"),
+    ];
+    let mut last: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let counted = poll_until("the pedestal service's status hash", WATCHDOG, || {
+        last = redis::cmd("HGETALL").arg(&key).query(&mut redis).ok()?;
+        want.iter()
+            .all(|(k, v)| last.get(*k).map(String::as_str) == Some(*v))
+            .then_some(())
+    });
+    assert!(counted.is_ok(), "{key}: {last:?}");
+    assert_eq!(last.get("last_calibration_id"), Some(&attr.to_string()));
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
