@@ -922,7 +922,8 @@ impl Request {
 /// the stream (request_fail "killed", no file, the old calibration kept; a request sent
 /// meanwhile refused as "in progress"), then a run that succeeds: request_start, progress with
 /// state "running", request_success whose message is the report, its calibration_id the file's;
-/// then the same through `std-daq pedestal --broker`.
+/// then the same through `std-daq pedestal --broker`; the service's Redis counters; SIGTERM
+/// during a run ends it with request_fail.
 #[test]
 fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_writes_nothing() {
     use std_daq_tests::stack::Proc;
@@ -940,7 +941,7 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
     let s = Services::start("pedamqp", work.clone(), config(&cal_path)).unwrap();
     let det = s.config.detector_name.clone();
     let agent_log = work.join("pedestal-agent.log");
-    let _agent = Proc(
+    let agent = Proc(
         Process::new(s.bin.join("std-daq"))
             .arg("pedestal-agent")
             .arg("--config")
@@ -1119,6 +1120,22 @@ fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_
     });
     assert!(counted.is_ok(), "{key}: {last:?}");
     assert_eq!(last.get("last_calibration_id"), Some(&attr.to_string()));
+
+    // SIGTERM during a run: cancelled, request_fail saying so, nothing written.
+    let body = serde_json::json!({
+        "gain_file": gain, "frames_per_stage": 8, "timeout_s": 120,
+        "output": killed_path.display().to_string(),
+    });
+    let last_run = Request::send(&opts, &body);
+    last_run.until_running();
+    drop(agent);
+    let (result, _) = last_run.end();
+    let fail = result.unwrap_err();
+    assert!(
+        fail.message.starts_with("the pedestal service is stopping"),
+        "{fail:?}"
+    );
+    assert!(!killed_path.exists());
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
