@@ -169,11 +169,17 @@ pub enum ServiceKind {
     Agent,
     Preview,
     StreamSend,
+    /// `std-daq pedestal-agent` (docs/protocol.md, "Pedestal requests").
+    PedestalAgent,
 }
 
 impl ServiceKind {
-    /// From a [`crate::supervisor::ServiceSpec`]'s binary and name.
-    pub fn of(binary: &str) -> Option<Self> {
+    /// From a [`crate::supervisor::ServiceSpec`]'s binary and arguments (the `std-daq`
+    /// subcommand tells a preview from the pedestal service).
+    pub fn of(binary: &str, args: &[String]) -> Option<Self> {
+        if binary == "std-daq" && args.first().is_some_and(|a| a == "pedestal-agent") {
+            return Some(ServiceKind::PedestalAgent);
+        }
         Some(match binary {
             "std-udp-recv" => ServiceKind::Receiver,
             "std-assembler" => ServiceKind::Assembler,
@@ -221,6 +227,8 @@ impl ServiceKind {
             ServiceKind::StreamSend => {
                 matches!(key, "ram_buffer_gb" | "stats_collection_period")
             }
+            // Where it may write. A restart cancels a run in progress (request_fail).
+            ServiceKind::PedestalAgent => key == "calibration_file",
         }
     }
 }
@@ -234,6 +242,7 @@ pub fn restart_summary(keys: &[String]) -> Vec<&'static str> {
         (ServiceKind::Agent, "std-writer-agent"),
         (ServiceKind::Preview, "std-daq preview"),
         (ServiceKind::StreamSend, "std-stream-send"),
+        (ServiceKind::PedestalAgent, "std-daq pedestal-agent"),
     ];
     kinds
         .iter()
@@ -284,7 +293,20 @@ mod tests {
             restart_summary(&k(&["start_udp_port"])),
             vec!["std-udp-recv (every module)", "std-h5-writer"]
         );
-        assert_eq!(restart_summary(&k(&["log_level"])).len(), 6);
+        assert_eq!(restart_summary(&k(&["log_level"])).len(), 7);
+        assert_eq!(
+            restart_summary(&k(&["calibration_file"])),
+            vec!["std-assembler", "std-h5-writer", "std-daq pedestal-agent"]
+        );
+        let agent = ["pedestal-agent".to_string(), "--config".into(), "c".into()];
+        assert_eq!(
+            ServiceKind::of("std-daq", &agent),
+            Some(ServiceKind::PedestalAgent)
+        );
+        assert_eq!(
+            ServiceKind::of("std-daq", &["preview".into()]),
+            Some(ServiceKind::Preview)
+        );
         assert_eq!(
             restart_summary(&k(&["processing_trigger"])),
             vec!["std-h5-writer", "std-writer-agent"]

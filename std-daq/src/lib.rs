@@ -9,6 +9,7 @@ pub mod deploy;
 pub mod live;
 pub mod page;
 pub mod pedestal;
+pub mod pedestal_agent;
 pub mod pipeline;
 pub mod preview;
 pub mod supervisor;

@@ -30,8 +30,8 @@ enum Cmd {
     /// Stops a running write request; its file keeps the images written so far.
     Kill(KillArgs),
     /// Runs one detector's services (a receiver per module, assembler, writer, a `std-daq
-    /// preview` per entry of the config's `live_stream_configs`, optionally the writer agent and
-    /// the stream sender) as supervised child processes: a crashed child is restarted with
+    /// preview` per entry of the config's `live_stream_configs`, optionally the writer agent,
+    /// the stream sender and the pedestal service) as supervised child processes: a crashed child is restarted with
     /// backoff; SIGINT/SIGTERM stops them all in order and cleans up. Every child reads the same
     /// config (compression, metrics_base_address, ...).
     Up(UpArgs),
@@ -65,6 +65,16 @@ enum Cmd {
     /// image that does not match or cannot be read. Prints a JSON report per file; exits 1 if
     /// any image failed. Never modifies a file.
     Verify(VerifyArgs),
+    /// The pedestal service: takes pedestal requests over RabbitMQ (exchange `request`, routing
+    /// key --tag, default <detector_name>.pedestal; request id = AMQP correlation_id; body the
+    /// JSON of `POST /pedestal`: {"gain_file": ..., "frames_per_stage": ..., "output": ...,
+    /// ...}) and runs them as `std-daq pedestal` does, one at a time. Reports on `status`:
+    /// request_start, request_progress (state "running" once it follows the image stream: start
+    /// the dark frames then; frame counts), then request_success with the report as message, or
+    /// request_fail with the reason. A kill (exchange `kill`, same key, correlation_id = the
+    /// request id) cancels the run: nothing is written, request_fail "killed". See
+    /// docs/protocol.md, "Pedestal requests".
+    PedestalAgent(PedestalAgentArgs),
     /// The live preview: publishes picked images in std_daq's array-1.0 format (JSON header +
     /// pixels) on a ZMQ PUB socket, without ever slowing the data path.
     Preview(PreviewArgs),
@@ -128,9 +138,19 @@ struct VerifyArgs {
 
 #[derive(Debug, clap::Args)]
 struct PedestalArgs {
-    /// Detector config file (JUNGFRAU).
+    /// Detector config file (JUNGFRAU). With --broker only used for the default --tag.
+    #[arg(long, required_unless_present = "broker")]
+    config: Option<PathBuf>,
+    /// Do not run here: send the run as a request to `std-daq pedestal-agent` over this RabbitMQ
+    /// (docs/protocol.md, "Pedestal requests"), print "ready" on stderr when it follows the image
+    /// stream and the report on stdout when it succeeded. Paths (made absolute here) must be
+    /// valid on the service's host; prints the request id first (`std-daq kill <id> --tag <tag>`
+    /// cancels the run). E.g. amqp://guest:guest@127.0.0.1:5672/%2f.
     #[arg(long)]
-    config: PathBuf,
+    broker: Option<String>,
+    /// With --broker: the pedestal service's routing key. Default: <detector_name>.pedestal.
+    #[arg(long, requires = "broker")]
+    tag: Option<String>,
     /// Dark frames per module and gain stage.
     #[arg(long, default_value_t = 1000)]
     frames: u32,
@@ -159,6 +179,29 @@ struct PedestalArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct PedestalAgentArgs {
+    /// Detector config file (JUNGFRAU); outputs may only be written next to its
+    /// calibration_file.
+    #[arg(long)]
+    config: PathBuf,
+    /// RabbitMQ URL (vhost `/` is written `%2f`).
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    /// Routing key bound on `request` and `kill`. Default: <detector_name>.pedestal, which the
+    /// writer agent's default tag (the detector name) does not match. Do not give the writer
+    /// agent the tag `#` next to this service: it would take pedestal requests as bad writes.
+    #[arg(long, env = "PEDESTAL_TAG")]
+    tag: Option<String>,
+    /// The `source` header of every status. Default: <detector_name>.pedestal_agent.
+    #[arg(long)]
+    service_name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct UpArgs {
     /// Detector config file.
     #[arg(long)]
@@ -169,6 +212,11 @@ struct UpArgs {
     /// Also run std-stream-send to this host:port.
     #[arg(long)]
     stream_target: Option<String>,
+    /// Also run `std-daq pedestal-agent` (JUNGFRAU pedestal runs requested over RabbitMQ,
+    /// routing key <detector_name>.pedestal; broker from BROKER_URL). A config change of
+    /// calibration_file restarts it, cancelling a run in progress.
+    #[arg(long)]
+    pedestal_agent: bool,
     /// Apply configs set at run time through `std-daq api` (`POST /daq/config`): store --config
     /// in Redis as the detector's config, watch for new ones, validate each again and restart
     /// the services whose behaviour depends on a changed key (docs/api.md). Needs Redis
@@ -293,6 +341,7 @@ fn main() -> Result<()> {
         Cmd::Api(args) => api(args),
         Cmd::Pedestal(args) => pedestal(args),
         Cmd::Verify(args) => verify(args),
+        Cmd::PedestalAgent(args) => pedestal_agent(args),
         Cmd::Kill(args) => {
             std_writer_agent::client::kill_blocking(&args.broker.options(), &args.request_id)?;
             println!("kill sent for request {}", args.request_id);
@@ -336,11 +385,21 @@ fn verify(args: VerifyArgs) -> Result<()> {
 fn up(args: UpArgs) -> Result<()> {
     use std_daq::supervisor::{self, UpOptions};
     let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    if args.pedestal_agent
+        && !matches!(
+            cfg.detector_type,
+            std_daq_common::DetectorType::JungfrauRaw
+                | std_daq_common::DetectorType::JungfrauConverted
+        )
+    {
+        bail!("--pedestal-agent needs a JUNGFRAU config (detector_type jungfrau-raw or jungfrau-converted)");
+    }
     // Each child logs the config's notices itself, once.
     let config = std::path::absolute(&args.config).context("resolving --config")?;
     let opts = UpOptions {
         agent_output_root: args.agent_output_root,
         stream_target: args.stream_target,
+        pedestal_agent: args.pedestal_agent,
     };
     let specs = supervisor::services_for(&cfg, &config, &opts);
     let bin_dir = default_bin_dir()?;
@@ -417,7 +476,13 @@ fn api(args: ApiArgs) -> Result<()> {
 
 fn pedestal(args: PedestalArgs) -> Result<()> {
     use std_daq::pedestal::{self, PedestalOptions};
-    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    if let Some(broker) = &args.broker {
+        return pedestal_request(broker, &args);
+    }
+    let Some(config) = &args.config else {
+        bail!("--config is needed (or --broker to send the run to a pedestal service)");
+    };
+    let cfg = std_daq_common::DetectorConfig::from_file(config)?;
     let output = match (&args.output, &cfg.calibration_file) {
         (Some(o), _) => o.clone(),
         (None, Some(c)) => c.clone(),
@@ -457,6 +522,105 @@ fn pedestal(args: PedestalArgs) -> Result<()> {
         "calibration written"
     );
     println!("{}", report.to_json());
+    Ok(())
+}
+
+/// `std-daq pedestal --broker`: the run as a request to `std-daq pedestal-agent`.
+fn pedestal_request(broker: &str, args: &PedestalArgs) -> Result<()> {
+    use std_writer_agent::client::{self, BlockingError, ClientError, ClientOptions};
+    let tag = match (&args.tag, &args.config) {
+        (Some(t), _) => t.clone(),
+        (None, Some(c)) => std_daq::pedestal_agent::default_tag(
+            &std_daq_common::DetectorConfig::from_file(c)?.detector_name,
+        ),
+        (None, None) => bail!("--tag or --config is needed with --broker"),
+    };
+    let gain_file = std::path::absolute(&args.gain_file).context("resolving --gain-file")?;
+    let mut body = serde_json::json!({
+        "gain_file": gain_file.display().to_string(),
+        "frames_per_stage": args.frames,
+        "min_fraction": args.min_fraction,
+        "min_rms": args.min_rms,
+        "max_rms_factor": args.max_rms_factor,
+        "timeout_s": args.timeout_s,
+    });
+    if let Some(o) = &args.output {
+        let o = std::path::absolute(o).context("resolving --output")?;
+        body["output"] = o.display().to_string().into();
+    }
+    let opts = ClientOptions {
+        broker_url: broker.into(),
+        tag: tag.clone(),
+        // The service reports about once a second while a run goes on.
+        idle_timeout: Duration::from_secs(60),
+    };
+    let request_id = client::new_request_id();
+    eprintln!("request {request_id} to the pedestal service on tag {tag}");
+    let result = client::send_request_blocking(&opts, &request_id, &body, |s| {
+        let progress = s.body.get("progress").is_some();
+        if s.body["state"] == "running" && !progress {
+            eprintln!("ready: {}", s.message);
+        } else if progress {
+            tracing::debug!("{}", s.message);
+        } else {
+            eprintln!("{}: {}", s.action, s.message);
+        }
+    });
+    match result {
+        Ok(done) => {
+            println!("{}", done.message);
+            Ok(())
+        }
+        Err(BlockingError::Client(ClientError::Failed(st))) => {
+            bail!("request {request_id} failed: {}", st.message)
+        }
+        Err(e) => bail!("request {request_id}: {e}"),
+    }
+}
+
+fn pedestal_agent(args: PedestalAgentArgs) -> Result<()> {
+    use std_daq::pedestal_agent::{PedestalAgent, PedestalAgentSettings};
+    let cfg = std_daq_common::DetectorConfig::from_file(&args.config)?;
+    std_daq_common::service::warn_notices(&cfg);
+    let mut settings = PedestalAgentSettings::new(&args.broker, &cfg);
+    if let Some(tag) = args.tag {
+        settings.tag = tag;
+    }
+    if let Some(name) = args.service_name {
+        settings.service_name = name;
+    }
+    let agent = PedestalAgent::new(settings, cfg.clone())?;
+    let redis = std_daq_common::status::RedisEnv::from_env();
+    let _status = std_daq_common::status::StatusReporter::start(
+        &redis,
+        &format!("std-daq.{}.pedestal-agent", cfg.detector_name),
+        &cfg,
+        agent.board(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = agent.shutdown_handle();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            shutdown.trigger();
+        });
+        agent.run().await
+    })?;
     Ok(())
 }
 

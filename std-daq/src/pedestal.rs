@@ -398,8 +398,10 @@ impl PedestalApi {
     }
 }
 
-/// The options of a `POST /pedestal` body (module docs of [`PedestalApi`]).
-fn options_from_body(cfg: &DetectorConfig, body: &[u8]) -> Result<PedestalOptions, String> {
+/// The options of a `POST /pedestal` body (module docs of [`PedestalApi`]); also the body of a
+/// pedestal request over RabbitMQ ([`crate::pedestal_agent`]), judged the same way. The error
+/// names the field at fault.
+pub fn options_from_body(cfg: &DetectorConfig, body: &[u8]) -> Result<PedestalOptions, String> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     let obj = v.as_object().ok_or("the body must be a JSON object")?;

@@ -39,6 +39,9 @@ pub struct UpOptions {
     pub agent_output_root: Option<PathBuf>,
     /// Run `std-stream-send` to this `host:port`.
     pub stream_target: Option<String>,
+    /// Run `std-daq pedestal-agent` (pedestal requests over RabbitMQ, default tag
+    /// `<detector_name>.pedestal`; the broker from `BROKER_URL` or its default).
+    pub pedestal_agent: bool,
 }
 
 /// The services of one detector, in start order (upstream first).
@@ -88,6 +91,17 @@ pub fn services_for(cfg: &DetectorConfig, config: &Path, opts: &UpOptions) -> Ve
                 if let Some(addr) = cfg.metrics_addr(MetricsService::Preview(i as u16)) {
                     v.extend(["--metrics-addr".to_string(), addr.to_string()]);
                 }
+                v
+            },
+        });
+    }
+    if opts.pedestal_agent {
+        specs.push(ServiceSpec {
+            name: "std-daq-pedestal-agent".into(),
+            binary: "std-daq".into(),
+            args: {
+                let mut v = vec!["pedestal-agent".to_string()];
+                v.extend(with_config(&[]));
                 v
             },
         });
@@ -492,7 +506,7 @@ fn apply(
         a
     };
     let keep = |slot: &Slot| -> bool {
-        let kind = ServiceKind::of(&slot.spec.binary);
+        let kind = ServiceKind::of(&slot.spec.binary, &slot.spec.args);
         new_specs
             .iter()
             .any(|n| n.name == slot.spec.name && strip(n) == strip(&slot.spec))
@@ -661,4 +675,41 @@ fn apply(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::deploy::ServiceKind;
+
+    #[test]
+    fn the_pedestal_service_runs_only_when_asked_and_is_told_from_a_preview() {
+        let json = serde_json::json!({
+            "detector_name": "pt", "detector_type": "jungfrau-converted", "n_modules": 1,
+            "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
+            "start_udp_port": 50000, "calibration_file": "/cal/jf.h5",
+            "module_positions": {"0": [0, 0, 1023, 511]},
+        });
+        let cfg = DetectorConfig::from_json_str(&json.to_string(), "test").unwrap();
+        let path = Path::new("/etc/jf.json");
+        let plain = services_for(&cfg, path, &UpOptions::default());
+        assert!(plain.iter().all(|s| s.name != "std-daq-pedestal-agent"));
+        let opts = UpOptions {
+            pedestal_agent: true,
+            ..UpOptions::default()
+        };
+        let specs = services_for(&cfg, path, &opts);
+        let agent = specs
+            .iter()
+            .find(|s| s.name == "std-daq-pedestal-agent")
+            .unwrap();
+        assert_eq!(agent.binary, "std-daq");
+        assert_eq!(agent.args, ["pedestal-agent", "--config", "/etc/jf.json"]);
+        assert_eq!(
+            ServiceKind::of(&agent.binary, &agent.args),
+            Some(ServiceKind::PedestalAgent)
+        );
+        assert_eq!(specs.len(), plain.len() + 1);
+    }
 }

@@ -255,10 +255,28 @@ struct Cal {
 
 const PLANE: usize = N_MODULES * H * W;
 
+/// Opens an HDF5 file without HDF5's file lock. The tests of this binary run in parallel and
+/// spawn children while this process has HDF5 files open; libhdf5 opens without O_CLOEXEC, so a
+/// child started meanwhile keeps the locked descriptor (and its lock) for its life, and this
+/// process's next open of the same file fails with EAGAIN (seen with the HTTP and RabbitMQ
+/// tests in parallel). The children run without locking too (`HDF5_USE_FILE_LOCKING=FALSE`).
+fn h5_open(path: &Path) -> hdf5::Result<hdf5::File> {
+    hdf5::File::with_options()
+        .with_fapl(|p| p.file_locking(false))
+        .open(path)
+}
+
+/// [`h5_open`] for a new file.
+fn h5_create(path: &Path) -> hdf5::Result<hdf5::File> {
+    hdf5::File::with_options()
+        .with_fapl(|p| p.file_locking(false))
+        .create(path)
+}
+
 fn write_cal(path: &Path, c: &Cal) -> Result<()> {
     let tmp = path.with_extension("tmp.h5");
     {
-        let f = hdf5::File::create(&tmp)?;
+        let f = h5_create(&tmp)?;
         let stack = [3, N_MODULES * H, W];
         f.new_dataset::<f32>()
             .shape(stack)
@@ -278,7 +296,7 @@ fn write_cal(path: &Path, c: &Cal) -> Result<()> {
 }
 
 fn read_cal(path: &Path) -> Result<Cal> {
-    let f = hdf5::File::open(path)?;
+    let f = h5_open(path)?;
     Ok(Cal {
         gains: f.dataset("gains")?.read_raw::<f32>()?,
         pedestals: f.dataset("pedestals")?.read_raw::<f32>()?,
@@ -326,7 +344,7 @@ fn photon(c: &Cal, i: usize, v: u16) -> i16 {
 
 /// `/<det>/data` and `/<det>/image_id` of a written file.
 fn read_images(file: &Path, det: &str) -> Result<(Vec<i16>, Vec<u64>)> {
-    let f = hdf5::File::open(file)?;
+    let f = h5_open(file)?;
     let data = f.dataset(&format!("{det}/data"))?;
     let shape = data.shape();
     if shape[1..] != [N_MODULES * H, W] {
@@ -452,7 +470,7 @@ fn pedestal_run_makes_the_calibration_and_photon_counts_are_exact() {
         assembler::calib::calibration_id(&cal.gains, &cal.pedestals, &mask_bool),
         new_id
     );
-    let f = hdf5::File::open(&cal_path).unwrap();
+    let f = h5_open(&cal_path).unwrap();
     let rms = f
         .dataset("pedestal_rms")
         .unwrap()
@@ -811,6 +829,313 @@ fn a_pedestal_run_requested_over_http_writes_the_calibration_the_assembler_takes
         .count() as u64;
     assert_eq!(report["pixels_masked"].as_u64(), Some(bad), "{v}");
     wait_for_swap(&s, id).unwrap();
+    drop(s);
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Whether RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer (scripts/setup.sh starts
+/// them). Without them the test is skipped with a reason, except in CI (`CI=true`), where it
+/// fails.
+fn broker_available(test: &str) -> bool {
+    let reach = |port: u16, what: &str| {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| format!("{what} on 127.0.0.1:{port} is not reachable ({e})"))
+    };
+    match reach(5672, "RabbitMQ").and_then(|()| reach(6379, "Redis")) {
+        Ok(()) => true,
+        Err(e) => {
+            let why = format!("{test}: {e}");
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{why}; in CI every prerequisite must be there (run scripts/setup.sh)");
+            }
+            eprintln!("skipped: {why} (run scripts/setup.sh)");
+            false
+        }
+    }
+}
+
+/// One request of a thread of its own: its statuses as they come, then its outcome.
+struct Request {
+    id: String,
+    statuses: std::sync::mpsc::Receiver<std_writer_agent::StatusMessage>,
+    thread: std::thread::JoinHandle<
+        Result<std_writer_agent::StatusMessage, std_writer_agent::client::BlockingError>,
+    >,
+}
+
+impl Request {
+    fn send(opts: &std_writer_agent::ClientOptions, body: &serde_json::Value) -> Request {
+        let id = std_writer_agent::client::new_request_id();
+        let (tx, statuses) = std::sync::mpsc::channel();
+        let (opts, rid, body) = (opts.clone(), id.clone(), body.clone());
+        let thread = std::thread::spawn(move || {
+            std_writer_agent::client::send_request_blocking(&opts, &rid, &body, |s| {
+                let _ = tx.send(s.clone());
+            })
+        });
+        Request {
+            id,
+            statuses,
+            thread,
+        }
+    }
+
+    /// The non-final statuses up to and including the first with `state: "running"` (the run
+    /// follows the image stream).
+    fn until_running(&self) -> Vec<std_writer_agent::StatusMessage> {
+        let mut seen = Vec::new();
+        loop {
+            let s = self
+                .statuses
+                .recv_timeout(WATCHDOG)
+                .unwrap_or_else(|e| panic!("no running status ({e}); seen {seen:?}"));
+            let running = s.body["state"] == "running";
+            seen.push(s);
+            if running {
+                return seen;
+            }
+        }
+    }
+
+    /// The final status (request_success) or the request_fail one, and the statuses before.
+    fn end(
+        self,
+    ) -> (
+        Result<std_writer_agent::StatusMessage, std_writer_agent::StatusMessage>,
+        Vec<std_writer_agent::StatusMessage>,
+    ) {
+        use std_writer_agent::client::{BlockingError, ClientError};
+        let result = match self.thread.join().unwrap() {
+            Ok(s) => Ok(s),
+            Err(BlockingError::Client(ClientError::Failed(s))) => Err(*s),
+            Err(e) => panic!("request {}: {e}", self.id),
+        };
+        (result, self.statuses.try_iter().collect())
+    }
+}
+
+/// The same run as a request over RabbitMQ to `std-daq pedestal-agent` (real broker, real
+/// binaries): a refused body (request_fail naming the field), a run killed while it follows
+/// the stream (request_fail "killed", no file, the old calibration kept; a request sent
+/// meanwhile refused as "in progress"), then a run that succeeds: request_start, progress with
+/// state "running", request_success whose message is the report, its calibration_id the file's;
+/// then the same through `std-daq pedestal --broker`; the service's Redis counters; SIGTERM
+/// during a run ends it with request_fail.
+#[test]
+fn a_pedestal_run_requested_over_rabbitmq_reports_start_then_success_and_a_kill_writes_nothing() {
+    use std_daq_tests::stack::Proc;
+    use std_writer_agent::protocol::action;
+    if !broker_available("pedestal over RabbitMQ") {
+        return;
+    }
+    let work = work_dir("pedamqp");
+    std::fs::create_dir_all(&work).unwrap();
+    let gain_path = work.join("gains.h5");
+    let cal_path = work.join("calibration.h5");
+    let gains = gain_file();
+    write_cal(&gain_path, &gains).unwrap();
+    write_cal(&cal_path, &gains).unwrap();
+    let s = Services::start("pedamqp", work.clone(), config(&cal_path)).unwrap();
+    let det = s.config.detector_name.clone();
+    let agent_log = work.join("pedestal-agent.log");
+    let agent = Proc(
+        Process::new(s.bin.join("std-daq"))
+            .arg("pedestal-agent")
+            .arg("--config")
+            .arg(&s.config_path)
+            .args(["--broker", BROKER])
+            .env("HDF5_USE_FILE_LOCKING", "FALSE")
+            .env_remove("PEDESTAL_TAG")
+            .env_remove("REDIS_SKIP")
+            .env_remove("SERVICE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    poll_until("the pedestal service on the broker", WATCHDOG, || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .contains("serving pedestal requests")
+            .then_some(())
+    })
+    .unwrap();
+    let opts = std_writer_agent::ClientOptions {
+        broker_url: BROKER.into(),
+        // The documented default routing key.
+        tag: format!("{det}.pedestal"),
+        idle_timeout: WATCHDOG,
+    };
+    let source = format!("{det}.pedestal_agent");
+    let gain = gain_path.display().to_string();
+
+    // Refused bodies: the HTTP route's checks, the field named, nothing started.
+    for (body, words) in [
+        (
+            serde_json::json!({"gain_file": gain, "frames_per_stage": 8, "colour": 1}),
+            "unknown field \"colour\"",
+        ),
+        (serde_json::json!({"frames_per_stage": 8}), "gain_file"),
+        (
+            serde_json::json!({"gain_file": gain, "output": "/tmp/elsewhere.h5"}),
+            "output must be",
+        ),
+    ] {
+        let (result, before) = Request::send(&opts, &body).end();
+        let fail = result.unwrap_err();
+        assert_eq!(fail.action, action::REQUEST_FAIL);
+        assert!(fail.message.contains(words), "{words}: {fail:?}");
+        assert_eq!(fail.source, source);
+        assert!(before.is_empty(), "statuses before a refusal: {before:?}");
+    }
+
+    // Killed while it follows the stream: request_fail "killed", nothing written.
+    let killed_path = work.join("killed.h5");
+    let before_files = std::fs::read_dir(&work).unwrap().count();
+    let body = serde_json::json!({
+        "gain_file": gain, "frames_per_stage": 8, "timeout_s": 120,
+        "output": killed_path.display().to_string(),
+    });
+    let victim = Request::send(&opts, &body);
+    let seen = victim.until_running();
+    assert_eq!(seen[0].action, action::REQUEST_START, "{seen:?}");
+    // One run at a time.
+    let (second, _) = Request::send(&opts, &body).end();
+    let second = second.unwrap_err();
+    assert!(second.message.contains("in progress"), "{second:?}");
+    std_writer_agent::client::kill_blocking(&opts, &victim.id).unwrap();
+    let (result, _) = victim.end();
+    let fail = result.unwrap_err();
+    assert_eq!(fail.action, action::REQUEST_FAIL);
+    assert!(fail.message.starts_with("killed"), "{fail:?}");
+    assert_eq!(fail.body["killed"], true, "{fail:?}");
+    assert!(!killed_path.exists());
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), before_files);
+    assert_eq!(read_cal(&cal_path).unwrap().pedestals, gains.pedestals);
+
+    // The run that succeeds, into the config's calibration_file.
+    let body = serde_json::json!({"gain_file": gain, "frames_per_stage": 8, "timeout_s": 120});
+    let run = Request::send(&opts, &body);
+    let seen = run.until_running();
+    assert_eq!(seen[0].action, action::REQUEST_START, "{seen:?}");
+    assert!(
+        seen[1..]
+            .iter()
+            .all(|s| s.action == action::REQUEST_PROGRESS),
+        "{seen:?}"
+    );
+    play_darks(&s, 8, 1).unwrap();
+    let (result, after) = run.end();
+    let done = result.unwrap_or_else(|f| panic!("request_fail: {f:?}"));
+    assert_eq!(done.action, action::REQUEST_SUCCESS);
+    assert!(
+        after.iter().all(|s| s.action == action::REQUEST_PROGRESS),
+        "{after:?}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&done.message).unwrap();
+    assert_eq!(done.body["report"], report);
+    assert_eq!(done.body["gain_file"], gain.as_str(), "the request echoed");
+    assert_eq!(
+        report["stages"]["G1"]["frames"],
+        serde_json::json!([8, 8]),
+        "{report}"
+    );
+    assert_eq!(report["output"], cal_path.display().to_string());
+    let id = report["calibration_id"].as_u64().unwrap();
+    let cal = read_cal(&cal_path).unwrap();
+    let mask: Vec<bool> = cal.mask.iter().map(|m| *m != 0).collect();
+    assert_eq!(
+        assembler::calib::calibration_id(&cal.gains, &cal.pedestals, &mask),
+        id
+    );
+    // The file's attribute (decimal text) is the reported id.
+    let f = h5_open(&cal_path).unwrap();
+    let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
+    drop(f);
+    assert_eq!(attr.as_str(), id.to_string());
+    assert_eq!(cal.gains, gains.gains);
+    wait_for_swap(&s, id).unwrap();
+
+    // The same through the CLI: `std-daq pedestal --broker` (a refusal, then a run).
+    let cli = |extra: &[&str]| {
+        let mut c = Process::new(s.bin.join("std-daq"));
+        c.args(["pedestal", "--broker", BROKER, "--tag", &opts.tag])
+            .args(["--gain-file", &gain, "--frames", "8", "--timeout-s", "120"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let out = cli(&["--output", "/tmp/elsewhere.h5"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("output must be"), "{err}");
+    let mut child = cli(&[]).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{lines:?}");
+        let ready = line.starts_with("ready:");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    play_darks(&s, 8, 3 * 8 + 1).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{lines:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = h5_open(&cal_path).unwrap();
+    let attr: hdf5::types::VarLenUnicode = f.attr("calibration_id").unwrap().read_scalar().unwrap();
+    drop(f);
+    assert_eq!(report["calibration_id"].to_string(), attr.as_str());
+
+    // Its status hash (refreshed every few seconds) counts what happened: 5 refusals (3 bodies,
+    // one "in progress", the CLI's), 1 killed run, 2 that succeeded.
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = format!("status.std-daq.{det}.pedestal-agent");
+    let want = [
+        ("requests_received", "8"),
+        ("requests_refused", "5"),
+        ("runs_killed", "1"),
+        ("runs_succeeded", "2"),
+        ("runs_failed", "0"),
+        ("state", "idle"),
+    ];
+    let mut last: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let counted = poll_until("the pedestal service's status hash", WATCHDOG, || {
+        last = redis::cmd("HGETALL").arg(&key).query(&mut redis).ok()?;
+        want.iter()
+            .all(|(k, v)| last.get(*k).map(String::as_str) == Some(*v))
+            .then_some(())
+    });
+    assert!(counted.is_ok(), "{key}: {last:?}");
+    assert_eq!(last.get("last_calibration_id"), Some(&attr.to_string()));
+
+    // SIGTERM during a run: cancelled, request_fail saying so, nothing written.
+    let body = serde_json::json!({
+        "gain_file": gain, "frames_per_stage": 8, "timeout_s": 120,
+        "output": killed_path.display().to_string(),
+    });
+    let last_run = Request::send(&opts, &body);
+    last_run.until_running();
+    drop(agent);
+    let (result, _) = last_run.end();
+    let fail = result.unwrap_err();
+    assert!(
+        fail.message.starts_with("the pedestal service is stopping"),
+        "{fail:?}"
+    );
+    assert!(!killed_path.exists());
     drop(s);
     std::fs::remove_dir_all(&work).unwrap();
 }
