@@ -28,6 +28,12 @@ pub fn writer_command_endpoint(cfg: &DetectorConfig) -> String {
     format!("ipc://{}/std-daq-{}-writer", cfg.ipc_dir, cfg.detector_name)
 }
 
+/// The writer's marker naming the `.part` of its run in progress (removed when the run ends): a
+/// restarted writer that finds it clears the HDF5 flags of the file its predecessor left.
+pub fn writer_marker_path(cfg: &DetectorConfig) -> std::path::PathBuf {
+    std::path::Path::new(&cfg.ipc_dir).join(format!("std-daq-{}-writer.writing", cfg.detector_name))
+}
+
 /// The file behind an `ipc://` endpoint, for clean-up checks.
 pub fn ipc_path(endpoint: &str) -> Option<&str> {
     endpoint.strip_prefix("ipc://")

@@ -244,6 +244,10 @@ pub struct RunSummary {
     /// The `request_id` given with `start`, if any.
     pub request_id: Option<String>,
     pub output_file: String,
+    /// The file being written: `<output_file>.part` until the run ends, readable meanwhile by
+    /// SWMR readers (`h5py.File(path, "r", swmr=True)`, `refresh()` to see it grow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_file: Option<String>,
     /// Images requested; `null` for an unbounded run (written until stopped).
     #[serde(default)]
     pub n_images: Option<u64>,

@@ -33,6 +33,17 @@
 //! was written after it is orphaned space at the end of the file. (A death *during* a checkpoint's
 //! flush is the one window left; it lasts as long as writing a few kB of metadata.)
 //!
+//! **Reading while writing (SWMR).** The file uses the latest HDF5 format, and once the run's
+//! start attributes are in, [`ImageFile::start_swmr`] switches it to single-writer/multiple-reader
+//! mode: a reader that opens the `.part` with `h5py.File(path, "r", swmr=True)` (and calls
+//! `refresh()` on a dataset to see it grow) reads every checkpointed image and its ledger rows
+//! while the writer goes on. No object or attribute can be created in SWMR mode, so `end_time`
+//! and the closing attributes ([`ImageFile::set_closing_attribute`]) are written after the SWMR
+//! writer closed the file, by reopening it normally. A file left by a killed SWMR writer still has
+//! HDF5's "open for write" flags: SWMR readers open it as it is, and [`clear_status_flags`] (what
+//! `h5clear -s` does; the restarted writer does it for its predecessor's file, and
+//! [`ImageFile::abandon`] for its own) makes it open everywhere.
+//!
 //! Chunks of `data` are allocated only when written (alloc time incremental) and never pre-filled
 //! (fill time never). Because a reader of an unallocated chunk under fill time never gets whatever
 //! was in its own buffer rather than zeros, a checkpoint and `close` write a zero chunk for every
@@ -250,6 +261,11 @@ pub enum FileError {
         #[source]
         source: hdf5::Error,
     },
+    #[error(
+        "{path}: cannot add {what} while readers may be reading the file (SWMR mode): set it \
+         before start_swmr, or as a closing attribute"
+    )]
+    SwmrStarted { path: PathBuf, what: String },
 }
 
 /// The open HDF5 objects; dropped (datasets before the file) when the file is finished.
@@ -310,6 +326,10 @@ pub struct ImageFile {
     zeros: Vec<u8>,
     /// Set when `spec.compression` is not `None`; holds the reused compression buffers.
     compressor: Option<Compressor>,
+    /// [`ImageFile::start_swmr`] was called: no new objects or attributes until closed.
+    swmr: bool,
+    /// Root attributes written when the file is closed.
+    closing_attributes: Vec<(String, String)>,
 }
 
 // Not derived: `records` and `zeros` can be megabytes.
@@ -377,7 +397,8 @@ impl ImageFile {
         // H5F_ACC_EXCL: O_EXCL underneath, so a file that appeared since the check above is not
         // touched either.
         let file = match File::with_options()
-            .with_fapl(|fapl| fapl.mdc_config(&no_evictions()))
+            // The latest format: what SWMR needs (superblock v3, extensible-array chunk index).
+            .with_fapl(|fapl| fapl.mdc_config(&no_evictions()).libver_latest())
             .create_excl(path)
         {
             Ok(file) => file,
@@ -436,13 +457,64 @@ impl ImageFile {
             attributes_dirty: false,
             zeros: Vec::new(),
             compressor,
+            swmr: false,
+            closing_attributes: Vec::new(),
         })
+    }
+
+    /// Switches the file to SWMR mode after a checkpoint: from now on SWMR readers can open it
+    /// and see each checkpoint's images and rows. No attribute can be added afterwards
+    /// ([`FileError::SwmrStarted`]); closing attributes still can.
+    pub fn start_swmr(&mut self) -> Result<(), FileError> {
+        if self.swmr {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        let id = open.file.id();
+        hdf5::sync::sync(|| {
+            // SAFETY: we hold hdf5's global library lock (hdf5::sync::sync), required for every
+            // call into the non-threadsafe libhdf5. `id` is the live file id owned by
+            // `open.file`, which outlives the call; the file was created read-write with the
+            // latest format, as H5Fstart_swmr_write requires.
+            let ret = unsafe { hdf5_sys::h5f::H5Fstart_swmr_write(id) };
+            if ret < 0 {
+                Err(hdf5::Error::query().unwrap_or_else(|e| e))
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|source| FileError::Hdf5 {
+            path: self.path.clone(),
+            op: "starting SWMR mode",
+            source,
+        })?;
+        self.swmr = true;
+        Ok(())
+    }
+
+    /// Whether [`start_swmr`](Self::start_swmr) was called.
+    pub fn is_swmr(&self) -> bool {
+        self.swmr
+    }
+
+    /// A root string attribute written when the file is closed (by [`close`](Self::close) or a
+    /// drop; not by [`abandon`](Self::abandon)), e.g. the run summary.
+    pub fn set_closing_attribute(&mut self, name: &str, value: &str) {
+        self.closing_attributes
+            .push((name.to_owned(), value.to_owned()));
     }
 
     /// Sets a string attribute on the file's root (config, software version, times).
     /// On disk at the next checkpoint.
     pub fn set_file_attribute(&mut self, name: &str, value: &str) -> Result<(), FileError> {
         let open = self.open.as_ref().ok_or_else(|| self.closed_error())?;
+        if self.swmr {
+            return Err(FileError::SwmrStarted {
+                path: self.path.clone(),
+                what: format!("the attribute {name}"),
+            });
+        }
         set_str_attr(&open.file, name, value).map_err(|source| FileError::Hdf5 {
             path: self.path.clone(),
             op: "writing a file attribute",
@@ -564,6 +636,15 @@ impl ImageFile {
             drop((records, data, group));
             // Every write of the close goes to /dev/null; its errors do not matter.
             let _ = file.close();
+            if self.swmr {
+                // The superblock is rewritten in place: no space needed even on a full disk.
+                if let Err(e) = clear_status_flags(&self.path) {
+                    tracing::error!(
+                        "{e}; SWMR readers (h5py swmr=True) still open the file, `h5clear -s` \
+                         makes it open everywhere"
+                    );
+                }
+            }
         }
         self.images_checkpointed
     }
@@ -657,7 +738,29 @@ impl ImageFile {
                 })?;
             }
         }
-        result.map(|()| count)
+        result?;
+        if self.swmr {
+            self.write_last_words()?;
+        }
+        Ok(count)
+    }
+
+    /// After the SWMR writer closed the file (which clears its flags): reopens it normally for
+    /// what SWMR mode cannot add, `end_time` and the closing attributes. Without HDF5's file
+    /// lock: a SWMR reader still holding the file (online processing) keeps a shared lock that
+    /// would make the run fail at its very end; it only reads, and latest-format metadata is
+    /// checksummed, so such a reader retries a read that raced with these few writes.
+    fn write_last_words(&mut self) -> Result<(), FileError> {
+        let hdf5_err = |op| {
+            let path = self.path.clone();
+            move |source| FileError::Hdf5 { path, op, source }
+        };
+        let file = File::with_options()
+            .with_fapl(|fapl| fapl.file_locking(false))
+            .open_rw(&self.path)
+            .map_err(hdf5_err("reopening for end_time"))?;
+        write_end(&file, &self.closing_attributes).map_err(hdf5_err("writing end_time"))?;
+        file.close().map_err(hdf5_err("closing the file"))
     }
 
     fn finish_open(&mut self, count: u64) -> Result<(), FileError> {
@@ -668,11 +771,9 @@ impl ImageFile {
             let path = self.path.clone();
             move |source| FileError::Hdf5 { path, op, source }
         };
-        let end_time = crate::file::now_iso8601();
-        set_str_attr(&open.file, "end_time", &end_time).map_err(hdf5_err("writing end_time"))?;
-        if open.file.link_exists("entry") {
-            crate::nxmx::write_end_time(&open.file, &end_time)
-                .map_err(hdf5_err("writing /entry/end_time"))?;
+        if !self.swmr {
+            write_end(&open.file, &self.closing_attributes)
+                .map_err(hdf5_err("writing end_time"))?;
         }
         open.file.flush().map_err(hdf5_err("flushing the file"))?;
         self.images_checkpointed = count;
@@ -768,6 +869,66 @@ impl ImageFile {
         )
         .map_err(hdf5_err("writing calibration_id"))
     }
+}
+
+/// `end_time` (root and /entry) and the closing attributes.
+fn write_end(file: &File, closing: &[(String, String)]) -> hdf5::Result<()> {
+    let end_time = now_iso8601();
+    set_str_attr(file, "end_time", &end_time)?;
+    if file.link_exists("entry") {
+        crate::nxmx::write_end_time(file, &end_time)?;
+    }
+    for (name, value) in closing {
+        set_str_attr(file, name, value)?;
+    }
+    Ok(())
+}
+
+/// Clears HDF5's "open for write" flags of a file a SWMR writer left without closing it (killed,
+/// or given up by [`ImageFile::abandon`]), as `h5clear -s` does, so that every reader opens it.
+/// The file's content is not touched. Fails if a writer still has it open.
+pub fn clear_status_flags(path: &Path) -> Result<(), FileError> {
+    let hdf5_err = |op| {
+        let path = path.to_owned();
+        move |source| FileError::Hdf5 { path, op, source }
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        FileError::InvalidSpec {
+            path: path.to_owned(),
+            reason: "the path contains a NUL byte".into(),
+        }
+    })?;
+    // Without the lock, as write_last_words: a SWMR reader may hold the file.
+    let fapl = hdf5::plist::FileAccess::build()
+        .file_locking(false)
+        .finish()
+        .map_err(hdf5_err("making a file access list"))?;
+    let fapl_id = fapl.id();
+    hdf5::sync::sync(|| {
+        // SAFETY: we hold hdf5's global library lock, required for every libhdf5 call.
+        // `fapl_id` is a live file access list owned by `fapl` for the whole closure. The
+        // property "clear_status_flags" (libhdf5's H5F_ACS_CLEAR_STATUS_FLAGS_NAME, what h5clear
+        // sets) is an hbool_t: libhdf5 copies its registered size (1 or 4 bytes) from `clear`,
+        // a 4-byte 1 whose first byte is 1 on this little-endian target, valid during the call.
+        // `c_path` is a NUL-terminated string valid for the call. The file id H5Fopen returns
+        // is closed before the closure ends.
+        unsafe {
+            let mut clear: u32 = 1;
+            let name = c"clear_status_flags";
+            if hdf5_sys::h5p::H5Pset(fapl_id, name.as_ptr(), (&raw mut clear).cast()) < 0 {
+                return Err(hdf5::Error::query().unwrap_or_else(|e| e));
+            }
+            let id = hdf5_sys::h5f::H5Fopen(c_path.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDWR, fapl_id);
+            if id < 0 {
+                return Err(hdf5::Error::query().unwrap_or_else(|e| e));
+            }
+            if hdf5_sys::h5f::H5Fclose(id) < 0 {
+                return Err(hdf5::Error::query().unwrap_or_else(|e| e));
+            }
+        }
+        Ok(())
+    })
+    .map_err(hdf5_err("clearing the SWMR writer's flags"))
 }
 
 fn column<T>(records: &[Row], f: impl Fn(&Row) -> T) -> Vec<T> {
@@ -1208,14 +1369,16 @@ mod tests {
         (shape, values)
     }
 
-    /// What is on disk between checkpoints is the last checkpoint: a copy of the file taken
-    /// while it is open (= the file a killed writer leaves) opens and holds exactly the
-    /// checkpointed images, pixels and records.
+    /// What is on disk between checkpoints is the last checkpoint: a copy of the SWMR file taken
+    /// while it is open (= the file a killed writer leaves) opens as it is for a SWMR reader,
+    /// and for any reader once its flags are cleared (as the restarted writer does), and holds
+    /// exactly the checkpointed images, pixels and records.
     #[test]
     fn the_file_on_disk_is_always_the_last_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("live.h5");
         let mut file = ImageFile::create(&path, &spec(Dtype::Uint16, 100)).unwrap();
+        file.start_swmr().unwrap();
         let snapshot = |name: &str| {
             let copy = dir.path().join(name);
             std::fs::copy(&path, &copy).unwrap();
@@ -1235,6 +1398,13 @@ mod tests {
         file.close().unwrap();
 
         for (copy, n) in [(at_10, 10u64), (at_15, 15)] {
+            let swmr = File::open_as(&copy, hdf5::file::OpenMode::ReadSWMR).unwrap();
+            let data = swmr.dataset("jf-test/data").unwrap();
+            assert_eq!(data.shape(), [n as usize, 6, 8]);
+            assert_eq!(data.read_raw::<u16>().unwrap()[8 + 3], pixel(0, 1, 3));
+            drop((data, swmr));
+            assert!(File::open(&copy).is_err(), "flags of an open writer");
+            clear_status_flags(&copy).unwrap();
             let (shape, values) = read_u16(&copy);
             assert_eq!(shape, [n as usize, 6, 8], "{}", copy.display());
             let want: Vec<u16> = (0..n)
@@ -1515,6 +1685,60 @@ mod tests {
         assert_eq!(ids.read_raw::<u64>().unwrap(), vec![5000, 0, 0, 5003]);
         let status = file.dataset("jf-test/status").unwrap();
         assert_eq!(status.read_raw::<u16>().unwrap(), vec![1, 0, 0, 2]);
+    }
+
+    /// In SWMR mode attributes are refused (named), images still go in, and the closed file has
+    /// end_time and the closing attributes (written after reopening it normally).
+    #[test]
+    fn a_swmr_file_closes_with_end_time_and_closing_attributes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("swmr.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 10)).unwrap();
+        f.set_file_attribute("before", "yes").unwrap();
+        f.start_swmr().unwrap();
+        let e = f.set_file_attribute("after", "no").unwrap_err();
+        assert!(matches!(e, FileError::SwmrStarted { .. }), "{e}");
+        for i in 0..3 {
+            f.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        f.set_closing_attribute("run_summary", r#"{"images_written":3}"#);
+        assert_eq!(f.close().unwrap(), 3);
+        let (shape, pixels) = read_u16(&path);
+        assert_eq!(shape, [3, 6, 8]);
+        assert_eq!(pixels[6 * 8 * 2 + 7], pixel(2, 0, 7));
+        let file = File::open(&path).unwrap();
+        let attr = |n: &str| -> String {
+            file.attr(n)
+                .unwrap()
+                .read_scalar::<hdf5::types::VarLenUnicode>()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(attr("before"), "yes");
+        assert_eq!(attr("run_summary"), r#"{"images_written":3}"#);
+        assert!(attr("end_time").ends_with('Z'));
+        assert!(!file.attr_names().unwrap().contains(&"after".to_string()));
+    }
+
+    /// A SWMR file given up after a failed write opens in any reader (flags cleared) and holds
+    /// its last checkpoint.
+    #[test]
+    fn an_abandoned_swmr_file_opens_normally_at_its_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abandoned.h5");
+        let mut f = ImageFile::create(&path, &spec(Dtype::Uint16, 10)).unwrap();
+        f.start_swmr().unwrap();
+        for i in 0..2 {
+            f.write_image(i, &u16_image(i, 6, 8), record(i)).unwrap();
+        }
+        assert_eq!(f.checkpoint().unwrap(), 2);
+        f.write_image(2, &u16_image(2, 6, 8), record(2)).unwrap();
+        assert_eq!(f.abandon(), 2);
+        let (shape, pixels) = read_u16(&path);
+        assert_eq!(shape, [2, 6, 8]);
+        assert_eq!(pixels[6 * 8 + 1], pixel(1, 0, 1));
+        // Clearing again is harmless.
+        clear_status_flags(&path).unwrap();
     }
 
     #[test]

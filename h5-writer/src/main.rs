@@ -37,8 +37,10 @@ struct Args {
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Make the file being written crash-consistent at most this often (milliseconds; also
-    /// whenever the image stream pauses): if the writer dies, its `<file>.part` opens in any
-    /// HDF5 reader and holds exactly the `images_checkpointed` the status last reported.
+    /// whenever the image stream pauses): if the writer dies, its `<file>.part` holds exactly the
+    /// `images_checkpointed` the status last reported (SWMR readers open it as it is, every
+    /// reader once the restarted writer cleared its flags). SWMR readers of the `.part`
+    /// (h5py swmr=True) see the file grow checkpoint by checkpoint.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_interval_ms: u64,
 }
@@ -105,7 +107,8 @@ fn main() -> Result<()> {
         .with_compression(compression)
         .with_checkpoint_interval(std::time::Duration::from_millis(
             args.checkpoint_interval_ms,
-        ));
+        ))
+        .with_writing_marker(names::writer_marker_path(&cfg));
     let board = StatusBoard::default();
     std_daq_common::metrics::serve_if(
         args.metrics_addr

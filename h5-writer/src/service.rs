@@ -13,7 +13,7 @@
 use crate::command::{Command, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED};
 use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::{Expect, RingReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use std_daq_common::metrics::Histogram;
@@ -69,6 +69,9 @@ pub struct Writer {
     /// From an image's ImageMetadata received (≈ published: ipc takes microseconds) to the
     /// image written into the file.
     pub latency: Arc<Histogram>,
+    /// Names the `.part` of the run in progress, so a restarted writer can clear the SWMR flags
+    /// of the file its killed predecessor left ([`Writer::with_writing_marker`]).
+    writing_marker: Option<PathBuf>,
 }
 
 impl Writer {
@@ -96,7 +99,33 @@ impl Writer {
                 "image_write_latency_seconds",
                 "ImageMetadata received -> image written into the file",
             ),
+            writing_marker: None,
         }
+    }
+
+    /// Keeps a marker file at `marker` naming the `.part` while a run is in progress. If one is
+    /// there already, a writer died during a run: its `.part` keeps HDF5's "open for write"
+    /// flags (only SWMR readers open it), which this clears so that every reader opens the file
+    /// at its last checkpoint.
+    pub fn with_writing_marker(mut self, marker: PathBuf) -> Self {
+        if let Ok(left) = std::fs::read_to_string(&marker) {
+            let left = Path::new(left.trim_end());
+            if left.exists() {
+                match crate::file::clear_status_flags(left) {
+                    Ok(()) => tracing::info!(
+                        file = %left.display(),
+                        "cleared the open-for-write flags of the file a writer left when it died; \
+                         it opens in any reader at its last checkpoint"
+                    ),
+                    Err(e) => {
+                        tracing::warn!("{e}; open it with h5py swmr=True or run `h5clear -s` on it")
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&marker);
+        }
+        self.writing_marker = Some(marker);
+        self
     }
 
     /// Stores images of later runs with `compression` (compressed by the writer itself).
@@ -356,8 +385,15 @@ impl Writer {
                         tracing::warn!("{e}");
                     }
                 }
-                if let Err(e) = file.checkpoint() {
-                    tracing::warn!("{e}");
+                // Readers may open the .part from here on (h5py swmr=True).
+                if let Err(e) = file.start_swmr() {
+                    tracing::warn!("{e}; the file cannot be read until the run ends");
+                }
+                if let Some(marker) = &self.writing_marker {
+                    let text = partial.as_os_str().as_encoded_bytes();
+                    if let Err(e) = std::fs::write(marker, text) {
+                        tracing::warn!(marker = %marker.display(), "cannot write the marker: {e}");
+                    }
                 }
                 tracing::info!(output_file, n_images, max_images, "run started");
                 self.run = Some(Run {
@@ -367,6 +403,7 @@ impl Writer {
                         output_file: output_file.to_string(),
                         n_images,
                         max_images,
+                        partial_file: Some(partial.display().to_string()),
                         ..RunSummary::default()
                     },
                     first_image_at: None,
@@ -464,12 +501,23 @@ impl Writer {
         summary.end = end.to_string();
         let partial = run.file.path().to_path_buf();
         let output = Path::new(&summary.output_file).to_path_buf();
+        let mut file = run.file;
+        summary.seconds = run
+            .first_image_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        summary.images_checkpointed = summary.images_written;
+        if let Ok(json) = serde_json::to_string(&summary) {
+            file.set_closing_attribute("run_summary", &json);
+        }
         // After a failed write nothing more is written: the .part stays at its last checkpoint.
         let closed = if end.starts_with("failed") {
-            Ok(run.file.abandon())
+            Ok(file.abandon())
         } else {
-            run.file.close()
+            file.close()
         };
+        if let Some(marker) = &self.writing_marker {
+            let _ = std::fs::remove_file(marker);
+        }
         if let Ok(n) = closed {
             summary.images_checkpointed = n;
         }

@@ -1055,7 +1055,7 @@ impl Agent {
                         let now = (cur.images_written, cur.images_checkpointed);
                         if now != last_progress.0 && due && *broker_ok && !strict {
                             let of = n_images.map_or(String::new(), |n| format!(" of {n}"));
-                            let msg = job.status(
+                            let mut msg = job.status(
                                 action::REQUEST_PROGRESS,
                                 format!(
                                     "wrote {}{of} images ({} safe in the file)",
@@ -1064,6 +1064,10 @@ impl Agent {
                                 cur.images_written,
                                 None,
                             );
+                            // The file to open while it is written (h5py swmr=True).
+                            if let Some(p) = &cur.partial_file {
+                                msg.insert("partial_file", p.clone().into());
+                            }
                             if let Err(e) = broker::publish_status(status_ch, &msg).await {
                                 tracing::warn!("{e}");
                                 *broker_ok = false;
