@@ -1,16 +1,27 @@
-//! The receiving side: accepts the sender's connections, verifies every part's checksum, writes
+//! The receiving side: accepts the sender's connections, verifies every image's checksum, writes
 //! images into the local ImageBuffer (same layout as the sending host's) strictly in the sender's
 //! stream order, and republishes the identical ImageMetadata on the local PUB, so that a writer on
 //! this host works unchanged.
 //!
 //! Threads: the caller's thread is the committer (it commits images in stream order and owns the
 //! PUB); one accept thread; one reader thread per connection reads each part's bytes straight
-//! into its range of the image's ring slot (a [`SharedRing`] claim, no intermediate buffer),
-//! hashing each chunk right after it arrived (while it is in cache), and checks the trailer.
+//! into its range of the image's ring slot (a [`SharedRing`] claim, no intermediate buffer), one
+//! 256 KiB checksum block at a time, digesting each block right after it arrived (while it is in
+//! cache), and checks the trailer.
 //!
-//! What it must never do: publish an image as good unless every part arrived with a matching
-//! checksum from an intact sender slot; trust any length or field from the wire before checking
-//! it; allocate per image; let an image's claim on a slot destroy another image's written parts.
+//! Checksums: parts lie on the block grid of the assembler's end-to-end checksum
+//! ([`wire::part_range`]), so each reader digests its part's blocks independently, whatever order
+//! the parts arrive in. For an image with `checksum_kind` CHECKSUM_XXH3_BLOCKS the committer,
+//! once all parts are in, combines the block digests in block order and compares the result with
+//! `meta.checksum` (the assembler's). For an image without one, each part's xxh3-64 is compared
+//! with the sender's [`wire::Trailer::checksum`] instead (the fallback). Either mismatch, or parts
+//! whose headers disagree on the image's metadata, makes the image a checksum error: zeroed,
+//! committed and published with status `LostInBuffer`, counted, never good.
+//!
+//! What it must never do: publish an image as good unless its checksum matched and every part
+//! came from an intact sender slot; trust any length or field from the wire before checking it;
+//! allocate per image (block digest lists are recycled through a pool); let an image's claim on a
+//! slot destroy another image's written parts.
 
 use crate::wire::{
     self, FrameHeader, Hello, Kind, Reply, Trailer, PROTOCOL_VERSION, REPLY_ACK, REPLY_MAGIC,
@@ -25,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+use std_daq_common::checksum::{self, BLOCK_BYTES, CHECKSUM_XXH3_BLOCKS};
 use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::{ImageMetadata, ImageStatus};
@@ -35,8 +47,12 @@ const ACK_PERIOD: Duration = Duration::from_millis(50);
 const POLL: Duration = Duration::from_millis(20);
 /// Parts a reader may have read ahead of the committer, per connection.
 const PARTS_QUEUED_PER_CONNECTION: usize = 4;
-/// Bytes read (then hashed) at a time: small enough to be hashed from L2 right after the read.
-const READ_CHUNK: usize = 256 << 10;
+/// Bytes read (then hashed) at a time: one checksum block (parts start on the block grid, so
+/// every read is exactly one block, the image's last one possibly shorter); small enough to be
+/// hashed from L2 right after the read.
+const READ_CHUNK: usize = BLOCK_BYTES;
+/// Bytes on the wire per Image frame besides its payload (header + trailer).
+const FRAME_OVERHEAD: u64 = (wire::FRAME_HEADER_BYTES + std::mem::size_of::<Trailer>()) as u64;
 /// How often a reader retries a slot still held by an older image the committer has not yet
 /// committed (only when image ids in flight are a multiple of the ring size apart).
 const SLOT_RETRY: Duration = Duration::from_micros(200);
@@ -62,7 +78,9 @@ pub struct ReceiverStats {
     pub images_delivered: u64,
     /// Images the sender announced as lost (overwritten in its ring before or while sending).
     pub images_lost: u64,
-    /// Images whose parts failed the checksum: zeroed, flagged `LostInBuffer`, never good.
+    /// Images that failed the checksum (the assembler's image checksum, or for images without
+    /// one the sender's per-part checksum), or whose parts disagreed on the metadata: zeroed,
+    /// flagged `LostInBuffer`, never good.
     pub checksum_errors: u64,
     /// Malformed frames or handshakes (each drops its session).
     pub protocol_errors: u64,
@@ -124,8 +142,12 @@ enum PartStatus {
 struct Part {
     hdr: FrameHeader,
     /// Good: its bytes are in the image's ring slot (the reader's claim has ended; the slot stays
-    /// reserved for the image until it is committed).
+    /// reserved for the image until it is committed). For an image with the assembler's checksum
+    /// Good means intact at the sender: the committer checks the checksum.
     status: PartStatus,
+    /// The block digests of its payload in block order (`checksum::block_digest`), for images
+    /// with the assembler's checksum; empty otherwise. From and back to the session's pool.
+    digests: Vec<u64>,
 }
 
 // Parts are nearly every message and travel by value: boxing them would allocate per part.
@@ -145,6 +167,10 @@ struct Session {
     ack: TcpStream,
     /// Parts of the image being collected (index = part).
     collected: Vec<Part>,
+    /// Where the committer returns the parts' digest lists for the readers to reuse.
+    digest_pool: Sender<Vec<u64>>,
+    /// The image's block digests in block order (capacity: one image's blocks).
+    image_digests: Vec<u64>,
 }
 
 impl Session {
@@ -347,6 +373,11 @@ impl Committer<'_> {
         };
         (&ack).write_all(bytemuck::bytes_of(&welcome))?;
         self.stream = Some((hello.stream_id, next));
+        // Digest lists in flight: up to PARTS_QUEUED_PER_CONNECTION queued + one being read per
+        // connection, plus the parts the committer collects.
+        let pool_len = conns.len() * (PARTS_QUEUED_PER_CONNECTION + 2) + usize::from(hello.parts);
+        let (digest_pool, pool_rx) = bounded::<Vec<u64>>(pool_len);
+        let image_blocks = checksum::block_count(self.opts.image_bytes as usize);
         let mut session = Session {
             hello,
             streams: Vec::with_capacity(conns.len()),
@@ -354,6 +385,8 @@ impl Committer<'_> {
             readers: Vec::with_capacity(conns.len()),
             ack,
             collected: Vec::with_capacity(usize::from(hello.parts)),
+            digest_pool,
+            image_digests: Vec::with_capacity(image_blocks),
         };
         for (_, s) in conns {
             s.set_read_timeout(Some(self.opts.link_timeout))?;
@@ -365,6 +398,7 @@ impl Committer<'_> {
                 link_timeout: self.opts.link_timeout,
                 ring: self.ring.clone(),
                 bytes: Arc::clone(&self.bytes_received),
+                digest_pool: pool_rx.clone(),
             };
             let reader = thread::Builder::new()
                 .name("stream-recv-reader".into())
@@ -451,7 +485,15 @@ impl Committer<'_> {
         let image_id = first.image_id;
         let mut meta = first.meta;
         let image_bytes = self.opts.image_bytes as usize;
-        session.collected.clear();
+        if worst == PartStatus::Good && !image_checksum_ok(session, &meta) {
+            worst = PartStatus::ChecksumMismatch;
+        }
+        for p in session.collected.drain(..) {
+            if p.digests.capacity() > 0 {
+                // Full only if more lists were made than are ever in flight: then it is freed.
+                let _ = session.digest_pool.try_send(p.digests);
+            }
+        }
         if worst != PartStatus::Good {
             meta.status = ImageStatus::LostInBuffer as u16;
             // Never leave an image's bytes half-replaced: zero the whole image.
@@ -501,6 +543,28 @@ impl Committer<'_> {
             self.drop_session("cannot acknowledge", false);
         }
     }
+}
+
+/// Whether the intact parts collected for one image (all of them, in part order) are the image
+/// the assembler checksummed: every part's header carries the same metadata as part 0's (`meta`),
+/// and for an image with the assembler's checksum the block digests, combined in block order,
+/// equal `meta.checksum`. (Without one, each part was already checked against its trailer.)
+fn image_checksum_ok(session: &mut Session, meta: &ImageMetadata) -> bool {
+    if session.collected.iter().any(|p| p.hdr.meta != *meta) {
+        return false;
+    }
+    if meta.checksum_kind != CHECKSUM_XXH3_BLOCKS {
+        return true;
+    }
+    session.image_digests.clear();
+    for p in &session.collected {
+        let len = usize::try_from(p.hdr.payload_len).unwrap_or(usize::MAX);
+        if p.digests.len() != checksum::block_count(len) {
+            return false;
+        }
+        session.image_digests.extend_from_slice(&p.digests);
+    }
+    checksum::combine(&session.image_digests) == meta.checksum
 }
 
 fn accept_loop(
@@ -569,6 +633,8 @@ struct Reader {
     link_timeout: Duration,
     ring: SharedRing<ImageMetadata>,
     bytes: Arc<AtomicU64>,
+    /// Recycled digest lists (see [`Part::digests`]).
+    digest_pool: Receiver<Vec<u64>>,
 }
 
 impl Reader {
@@ -591,6 +657,7 @@ impl Reader {
                 Some(Kind::Lost) => Part {
                     hdr,
                     status: PartStatus::Lost,
+                    digests: Vec::new(),
                 },
                 Some(Kind::Image) => match self.read_part(hdr, &mut hasher) {
                     Ok(part) => part,
@@ -612,13 +679,26 @@ impl Reader {
         // decode() checked offset and length against this host's image size.
         let (offset, len) = (hdr.payload_offset as usize, hdr.payload_len as usize);
         let mut writer = self.claim(&hdr, offset, len)?;
+        // The assembler's checksum: digest block by block (the part starts on the block grid, so
+        // each READ_CHUNK is one block). Without one: hash the part for its trailer.
+        let blocks = hdr.meta.checksum_kind == CHECKSUM_XXH3_BLOCKS;
+        let mut digests = Vec::new();
+        if blocks && writer.is_some() {
+            digests = self.digest_pool.try_recv().unwrap_or_default();
+            digests.clear();
+            digests.reserve(checksum::block_count(len));
+        }
         hasher.reset();
         let io = |e: io::Error| (format!("connection: {e}"), false);
         match writer.as_mut() {
             Some(w) => {
                 for chunk in w.data_mut().chunks_mut(READ_CHUNK) {
                     self.stream.read_exact(chunk).map_err(io)?;
-                    hasher.update(chunk);
+                    if blocks {
+                        digests.push(checksum::block_digest(chunk));
+                    } else {
+                        hasher.update(chunk);
+                    }
                 }
             }
             None => {
@@ -635,17 +715,23 @@ impl Reader {
         let mut tb = [0u8; 16];
         self.stream.read_exact(&mut tb).map_err(io)?;
         let trailer = Trailer::decode(&tb).map_err(|e| (e.to_string(), true))?;
-        self.bytes.fetch_add(len as u64 + 152, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(len as u64 + FRAME_OVERHEAD, Ordering::Relaxed);
         let status = if writer.is_none() {
             PartStatus::Lost
         } else if trailer.verdict == VERDICT_OVERWRITTEN {
             PartStatus::Overwritten
-        } else if hasher.digest() != trailer.checksum {
+        } else if !blocks && hasher.digest() != trailer.checksum {
             PartStatus::ChecksumMismatch
         } else {
+            // With the assembler's checksum the committer verifies the whole image.
             PartStatus::Good
         };
-        Ok(Part { hdr, status })
+        Ok(Part {
+            hdr,
+            status,
+            digests,
+        })
     }
 
     /// The part's range of its image's slot. A slot still held by an older image (committed

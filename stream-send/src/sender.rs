@@ -7,6 +7,13 @@
 //! bookkeeping; a link thread connects, schedules the queue onto the workers and reconnects; one
 //! worker per connection writes frames; one thread reads the receiver's acknowledgements.
 //!
+//! Checksums: an image whose metadata carries the assembler's end-to-end checksum
+//! (`checksum_kind` [`wire::CHECKSUM_XXH3_BLOCKS`], computed once when the image was made) is
+//! sent without a payload hash of its own: the slot is read once, by the socket write, and the
+//! receiver verifies the assembler's checksum. Only images without one (an older or checksum-less
+//! producer) are hashed here, part by part, into the trailer as before; they are counted in
+//! `images_without_checksum`.
+//!
 //! What it must never do: drop an image silently. Every queued image ends either confirmed
 //! delivered or confirmed lost (`LostInBuffer`, published on `lost_publisher`), or is reported as
 //! unconfirmed at shutdown. It never sends a slot's bytes as good unless the slot's seqlock held
@@ -30,6 +37,8 @@ use std_daq_common::service::Shutdown;
 use std_daq_common::status::StatusBoard;
 use std_daq_common::{ImageMetadata, ImageStatus};
 
+/// Bytes on the wire per Image frame besides its payload (header + trailer).
+const FRAME_OVERHEAD: usize = wire::FRAME_HEADER_BYTES + std::mem::size_of::<Trailer>();
 /// Idle connections send a heartbeat frame this often.
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
 const POLL_MS: i64 = 10;
@@ -73,6 +82,9 @@ pub struct SenderStats {
     pub sessions: u64,
     /// Checksum failures the receiver reported (its images are flagged there, never good).
     pub receiver_checksum_errors: u64,
+    /// Queued images whose metadata carried no assembler checksum (`checksum_kind` not
+    /// CHECKSUM_XXH3_BLOCKS): this sender hashed their parts itself (the fallback).
+    pub images_without_checksum: u64,
     pub bytes_sent: u64,
     /// Most images waiting (queued, not yet confirmed) at once.
     pub max_backlog: u64,
@@ -88,6 +100,7 @@ impl SenderStats {
         board.set("invalid_messages", self.invalid_messages);
         board.set("sessions", self.sessions);
         board.set("receiver_checksum_errors", self.receiver_checksum_errors);
+        board.set("images_without_checksum", self.images_without_checksum);
         board.set("bytes_sent", self.bytes_sent);
         board.set("max_backlog", self.max_backlog);
     }
@@ -98,7 +111,7 @@ impl fmt::Display for SenderStats {
         write!(
             f,
             "queued={} delivered={} lost={} unconfirmed={} invalid_messages={} sessions={} \
-             receiver_checksum_errors={} bytes_sent={} max_backlog={}",
+             receiver_checksum_errors={} images_without_checksum={} bytes_sent={} max_backlog={}",
             self.images_queued,
             self.images_delivered,
             self.images_lost,
@@ -106,6 +119,7 @@ impl fmt::Display for SenderStats {
             self.invalid_messages,
             self.sessions,
             self.receiver_checksum_errors,
+            self.images_without_checksum,
             self.bytes_sent,
             self.max_backlog
         )
@@ -240,6 +254,18 @@ pub fn run(
                         Ok(n) if n > buf.len() => stats.invalid_messages += 1,
                         Ok(n) => match ImageMetadata::from_bytes(&buf[..n]) {
                             Ok(meta) if meta.data_bytes == opts.image_bytes => {
+                                if meta.checksum_kind != wire::CHECKSUM_XXH3_BLOCKS {
+                                    stats.images_without_checksum += 1;
+                                    if stats.images_without_checksum == 1 {
+                                        tracing::warn!(
+                                            image_id = meta.image_id,
+                                            checksum_kind = meta.checksum_kind,
+                                            "images without the assembler's checksum: this \
+                                             sender hashes them itself (counted in \
+                                             images_without_checksum; logged once)"
+                                        );
+                                    }
+                                }
                                 st.entries.push_back(Entry {
                                     meta,
                                     sent_lost: false,
@@ -649,7 +675,13 @@ impl Worker<'_> {
             let Some(payload) = data.get(offset..offset + len) else {
                 return Ok(None);
             };
-            let sum = wire::checksum(payload);
+            // The assembler's checksum covers these bytes: the receiver verifies it, nothing to
+            // hash here. Without one (the fallback), hash the part as it is sent.
+            let sum = if meta.checksum_kind == wire::CHECKSUM_XXH3_BLOCKS {
+                0
+            } else {
+                wire::checksum(payload)
+            };
             let h = FrameHeader {
                 meta: *meta,
                 ..header
@@ -664,7 +696,7 @@ impl Worker<'_> {
                 self.write_trailer(sum, VERDICT_INTACT)?;
                 self.shared
                     .bytes_sent
-                    .fetch_add((len + 152) as u64, Ordering::Relaxed);
+                    .fetch_add((len + FRAME_OVERHEAD) as u64, Ordering::Relaxed);
                 return Ok(());
             }
             Ok(Err(e)) => return Err(e),

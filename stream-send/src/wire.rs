@@ -10,14 +10,24 @@
 //! receiver -> sender, on connection 0:      Reply kind=Ack (32 B) every ACK_PERIOD
 //! ```
 //!
+//! Image parts lie on the 256 KiB block grid of the end-to-end image checksum
+//! ([`std_daq_common::checksum`], see [`part_range`]), so the receiver can digest every block of a
+//! part as it arrives and check the assembler's checksum (`meta.checksum`) once all parts are in.
+//! Only for images without one (`meta.checksum_kind` not [`CHECKSUM_XXH3_BLOCKS`]) does the
+//! sender hash each part's payload itself into the [`Trailer`].
+//!
 //! This module only encodes and validates; it never trusts a field from the wire: every decode
 //! checks magic, version, kind and lengths and returns a [`WireError`], never panics.
 
 use bytemuck::{Pod, Zeroable};
+use std_daq_common::checksum::BLOCK_BYTES;
+pub use std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS;
 use std_daq_common::ImageMetadata;
 
-/// 2: the FrameHeader carries ImageMetadata version 3 (680 B).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 2: the FrameHeader carries ImageMetadata version 3 (680 B). 3: parts lie on the checksum block
+/// grid ([`part_range`]); the receiver verifies the assembler's image checksum and
+/// [`Trailer::checksum`] is only set for images without one.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"SDRH");
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"SDRF");
 pub const TRAILER_MAGIC: u32 = u32::from_le_bytes(*b"SDRT");
@@ -102,7 +112,9 @@ const _: () = assert!(std::mem::size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
 pub struct Trailer {
-    /// xxh3-64 of the payload bytes as read from the sender's slot.
+    /// Images whose `meta.checksum_kind` is [`CHECKSUM_XXH3_BLOCKS`]: 0, unused (the receiver
+    /// checks the assembler's `meta.checksum`). Any other image (no assembler checksum): xxh3-64
+    /// ([`checksum`]) of the payload bytes as read from the sender's slot.
     pub checksum: u64,
     /// [`VERDICT_INTACT`] or [`VERDICT_OVERWRITTEN`].
     pub verdict: u32,
@@ -161,13 +173,29 @@ fn bad(what: &'static str, field: &'static str, value: impl Into<u64>) -> WireEr
     }
 }
 
-/// Where part `k` of `parts` lies in an image of `image_bytes`: (offset, len). Total for every
-/// input: a part past the end is empty, and nothing overflows.
+/// Where part `k` of `parts` lies in an image of `image_bytes`: (offset, len).
+///
+/// Parts lie on the checksum block grid: the image's `B = ceil(image_bytes / BLOCK_BYTES)` blocks
+/// are dealt out as evenly as possible, part `k` taking blocks `floor(k * B / parts)` up to
+/// `floor((k + 1) * B / parts)`. So every part starts at a multiple of [`BLOCK_BYTES`], only the
+/// last part (`k = parts - 1`) reaches the image's end (it holds the short last block, if any),
+/// and with more parts than blocks some parts are empty (len 0; they are still sent, as a header
+/// and a trailer, so the part count and the part-to-connection assignment never depend on the
+/// image size). Total for every input: a part past the end (`k >= parts`) is `(image_bytes, 0)`,
+/// and nothing overflows. `parts` 0 counts as 1.
 pub fn part_range(image_bytes: u64, parts: u16, k: u16) -> (u64, u64) {
-    let parts = u64::from(parts.max(1));
-    let chunk = image_bytes.div_ceil(parts);
-    let start = chunk.saturating_mul(u64::from(k)).min(image_bytes);
-    let end = start.saturating_add(chunk).min(image_bytes);
+    let parts = u128::from(parts.max(1));
+    let blocks = u128::from(image_bytes.div_ceil(BLOCK_BYTES as u64));
+    let at = |k: u128| -> u64 {
+        // k <= 2^16 and blocks < 2^47: no overflow in u128; the result is <= image_bytes.
+        let block = (k * blocks / parts).min(blocks);
+        (block * BLOCK_BYTES as u128).min(u128::from(image_bytes)) as u64
+    };
+    let k = u128::from(k);
+    if k >= parts {
+        return (image_bytes, 0);
+    }
+    let (start, end) = (at(k), at(k + 1));
     (start, end - start)
 }
 
@@ -304,25 +332,29 @@ mod tests {
             kind: Kind::Image as u16,
             seq: 0x0102_0304_0506_0708,
             image_id: 42,
-            payload_offset: 50,
-            payload_len: 50,
+            // Part 1 of 2 of a 3-block + 100-byte image: blocks 2 and 3.
+            payload_offset: 0x80000,
+            payload_len: 0x40064,
             part_index: 1,
             part_count: 2,
             reserved: 0,
-            meta: meta(42, 100),
+            meta: meta(42, 0xC0064),
         };
         let mut golden = Vec::new();
         golden.extend_from_slice(b"SDRF");
-        golden.extend_from_slice(&[2, 0, 1, 0]);
+        golden.extend_from_slice(&[3, 0, 1, 0]);
         golden.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
         golden.extend_from_slice(&42u64.to_le_bytes());
-        golden.extend_from_slice(&50u64.to_le_bytes());
-        golden.extend_from_slice(&50u64.to_le_bytes());
+        golden.extend_from_slice(&[0, 0, 8, 0, 0, 0, 0, 0]);
+        golden.extend_from_slice(&[0x64, 0, 4, 0, 0, 0, 0, 0]);
         golden.extend_from_slice(&[1, 0, 2, 0, 0, 0, 0, 0]);
-        golden.extend_from_slice(meta(42, 100).as_bytes());
+        golden.extend_from_slice(meta(42, 0xC0064).as_bytes());
         assert_eq!(bytemuck::bytes_of(&h), &golden[..]);
         let arr: [u8; FRAME_HEADER_BYTES] = golden.try_into().unwrap();
-        assert_eq!(FrameHeader::decode(&arr, 100).unwrap(), h);
+        assert_eq!(FrameHeader::decode(&arr, 0xC0064).unwrap(), h);
+        // Another receiver image size, another layout: refused.
+        assert!(FrameHeader::decode(&arr, 0xC0063).is_err());
+        assert!(FrameHeader::decode(&arr, 0xC0065).is_err());
     }
 
     #[test]
@@ -344,7 +376,7 @@ mod tests {
         };
         let mut g = Vec::new();
         g.extend_from_slice(b"SDRH");
-        g.extend_from_slice(&[2, 0, 1, 0, 2, 0, 2, 0, 0, 4, 0, 0]);
+        g.extend_from_slice(&[3, 0, 1, 0, 2, 0, 2, 0, 0, 4, 0, 0]);
         for v in [7u64, 8, 9, 10] {
             g.extend_from_slice(&v.to_le_bytes());
         }
@@ -374,7 +406,7 @@ mod tests {
         };
         let mut g = Vec::new();
         g.extend_from_slice(b"SDRA");
-        g.extend_from_slice(&[2, 0, 2, 0]);
+        g.extend_from_slice(&[3, 0, 2, 0]);
         for v in [3u64, 4, 5] {
             g.extend_from_slice(&v.to_le_bytes());
         }
@@ -436,8 +468,7 @@ mod tests {
                 chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
             }
             b[..4].copy_from_slice(b"SDRF");
-            b[4] = 1;
-            b[5] = 0;
+            b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
             let _ = FrameHeader::decode(&b, 1 << 20);
         }
     }
@@ -457,22 +488,104 @@ mod tests {
         }
     }
 
-    #[test]
-    fn parts_cover_the_image_exactly() {
-        for (bytes, parts) in [(100u64, 1u16), (100, 3), (2 << 20, 4), (7, 8), (0, 2)] {
-            let mut next = 0;
-            for k in 0..parts {
-                let (o, l) = part_range(bytes, parts, k);
-                assert_eq!(o, next);
-                next += l;
+    /// Every part starts on the checksum block grid, only the last part reaches the image's end,
+    /// the parts tile the image in order and are as even as the blocks allow.
+    fn check_grid(bytes: u64, parts: u16) {
+        let block = BLOCK_BYTES as u64;
+        let blocks = bytes.div_ceil(block);
+        let most = u128::from(blocks.div_ceil(u64::from(parts))) * u128::from(block);
+        let mut next = 0;
+        for k in 0..parts {
+            let (o, l) = part_range(bytes, parts, k);
+            assert_eq!(
+                o, next,
+                "{bytes} B / {parts}: part {k} starts where {k}-1 ended"
+            );
+            assert_eq!(
+                o % block,
+                0,
+                "{bytes} B / {parts}: part {k} is off the grid"
+            );
+            assert!(
+                u128::from(l) <= most,
+                "{bytes} B / {parts}: part {k} too long"
+            );
+            if k + 1 < parts {
+                assert_eq!(
+                    (o + l) % block,
+                    0,
+                    "{bytes} B / {parts}: part {k} ends off the grid"
+                );
             }
-            assert_eq!(next, bytes);
+            if parts as u64 <= blocks {
+                assert!(
+                    l > 0,
+                    "{bytes} B / {parts}: part {k} empty with enough blocks"
+                );
+            }
+            next += l;
         }
+        assert_eq!(
+            next, bytes,
+            "{bytes} B / {parts}: the parts cover the image"
+        );
+        assert_eq!(part_range(bytes, parts, parts), (bytes, 0));
+    }
+
+    #[test]
+    fn parts_lie_on_the_block_grid_and_cover_the_image_exactly() {
+        let b = BLOCK_BYTES as u64;
+        let mut sizes = vec![
+            0u64,
+            1,
+            7,
+            100,
+            66_200,
+            b - 1,
+            b,
+            b + 1,
+            2 << 20,
+            (2 << 20) + 1,
+        ];
+        sizes.extend([
+            3 * b + 100,
+            8 * b - 1,
+            17 * b + 5,
+            64 * b,
+            65 * b + 3,
+            1_048_576 * 9,
+        ]);
+        // JUNGFRAU-like sizes: n modules of 512x1024 u16 (+ gaps for some).
+        sizes.extend((1..=32).map(|n| n * 1_048_576));
+        sizes.extend((1..=8).map(|n| n * 1030 * 514 * 2));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            sizes.push(x % (200 << 20));
+        }
+        for &bytes in &sizes {
+            for parts in 1..=MAX_CONNECTIONS {
+                check_grid(bytes, parts);
+            }
+        }
+        // The split is as even as the blocks allow: 8 blocks in 3 parts are 2, 3, 3.
+        assert_eq!(part_range(8 * b, 3, 0), (0, 2 * b));
+        assert_eq!(part_range(8 * b, 3, 1), (2 * b, 3 * b));
+        assert_eq!(part_range(8 * b, 3, 2), (5 * b, 3 * b));
+        // More parts than blocks: empty parts, the last one holds the (short) last block.
+        assert_eq!(part_range(100, 4, 0), (0, 0));
+        assert_eq!(part_range(100, 4, 3), (0, 100));
+        assert_eq!(part_range(b + 1, 4, 1), (0, b));
+        assert_eq!(part_range(b + 1, 4, 3), (b, 1));
+        assert_eq!(part_range(0, 2, 0), (0, 0));
+        assert_eq!(part_range(100, 0, 0), (0, 100));
         // Sizes no layout has: no overflow, the parts still cover the image.
         let huge = u64::MAX - 1;
-        assert_eq!(part_range(huge, 3, 0), (0, huge.div_ceil(3)));
-        let (o, l) = part_range(huge, 3, 2);
-        assert_eq!(o + l, huge);
+        for parts in [1, 2, 3, 63, 64, u16::MAX] {
+            check_grid(huge, parts);
+        }
         assert_eq!(part_range(huge, 2, u16::MAX), (huge, 0));
         assert_eq!(connection_of(5, 1, 0, 4), 1);
         assert_eq!(connection_of(5, 4, 3, 4), 3);

@@ -2,7 +2,10 @@
 //! `sender::run` and `receiver::run` on their own threads, and a SUB plus a RingReader on the far
 //! side that check every published image's metadata and pixel bytes.
 //!
-//! A small TCP proxy between sender and receiver can flip one payload byte (checksum test) or
+//! Images carry the assembler's end-to-end checksum (`checksum::image_checksum` of the bytes
+//! written into the near slot, as the assembler computes it), except in the fallback test.
+//!
+//! A small TCP proxy between sender and receiver can flip one payload byte (checksum tests) or
 //! cut the link and restore it (outage test). Nothing here sleeps to synchronise: the far SUB's
 //! messages, the XPUB's subscription message and the run functions' return values are the
 //! synchronisation points; timeouts are watchdogs only.
@@ -15,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
+use std_daq_common::checksum::{image_checksum, CHECKSUM_NONE, CHECKSUM_XXH3_BLOCKS};
 use std_daq_common::service::Shutdown;
 use std_daq_common::{ImageMetadata, ImageStatus};
 use stream_send::receiver::{self, ReceiverOptions, ReceiverStats};
@@ -22,17 +26,33 @@ use stream_send::sender::{self, SenderOptions, SenderStats};
 use stream_send::wire::Trailer;
 use stream_send::wire::{FrameHeader, Kind};
 
-const HEIGHT: u32 = 100;
-const WIDTH: u32 = 331; // odd, so parts do not fall on nice boundaries
+const HEIGHT: u32 = 800;
+/// Odd: 529 600-byte images, two 256 KiB checksum blocks and a short third one (5312 B), so
+/// parts hold whole blocks, a short last block, or (4 parts) nothing.
+const WIDTH: u32 = 331;
 const IMAGE_BYTES: u64 = (HEIGHT * WIDTH * 2) as u64;
 const WATCHDOG: Duration = Duration::from_secs(30);
+const BLOCK: usize = std_daq_common::checksum::BLOCK_BYTES;
 
 fn pixel(id: u64, i: usize) -> u8 {
     (id.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8
 }
 
-fn meta_of(id: u64) -> ImageMetadata {
+fn pixels(id: u64) -> Vec<u8> {
+    (0..IMAGE_BYTES as usize).map(|i| pixel(id, i)).collect()
+}
+
+/// The metadata the test assembler gives image `id`: with the assembler's checksum of its
+/// pixels, or (`checksums` false, an older producer) none.
+fn meta_of(id: u64, checksums: bool) -> ImageMetadata {
+    let (checksum, checksum_kind) = if checksums {
+        (image_checksum(&pixels(id)), CHECKSUM_XXH3_BLOCKS)
+    } else {
+        (0, CHECKSUM_NONE)
+    };
     ImageMetadata {
+        checksum,
+        checksum_kind,
         image_id: id,
         frame_index: id + 1000,
         timestamp: id * 3,
@@ -55,19 +75,28 @@ fn meta_of(id: u64) -> ImageMetadata {
 struct Near {
     ring: RingOwner<ImageMetadata>,
     xpub: zmq::Socket,
+    checksums: bool,
 }
 
 impl Near {
+    /// Writes image `id` into its slot with its metadata (and checksum), as an assembler does.
     fn write(&mut self, id: u64) {
+        self.write_then(id, |_| {});
+    }
+    /// Like `write`, then `damage` changes the slot's bytes after the checksum was computed.
+    fn write_then(&mut self, id: u64, damage: impl FnOnce(&mut [u8])) {
+        let meta = meta_of(id, self.checksums);
         let mut w = self.ring.begin_write(id).unwrap();
-        for (i, b) in w.data_mut()[..IMAGE_BYTES as usize].iter_mut().enumerate() {
-            *b = pixel(id, i);
-        }
-        *w.meta_mut() = meta_of(id);
+        let data = &mut w.data_mut()[..IMAGE_BYTES as usize];
+        data.copy_from_slice(&pixels(id));
+        damage(data);
+        *w.meta_mut() = meta;
         w.commit();
     }
     fn publish(&self, id: u64) {
-        self.xpub.send(meta_of(id).as_bytes(), 0).unwrap();
+        self.xpub
+            .send(meta_of(id, self.checksums).as_bytes(), 0)
+            .unwrap();
     }
 }
 
@@ -101,15 +130,17 @@ fn start(
     parts: u16,
     via: impl FnOnce(SocketAddr) -> SocketAddr,
 ) -> Harness {
-    start_with_far_slots(tag, near_slots, 512, connections, parts, via)
+    start_with(tag, near_slots, 128, connections, parts, true, via)
 }
 
-fn start_with_far_slots(
+/// `checksums`: whether the near "assembler" gives its images the end-to-end checksum.
+fn start_with(
     tag: &str,
     near_slots: u64,
     far_slots: u64,
     connections: u16,
     parts: u16,
+    checksums: bool,
     via: impl FnOnce(SocketAddr) -> SocketAddr,
 ) -> Harness {
     let name = unique(tag);
@@ -191,6 +222,7 @@ fn start_with_far_slots(
         near: Near {
             ring: near_ring,
             xpub,
+            checksums,
         },
         far_sub,
         far_reader,
@@ -219,14 +251,18 @@ impl Harness {
 
     /// Checks that the far side publishes `id` next, intact, without looking at its pixels.
     fn expect_far_meta(&self, id: u64) {
-        assert_eq!(self.next_far(), meta_of(id), "image {id}");
+        assert_eq!(self.next_far(), self.meta(id), "image {id}");
+    }
+
+    fn meta(&self, id: u64) -> ImageMetadata {
+        meta_of(id, self.near.checksums)
     }
 
     /// Checks that the far ring holds `id` with exact pixels.
     fn expect_far_pixels(&self, id: u64) {
         self.far_reader
             .read(id, |meta, data| {
-                assert_eq!(*meta, meta_of(id));
+                assert_eq!(*meta, self.meta(id));
                 let data = &data[..IMAGE_BYTES as usize];
                 let bad = data.iter().enumerate().find(|(i, b)| **b != pixel(id, *i));
                 assert!(bad.is_none(), "image {id}: byte {bad:?} differs");
@@ -241,7 +277,7 @@ impl Harness {
             self.expect_far_meta(id);
             return self.expect_far_pixels(id);
         }
-        let mut want = meta_of(id);
+        let mut want = self.meta(id);
         want.status = ImageStatus::LostInBuffer as u16;
         assert_eq!(self.next_far(), want, "image {id}");
         self.far_reader
@@ -286,6 +322,8 @@ fn exact_replication(connections: u16, parts: u16) {
         (300, 0, 0)
     );
     assert_eq!(r.sessions, 1);
+    // Every image carried the assembler's checksum: the sender hashed nothing itself.
+    assert_eq!(s.images_without_checksum, 0);
 }
 
 #[test]
@@ -300,7 +338,14 @@ fn whole_images_spread_over_three_connections_stay_in_order() {
 
 #[test]
 fn images_split_in_four_parts_over_two_connections_are_exact() {
+    // Three blocks in four parts: part 0 is empty, part 3 holds the short last block.
     exact_replication(2, 4);
+}
+
+#[test]
+fn images_split_in_two_parts_over_three_connections_are_exact() {
+    // One block, then two (the short last one among them), on rotating connections.
+    exact_replication(3, 2);
 }
 
 #[test]
@@ -308,7 +353,7 @@ fn a_far_ring_smaller_than_the_images_in_flight_waits_and_loses_nothing() {
     // 3 far slots, 3 connections, whole images: connection c carries ids c+1, c+4, ..., all in
     // slot (c+1) % 3, so each reader claims a slot whose previous image may not be committed yet
     // (parts are received straight into the slot): it must wait, not overwrite it or fail.
-    let mut h = start_with_far_slots("small-far", 64, 3, 3, 1, |a| a);
+    let mut h = start_with("small-far", 64, 3, 3, 1, true, |a| a);
     for burst in 0..20u64 {
         let first = burst * 5 + 1;
         for id in first..first + 5 {
@@ -352,7 +397,7 @@ fn overwritten_images_are_reported_lost_on_both_sides() {
     // The sender side publishes each lost image, once confirmed, with its metadata and status 4.
     for id in 1..=48 {
         let m = ImageMetadata::from_bytes(&h.lost_sub.recv_bytes(0).unwrap()).unwrap();
-        let mut want = meta_of(id);
+        let mut want = h.meta(id);
         want.status = ImageStatus::LostInBuffer as u16;
         assert_eq!(m, want);
     }
@@ -368,16 +413,33 @@ struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Image frames seen, and those among them whose trailer carried a payload checksum.
+    frames: Arc<FrameCounts>,
+}
+
+#[derive(Default)]
+struct FrameCounts {
+    image_frames: AtomicU64,
+    hashed_by_sender: AtomicU64,
+}
+
+/// Which byte the proxy flips: in the payload of the first Image frame of `image` whose payload
+/// is at least `at + 1` bytes long, the byte `at` (usize::MAX: the payload's last byte).
+#[derive(Clone, Copy)]
+struct Corrupt {
+    image: u64,
+    at: usize,
 }
 
 impl Proxy {
-    fn start(upstream: SocketAddr, corrupt_image: Option<u64>) -> Proxy {
+    fn start(upstream: SocketAddr, corrupt: Option<Corrupt>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
+        let frames = Arc::new(FrameCounts::default());
         let corrupted = Arc::new(AtomicBool::new(false));
-        let (cut2, conns2) = (Arc::clone(&cut), Arc::clone(&conns));
+        let (cut2, conns2, frames2) = (Arc::clone(&cut), Arc::clone(&conns), Arc::clone(&frames));
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -398,13 +460,18 @@ impl Proxy {
                     let _ = std::io::copy(&mut s2, &mut c2);
                     let _ = c2.shutdown(NetShutdown::Both);
                 });
-                let corrupted = Arc::clone(&corrupted);
+                let (corrupted, frames) = (Arc::clone(&corrupted), Arc::clone(&frames2));
                 thread::spawn(move || {
-                    let _ = forward_frames(client, server, corrupt_image, &corrupted);
+                    let _ = forward_frames(client, server, corrupt, &corrupted, &frames);
                 });
             }
         });
-        Proxy { addr, cut, conns }
+        Proxy {
+            addr,
+            cut,
+            conns,
+            frames,
+        }
     }
 
     fn cut(&self) {
@@ -422,8 +489,9 @@ impl Proxy {
 fn forward_frames(
     mut from: TcpStream,
     mut to: TcpStream,
-    corrupt_image: Option<u64>,
+    corrupt: Option<Corrupt>,
     corrupted: &AtomicBool,
+    frames: &FrameCounts,
 ) -> std::io::Result<()> {
     let mut hello = [0u8; 56];
     from.read_exact(&mut hello)?;
@@ -437,21 +505,50 @@ fn forward_frames(
         if h.kind != Kind::Image as u16 {
             continue;
         }
-        payload.resize(h.payload_len as usize + std::mem::size_of::<Trailer>(), 0);
+        let len = h.payload_len as usize;
+        payload.resize(len + std::mem::size_of::<Trailer>(), 0);
         from.read_exact(&mut payload)?;
-        if Some(h.image_id) == corrupt_image
-            && h.payload_len > 100
-            && !corrupted.swap(true, Ordering::SeqCst)
-        {
-            payload[77] ^= 0x10;
+        if let Some(c) = corrupt {
+            let at = c.at.min(len.saturating_sub(1));
+            if h.image_id == c.image && len > at && !corrupted.swap(true, Ordering::SeqCst) {
+                payload[at] ^= 0x10;
+            }
+        }
+        let t: Trailer = bytemuck::pod_read_unaligned(&payload[len..]);
+        frames.image_frames.fetch_add(1, Ordering::SeqCst);
+        if t.checksum != 0 {
+            frames.hashed_by_sender.fetch_add(1, Ordering::SeqCst);
         }
         to.write_all(&payload)?;
     }
 }
 
-#[test]
-fn a_byte_flipped_on_the_wire_is_caught_by_the_checksum() {
-    let mut h = start("crc", 64, 2, 2, |a| Proxy::start(a, Some(5)).addr);
+/// Starts a harness whose sender connects through a proxy (kept, to read its counts).
+fn start_via_proxy(
+    tag: &str,
+    connections: u16,
+    parts: u16,
+    checksums: bool,
+    corrupt: Option<Corrupt>,
+) -> (Harness, Proxy) {
+    let proxy = Arc::new(Mutex::new(None::<Proxy>));
+    let p2 = Arc::clone(&proxy);
+    let h = start_with(tag, 64, 128, connections, parts, checksums, move |a| {
+        let p = Proxy::start(a, corrupt);
+        let addr = p.addr;
+        *p2.lock().unwrap() = Some(p);
+        addr
+    });
+    let p = proxy.lock().unwrap().take().unwrap();
+    (h, p)
+}
+
+/// Ten images through a proxy that flips one byte of image 5 on the wire (`corrupt.at` of the
+/// first of its parts long enough): image 5 is published lost with zero pixels, never as good;
+/// the other nine arrive exact; both sides count one checksum error.
+fn a_flipped_byte_is_caught(tag: &str, connections: u16, parts: u16, checksums: bool, at: usize) {
+    let corrupt = Corrupt { image: 5, at };
+    let (mut h, proxy) = start_via_proxy(tag, connections, parts, checksums, Some(corrupt));
     for id in 1..=10 {
         h.near.write(id);
         h.near.publish(id);
@@ -465,6 +562,58 @@ fn a_byte_flipped_on_the_wire_is_caught_by_the_checksum() {
     // The sender learns of it through the acknowledgements.
     assert_eq!(s.receiver_checksum_errors, 1);
     assert_eq!(s.images_delivered + s.images_lost, 10);
+    let frames = proxy.frames.image_frames.load(Ordering::SeqCst);
+    let hashed = proxy.frames.hashed_by_sender.load(Ordering::SeqCst);
+    assert_eq!(frames, 10 * u64::from(parts));
+    if checksums {
+        // Caught by the assembler's checksum: the sender hashed no payload.
+        assert_eq!((s.images_without_checksum, hashed), (0, 0));
+    } else {
+        // The fallback: the sender hashed every part itself.
+        assert_eq!((s.images_without_checksum, hashed), (10, frames));
+    }
+}
+
+#[test]
+fn a_byte_flipped_on_the_wire_is_caught_by_the_assembler_checksum() {
+    a_flipped_byte_is_caught("crc", 2, 2, true, 77);
+}
+
+#[test]
+fn a_byte_flipped_in_a_later_block_of_a_part_is_caught() {
+    // Whole images on one connection: the payload's last byte is in the short third block.
+    a_flipped_byte_is_caught("crc-last", 1, 1, true, usize::MAX);
+}
+
+#[test]
+fn a_byte_flipped_in_four_parts_with_an_empty_one_is_caught() {
+    a_flipped_byte_is_caught("crc-4", 2, 4, true, usize::MAX);
+}
+
+#[test]
+fn without_the_assembler_checksum_the_sender_hashes_and_a_flip_is_still_caught() {
+    a_flipped_byte_is_caught("crc-none", 2, 2, false, 77);
+}
+
+#[test]
+fn a_slot_damaged_after_the_assembler_checksummed_it_is_never_published_good() {
+    // The checksum is end to end: bytes that changed in the near slot after the assembler
+    // computed it (memory, a stray writer) are caught at the far end, not sent on as good.
+    let mut h = start("damaged", 64, 2, 2, |a| a);
+    for id in 1..=10 {
+        if id == 7 {
+            h.near.write_then(id, |d| d[BLOCK + 3] ^= 1);
+        } else {
+            h.near.write(id);
+        }
+        h.near.publish(id);
+    }
+    for id in 1..=10 {
+        h.expect_far(id, id == 7);
+    }
+    let (s, r) = h.stop();
+    assert_eq!((r.checksum_errors, r.images_delivered), (1, 9));
+    assert_eq!(s.receiver_checksum_errors, 1);
 }
 
 #[test]
