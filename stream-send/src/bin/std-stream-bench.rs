@@ -13,6 +13,11 @@
 //! image is published (replication) to the receiver's confirmation of the last byte (plain: one
 //! byte back on connection 0) or of the last commit (replication: the receiver's ImageMetadata PUB,
 //! which the client follows over TCP, as a writer on the far host would).
+//!
+//! Replication images carry the assembler's end-to-end checksum, computed once per slot when the
+//! ring is pre-filled (outside the timed region, as the assembler computes it when it makes the
+//! image), so the sender sends without hashing and the receiver verifies it; `--sender-hashes`
+//! publishes them without one instead (the sender's per-part fallback, as before protocol 3).
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, ensure, Context, Result};
@@ -24,6 +29,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
+use std_daq_common::checksum::{image_checksum, CHECKSUM_NONE, CHECKSUM_XXH3_BLOCKS};
 use std_daq_common::service::{init_logging, Shutdown};
 use std_daq_common::{ImageMetadata, ImageStatus};
 use stream_send::receiver::{self, ReceiverOptions};
@@ -72,6 +78,10 @@ struct BenchArgs {
     /// one core each would be; by default both ends share all CPUs.
     #[arg(long)]
     pin: bool,
+    /// Replication images without the assembler's checksum (`checksum_kind` 0): the sender hashes
+    /// every part itself (the fallback). By default they carry it and the sender does not hash.
+    #[arg(long)]
+    sender_hashes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +120,9 @@ struct EndArgs {
     width: u32,
     #[arg(long)]
     slots: u64,
+    /// client (repl): publish images without the assembler's checksum.
+    #[arg(long)]
+    sender_hashes: bool,
 }
 
 impl EndArgs {
@@ -139,6 +152,16 @@ impl EndArgs {
             "--slots".into(),
             self.slots.to_string(),
         ]
+        .into_iter()
+        .chain(self.sender_hashes.then(|| "--sender-hashes".to_string()))
+        .collect()
+    }
+    /// The longest part (parts on the checksum block grid need not be equal).
+    fn max_part_bytes(&self) -> usize {
+        (0..self.parts)
+            .map(|k| wire::part_range(self.image_bytes(), self.parts, k).1)
+            .max()
+            .unwrap_or(0) as usize
     }
 }
 
@@ -172,7 +195,7 @@ fn serve(a: &EndArgs) -> Result<()> {
         "plain" => {
             // Where the bytes land, like the replication receiver's ring: per connection, one
             // part-sized place per ring slot (`slots` x part bytes), touched before the run.
-            let part_bytes = wire::part_range(a.image_bytes(), a.parts, 0).1 as usize;
+            let part_bytes = a.max_part_bytes();
             let mut sinks: Vec<Vec<u8>> = (0..a.connections)
                 .map(|_| vec![1u8; part_bytes * a.slots as usize])
                 .collect();
@@ -244,7 +267,7 @@ fn parts_of(a: &EndArgs, c: usize) -> impl Iterator<Item = (u64, u64, u64)> + '_
 fn serve_plain(a: &EndArgs, listener: &TcpListener, sinks: &mut [Vec<u8>]) -> Result<()> {
     let conns = accept_indexed(listener, a.connections)?;
     let cpu0 = cpu_seconds();
-    let part_bytes = wire::part_range(a.image_bytes(), a.parts, 0).1 as usize;
+    let part_bytes = a.max_part_bytes();
     let received: u64 = thread::scope(|s| -> Result<u64> {
         let handles: Vec<_> = conns
             .iter()
@@ -405,8 +428,16 @@ fn client_plain(a: &EndArgs) -> Result<()> {
     .to_string())
 }
 
-fn meta_of(a: &EndArgs, id: u64) -> ImageMetadata {
+/// `checksum`: the assembler's checksum of the image's pixels (ignored with `--sender-hashes`).
+fn meta_of(a: &EndArgs, id: u64, checksum: u64) -> ImageMetadata {
+    let (checksum, checksum_kind) = if a.sender_hashes {
+        (0, CHECKSUM_NONE)
+    } else {
+        (checksum, CHECKSUM_XXH3_BLOCKS)
+    };
     ImageMetadata {
+        checksum,
+        checksum_kind,
         image_id: id,
         frame_index: id,
         timestamp: id,
@@ -462,13 +493,20 @@ fn client_repl(a: &EndArgs) -> Result<()> {
     let name = format!("ssb-{}-near", std::process::id());
     let mut ring: RingOwner<ImageMetadata> = RingOwner::create(&name, a.slots, image_bytes)?;
     // Pre-fill every slot once; later images re-commit a slot (new id and metadata, same pixels)
-    // once the far side has committed the image it held.
+    // once the far side has committed the image it held. The checksum of each slot's pixels is
+    // computed here, once, as the assembler computes it after writing an image: not timed.
+    let mut sums = Vec::with_capacity(a.slots as usize);
     for id in FIRST_ID..FIRST_ID + a.slots {
         let mut w = ring.begin_write(id)?;
-        pattern(&mut w.data_mut()[..image_bytes as usize], id);
-        *w.meta_mut() = meta_of(a, id);
+        let data = &mut w.data_mut()[..image_bytes as usize];
+        pattern(data, id);
+        let sum = image_checksum(data);
+        sums.push(sum);
+        *w.meta_mut() = meta_of(a, id, sum);
         w.commit();
     }
+    // Image `id` re-uses the pixels of the pre-filled image with the same slot.
+    let sum_of = |id: u64| sums[((id - FIRST_ID) % a.slots) as usize];
     let reader = Arc::new(RingReader::<ImageMetadata>::attach(
         &name,
         Expect::default(),
@@ -519,7 +557,7 @@ fn client_repl(a: &EndArgs) -> Result<()> {
         thread::spawn(move || sender::run(&opts, &sub, reader, None, &shutdown))
     };
     // Warm-up image (not timed): the sender subscribes, connects and opens its session.
-    xpub.send(meta_of(a, FIRST_ID).as_bytes(), 0)?;
+    xpub.send(meta_of(a, FIRST_ID, sum_of(FIRST_ID)).as_bytes(), 0)?;
     progress.wait_for(FIRST_ID)?;
 
     let last = FIRST_ID + a.images;
@@ -533,9 +571,10 @@ fn client_repl(a: &EndArgs) -> Result<()> {
             stalls += 1;
         }
         let mut w = ring.begin_write(id)?;
-        *w.meta_mut() = meta_of(a, id);
+        let meta = meta_of(a, id, sum_of(id));
+        *w.meta_mut() = meta;
         w.commit();
-        xpub.send(meta_of(a, id).as_bytes(), 0)?;
+        xpub.send(meta.as_bytes(), 0)?;
         while progress.poll(false)? {}
     }
     progress.wait_for(last)?;
@@ -555,6 +594,7 @@ fn client_repl(a: &EndArgs) -> Result<()> {
         "lost": st.images_lost,
         "unconfirmed": st.images_unconfirmed,
         "sessions": st.sessions,
+        "images_without_checksum": st.images_without_checksum,
         "not_good_seen": progress.not_good,
         "producer_stalls": stalls,
     })
@@ -743,7 +783,15 @@ fn run_once(t: &Transport, mode: &str, base: &EndArgs, pin: bool) -> Result<Run>
     let mut note = String::new();
     if mode == "repl" {
         let want = base.images + 1;
-        if c["delivered"] != want || c["lost"] != 0 || s["delivered"] != want || s["lost"] != 0 {
+        // With the assembler's checksum the sender must not have hashed a single image.
+        let unhashed = if base.sender_hashes { want } else { 0 };
+        if c["delivered"] != want
+            || c["lost"] != 0
+            || s["delivered"] != want
+            || s["lost"] != 0
+            || s["checksum_errors"] != 0
+            || c["images_without_checksum"] != unhashed
+        {
             note = format!("NOT EXACT: sender {c} receiver {s}");
         } else {
             note = format!("producer_stalls={}", c["producer_stalls"]);
@@ -814,7 +862,7 @@ fn orchestrate(b: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "# {} images of {}x{} u16 ({} B) per run, {} trials, ring/buffer slots {}{}",
+        "# {} images of {}x{} u16 ({} B) per run, {} trials, ring/buffer slots {}{}; {}",
         b.images,
         b.height,
         b.width,
@@ -825,6 +873,11 @@ fn orchestrate(b: &BenchArgs) -> Result<()> {
             ", sending end on CPU 0, receiving end on CPU 1"
         } else {
             ""
+        },
+        if b.sender_hashes {
+            "replication images WITHOUT the assembler's checksum (the sender hashes every part)"
+        } else {
+            "replication images with the assembler's checksum (the sender does not hash)"
         }
     );
     // results[transport][config] = (plain GB/s per trial, replication GB/s per trial)
@@ -844,6 +897,7 @@ fn orchestrate(b: &BenchArgs) -> Result<()> {
                     height: b.height,
                     width: b.width,
                     slots: b.slots,
+                    sender_hashes: b.sender_hashes,
                 };
                 // Alternate which mode goes first.
                 let order = if trial % 2 == 0 {

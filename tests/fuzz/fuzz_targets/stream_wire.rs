@@ -10,13 +10,17 @@
 //!   of the receiver's image (so it can be read into the slot without a bounds check) and
 //!   meta.data_bytes is the image size; Lost: no payload; Heartbeat: magic and version only;
 //! - `Trailer`: a known verdict; `Reply`: Welcome or Ack;
-//! - the parts of an image tile it exactly, in order; `connection_of` < n_connections.
+//! - the parts of an image tile it exactly, in order, on the checksum block grid: every part
+//!   starts at a multiple of `BLOCK_BYTES`, every part but the last also ends on one, no part is
+//!   longer than `ceil(blocks / parts)` blocks, and no part is empty unless there are more parts
+//!   than blocks; `connection_of` < n_connections.
 //!
 //! Input: 8 bytes of image size (receiver side), 2 parts, 2 connections, 8 seq, then the message
 //! bytes (each decoder reads the first 56/680/16/32 of them).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std_daq_common::checksum::BLOCK_BYTES;
 use stream_send::wire::{
     connection_of, part_range, FrameHeader, Hello, Kind, Reply, Trailer, FRAME_HEADER_BYTES,
     MAX_CONNECTIONS,
@@ -33,8 +37,11 @@ fn take<const N: usize>(bytes: &[u8]) -> Option<&[u8; N]> {
 
 fn check_layout(image_bytes: u64, parts: u16, seq: u64, n_connections: u16) {
     let mut next = 0u64;
-    let chunk = image_bytes.div_ceil(u64::from(parts.max(1)));
-    for k in 0..parts.max(1) {
+    let block = BLOCK_BYTES as u64;
+    let blocks = image_bytes.div_ceil(block);
+    let n = parts.max(1);
+    let most = blocks.div_ceil(u64::from(n)) * block;
+    for k in 0..n {
         let (offset, len) = part_range(image_bytes, parts, k);
         assert_eq!(
             offset,
@@ -42,7 +49,14 @@ fn check_layout(image_bytes: u64, parts: u16, seq: u64, n_connections: u16) {
             "part {k} of {parts} starts where {} ended",
             k.wrapping_sub(1)
         );
-        assert!(len <= chunk);
+        assert_eq!(offset % block, 0, "part {k} of {parts} starts off the block grid");
+        assert!(len <= most, "part {k} of {parts} is longer than its share of blocks");
+        if k + 1 < n {
+            assert_eq!((offset + len) % block, 0, "part {k} of {parts} ends off the grid");
+        }
+        if u64::from(n) <= blocks {
+            assert!(len > 0, "part {k} of {parts} is empty though there are {blocks} blocks");
+        }
         next = offset + len;
         let c = connection_of(seq, parts, k, n_connections);
         assert!(c < usize::from(n_connections.max(1)));
