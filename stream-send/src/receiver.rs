@@ -495,7 +495,7 @@ impl Committer<'_> {
             }
         }
         if worst != PartStatus::Good {
-            meta.status = ImageStatus::LostInBuffer as u16;
+            mark_lost(&mut meta);
             // Never leave an image's bytes half-replaced: zero the whole image.
             match self.ring.claim(image_id, seq, 0, image_bytes) {
                 Ok(mut w) => w.data_mut().fill(0),
@@ -513,7 +513,7 @@ impl Committer<'_> {
                 self.stats.protocol_errors += 1;
                 worst = PartStatus::Lost;
             }
-            meta.status = ImageStatus::LostInBuffer as u16;
+            mark_lost(&mut meta);
         }
         let _ = self.publisher.send(meta.as_bytes(), zmq::DONTWAIT);
         match worst {
@@ -543,6 +543,16 @@ impl Committer<'_> {
             self.drop_session("cannot acknowledge", false);
         }
     }
+}
+
+/// The metadata of an image published with zero pixels (or not committed): status
+/// `LostInBuffer`, and no checksum, because the assembler's no longer describes the pixels (a
+/// writer stores the metadata's checksum with the image; `checksum_kind` 0 is the file format's
+/// "the pixels are not the assembler's", docs/file-format.md).
+fn mark_lost(meta: &mut ImageMetadata) {
+    meta.status = ImageStatus::LostInBuffer as u16;
+    meta.checksum = 0;
+    meta.checksum_kind = checksum::CHECKSUM_NONE;
 }
 
 /// Whether the intact parts collected for one image (all of them, in part order) are the image
