@@ -1,6 +1,6 @@
 //! Two "hosts" on one machine: network namespaces `<near>` and `<far>` joined by a veth pair
 //! (10.213.x.1/30 <-> 10.213.x.2/30), created here and removed by a Drop guard even when the test
-//! fails. Needs root (CI runs as root); skipped with a message otherwise.
+//! fails. Needs root (CI runs as root); skipped with a message otherwise (a failure with CI=true).
 //!
 //! The near host is the ordinary pipeline (receivers, assembler, writer, in the root namespace on
 //! 127.0.0.1) plus `std-stream-send`, run in `<near>` so that its TCP goes over the veth pair (it
@@ -156,6 +156,11 @@ fn wait_far_run(client: &WriterClient, timeout: Duration) -> h5_writer::command:
 #[test]
 fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
     if !sh("[ $(id -u) = 0 ] && command -v ip >/dev/null && command -v unshare >/dev/null") {
+        // In CI the prerequisites are part of the job: missing, they are a failure, not a skip.
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true: this test needs root, ip and unshare"
+        );
         eprintln!("SKIPPED: needs root, ip and unshare");
         return;
     }
