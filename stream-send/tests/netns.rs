@@ -325,6 +325,9 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
     assert_eq!(sent["unconfirmed"], 0);
     assert_eq!(sent["delivered"], received["delivered"]);
     assert_eq!(received["checksum_errors"], 0);
+    // The real assembler gave every image its checksum: the receiver verified the assembler's
+    // checksums and the sender hashed nothing itself.
+    assert_eq!(sent["images_without_checksum"], 0, "{sent}");
     assert_eq!(
         report["exact_images"].as_u64().unwrap() + lost_in_file,
         400,

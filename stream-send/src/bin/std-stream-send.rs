@@ -128,6 +128,7 @@ fn main() -> Result<()> {
             "unconfirmed": stats.images_unconfirmed,
             "sessions": stats.sessions,
             "receiver_checksum_errors": stats.receiver_checksum_errors,
+            "images_without_checksum": stats.images_without_checksum,
             "bytes_sent": stats.bytes_sent,
         })
     );
