@@ -784,13 +784,13 @@ fn run_once(t: &Transport, mode: &str, base: &EndArgs, pin: bool) -> Result<Run>
     if mode == "repl" {
         let want = base.images + 1;
         // With the assembler's checksum the sender must not have hashed a single image.
-        let unhashed = if base.sender_hashes { want } else { 0 };
+        let without_checksum = if base.sender_hashes { want } else { 0 };
         if c["delivered"] != want
             || c["lost"] != 0
             || s["delivered"] != want
             || s["lost"] != 0
             || s["checksum_errors"] != 0
-            || c["images_without_checksum"] != unhashed
+            || c["images_without_checksum"] != without_checksum
         {
             note = format!("NOT EXACT: sender {c} receiver {s}");
         } else {
