@@ -752,6 +752,15 @@ fn a_calibration_swapped_while_the_assembler_runs_converts_from_an_image_boundar
             }
         }
     }
+    // The file's ledger records which calibration converted each image.
+    let file_cids = h5_open(&file)
+        .unwrap()
+        .dataset(&format!("{det}/calibration_id"))
+        .unwrap()
+        .read_raw::<u64>()
+        .unwrap();
+    let want: Vec<u64> = ids.iter().map(|f| by_id[f]).collect();
+    assert_eq!(file_cids, want, "calibration_id per image in the file");
     eprintln!("swap: {with_a} images with A, then {with_b} with B, every pixel exact");
     assert!(with_a >= 50 && with_b > 0, "{with_a} {with_b}");
     drop(follower);
