@@ -14,6 +14,7 @@ pub mod names;
 pub mod nxmx;
 pub mod service;
 pub mod status;
+pub mod writer_command;
 
 pub use config::{DetectorConfig, DetectorType, ImageCompression, MetricsService};
 pub use messages::{Dtype, ImageMetadata, ImageStatus, ModuleFrame};

@@ -570,11 +570,7 @@ impl Writer {
 }
 
 /// Where a run's file is written until it is complete: `<output_file>.part`.
-pub fn partial_path(output: &Path) -> std::path::PathBuf {
-    let mut name = output.as_os_str().to_owned();
-    name.push(".part");
-    name.into()
-}
+pub use std_daq_common::writer_command::partial_path;
 
 /// Runs until shutdown; a run still open then is closed with what it has.
 pub fn run(

@@ -6,11 +6,12 @@
 //! Never leaves a child running: dropping a `Pipeline` kills whatever is still alive.
 
 use anyhow::{anyhow, bail, Context, Result};
-use h5_writer::command::{ClientError, Command, Reply, RunSummary, WriterClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
+use std_daq_common::writer_command::{Command, Reply, RunSummary};
 use std_daq_common::{names, DetectorConfig};
+use std_writer_agent::writer_client::{ClientError, WriterClient};
 
 /// Where to find the service binaries: next to the running executable, or one folder up (test
 /// executables live in target/<profile>/deps).
@@ -358,7 +359,7 @@ impl Pipeline {
     }
 
     /// The writer's status.
-    pub fn writer_status(&self) -> Result<h5_writer::command::WriterStatus> {
+    pub fn writer_status(&self) -> Result<std_daq_common::writer_command::WriterStatus> {
         self.client
             .request(&Command::Status)?
             .status

@@ -620,14 +620,17 @@ fn apply(
     }
     if going.iter().any(|n| n == "std-h5-writer") {
         let ctx = zmq::Context::new();
-        let client = h5_writer::command::WriterClient::new(
+        let client = std_writer_agent::writer_client::WriterClient::new(
             &ctx,
             &std_daq_common::names::writer_command_endpoint(new),
             Duration::from_millis(500),
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if client.request(&h5_writer::command::Command::Status).is_ok() {
+            if client
+                .request(&std_daq_common::writer_command::Command::Status)
+                .is_ok()
+            {
                 break;
             }
             if Instant::now() > deadline {

@@ -16,12 +16,13 @@
 //! from std-stream-send, std-stream-recv and the file.
 #![allow(clippy::unwrap_used)]
 
-use h5_writer::command::{Command as WCmd, Reply, WriterClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{default_bin_dir, Pipeline, PipelineOptions};
 use std_daq_common::names;
+use std_daq_common::writer_command::{Command as WCmd, Reply};
+use std_writer_agent::writer_client::WriterClient;
 
 fn sh(cmd: &str) -> bool {
     Command::new("sh")

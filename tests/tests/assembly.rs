@@ -6,13 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 use anyhow::{bail, Context, Result};
-use h5_writer::command::{ClientError, Command, RunSummary, WriterClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::default_bin_dir;
+use std_daq_common::writer_command::{Command, RunSummary};
 use std_daq_common::{names, DetectorConfig};
 use std_daq_tests::{python, work_dir};
+use std_writer_agent::writer_client::{ClientError, WriterClient};
 
 /// The services of one detector, started from a config file written by the test.
 struct Services {

@@ -9,13 +9,14 @@
 //! - `log_level` filters what a service logs.
 #![allow(clippy::unwrap_used)]
 
-use h5_writer::command::{Command as WriterCommand, WriterClient};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{config_json, default_bin_dir, leftovers, Pipeline, SimulatedDetector};
+use std_daq_common::writer_command::Command as WriterCommand;
 use std_daq_common::{names, DetectorConfig, MetricsService};
 use std_daq_tests::{data_filters, free_port, free_port_range, options, scrape_metrics, verify_h5};
+use std_writer_agent::writer_client::WriterClient;
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -16,7 +16,6 @@
 #![allow(clippy::unwrap_used)]
 
 use anyhow::{bail, Context, Result};
-use h5_writer::command::{ClientError, Command, RunSummary, WriterClient};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -24,9 +23,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::default_bin_dir;
+use std_daq_common::writer_command::{Command, RunSummary};
 use std_daq_common::{names, DetectorConfig, ImageMetadata};
 use std_daq_tests::stack::{poll_until, WATCHDOG};
 use std_daq_tests::work_dir;
+use std_writer_agent::writer_client::{ClientError, WriterClient};
 use udp_recv::dark::{self, DarkSettings, JungfrauPixels, PixelClass, MODULE_PIXELS};
 
 const H: usize = 512;

@@ -4,12 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use h5_writer::command::{Command as WriterCommand, WriterClient};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{config_json, default_bin_dir, leftovers, SimulatedDetector};
+use std_daq_common::writer_command::Command as WriterCommand;
 use std_daq_common::{names, DetectorConfig};
 use std_daq_tests::{options, read_status};
+use std_writer_agent::writer_client::WriterClient;
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

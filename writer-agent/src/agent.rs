@@ -46,10 +46,8 @@ use crate::protocol::{
 };
 use crate::request::{self, CreatedDirs, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
 use crate::trigger::{self, TriggerSettings};
+use crate::writer_client::{ClientError, WriterClient};
 use futures_lite::StreamExt;
-use h5_writer::command::{
-    ClientError, Command, Reply, RunContext, RunSummary, WriterClient, MAX_IMAGES_REACHED,
-};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -59,6 +57,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use std_daq_common::writer_command::{Command, Reply, RunContext, RunSummary, MAX_IMAGES_REACHED};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -743,7 +742,7 @@ impl Agent {
     fn leftover(&self, req: &WriteRequest) -> Option<PathBuf> {
         match self.settings.policy.check(req) {
             Ok(path) => {
-                let part = h5_writer::service::partial_path(&path);
+                let part = std_daq_common::writer_command::partial_path(&path);
                 part.symlink_metadata().is_ok().then_some(part)
             }
             Err(RequestError::Exists(_)) => Some(PathBuf::from(&req.output_file)),

@@ -23,6 +23,7 @@ pub mod client;
 pub mod protocol;
 pub mod request;
 pub mod trigger;
+pub mod writer_client;
 
 pub use agent::{Agent, AgentSettings, AgentState, ShutdownHandle};
 pub use client::{ClientError, ClientOptions};

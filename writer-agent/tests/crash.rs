@@ -13,10 +13,10 @@
 mod common;
 
 use common::*;
-use h5_writer::command::Command;
 use lapin::types::AMQPValue;
 use std::path::Path;
 use std::sync::Arc;
+use std_daq_common::writer_command::Command;
 use std_daq_tests::verify_h5;
 use std_writer_agent::client::{self, ClientError, ClientOptions};
 use std_writer_agent::protocol::{action, AgentQueues};

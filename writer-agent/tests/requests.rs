@@ -231,7 +231,8 @@ async fn kill_mid_write_leaves_a_trimmed_valid_file_and_an_honest_status() {
 /// ends by itself at 20 images, also a success with a complete file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unbounded_write_runs_until_killed_and_ends_in_success_with_a_complete_file() {
-    use h5_writer::command::{Command, WriterClient};
+    use std_daq_common::writer_command::Command;
+    use std_writer_agent::writer_client::WriterClient;
     let (p, root, detector) = start_pipeline("agentunb").await;
     let work = root.parent().unwrap().to_path_buf();
     let tag = unique_tag("unbounded");
@@ -315,7 +316,7 @@ async fn an_unbounded_write_runs_until_killed_and_ends_in_success_with_a_complet
     assert_eq!(done.body["run"]["images_written"], k);
     assert_eq!(done.body["run"]["images_checkpointed"], k);
     sim.await.unwrap();
-    assert!(!h5_writer::service::partial_path(&file).exists());
+    assert!(!std_daq_common::writer_command::partial_path(&file).exists());
     let report = verify_h5(&file, &detector, "").unwrap();
     assert_eq!(report["images"], k, "{report}");
     assert_eq!(report["exact_images"], k, "{report}");
@@ -354,7 +355,7 @@ async fn an_unbounded_write_runs_until_killed_and_ends_in_success_with_a_complet
         )
     );
     assert_eq!(done.body["run"]["end"], "max_images reached");
-    assert!(!h5_writer::service::partial_path(&file).exists());
+    assert!(!std_daq_common::writer_command::partial_path(&file).exists());
     let report = verify_h5(&file, &detector, "").unwrap();
     assert_eq!(report["images"], 20, "{report}");
     assert_eq!(report["exact_images"], 20, "{report}");

@@ -4,7 +4,7 @@
 //! value (so the writer and its clients agree on every message either can produce).
 #![no_main]
 
-use h5_writer::command::{Command, Reply, RunSummary};
+use std_daq_common::writer_command::{Command, Reply, RunSummary};
 use libfuzzer_sys::fuzz_target;
 
 /// `seconds` is a float: serde_json's default float parsing may differ in the last bit after a
