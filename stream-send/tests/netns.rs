@@ -124,6 +124,21 @@ fn verify(file: &Path, detector: &str) -> serde_json::Value {
     serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
 }
 
+/// `std-daq verify` on a far file: (exit ok, report). The far file's checksums are the near
+/// assembler's, carried by replication.
+fn std_daq_verify(file: &Path) -> (bool, serde_json::Value) {
+    let out = Command::new(default_bin_dir().unwrap().join("std-daq"))
+        .arg("verify")
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.success(),
+        serde_json::from_str(text.lines().next().unwrap_or("{}")).unwrap(),
+    )
+}
+
 fn far_run(client: &WriterClient, file: &Path, n: u64) {
     let r = client
         .request(&WCmd::Start {
@@ -273,6 +288,12 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
     let report = verify(&file1, &detector);
     assert_eq!(report["exact_images"], 100, "{report}");
     assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+    let (ok, checked) = std_daq_verify(&file1);
+    assert!(ok, "{checked}");
+    assert_eq!(
+        checked["checked"], 100,
+        "the assembler's checksum of every image: {checked}"
+    );
 
     // 2: cut the link mid-run; the near ring (32 slots) laps while it is down.
     let ctx = zmq::Context::new();
@@ -335,6 +356,11 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
         "{report}"
     );
     assert_eq!(report["ids_strictly_increasing"], true, "{report}");
+    // Images lost in the outage are zeros without a checksum, never "corrupt".
+    let (ok, checked) = std_daq_verify(&file2);
+    assert!(ok, "{checked}");
+    assert_eq!(checked["checked"], 400 - lost_in_file, "{checked}");
+    assert_eq!(checked["without_checksum"], lost_in_file, "{checked}");
     let stop = near.stop().unwrap();
     assert!(stop.failed.is_empty(), "{:?}", stop.failed);
     drop(ns);
