@@ -1,6 +1,6 @@
 """Recomputes every image's end-to-end checksum of a std-daq file independently of the Rust code
 (docs/file-format.md): prints one JSON line {"stored": [...], "computed": [...], "kinds": [...]}.
-Usage: checksums.py FILE DETECTOR_GROUP
+Usage: checksums.py FILE DETECTOR_GROUP. `checksum` is also imported by swmr_reader.py.
 """
 import json
 import sys
@@ -21,11 +21,12 @@ def checksum(image: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(digests)
 
 
-with h5py.File(sys.argv[1], "r") as f:
-    g = f[sys.argv[2]]
-    data = g["data"]
-    print(json.dumps({
-        "stored": [int(v) for v in g["checksum"]],
-        "kinds": [int(v) for v in g["checksum_kind"]],
-        "computed": [checksum(data[i]) for i in range(data.shape[0])],
-    }))
+if __name__ == "__main__":
+    with h5py.File(sys.argv[1], "r") as f:
+        g = f[sys.argv[2]]
+        data = g["data"]
+        print(json.dumps({
+            "stored": [int(v) for v in g["checksum"]],
+            "kinds": [int(v) for v in g["checksum_kind"]],
+            "computed": [checksum(data[i]) for i in range(data.shape[0])],
+        }))
