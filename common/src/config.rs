@@ -160,6 +160,13 @@ pub struct DetectorConfig {
     pub module_buffer_slots: u32,
     /// How long the assembler waits for a module's frame before emitting the image without it.
     pub module_sync_timeout_ms: u32,
+    /// std_daq's `number_of_writers`: how many std-h5-writer processes share each run (images
+    /// dealt by image id, docs/file-format.md "N writers"); 0 and absent mean 1.
+    pub number_of_writers: u32,
+    /// Worker threads placing and converting module frames in the assembler (std-daq extension
+    /// `assembler_threads`); `None` (absent or 0): chosen from the module count and the cores
+    /// ([`DetectorConfig::assembler_threads_or_default`]).
+    pub assembler_threads: Option<u32>,
     /// How long a receiver waits for more packets of an open frame before committing it
     /// (default 100). A frame is committed at once when it is complete or a newer frame starts,
     /// so this only bounds how long the last incomplete frame of an acquisition waits, and how
@@ -339,6 +346,10 @@ pub enum TriggerMode {
 
 /// Largest `processing_trigger.attempts`.
 pub const MAX_TRIGGER_ATTEMPTS: u32 = 10;
+/// The most `number_of_writers` a config may ask for.
+pub const MAX_WRITERS: u32 = 64;
+/// The most `assembler_threads` a config may ask for.
+pub const MAX_ASSEMBLER_THREADS: u32 = 64;
 
 impl ProcessingTrigger {
     /// Checks the value of the `processing_trigger` key; `invalid(key, message)` builds the
@@ -520,6 +531,8 @@ struct RawConfig {
     module_sync_timeout_ms: u32,
     #[serde(default = "default_frame_timeout")]
     frame_timeout_ms: u32,
+    #[serde(default)]
+    assembler_threads: Option<u32>,
     #[serde(default = "default_bind")]
     udp_bind_address: String,
     #[serde(default = "default_ipc_dir")]
@@ -1074,18 +1087,28 @@ impl DetectorConfig {
                  alignment to the block size would pad to a whole block each",
             );
         }
-        match raw.number_of_writers {
-            None | Some(0 | 1) => {}
+        let number_of_writers = match raw.number_of_writers {
+            None | Some(0) => 1,
+            Some(n) if n <= MAX_WRITERS => n,
             Some(n) => {
                 return Err(invalid(
                     "number_of_writers",
+                    format!("{n} writers: at most {MAX_WRITERS} (one file per writer and run)"),
+                ))
+            }
+        };
+        let assembler_threads = match raw.assembler_threads {
+            None | Some(0) => None,
+            Some(n) if n <= MAX_ASSEMBLER_THREADS => Some(n),
+            Some(n) => {
+                return Err(invalid(
+                    "assembler_threads",
                     format!(
-                        "{n} writers are not implemented yet: std-daq runs one std-h5-writer per \
-                         detector (remove the key, or set it to 1)"
+                        "{n} threads: at most {MAX_ASSEMBLER_THREADS} (0 or absent: automatic)"
                     ),
                 ))
             }
-        }
+        };
         if raw.delay_filter_timeout.is_some() {
             no_effect(
                 "delay_filter_timeout",
@@ -1152,6 +1175,8 @@ impl DetectorConfig {
             ram_buffer_gb: raw.ram_buffer_gb,
             module_buffer_slots: raw.module_buffer_slots,
             module_sync_timeout_ms: raw.module_sync_timeout_ms,
+            number_of_writers,
+            assembler_threads,
             frame_timeout_ms: raw.frame_timeout_ms,
             udp_bind_address: raw.udp_bind_address,
             ipc_dir: raw.ipc_dir,
@@ -1170,6 +1195,18 @@ impl DetectorConfig {
         };
         crate::nxmx::Nxmx::new(&cfg, &cfg.nxmx_settings).map_err(|e| invalid("nxmx", e))?;
         Ok(cfg)
+    }
+
+    /// Assembler worker threads: the config's `assembler_threads`, else one per module up to
+    /// the cores this process may use (at least 1).
+    pub fn assembler_threads_or_default(&self) -> u32 {
+        self.assembler_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let cores = u32::try_from(cores).unwrap_or(u32::MAX);
+            u32::from(self.n_modules)
+                .min(cores)
+                .clamp(1, MAX_ASSEMBLER_THREADS)
+        })
     }
 
     /// The NXmx values of this detector (checked when the config was loaded, so an error here
@@ -1870,11 +1907,11 @@ mod tests {
             ("module_sync_queue_size", json!(4096), Accept),
             ("number_of_writers", json!(0), Accept),
             ("number_of_writers", json!(1), Accept),
-            (
-                "number_of_writers",
-                json!(14),
-                Refuse("14 writers are not implemented yet"),
-            ),
+            ("number_of_writers", json!(14), Accept),
+            ("number_of_writers", json!(65), Refuse("at most 64")),
+            ("assembler_threads", json!(0), Accept),
+            ("assembler_threads", json!(4), Accept),
+            ("assembler_threads", json!(65), Refuse("at most 64")),
             ("ram_buffer_gb", json!(2), Accept),
             ("ram_buffer_gb", json!(-1), Refuse("zero or positive")),
             ("delay_filter_timeout", json!(10), Warn("std_gf_filter")),

@@ -28,6 +28,25 @@ pub fn writer_command_endpoint(cfg: &DetectorConfig) -> String {
     format!("ipc://{}/std-daq-{}-writer", cfg.ipc_dir, cfg.detector_name)
 }
 
+/// The command socket of writer `index` of several (`number_of_writers`): writer 0 at
+/// [`writer_command_endpoint`], writer k > 0 at `...-writer-<k>`.
+pub fn writer_command_endpoint_of(cfg: &DetectorConfig, index: u32) -> String {
+    match index {
+        0 => writer_command_endpoint(cfg),
+        k => format!("{}-{k}", writer_command_endpoint(cfg)),
+    }
+}
+
+/// The marker of writer `index` (as [`writer_command_endpoint_of`]: writer 0's is the one of a
+/// single writer).
+pub fn writer_marker_path_of(cfg: &DetectorConfig, index: u32) -> std::path::PathBuf {
+    match index {
+        0 => writer_marker_path(cfg),
+        k => std::path::Path::new(&cfg.ipc_dir)
+            .join(format!("std-daq-{}-writer-{k}.writing", cfg.detector_name)),
+    }
+}
+
 /// The writer's marker naming the `.part` of its run in progress (removed when the run ends): a
 /// restarted writer that finds it clears the HDF5 flags of the file its predecessor left.
 pub fn writer_marker_path(cfg: &DetectorConfig) -> std::path::PathBuf {

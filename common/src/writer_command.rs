@@ -23,6 +23,25 @@
 //! writer stores them as the file's root attributes `metadata` (the object as JSON text) and
 //! `traceparent`; without them the file has neither attribute, as before. The writer agent has
 //! checked both; the writer takes them as given.
+//!
+//! **N writers** (`number_of_writers` > 1, docs/file-format.md "N writers"). Every writer follows
+//! the whole image stream. A `start` carrying a [`Deal`] gives writer `writer` of `writers` its
+//! share of the run: run position `p` is the image with id `first_image_id + p`, and belongs to
+//! writer `p % writers` at row `p / writers` of that writer's own file
+//! ([`writer_data_file`]). The agent picks `first_image_id` just past the newest image any
+//! writer has seen (`status.latest_image_id`), so a writer started a moment later takes the images
+//! it already passed from the ImageBuffer. A position whose image never came is a row with status
+//! 0 and zero pixels. When every writer has ended, `make_master` asks one writer to write the
+//! master file at the requested `output_file`: virtual datasets over the writers' files, holding
+//! run positions `0..images` where `images` is the longest prefix every writer really wrote.
+//! ```text
+//! {"command":"start","output_file":"/data/run1_writer1.h5","n_images":1000,
+//!  "deal":{"writer":1,"writers":2,"first_image_id":5001}}             -> {"ok":true,...}
+//! {"command":"make_master","output_file":"/data/run1.h5","writers":2,"first_image_id":5001,
+//!  "n_images":1000,"sources":[{"writer":0,"file":"/data/run1_writer0.h5","rows":500},
+//!                             {"writer":1,"file":"/data/run1_writer1.h5","rows":500}]}
+//!                                                      -> {"ok":true,"master":{"images":1000,...}}
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +81,103 @@ pub enum Command {
     CancelIfEmpty {
         reason: Option<String>,
     },
+    /// Write the master file of a run written by several writers (see the module docs).
+    MakeMaster(MasterRequest),
+}
+
+/// This writer's share of a run written by `writers` writers (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deal {
+    /// This writer's index, `0..writers`; a writer refuses a deal meant for another index.
+    pub writer: u32,
+    pub writers: u32,
+    /// Run position `p` is the image with id `first_image_id + p`: the same for every writer.
+    pub first_image_id: u64,
+}
+
+impl Deal {
+    /// How many of the first `n` run positions belong to this writer.
+    pub fn rows_of(&self, n: u64) -> u64 {
+        let (w, k) = (u64::from(self.writers.max(1)), u64::from(self.writer));
+        n.saturating_sub(k).div_ceil(w)
+    }
+}
+
+/// One writer's file as the master file maps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterSource {
+    pub writer: u32,
+    /// The writer's data file (absolute; the master refers to it by its name in the same folder).
+    pub file: String,
+    /// Rows of that file that hold what the writer really wrote (its `images_written` when it
+    /// closed the file, its `images_checkpointed` when it died).
+    pub rows: u64,
+}
+
+/// `make_master`: the run's master file over its writers' files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterRequest {
+    /// The requested `output_file`: where the master goes.
+    pub output_file: String,
+    pub writers: u32,
+    pub first_image_id: u64,
+    /// Images requested; `null` for an unbounded run.
+    #[serde(default)]
+    pub n_images: Option<u64>,
+    /// One per writer, in writer order.
+    pub sources: Vec<MasterSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The run's context, as its writers got it (the master carries the same attributes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nxmx: Option<crate::nxmx::NxmxRaw>,
+    /// The writers' run summaries (with the agent's), stored as the master's `run_summary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_summary: Option<serde_json::Value>,
+}
+
+impl MasterRequest {
+    /// Run positions the master can map: the longest prefix `0..P` every writer really wrote
+    /// (position `p` is row `p / writers` of writer `p % writers`), at most `n_images`.
+    pub fn images(&self) -> u64 {
+        let n = u64::from(self.writers.max(1));
+        let mut prefix = u64::MAX;
+        for w in 0..self.writers {
+            let rows = self
+                .sources
+                .iter()
+                .find(|s| s.writer == w)
+                .map_or(0, |s| s.rows);
+            prefix = prefix.min(rows.saturating_mul(n).saturating_add(u64::from(w)));
+        }
+        prefix.min(self.n_images.unwrap_or(u64::MAX))
+    }
+}
+
+/// What `make_master` wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterSummary {
+    pub output_file: String,
+    /// Images the master holds (run positions `0..images`).
+    pub images: u64,
+    /// Images written by the writers but left out because an earlier position is missing.
+    pub images_left_out: u64,
+}
+
+/// The data file of writer `writer` for a run at `output`: `<stem>_writer<k>.h5` beside it.
+pub fn writer_data_file(output: &std::path::Path, writer: u32) -> std::path::PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}_writer{writer}.h5"))
 }
 
 /// What a run carries beyond its images: opaque metadata and the trace context of the request,
@@ -73,6 +189,8 @@ pub struct RunContext {
     /// The request's NXmx geometry and beam, over the config's `nxmx` for this file only
     /// (docs/nxmx.md); the writer refuses the start if the result is invalid.
     pub nxmx: Option<crate::nxmx::NxmxRaw>,
+    /// This writer's share when several writers write the run; `None`: it writes every image.
+    pub deal: Option<Deal>,
 }
 
 impl Command {
@@ -147,6 +265,9 @@ pub enum WireCommand {
         /// NXmx geometry and beam for this file, over the config's (docs/nxmx.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nxmx: Option<crate::nxmx::NxmxRaw>,
+        /// This writer's share of a run of several writers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deal: Option<Deal>,
     },
     Stop {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +278,7 @@ pub enum WireCommand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    MakeMaster(MasterRequest),
 }
 
 impl TryFrom<WireCommand> for Command {
@@ -182,6 +304,7 @@ impl TryFrom<WireCommand> for Command {
                 metadata,
                 traceparent,
                 nxmx,
+                deal,
             } => Command::start_with(
                 output_file,
                 n_images,
@@ -191,11 +314,13 @@ impl TryFrom<WireCommand> for Command {
                     metadata,
                     traceparent,
                     nxmx,
+                    deal,
                 },
             ),
             WireCommand::Stop { reason } => Command::Stop { reason },
             WireCommand::Status => Command::Status,
             WireCommand::CancelIfEmpty { reason } => Command::CancelIfEmpty { reason },
+            WireCommand::MakeMaster(request) => Command::MakeMaster(request),
         })
     }
 }
@@ -216,6 +341,7 @@ impl From<Command> for WireCommand {
                 metadata: context.metadata,
                 traceparent: context.traceparent,
                 nxmx: context.nxmx,
+                deal: context.deal,
             },
             Command::StartUnbounded {
                 output_file,
@@ -230,10 +356,12 @@ impl From<Command> for WireCommand {
                 metadata: context.metadata,
                 traceparent: context.traceparent,
                 nxmx: context.nxmx,
+                deal: context.deal,
             },
             Command::Stop { reason } => WireCommand::Stop { reason },
             Command::Status => WireCommand::Status,
             Command::CancelIfEmpty { reason } => WireCommand::CancelIfEmpty { reason },
+            Command::MakeMaster(request) => WireCommand::MakeMaster(request),
         }
     }
 }
@@ -273,6 +401,9 @@ pub struct RunSummary {
     /// stopped and started again further on within the run. A jump back counts none.
     #[serde(default)]
     pub image_ids_skipped: u64,
+    /// This writer's share of a run of several writers (its `start`'s deal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deal: Option<Deal>,
     /// From the first image received to the file closed.
     pub seconds: f64,
     pub bytes_written: u64,
@@ -291,6 +422,20 @@ pub struct WriterStatus {
     pub current: Option<RunSummary>,
     pub last_run: Option<RunSummary>,
     pub runs_completed: u64,
+    /// The newest image id seen on the image stream, running or idle (picks a run's
+    /// `first_image_id` when several writers share it).
+    #[serde(default)]
+    pub latest_image_id: Option<u64>,
+    /// This writer's index and how many writers there are (`--writer-index`, the config's
+    /// `number_of_writers`).
+    #[serde(default)]
+    pub writer_index: u32,
+    #[serde(default = "one")]
+    pub writers: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -302,6 +447,8 @@ pub struct Reply {
     pub status: Option<WriterStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<RunSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<MasterSummary>,
 }
 
 impl Reply {
@@ -325,6 +472,103 @@ pub fn partial_path(output: &std::path::Path) -> std::path::PathBuf {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The dealing rule and the master's prefix: what each writer holds, what the master maps.
+    #[test]
+    fn deals_and_master_prefix() {
+        let deal = |writer| Deal {
+            writer,
+            writers: 3,
+            first_image_id: 100,
+        };
+        // 10 positions over 3 writers: 0,3,6,9 | 1,4,7 | 2,5,8
+        assert_eq!(
+            (
+                deal(0).rows_of(10),
+                deal(1).rows_of(10),
+                deal(2).rows_of(10)
+            ),
+            (4, 3, 3)
+        );
+        assert_eq!(deal(2).rows_of(2), 0);
+        let master = |rows: [u64; 3], n_images| MasterRequest {
+            output_file: "/d/run.h5".into(),
+            writers: 3,
+            first_image_id: 100,
+            n_images,
+            sources: (0..3)
+                .map(|w| MasterSource {
+                    writer: w,
+                    file: format!("/d/run_writer{w}.h5"),
+                    rows: rows[w as usize],
+                })
+                .collect(),
+            request_id: None,
+            metadata: None,
+            traceparent: None,
+            nxmx: None,
+            run_summary: None,
+        };
+        assert_eq!(master([4, 3, 3], Some(10)).images(), 10);
+        // Writer 1 stopped after 1 row: positions 0..4 exist (0 1 2 3), position 4 does not.
+        assert_eq!(master([4, 1, 3], Some(10)).images(), 4);
+        assert_eq!(master([0, 3, 3], None).images(), 0);
+        assert_eq!(master([2, 2, 1], None).images(), 5);
+        let mut missing = master([4, 3, 3], Some(10));
+        missing.sources.remove(2);
+        assert_eq!(
+            missing.images(),
+            2,
+            "a writer without a source holds nothing"
+        );
+    }
+
+    #[test]
+    fn writer_data_files_sit_beside_the_master() {
+        let out = std::path::Path::new("/data/p1/run1.h5");
+        assert_eq!(
+            writer_data_file(out, 3),
+            std::path::PathBuf::from("/data/p1/run1_writer3.h5")
+        );
+    }
+
+    #[test]
+    fn deal_and_make_master_travel_as_json() {
+        let start: Command = serde_json::from_str(
+            r#"{"command":"start","output_file":"/d/r_writer1.h5","n_images":10,
+                "deal":{"writer":1,"writers":2,"first_image_id":7}}"#,
+        )
+        .unwrap();
+        let Command::Start { context, .. } = &start else {
+            panic!("{start:?}")
+        };
+        assert_eq!(
+            context.deal,
+            Some(Deal {
+                writer: 1,
+                writers: 2,
+                first_image_id: 7
+            })
+        );
+        let back: Command = serde_json::from_str(&serde_json::to_string(&start).unwrap()).unwrap();
+        assert_eq!(back, start);
+        let text = r#"{"command":"make_master","output_file":"/d/r.h5","writers":2,
+            "first_image_id":7,"n_images":10,
+            "sources":[{"writer":0,"file":"/d/r_writer0.h5","rows":5}]}"#;
+        let Command::MakeMaster(m) = serde_json::from_str(text).unwrap() else {
+            panic!()
+        };
+        assert_eq!((m.writers, m.sources.len(), m.images()), (2, 1, 1));
+        let bad = r#"{"command":"make_master","output_file":"/d/r.h5","writers":2,
+            "first_image_id":7,"sources":[],"extra":1}"#;
+        assert!(
+            serde_json::from_str::<Command>(bad).is_err(),
+            "unknown fields refused"
+        );
+        let bad_deal = r#"{"command":"start","output_file":"/d/r.h5","n_images":1,
+            "deal":{"writer":0,"writers":2,"first_image_id":1,"x":0}}"#;
+        assert!(serde_json::from_str::<Command>(bad_deal).is_err());
+    }
 
     #[test]
     fn command_json_is_stable() {

@@ -193,6 +193,7 @@ impl Writer {
             Command::CancelIfEmpty { reason } => {
                 self.cancel_if_empty(reason.as_deref().unwrap_or("cancelled before any image"))
             }
+            Command::MakeMaster(_) => Reply::error("make_master is not implemented yet"),
         }
     }
 
@@ -297,6 +298,7 @@ impl Writer {
             current: self.run.as_ref().map(|r| r.summary.clone()),
             last_run: self.last_run.clone(),
             runs_completed: self.runs_completed,
+            ..WriterStatus::default()
         }
     }
 
@@ -706,6 +708,7 @@ mod tests {
                     .cloned(),
                 traceparent: Some(TRACEPARENT.into()),
                 nxmx: None,
+                deal: None,
             },
         });
         assert!(reply.ok, "{reply:?}");

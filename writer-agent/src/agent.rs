@@ -46,7 +46,8 @@ use crate::protocol::{
 };
 use crate::request::{self, CreatedDirs, Policy, RequestError, WriteRequest, MAX_BODY_BYTES};
 use crate::trigger::{self, TriggerSettings};
-use crate::writer_client::{ClientError, WriterClient};
+use crate::writer_client::ClientError;
+use crate::writer_group::WriterGroup;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicQosOptions, ConfirmSelectOptions};
@@ -70,8 +71,12 @@ pub struct AgentSettings {
     pub tag: String,
     /// The `source` header of every status; also names the agent's queues.
     pub service_name: String,
-    /// The writer's command socket (`ipc://<ipc_dir>/std-daq-<detector>-writer`).
+    /// The writer's command socket (`ipc://<ipc_dir>/std-daq-<detector>-writer`); with several
+    /// writers, writer 0's.
     pub writer_endpoint: String,
+    /// The command sockets of writers 1.. when `number_of_writers` > 1 (empty: one writer). The
+    /// agent then drives them as one ([`WriterGroup`]).
+    pub more_writers: Vec<String>,
     pub policy: Policy,
     /// How often the writer is asked for progress while a run is active.
     pub poll_interval: Duration,
@@ -111,6 +116,7 @@ impl AgentSettings {
             tag: tag.into(),
             service_name: service_name.into(),
             writer_endpoint: writer_endpoint.into(),
+            more_writers: Vec::new(),
             policy,
             poll_interval: Duration::from_millis(150),
             progress_interval: Duration::from_millis(500),
@@ -212,7 +218,7 @@ impl ShutdownHandle {
 pub struct Agent {
     settings: AgentSettings,
     queues: AgentQueues,
-    client: Arc<WriterClient>,
+    client: Arc<WriterGroup>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown: watch::Receiver<bool>,
     state: watch::Sender<AgentState>,
@@ -254,6 +260,7 @@ enum WriterKnows {
 }
 
 /// How a run ended, as far as the agent knows.
+#[allow(clippy::large_enum_variant)] // one per run, never stored
 enum Outcome {
     Finished(RunSummary),
     /// The writer was lost mid-run: why, and how many images its last checkpoint made safe in
@@ -275,10 +282,14 @@ impl Agent {
             broker::short(name)?;
         }
         let ctx = zmq::Context::new();
-        let client = Arc::new(WriterClient::new(
+        let endpoints: Vec<String> = std::iter::once(settings.writer_endpoint.clone())
+            .chain(settings.more_writers.iter().cloned())
+            .collect();
+        let client = Arc::new(WriterGroup::new(
             &ctx,
-            &settings.writer_endpoint,
+            &endpoints,
             settings.writer_timeout,
+            settings.writer_lost_after,
         ));
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Agent {
@@ -544,6 +555,7 @@ impl Agent {
                     metadata: req.metadata.clone(),
                     traceparent: req.traceparent.clone(),
                     nxmx: req.nxmx.clone(),
+                    deal: None,
                 },
             ))
             .await;

@@ -10,6 +10,7 @@
 //!   dead-lettering, so requests survive agent and broker restarts, are never written twice, and
 //!   a poison request ends in `std-daq.<service>.dead-letter` instead of looping.
 //! - [`client`]: publish a request and follow its status; send a kill.
+//! - [`writer_group`]: the run's writers driven as one (N writers, their master file).
 //! - [`trigger`]: the processing trigger (zocalo recipe or GDA scan topic message) published
 //!   when a write's file is complete, with confirms and bounded retries.
 //!
@@ -24,6 +25,7 @@ pub mod protocol;
 pub mod request;
 pub mod trigger;
 pub mod writer_client;
+pub mod writer_group;
 
 pub use agent::{Agent, AgentSettings, AgentState, ShutdownHandle};
 pub use client::{ClientError, ClientOptions};

@@ -92,6 +92,14 @@ struct Args {
     /// base + 2).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// How long one command to a writer may take, in milliseconds (default 5000).
+    #[arg(long)]
+    writer_timeout_ms: Option<u64>,
+    /// A writer that has not answered for this many milliseconds during a run is lost: with
+    /// several writers (number_of_writers) the run is ended, the master file maps what every
+    /// writer surely wrote, and request_fail names the lost writer (default 30000).
+    #[arg(long)]
+    writer_lost_ms: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -113,6 +121,15 @@ fn main() -> Result<()> {
         &names::writer_command_endpoint(&cfg),
         policy,
     );
+    settings.more_writers = (1..cfg.number_of_writers)
+        .map(|k| names::writer_command_endpoint_of(&cfg, k))
+        .collect();
+    if let Some(ms) = args.writer_timeout_ms {
+        settings.writer_timeout = Duration::from_millis(ms.max(1));
+    }
+    if let Some(ms) = args.writer_lost_ms {
+        settings.writer_lost_after = Duration::from_millis(ms);
+    }
     settings.poll_interval = Duration::from_millis(args.poll_ms.max(10));
     settings.progress_interval = Duration::from_millis(args.progress_ms);
     settings.max_deliveries = args.max_deliveries;
