@@ -4,6 +4,9 @@
 #   std-udp-recv@<det>-<m>.service.d/std-daq.conf  PartOf= the target, After= the assembler
 #                                                  (receivers stop first), the detector's env
 #                                                  file, and the CPU of module m (--cpu)
+#   with WRITERS=N (N > 1, the config's number_of_writers):
+#   std-daq@<det>.target.d/writers.conf            Wants= std-h5-writer-k@<det>-1 .. <det>-<N-1>
+#   std-h5-writer-k@<det>-<k>.service.d/std-daq.conf  PartOf= the target, the detector's env file
 # Usage: add-detector.sh DETECTOR N_MODULES [CPU_OF_MODULE_0 CPU_OF_MODULE_1 ...]
 # UNIT_DIR (default /etc/systemd/system) is where the drop-ins go. Then:
 #   systemctl daemon-reload && systemctl enable --now std-daq@DETECTOR.target
@@ -48,6 +51,38 @@ CONF
     wants="$wants std-udp-recv@$det-$m.service"
     m=$((m + 1))
 done
+
+writers=${WRITERS:-1}
+case $writers in "" | *[!0-9]* | 0) echo "$0: WRITERS must be a positive number, got '$writers'" >&2; exit 2 ;; esac
+writer_wants=""
+k=1
+while [ "$k" -lt "$writers" ]; do
+    d="$unit_dir/std-h5-writer-k@$det-$k.service.d"
+    mkdir -p "$d"
+    cat >"$d/std-daq.conf" <<CONF
+# Written by add-detector.sh for detector $det, writer $k of $writers.
+[Unit]
+PartOf=std-daq@$det.target
+# Stops after the assembler, like writer 0, so the assembler drains into every writer.
+Before=std-assembler@$det.service
+
+[Service]
+EnvironmentFile=-/etc/std-daq/$det.env
+CONF
+    echo "wrote $d/std-daq.conf"
+    writer_wants="$writer_wants std-h5-writer-k@$det-$k.service"
+    k=$((k + 1))
+done
+if [ -n "$writer_wants" ]; then
+    cat >"$target_d/writers.conf" <<CONF
+# Written by add-detector.sh: writers 1..$((writers - 1)) of detector $det (writer 0 is std-h5-writer@$det).
+[Unit]
+Wants=${writer_wants# }
+CONF
+    echo "wrote $target_d/writers.conf"
+else
+    rm -f "$target_d/writers.conf"
+fi
 
 cat >"$target_d/receivers.conf" <<CONF
 # Written by add-detector.sh: the $n receivers of detector $det.

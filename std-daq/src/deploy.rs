@@ -143,7 +143,6 @@ const NO_EFFECT: &[&str] = &[
     "sender_sends_full_images",
     "gpfs_block_size",
     "delay_filter_timeout",
-    "number_of_writers",
     "switch_user_active",
 ];
 
@@ -215,14 +214,16 @@ impl ServiceKind {
                     | "calibration_file"
                     | "module_sync_timeout_ms"
                     | "module_sync_queue_size"
+                    | "assembler_threads"
                     | "ram_buffer_gb"
                     | "stats_collection_period"
             ),
             // The writer records the whole config in every file (`detector_config`): any key
             // with an effect.
             ServiceKind::Writer => true,
-            // It reads the processing trigger at start (docs/processing.md).
-            ServiceKind::Agent => key == "processing_trigger",
+            // It reads the processing trigger at start (docs/processing.md) and drives
+            // number_of_writers writers.
+            ServiceKind::Agent => key == "processing_trigger" || key == "number_of_writers",
             ServiceKind::Preview => matches!(key, "ram_buffer_gb" | "live_stream_configs"),
             ServiceKind::StreamSend => {
                 matches!(key, "ram_buffer_gb" | "stats_collection_period")
@@ -288,6 +289,14 @@ mod tests {
     fn restarts_follow_the_keys_each_service_reads() {
         let k = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(restart_summary(&k(&["writer_user_id"])).is_empty());
+        assert_eq!(
+            restart_summary(&k(&["number_of_writers"])),
+            vec!["std-h5-writer", "std-writer-agent"]
+        );
+        assert_eq!(
+            restart_summary(&k(&["assembler_threads"])),
+            vec!["std-assembler", "std-h5-writer"]
+        );
         assert_eq!(restart_summary(&k(&["compression"])), vec!["std-h5-writer"]);
         assert_eq!(
             restart_summary(&k(&["start_udp_port"])),

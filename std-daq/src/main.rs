@@ -323,6 +323,15 @@ struct DemoArgs {
     /// Keep the work folder (config, service logs) after a successful run.
     #[arg(long)]
     keep_logs: bool,
+    /// std-h5-writer processes sharing the run (config key number_of_writers). With more than
+    /// one, each writes its own <output stem>_writer<k>.h5 and --output is the master file whose
+    /// datasets are virtual datasets over them, in image order.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    writers: u32,
+    /// Worker threads placing the modules in the assembler (config key assembler_threads;
+    /// default: one per module, at most the cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    assembler_threads: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -796,12 +805,22 @@ fn demo(args: DemoArgs) -> Result<()> {
         module_buffer_slots: args.module_buffer_slots,
         ram_buffer_gb: args.ram_buffer_gb,
         log_level: "info".into(),
-        extra_config: Vec::new(),
+        extra_config: std::iter::once(("number_of_writers".to_string(), args.writers.into()))
+            .chain(
+                args.assembler_threads
+                    .map(|t| ("assembler_threads".to_string(), t.into())),
+            )
+            .collect(),
     };
     println!(
-        "std-daq demo: starting {} receiver{}, the assembler and the writer (logs in {})",
+        "std-daq demo: starting {} receiver{}, the assembler and {} (logs in {})",
         args.modules,
         if args.modules == 1 { "" } else { "s" },
+        if args.writers == 1 {
+            "the writer".to_string()
+        } else {
+            format!("{} writers", args.writers)
+        },
         work_dir.display()
     );
     let t0 = Instant::now();
@@ -821,6 +840,19 @@ fn demo(args: DemoArgs) -> Result<()> {
     println!();
     println!("std-daq demo summary");
     println!("  file:               {}", output.display());
+    if args.writers > 1 {
+        let files: Vec<String> = (0..args.writers)
+            .map(|k| {
+                std_daq_common::writer_command::writer_data_file(&output, k)
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        println!(
+            "  writers' files:     {} (the file above is their master)",
+            files.join(", ")
+        );
+    }
     println!("  images requested:   {}", args.images);
     println!(
         "  images written:     {} (good {}, flagged {})",

@@ -1,5 +1,6 @@
-//! A pipeline of real processes: one `std-udp-recv` per module, `std-assembler`, `std-h5-writer`,
-//! and `std-det-sim` on demand. Children log to files in the work directory. Stopping goes
+//! A pipeline of real processes: one `std-udp-recv` per module, `std-assembler`, one
+//! `std-h5-writer` per `number_of_writers` (driven as one by a [`WriterGroup`]), and
+//! `std-det-sim` on demand. Children log to files in the work directory. Stopping goes
 //! upstream first (receivers, then assembler, then writer) so every stage drains into the next,
 //! and then checks that no shared-memory segment or ipc socket file is left behind.
 //!
@@ -11,7 +12,8 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 use std_daq_common::writer_command::{Command, Reply, RunSummary};
 use std_daq_common::{names, DetectorConfig};
-use std_writer_agent::writer_client::{ClientError, WriterClient};
+use std_writer_agent::writer_client::ClientError;
+use std_writer_agent::writer_group::WriterGroup;
 
 /// Where to find the service binaries: next to the running executable, or one folder up (test
 /// executables live in target/<profile>/deps).
@@ -160,8 +162,10 @@ pub struct Pipeline {
     pub config: DetectorConfig,
     receivers: Vec<Service>,
     assembler: Option<Service>,
-    writer: Option<Service>,
-    pub client: WriterClient,
+    /// Writer k at index k (`std-h5-writer`, `std-h5-writer-<k>` for k > 0).
+    writers: Vec<Service>,
+    /// Every writer, as one (a single writer's commands pass unchanged).
+    pub client: WriterGroup,
     /// Extra arguments per service name (e.g. `--metrics-addr`), applied at every (re)start.
     extra_args: std::collections::HashMap<String, Vec<String>>,
 }
@@ -198,17 +202,21 @@ impl Pipeline {
             .with_context(|| format!("writing {}", config_path.display()))?;
         let config = DetectorConfig::from_file(&config_path)?;
         let ctx = zmq::Context::new();
-        let client = WriterClient::new(
+        let endpoints: Vec<String> = (0..config.number_of_writers)
+            .map(|k| names::writer_command_endpoint_of(&config, k))
+            .collect();
+        let client = WriterGroup::new(
             &ctx,
-            &names::writer_command_endpoint(&config),
+            &endpoints,
             Duration::from_secs(5),
+            Duration::from_secs(10),
         );
         let mut p = Pipeline {
             config_path,
             config,
             receivers: Vec::new(),
             assembler: None,
-            writer: None,
+            writers: Vec::new(),
             client,
             opts,
             extra_args,
@@ -222,9 +230,28 @@ impl Pipeline {
             p.receivers.push(s);
         }
         p.assembler = Some(p.spawn("std-assembler", "std-assembler", &[])?);
-        p.writer = Some(p.spawn("std-h5-writer", "std-h5-writer", &[])?);
+        for k in 0..p.config.number_of_writers {
+            let w = p.spawn_writer(k)?;
+            p.writers.push(w);
+        }
         p.wait_ready(ready_timeout)?;
         Ok(p)
+    }
+
+    /// The service name of writer `k`: `std-h5-writer`, `std-h5-writer-<k>` for k > 0.
+    pub fn writer_name(k: u32) -> String {
+        match k {
+            0 => "std-h5-writer".into(),
+            k => format!("std-h5-writer-{k}"),
+        }
+    }
+
+    fn spawn_writer(&self, k: u32) -> Result<Service> {
+        let name = Self::writer_name(k);
+        if k == 0 {
+            return self.spawn(&name, "std-h5-writer", &[]);
+        }
+        self.spawn(&name, "std-h5-writer", &["--writer-index", &k.to_string()])
     }
 
     fn spawn(&self, name: &str, binary: &str, extra: &[&str]) -> Result<Service> {
@@ -267,7 +294,7 @@ impl Pipeline {
         self.receivers
             .iter_mut()
             .chain(self.assembler.as_mut())
-            .chain(self.writer.as_mut())
+            .chain(self.writers.iter_mut())
     }
 
     /// The process id of a running service (`std-udp-recv-<m>`, `std-assembler`,
@@ -276,7 +303,7 @@ impl Pipeline {
         self.receivers
             .iter()
             .chain(self.assembler.as_ref())
-            .chain(self.writer.as_ref())
+            .chain(self.writers.iter())
             .find(|s| s.name == service)
             .map(|s| s.child.id())
     }
@@ -345,8 +372,13 @@ impl Pipeline {
     /// Stops std-h5-writer (SIGKILL when `crash`, else SIGTERM) and starts it again; returns
     /// once the new writer sees the image stream.
     pub fn restart_writer(&mut self, crash: bool) -> Result<()> {
-        let Some(mut writer) = self.writer.take() else {
-            bail!("no writer running");
+        self.restart_writer_k(0, crash)
+    }
+
+    /// [`Pipeline::restart_writer`] for writer `k`.
+    pub fn restart_writer_k(&mut self, k: u32, crash: bool) -> Result<()> {
+        let Some(writer) = self.writers.get_mut(k as usize) else {
+            bail!("no writer {k} running");
         };
         if crash {
             writer.child.kill()?;
@@ -354,7 +386,8 @@ impl Pipeline {
             terminate(&writer.child)?;
         }
         wait_with_deadline(&mut writer.child, Duration::from_secs(20))?;
-        self.writer = Some(self.spawn("std-h5-writer", "std-h5-writer", &[])?);
+        let fresh = self.spawn_writer(k)?;
+        self.writers[k as usize] = fresh;
         self.wait_ready(Duration::from_secs(60))
     }
 
@@ -485,7 +518,7 @@ impl Pipeline {
         let stages = [
             receivers,
             self.assembler.take().into_iter().collect(),
-            self.writer.take().into_iter().collect(),
+            std::mem::take(&mut self.writers),
         ];
         for stage in stages {
             for s in &stage {

@@ -59,11 +59,22 @@ pub fn services_for(cfg: &DetectorConfig, config: &Path, opts: &UpOptions) -> Ve
             args: with_config(&["--module", &m.to_string()]),
         })
         .collect();
-    for binary in ["std-assembler", "std-h5-writer"] {
+    specs.push(ServiceSpec {
+        name: "std-assembler".into(),
+        binary: "std-assembler".into(),
+        args: with_config(&[]),
+    });
+    // Writer 0 is `std-h5-writer` as with one writer; writer k > 0 `std-h5-writer-<k>`.
+    for k in 0..cfg.number_of_writers {
+        let index = k.to_string();
         specs.push(ServiceSpec {
-            name: binary.into(),
-            binary: binary.into(),
-            args: with_config(&[]),
+            name: crate::pipeline::Pipeline::writer_name(k),
+            binary: "std-h5-writer".into(),
+            args: if k == 0 {
+                with_config(&[])
+            } else {
+                with_config(&["--writer-index", &index])
+            },
         });
     }
     if let Some(root) = &opts.agent_output_root {
@@ -618,11 +629,16 @@ fn apply(
             }
         }
     }
-    if going.iter().any(|n| n == "std-h5-writer") {
-        let ctx = zmq::Context::new();
+    // Every writer that (re)started must answer before the next request comes.
+    let ctx = zmq::Context::new();
+    for k in 0..new.number_of_writers {
+        let name = crate::pipeline::Pipeline::writer_name(k);
+        if !going.contains(&name) {
+            continue;
+        }
         let client = std_writer_agent::writer_client::WriterClient::new(
             &ctx,
-            &std_daq_common::names::writer_command_endpoint(new),
+            &std_daq_common::names::writer_command_endpoint_of(new, k),
             Duration::from_millis(500),
         );
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -634,8 +650,8 @@ fn apply(
                 break;
             }
             if Instant::now() > deadline {
-                failed.push("std-h5-writer did not answer within 30 s".into());
-                services.insert("std-h5-writer".into(), "Error".into());
+                failed.push(format!("{name} did not answer within 30 s"));
+                services.insert(name.clone(), "Error".into());
                 break;
             }
             std::thread::sleep(POLL);

@@ -24,9 +24,10 @@ use std::process::{Command, Output};
 use std_daq::pipeline::default_bin_dir;
 use std_daq_common::config::DetectorConfig;
 
-const TEMPLATES: [&str; 7] = [
+const TEMPLATES: [&str; 8] = [
     "std-assembler@.service",
     "std-daq@.target",
+    "std-h5-writer-k@.service",
     "std-h5-writer@.service",
     "std-stream-recv@.service",
     "std-stream-send@.service",
@@ -144,6 +145,7 @@ fn install_units(dir: &Path, bin_dir: &Path) {
         .arg(units_dir().join("add-detector.sh"))
         .args(["jf", "2", "2", "3"])
         .env("UNIT_DIR", dir)
+        .env("WRITERS", "2")
         .output()
         .unwrap();
     assert!(out.status.success(), "add-detector.sh: {}", text(&out));
@@ -176,6 +178,7 @@ fn instances() -> Vec<String> {
         "std-udp-recv@my-det-12.service".into(),
         "std-assembler@jf.service".into(),
         "std-h5-writer@jf.service".into(),
+        "std-h5-writer-k@jf-1.service".into(),
         "std-writer-agent@jf.service".into(),
         "std-stream-send@jf.service".into(),
         "std-stream-recv@jf.service".into(),
@@ -288,7 +291,8 @@ fn units_name_only_existing_std_daq_units_and_carry_the_deployment_settings() {
             exec.contains("--config") && exec.contains("/etc/std-daq/"),
             "{t}"
         );
-        if *t != "std-udp-recv@.service" {
+        // Instances <detector>-<n>: config and target membership come from the script and drop-in.
+        if !["std-udp-recv@.service", "std-h5-writer-k@.service"].contains(t) {
             assert!(exec.contains("/etc/std-daq/%i.json"), "{t}: {exec}");
             assert_eq!(one("PartOf"), "std-daq@%i.target", "{t}");
         }
@@ -312,6 +316,50 @@ fn units_name_only_existing_std_daq_units_and_carry_the_deployment_settings() {
         values(&target, "Wants"),
         ["std-udp-recv@jf-0.service std-udp-recv@jf-1.service"]
     );
+    // WRITERS=2: writer 1 joins the target and stops after the assembler, like writer 0.
+    let writers = std::fs::read_to_string(dir.join("std-daq@jf.target.d/writers.conf")).unwrap();
+    assert_eq!(values(&writers, "Wants"), ["std-h5-writer-k@jf-1.service"]);
+    let dropin =
+        std::fs::read_to_string(dir.join("std-h5-writer-k@jf-1.service.d/std-daq.conf")).unwrap();
+    assert_eq!(values(&dropin, "PartOf"), ["std-daq@jf.target"]);
+    assert_eq!(values(&dropin, "Before"), ["std-assembler@jf.service"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writer k > 0 (`std-h5-writer-k@<detector>-<k>`): the config and `--writer-index` come from
+/// the instance name, a bad one exits 2.
+#[test]
+fn the_extra_writer_unit_parses_detector_and_index_from_its_instance_name() {
+    let dir = scratch("writer-instance");
+    let stub = dir.join("std-h5-writer");
+    write_exe(&stub, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n");
+    let exec = values(&read_unit("std-h5-writer-k@.service"), "ExecStart").remove(0);
+    let body = exec
+        .strip_prefix("/bin/sh -c '")
+        .expect("ExecStart=/bin/sh -c '...'");
+    let (script, rest) = body.rsplit_once('\'').unwrap();
+    assert_eq!(rest.trim(), "std-h5-writer %i");
+    let script = script
+        .replace("$$", "$")
+        .replace("%%", "%")
+        .replace("/usr/local/bin/std-h5-writer", &stub.display().to_string());
+    let run = |instance: &str| {
+        Command::new("sh")
+            .args(["-c", &script, "std-h5-writer", instance])
+            .output()
+            .unwrap()
+    };
+    let out = run("my-det-3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "--config\n/etc/std-daq/my-det.json\n--writer-index\n3\n"
+    );
+    for bad in ["jf", "jf-", "jf-x"] {
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(out.stdout.is_empty(), "{bad}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
