@@ -264,11 +264,16 @@ pub enum MetricsService {
     Preview(u16),
     /// std-udp-recv of module m: base + 10 + m.
     Receiver(u16),
+    /// std-h5-writer `--writer-index k`, k >= 1 (`number_of_writers` > 1): base + 266 + k - 1,
+    /// past the receivers of the largest detector (256 modules).
+    OtherWriter(u16),
 }
 
 impl MetricsService {
     /// Receivers start at this offset; 5..9 are the preview streams'.
     pub const RECEIVER_OFFSET: u16 = 10;
+    /// Writers 1.. start at this offset (after 256 receivers).
+    pub const OTHER_WRITERS_OFFSET: u16 = 266;
     /// Live streams that have a metrics port (base + 5 .. base + 9).
     pub const MAX_PREVIEWS: usize = 5;
 
@@ -282,6 +287,7 @@ impl MetricsService {
             MetricsService::StreamRecv => 4,
             MetricsService::Preview(i) => 5 + i,
             MetricsService::Receiver(m) => Self::RECEIVER_OFFSET + m,
+            MetricsService::OtherWriter(k) => Self::OTHER_WRITERS_OFFSET + k.saturating_sub(1),
         }
     }
 }
@@ -1036,8 +1042,14 @@ impl DetectorConfig {
                         format!("{text:?} is not an address ip:port (e.g. \"127.0.0.1:9100\")"),
                     )
                 })?;
-                let last =
+                let receivers =
                     u32::from(MetricsService::Receiver(0).offset()) + u32::from(raw.n_modules) - 1;
+                // Writers 1.. (number_of_writers > 1) come after the largest detector's receivers.
+                let writers = match raw.number_of_writers.unwrap_or(1).min(MAX_WRITERS) {
+                    0 | 1 => 0,
+                    n => u32::from(MetricsService::OTHER_WRITERS_OFFSET) + n - 2,
+                };
+                let last = receivers.max(writers);
                 if addr.port() == 0 || u32::from(addr.port()) + last > 65535 {
                     return Err(invalid(
                         "metrics_base_address",
@@ -2176,6 +2188,8 @@ mod tests {
         assert_eq!(port(MetricsService::Preview(4)), "127.0.0.1:9109");
         assert_eq!(port(MetricsService::Receiver(0)), "127.0.0.1:9110");
         assert_eq!(port(MetricsService::Receiver(1)), "127.0.0.1:9111");
+        assert_eq!(port(MetricsService::OtherWriter(1)), "127.0.0.1:9366");
+        assert_eq!(port(MetricsService::OtherWriter(3)), "127.0.0.1:9368");
         // The last receiver's port must fit: 65524 + 10 + 1 is the highest base for 2 modules.
         DetectorConfig::from_json_str(
             &with("metrics_base_address", "127.0.0.1:65524".into()),

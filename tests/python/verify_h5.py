@@ -79,7 +79,11 @@ def main():
     ap.add_argument("--allow-lost-in-buffer", action="store_true",
                     help="images flagged status 4 (overwritten in the ImageBuffer before the "
                          "writer got them) must be all zeros and count as lost, not as mismatches")
+    ap.add_argument("--hdf5plugin", action="store_true",
+                    help="load PyPI's hdf5plugin (compressed data without Debian's plugin)")
     args = ap.parse_args()
+    if args.hdf5plugin:
+        import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)
     if args.kind != "gigafrost":
         module_w, module_h, payload = DETECTORS[args.kind]
         pixels = module_w * module_h

@@ -68,6 +68,26 @@ pub fn verify_h5_with(
     kind: &str,
     extra: &[&str],
 ) -> Result<serde_json::Value> {
+    verify_h5_by(Path::new(python()), file, detector, drop, kind, extra)
+}
+
+/// [`verify_h5_with`] in the project's venv with PyPI's hdf5plugin loaded (`--hdf5plugin`), so
+/// bitshuffle/LZ4 data reads without Debian's plugin.
+pub fn verify_h5_venv(file: &Path, detector: &str, extra: &[&str]) -> Result<serde_json::Value> {
+    let python = stack::venv_python()?;
+    let mut args = vec!["--hdf5plugin"];
+    args.extend_from_slice(extra);
+    verify_h5_by(&python, file, detector, "", "jungfrau", &args)
+}
+
+fn verify_h5_by(
+    python: &Path,
+    file: &Path,
+    detector: &str,
+    drop: &str,
+    kind: &str,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_h5.py");
     // One argument may hold at most 128 KiB (MAX_ARG_STRLEN): long drop lists go in a file.
     let drop_file = std::env::temp_dir().join(format!(
@@ -76,7 +96,7 @@ pub fn verify_h5_with(
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::write(&drop_file, drop).with_context(|| format!("writing {}", drop_file.display()))?;
-    let out = Command::new(python())
+    let out = Command::new(python)
         .arg(&script)
         .arg(file)
         .args(["--detector", detector, "--kind", kind])
