@@ -1218,7 +1218,7 @@ fn record_set<T: H5Type>(
 }
 
 /// Checks what HDF5 would reject later, or worse accept; returns the bytes of one image.
-fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, FileError> {
+pub(crate) fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, FileError> {
     let invalid = |reason: String| FileError::InvalidSpec {
         path: path.to_owned(),
         reason,
@@ -1264,7 +1264,7 @@ fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, FileError> 
 }
 
 /// The in-file type of the images: native (little-endian here) integers or float.
-fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileError> {
+pub(crate) fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileError> {
     Ok(match dtype {
         Dtype::Uint8 => TypeDescriptor::Unsigned(IntSize::U1),
         Dtype::Uint16 => TypeDescriptor::Unsigned(IntSize::U2),
@@ -1283,7 +1283,7 @@ fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileErro
 }
 
 /// A scalar variable-length UTF-8 string attribute.
-fn set_str_attr(location: &hdf5::Location, name: &str, value: &str) -> hdf5::Result<()> {
+pub(crate) fn set_str_attr(location: &hdf5::Location, name: &str, value: &str) -> hdf5::Result<()> {
     let value: hdf5::types::VarLenUnicode = value
         .parse()
         .map_err(|e| hdf5::Error::from(format!("attribute {name}: {e}")))?;
