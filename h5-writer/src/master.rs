@@ -39,72 +39,21 @@ enum Columns {
 
 /// Every per-image dataset of a data file's detector group besides `data`, with its in-file type,
 /// as [`crate::file`] creates them (a test checks this against a real data file).
+#[rustfmt::skip]
 const PER_IMAGE: &[(&str, TypeDescriptor, Columns)] = &[
-    (
-        "image_id",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::None,
-    ),
-    (
-        "status",
-        TypeDescriptor::Unsigned(IntSize::U2),
-        Columns::None,
-    ),
-    (
-        "missing_packets",
-        TypeDescriptor::Unsigned(IntSize::U4),
-        Columns::None,
-    ),
-    (
-        "missing_modules",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::Fixed(4),
-    ),
-    (
-        "n_missing_modules",
-        TypeDescriptor::Unsigned(IntSize::U2),
-        Columns::None,
-    ),
-    (
-        "module_missing_packets",
-        TypeDescriptor::Unsigned(IntSize::U2),
-        Columns::Modules,
-    ),
-    (
-        "frame_index",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::None,
-    ),
-    (
-        "timestamp",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::None,
-    ),
-    (
-        "bunch_id",
-        TypeDescriptor::Float(FloatSize::U8),
-        Columns::None,
-    ),
-    (
-        "lost_in_buffer",
-        TypeDescriptor::Unsigned(IntSize::U1),
-        Columns::None,
-    ),
-    (
-        "checksum",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::None,
-    ),
-    (
-        "checksum_kind",
-        TypeDescriptor::Unsigned(IntSize::U2),
-        Columns::None,
-    ),
-    (
-        "calibration_id",
-        TypeDescriptor::Unsigned(IntSize::U8),
-        Columns::None,
-    ),
+    ("image_id", TypeDescriptor::Unsigned(IntSize::U8), Columns::None),
+    ("status", TypeDescriptor::Unsigned(IntSize::U2), Columns::None),
+    ("missing_packets", TypeDescriptor::Unsigned(IntSize::U4), Columns::None),
+    ("missing_modules", TypeDescriptor::Unsigned(IntSize::U8), Columns::Fixed(4)),
+    ("n_missing_modules", TypeDescriptor::Unsigned(IntSize::U2), Columns::None),
+    ("module_missing_packets", TypeDescriptor::Unsigned(IntSize::U2), Columns::Modules),
+    ("frame_index", TypeDescriptor::Unsigned(IntSize::U8), Columns::None),
+    ("timestamp", TypeDescriptor::Unsigned(IntSize::U8), Columns::None),
+    ("bunch_id", TypeDescriptor::Float(FloatSize::U8), Columns::None),
+    ("lost_in_buffer", TypeDescriptor::Unsigned(IntSize::U1), Columns::None),
+    ("checksum", TypeDescriptor::Unsigned(IntSize::U8), Columns::None),
+    ("checksum_kind", TypeDescriptor::Unsigned(IntSize::U2), Columns::None),
+    ("calibration_id", TypeDescriptor::Unsigned(IntSize::U8), Columns::None),
 ];
 
 /// Why a master file could not be written. Every message names the master file.
@@ -136,6 +85,8 @@ struct Share {
     count: u64,
     /// Rows each dataset of the data file has (`>= count`), by name; filled when checked.
     rows_in_file: Vec<(&'static str, usize)>,
+    /// The data file's root `start_time` and `end_time`, if it has them; read when checked.
+    times: (Option<String>, Option<String>),
 }
 
 /// Rows of writer `k` of `n` holding positions `0..images`.
@@ -267,6 +218,7 @@ fn shares(req: &MasterRequest, output: &Path, images: u64) -> Result<Vec<Share>,
                 name,
                 count: rows_for(images, n, u64::from(writer)),
                 rows_in_file: Vec::new(),
+                times: (None, None),
             })
         })
         .collect()
@@ -326,22 +278,19 @@ fn check_data_file(
         }
         share.rows_in_file.push((name, shape[0]));
     }
+    let time = |name: &str| -> Option<String> {
+        let value = file.attr(name).ok()?.read_scalar::<VarLenUnicode>().ok()?;
+        Some(value.as_str().to_owned())
+    };
+    share.times = (time("start_time"), time("end_time"));
     Ok(())
 }
 
 /// The run's start (earliest `start_time` of the data files) and end (latest `end_time`), both
 /// ISO 8601 UTC so that they compare as text; now where no file says.
 fn run_times(shares: &[Share]) -> (String, String) {
-    let read = |path: &Path, name: &str| -> Option<String> {
-        let file = File::open(path).ok()?;
-        let value = file.attr(name).ok()?.read_scalar::<VarLenUnicode>().ok()?;
-        Some(value.as_str().to_owned())
-    };
-    let with_rows = || shares.iter().filter(|s| s.count > 0);
-    let start = with_rows()
-        .filter_map(|s| read(&s.path, "start_time"))
-        .min();
-    let end = with_rows().filter_map(|s| read(&s.path, "end_time")).max();
+    let start = shares.iter().filter_map(|s| s.times.0.clone()).min();
+    let end = shares.iter().filter_map(|s| s.times.1.clone()).max();
     let now = now_iso8601();
     (start.unwrap_or_else(|| now.clone()), end.unwrap_or(now))
 }

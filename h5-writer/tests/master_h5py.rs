@@ -2,7 +2,8 @@
 //! the project's venv (`.venv`, scripts/setup.sh: h5py, hdf5plugin, xxhash) from a working
 //! directory other than the master's folder, checks every position's pixels, ledger row and
 //! checksum, for raw and bitshuffle-compressed sources, after the folder was moved, and with the
-//! master named by a relative path. Without the venv it is skipped, except in CI (`CI=true`),
+//! master named by a relative path; and PyPI's `nxmx` reads the NXmx groups of a master
+//! (tests/python/check_nxmx.py). Without the venv it is skipped, except in CI (`CI=true`),
 //! where that is a failure.
 //!
 //! One test on purpose, in its own binary: python inherits libhdf5's open descriptors and their
@@ -81,6 +82,50 @@ fn h5py_reads(
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A master with NXmx groups over two writers' 512 x 1024 files, read by tests/python/check_nxmx.py.
+fn nxmx_reads(python: &Path, root: &Path, cwd: &Path, config: &str) {
+    let cfg = std_daq_common::config::DetectorConfig::from_json_str(
+        r#"{"detector_name":"jf-test","detector_type":"jungfrau-raw","n_modules":1,
+            "bit_depth":16,"image_pixel_height":512,"image_pixel_width":1024,
+            "start_udp_port":50000,"module_positions":{"0":[0,0,1023,511]}}"#,
+        "test",
+    )
+    .unwrap();
+    let nxmx = cfg.nxmx().unwrap();
+    let spec = h5_writer::file::ImageFileSpec {
+        height: 512,
+        width: 1024,
+        ..spec(Compression::None)
+    };
+    let folder = root.join("nxmx");
+    std::fs::create_dir(&folder).unwrap();
+    let mut req = write_run(&folder, "nx", &spec, Some(&nxmx), &[2, 1], &[]);
+    req.n_images = Some(3);
+    write_master(&req, &spec, Some(&nxmx), config).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/check_nxmx.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(folder.join("nx.h5"))
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check_nxmx.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["entries"], 1);
+    assert_eq!(report["definition"], "NXmx");
+    assert_eq!(report["shape"], serde_json::json!([3, 512, 1024]));
+    assert_eq!(report["same_dataset_as_std_daq_path"], true);
+    let sum: f64 = (0..3u64)
+        .flat_map(|p| (0..512).flat_map(move |y| (0..1024).map(move |x| pixel(p, y, x))))
+        .map(f64::from)
+        .sum();
+    assert_eq!(report["pixel_sum"].as_f64(), Some(sum));
+}
+
 #[test]
 fn h5py_reads_the_master_from_anywhere() {
     let Some(python) = venv_python() else { return };
@@ -110,6 +155,10 @@ fn h5py_reads_the_master_from_anywhere() {
     assert_eq!(report["checked"], 9);
     let report = h5py_reads(&python, root.path(), Path::new("moved/run.h5"), &req, &[]);
     assert_eq!(report["checked"], 9);
+
+    // NXmx: PyPI's `nxmx` (DIALS's reader) finds the run's images at /entry/data/data through
+    // the master, the same dataset as /<detector>/data.
+    nxmx_reads(&python, root.path(), elsewhere.path(), config);
 
     // Bitshuffle/LZ4 sources, three writers, a position that never came, an early end.
     if !hdf5::filters::Filter::user(32008, &[0, 2]).is_available() {
