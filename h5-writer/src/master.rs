@@ -117,7 +117,13 @@ pub fn write_master(
         return Err(FileError::AlreadyExists(output).into());
     }
     let part = partial_path(&output);
-    let file = match File::create_excl(&part) {
+    // The latest format, as the data files: libhdf5 then stores each strided mapping as one
+    // regular hyperslab (start, stride, count); the 1.8 encoding lists every row (a 14 MB master
+    // for 100 000 images) and makes every read through it crawl.
+    let file = match File::with_options()
+        .with_fapl(|fapl| fapl.libver_latest())
+        .create_excl(&part)
+    {
         Ok(file) => file,
         Err(_) if part.symlink_metadata().is_ok() => {
             return Err(FileError::AlreadyExists(part).into())

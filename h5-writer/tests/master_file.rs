@@ -417,3 +417,76 @@ fn a_writer_without_rows_gives_an_empty_master() {
     assert_eq!((summary.images, summary.images_left_out), (0, 1));
     assert_positions(Path::new(&req.output_file), 0, &[]);
 }
+
+/// What the master costs: writing it over 4 writers x 25 000 rows, reading a ledger column and
+/// single images through it against reading the data files directly:
+/// `cargo test -p std-h5-writer --test master_file bench_ -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: writes ~200 MB to /tmp"]
+fn bench_master() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let rows = [25_000u64; 4];
+    let mut req = make(dir.path(), Compression::None, &rows, &[]);
+    req.n_images = None;
+    let start = Instant::now();
+    let summary = write_master(&req, &spec(Compression::None), None, CONFIG_JSON).unwrap();
+    let write_ms = start.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(summary.images, 100_000);
+    let size = std::fs::metadata(&req.output_file).unwrap().len();
+    let start = Instant::now();
+    let ids = column::<u64>(&File::open(&req.output_file).unwrap(), "image_id");
+    let vds_ms = start.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(ids[99_999], FIRST_IMAGE_ID + 99_999);
+    let start = Instant::now();
+    for s in &req.sources {
+        let f = File::open(&s.file).unwrap();
+        assert_eq!(column::<u64>(&f, "image_id").len(), 25_000);
+    }
+    let direct_ms = start.elapsed().as_secs_f64() * 1e3;
+    let master = File::open(&req.output_file).unwrap();
+    let status = master.dataset(&format!("{DETECTOR}/status")).unwrap();
+    let start = Instant::now();
+    for p in (0..100_000).step_by(100) {
+        let one = status.read_slice_1d::<u16, _>(p..p + 1).unwrap();
+        assert_eq!(one[0], if p % 3 == 2 { 2 } else { 1 });
+    }
+    let single_us = start.elapsed().as_secs_f64() * 1e6 / 1000.0;
+    println!("bench_master: one status row through the master: {single_us:.0} us per read");
+    println!(
+        "bench_master: master over 4 x 25000 rows written in {write_ms:.1} ms ({size} bytes); \
+         image_id of 100000 images: {vds_ms:.1} ms through the master, {direct_ms:.1} ms from \
+         the 4 data files"
+    );
+
+    // One image at a time, 1 MiB images (512 x 1024 u16), 2 writers x 100 rows.
+    let big = ImageFileSpec {
+        height: 512,
+        width: 1024,
+        ..spec(Compression::None)
+    };
+    let folder = dir.path().join("big");
+    std::fs::create_dir(&folder).unwrap();
+    let req = write_run(&folder, "big", &big, None, &[100, 100], &[]);
+    write_master(&req, &big, None, CONFIG_JSON).unwrap();
+    // `position(i)`: the run position at row i of the file read.
+    let read_all = |path: &str, n: usize, position: &dyn Fn(usize) -> u64| {
+        let f = File::open(path).unwrap();
+        let data = f.dataset(&format!("{DETECTOR}/data")).unwrap();
+        let start = Instant::now();
+        for i in 0..n {
+            let image: ndarray::Array2<u16> = data.read_slice_2d((i, .., ..)).unwrap();
+            assert_eq!(image[[511, 1023]], pixel(position(i), 511, 1023));
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let vds = read_all(&req.output_file, 200, &|i| i as u64);
+    let direct = read_all(&req.sources[0].file, 100, &|i| 2 * i as u64)
+        + read_all(&req.sources[1].file, 100, &|i| 2 * i as u64 + 1);
+    println!(
+        "bench_master: 200 images of 1 MiB one by one (page cache): {:.0} MB/s through the master, \
+         {:.0} MB/s from the data files",
+        200.0 * 1.048_576 / vds,
+        200.0 * 1.048_576 / direct
+    );
+}

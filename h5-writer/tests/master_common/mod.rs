@@ -15,9 +15,10 @@ pub const WIDTH: usize = 6;
 pub const FIRST_IMAGE_ID: u64 = 5001;
 pub const DETECTOR: &str = "jf-test";
 
-/// Pixel of run position `p` at `(y, x)`: distinct over positions, rows and columns.
+/// Pixel of run position `p` at `(y, x)`: distinct over positions, rows and columns (modulo
+/// 2^16 for the benchmark's long runs).
 pub fn pixel(p: u64, y: usize, x: usize) -> u16 {
-    (p as u16 + 1) * 100 + (y as u16) * 10 + x as u16
+    ((p + 1) * 100 + y as u64 * 10 + x as u64) as u16
 }
 
 pub fn image(p: u64, height: usize, width: usize) -> Vec<u8> {
@@ -42,15 +43,15 @@ pub fn record(p: u64, pixels: &[u8]) -> ImageRecord {
         calibration_id: 900 + p,
         ..ImageRecord::default()
     };
-    r.module_missing_packets[0] = p as u16 * 10;
-    r.module_missing_packets[1] = p as u16 * 10 + 1;
+    r.module_missing_packets[0] = (p * 10) as u16;
+    r.module_missing_packets[1] = (p * 10 + 1) as u16;
     r
 }
 
 pub fn spec(compression: Compression) -> ImageFileSpec {
     ImageFileSpec {
         detector_name: DETECTOR.into(),
-        n_images: 1000,
+        n_images: 1_000_000,
         height: HEIGHT as u32,
         width: WIDTH as u32,
         dtype: Dtype::Uint16,
