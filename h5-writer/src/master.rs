@@ -106,8 +106,13 @@ pub fn write_master(
 ) -> Result<MasterSummary, MasterError> {
     let output = PathBuf::from(&req.output_file);
     validate_spec(&output, spec)?;
+    let mut shares = shares(req, &output)?;
+    // Only now: `images()` walks every writer, and the request is checked to have few enough.
     let images = req.images();
-    let mut shares = shares(req, &output, images)?;
+    let n = u64::from(req.writers);
+    for share in &mut shares {
+        share.count = rows_for(images, n, u64::from(share.writer));
+    }
     for share in shares.iter_mut().filter(|s| s.count > 0) {
         check_data_file(&output, spec, share)?;
     }
@@ -170,14 +175,22 @@ pub fn write_master(
     })
 }
 
-/// Checks the request's writers and sources; one share per writer, in writer order.
-fn shares(req: &MasterRequest, output: &Path, images: u64) -> Result<Vec<Share>, MasterError> {
+/// Checks the request's writers and sources; one share per writer, in writer order (`count`
+/// still 0).
+fn shares(req: &MasterRequest, output: &Path) -> Result<Vec<Share>, MasterError> {
     let invalid = |reason: String| MasterError::InvalidRequest {
         master: output.to_owned(),
         reason,
     };
     if req.writers == 0 {
         return Err(invalid("writers is 0".into()));
+    }
+    if req.sources.len() != req.writers as usize {
+        return Err(invalid(format!(
+            "{} sources for {} writers (one per writer)",
+            req.sources.len(),
+            req.writers
+        )));
     }
     if !output.is_absolute() || output.file_name().is_none() {
         return Err(invalid("output_file must be an absolute file path".into()));
@@ -189,7 +202,6 @@ fn shares(req: &MasterRequest, output: &Path, images: u64) -> Result<Vec<Share>,
             s.writer, req.writers
         )));
     }
-    let n = u64::from(req.writers);
     (0..req.writers)
         .map(|writer| {
             let mut of_writer = req.sources.iter().filter(|s| s.writer == writer);
@@ -222,7 +234,7 @@ fn shares(req: &MasterRequest, output: &Path, images: u64) -> Result<Vec<Share>,
                 writer,
                 path,
                 name,
-                count: rows_for(images, n, u64::from(writer)),
+                count: 0,
                 rows_in_file: Vec::new(),
                 times: (None, None),
             })

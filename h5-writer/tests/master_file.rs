@@ -391,7 +391,11 @@ fn refuses_requests_it_cannot_map() {
     invalid(&req, "not in the master's folder");
     let mut req = base.clone();
     req.sources.pop();
-    invalid(&req, "no source for writer 1");
+    invalid(&req, "1 sources for 2 writers");
+    // A huge writer count is refused before anything walks it.
+    let mut req = base.clone();
+    req.writers = u32::MAX;
+    invalid(&req, "2 sources for 4294967295 writers");
     let mut req = base.clone();
     req.sources[1].writer = 0;
     invalid(&req, "more than one source for writer 0");
@@ -416,6 +420,18 @@ fn a_writer_without_rows_gives_an_empty_master() {
     let summary = write_master(&req, &spec(Compression::None), None, CONFIG_JSON).unwrap();
     assert_eq!((summary.images, summary.images_left_out), (0, 1));
     assert_positions(Path::new(&req.output_file), 0, &[]);
+}
+
+/// What docs/file-format.md warns about: libhdf5 does not fail on a missing source file, its rows
+/// read as fill values (zero pixels, status 0).
+#[test]
+fn a_data_file_deleted_after_the_master_reads_as_zeros_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = make(dir.path(), Compression::None, &[2, 2], &[]);
+    write_master(&req, &spec(Compression::None), None, CONFIG_JSON).unwrap();
+    std::fs::remove_file(&req.sources[1].file).unwrap();
+    // Positions 1 and 3 were writer 1's.
+    assert_positions(Path::new(&req.output_file), 4, &[1, 3]);
 }
 
 /// What the master costs: writing it over 4 writers x 25 000 rows, reading a ledger column and
