@@ -449,7 +449,9 @@ fn virtual_dataset(
         count: d,
         block: 1,
     });
-    let source_path = format!("/{}/{name}", l.spec.detector_name);
+    // libhdf5 reads `%` in source names as a printf-style pattern (`%b`: a block number); `%%`
+    // is a literal `%`.
+    let source_path = format!("/{}/{name}", l.spec.detector_name).replace('%', "%%");
     // Without a mapping (an empty master) this is an ordinary empty dataset.
     let mut builder = group.new_dataset_builder().empty_as(dtype);
     for share in l.shares.iter().filter(|s| s.count > 0) {
@@ -480,7 +482,7 @@ fn virtual_dataset(
         }];
         source_rows.extend(whole_row.clone());
         builder = builder.virtual_map(
-            &share.name,
+            share.name.replace('%', "%%"),
             &source_path,
             source_shape,
             Selection::Hyperslab(Hyperslab::from(source_rows)),

@@ -422,6 +422,33 @@ fn a_writer_without_rows_gives_an_empty_master() {
     assert_positions(Path::new(&req.output_file), 0, &[]);
 }
 
+#[test]
+fn percent_signs_in_names_are_literal() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ImageFileSpec {
+        detector_name: "jf%b".into(),
+        ..spec(Compression::None)
+    };
+    let req = write_run(dir.path(), "run%b_100%", &spec, None, &[2, 1], &[]);
+    assert!(req.sources[1].file.ends_with("run%b_100%_writer1.h5"));
+    write_master(&req, &spec, None, CONFIG_JSON).unwrap();
+    let f = File::open(&req.output_file).unwrap();
+    let data = f.dataset("jf%b/data").unwrap().read_raw::<u16>().unwrap();
+    let per_image = HEIGHT * WIDTH;
+    for p in 0..3u64 {
+        assert_eq!(data[p as usize * per_image], pixel(p, 0, 0), "position {p}");
+    }
+    let ids = f
+        .dataset("jf%b/image_id")
+        .unwrap()
+        .read_raw::<u64>()
+        .unwrap();
+    assert_eq!(
+        ids,
+        [FIRST_IMAGE_ID, FIRST_IMAGE_ID + 1, FIRST_IMAGE_ID + 2]
+    );
+}
+
 /// What docs/file-format.md warns about: libhdf5 does not fail on a missing source file, its rows
 /// read as fill values (zero pixels, status 0).
 #[test]
