@@ -377,9 +377,11 @@ impl Pipeline {
 
     /// [`Pipeline::restart_writer`] for writer `k`.
     pub fn restart_writer_k(&mut self, k: u32, crash: bool) -> Result<()> {
-        let Some(writer) = self.writers.get_mut(k as usize) else {
+        let name = Self::writer_name(k);
+        let Some(i) = self.writers.iter().position(|w| w.name == name) else {
             bail!("no writer {k} running");
         };
+        let writer = &mut self.writers[i];
         if crash {
             writer.child.kill()?;
         } else {
@@ -387,8 +389,27 @@ impl Pipeline {
         }
         wait_with_deadline(&mut writer.child, Duration::from_secs(20))?;
         let fresh = self.spawn_writer(k)?;
-        self.writers[k as usize] = fresh;
+        self.writers[i] = fresh;
         self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Stops writer `k` for good (SIGTERM) and leaves it out of the pipeline: for set-ups where
+    /// another host runs that writer (its command socket then lives elsewhere).
+    pub fn stop_writer_k(&mut self, k: u32) -> Result<()> {
+        let Some(i) = self
+            .writers
+            .iter()
+            .position(|w| w.name == Self::writer_name(k))
+        else {
+            bail!("no writer {k} running");
+        };
+        let mut writer = self.writers.remove(i);
+        terminate(&writer.child)?;
+        let status = wait_with_deadline(&mut writer.child, Duration::from_secs(20))?;
+        if !status.success() {
+            bail!("writer {k} exited {status}");
+        }
+        Ok(())
     }
 
     /// The writer's status.

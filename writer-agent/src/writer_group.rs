@@ -586,28 +586,24 @@ impl WriterGroup {
             })
             .ok(),
         };
-        // Any live writer can write the master; writer 0 first.
-        let mut master: Result<MasterSummary, String> = Err("no writer was asked".into());
-        let mut errors = Vec::new();
-        for k in 0..writers {
-            if matches!(run.seen[k], Seen::Lost { .. }) {
-                continue;
+        let mut master = self.make_master(&run, &request);
+        let mut sources = sources;
+        // A lost writer's file may not open yet (still flagged open for writing until its
+        // restarted writer clears it): a master without its rows is still honest.
+        let lost: Vec<usize> = (0..writers)
+            .filter(|k| matches!(run.seen[*k], Seen::Lost { .. }) && sources[*k].rows > 0)
+            .collect();
+        if master.is_err() && !lost.is_empty() {
+            let mut without = request.clone();
+            for k in &lost {
+                without.sources[*k].rows = 0;
+                sources[*k].rows = 0;
             }
-            match self.clients[k].request(&Command::MakeMaster(request.clone())) {
-                Ok(Reply {
-                    ok: true,
-                    master: Some(m),
-                    ..
-                }) => {
-                    master = Ok(m);
-                    break;
-                }
-                Ok(r) => errors.push(format!("{}: {}", self.name(k), r.error.unwrap_or_default())),
-                Err(e) => errors.push(format!("{}: {e}", self.name(k))),
-            }
-        }
-        if !errors.is_empty() && master.is_err() {
-            master = Err(errors.join("; "));
+            tracing::warn!(
+                "the master over the lost writers' files failed ({}); writing it without them",
+                master.as_ref().err().map_or("", |e| e.as_str())
+            );
+            master = self.make_master(&run, &without);
         }
         let files: Vec<String> = sources.iter().map(|s| s.file.clone()).collect();
         summary.end = combined_end(&run, &master, &files);
@@ -626,6 +622,35 @@ impl WriterGroup {
         );
         st.runs_completed += 1;
         st.last_run = Some(summary);
+    }
+}
+
+impl WriterGroup {
+    /// Asks a live writer (writer 0 first) to write the master.
+    fn make_master(
+        &self,
+        run: &GroupRun,
+        request: &MasterRequest,
+    ) -> Result<MasterSummary, String> {
+        let mut errors = Vec::new();
+        for k in 0..self.clients.len() {
+            if matches!(run.seen[k], Seen::Lost { .. }) {
+                continue;
+            }
+            match self.clients[k].request(&Command::MakeMaster(request.clone())) {
+                Ok(Reply {
+                    ok: true,
+                    master: Some(m),
+                    ..
+                }) => return Ok(m),
+                Ok(r) => errors.push(format!("{}: {}", self.name(k), r.error.unwrap_or_default())),
+                Err(e) => errors.push(format!("{}: {e}", self.name(k))),
+            }
+        }
+        if errors.is_empty() {
+            errors.push("no writer is left to write it".into());
+        }
+        Err(errors.join("; "))
     }
 }
 
