@@ -44,11 +44,15 @@
 //! `h5clear -s` does; the restarted writer does it for its predecessor's file, and
 //! [`ImageFile::abandon`] for its own) makes it open everywhere.
 //!
-//! Chunks of `data` are allocated only when written (alloc time incremental) and never pre-filled
-//! (fill time never). Because a reader of an unallocated chunk under fill time never gets whatever
-//! was in its own buffer rather than zeros, a checkpoint and `close` write a zero chunk for every
-//! index below `images_written()` that was skipped, so every chunk inside the extent exists and
-//! reads back defined values.
+//! **Rows without pixels cost no chunk.** Chunks of `data` are allocated only when written (alloc
+//! time incremental), and `data` has the defined fill value 0 (fill time "if set": HDF5 fills
+//! nothing itself, since every allocated chunk is written whole, but a reader of an unallocated
+//! chunk gets the fill value, raw or bitshuffle alike). So a row that holds no pixels (an index
+//! skipped, an image lost in the ImageBuffer before it was written out:
+//! [`ImageFile::write_zero_image`]) gets only its record and reads back as zeros; only an index
+//! whose chunk was already written is overwritten with a zero chunk. Under overload, losing an
+//! image costs no write at all. This module must never leave a row whose chunk holds pixels that
+//! are not the image of its record.
 
 use std::path::{Path, PathBuf};
 
@@ -317,6 +321,8 @@ pub struct ImageFile {
     /// `n_modules` missing-packet counts per image index.
     module_rows: Vec<u16>,
     written: Vec<bool>,
+    /// `has_chunk[i]`: a chunk was written at index `i` (pixels, or zeros over pixels).
+    has_chunk: Vec<bool>,
     images_written: u64,
     /// Images whose data and records are in the file on disk (the last checkpoint).
     images_checkpointed: u64,
@@ -452,6 +458,7 @@ impl ImageFile {
             records: Vec::with_capacity(capacity),
             module_rows: Vec::with_capacity(capacity * usize::from(spec.n_modules)),
             written: Vec::with_capacity(capacity),
+            has_chunk: Vec::with_capacity(capacity),
             images_written: 0,
             images_checkpointed: 0,
             attributes_dirty: false,
@@ -561,24 +568,45 @@ impl ImageFile {
             index,
             data,
         )?;
+        self.mark_chunk(index);
         self.set_record(index, record);
         Ok(())
     }
 
-    /// Overwrites image `index` with zeros and replaces its record (used when the source turned
-    /// out to be overwritten while it was being written out).
+    /// Image `index` holds zeros, with `record` (an image lost in the ImageBuffer, a position
+    /// whose image never came). Costs no chunk write unless a chunk was already written at
+    /// `index` (the source was overwritten while it was being written out), which is then
+    /// overwritten with zeros; otherwise the chunk stays unallocated and reads as the fill
+    /// value 0 (see the module docs).
     pub fn write_zero_image(&mut self, index: u64, record: ImageRecord) -> Result<(), FileError> {
         self.check_index(index)?;
-        self.ensure_zeros();
-        put_chunk(
-            self.open.as_mut(),
-            &self.path,
-            self.compressor.as_mut(),
-            index,
-            &self.zeros,
-        )?;
+        if self.has_chunk.get(index as usize).copied().unwrap_or(false) {
+            self.ensure_zeros();
+            put_chunk(
+                self.open.as_mut(),
+                &self.path,
+                self.compressor.as_mut(),
+                index,
+                &self.zeros,
+            )?;
+        } else if self.open.is_none() {
+            return Err(self.closed_error());
+        }
         self.set_record(index, record);
         Ok(())
+    }
+
+    /// Whether a chunk was written at `index` (for tests and benchmarks of the zero-cost rows).
+    pub fn has_chunk(&self, index: u64) -> bool {
+        self.has_chunk.get(index as usize).copied().unwrap_or(false)
+    }
+
+    fn mark_chunk(&mut self, index: u64) {
+        let i = index as usize;
+        if i >= self.has_chunk.len() {
+            self.has_chunk.resize(i + 1, false);
+        }
+        self.has_chunk[i] = true;
     }
 
     /// Number of images written so far = highest index written + 1.
@@ -592,8 +620,8 @@ impl ImageFile {
         self.images_checkpointed
     }
 
-    /// Makes every image written so far durable against a crash of this process: zero chunks for
-    /// skipped indexes, the records of the new images, then a flush. Cheap when nothing is new.
+    /// Makes every image written so far durable against a crash of this process: `data` grown
+    /// over every row (skipped rows read as zeros), the records of the new images, then a flush. Cheap when nothing is new.
     /// Returns [`images_checkpointed`](Self::images_checkpointed).
     pub fn checkpoint(&mut self) -> Result<u64, FileError> {
         let count = self.images_written;
@@ -780,30 +808,17 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Every index below `count` gets a chunk: with fill time never an unallocated chunk would
-    /// read back as the reader's uninitialised buffer.
+    /// Every index below `count` gets a record (default, status 0, if never written) and lies
+    /// inside `data`'s extent: rows without a chunk read as the fill value 0, so nothing is
+    /// written for them.
     fn fill_gaps(&mut self, count: u64) -> Result<(), FileError> {
         let n = count as usize;
         self.records.resize(n, Row::default());
         self.module_rows
             .resize(n * usize::from(self.spec.n_modules), 0);
         self.written.resize(n, false);
-        let first = self.images_checkpointed as usize;
-        if self.written[first.min(n)..].contains(&false) {
-            self.ensure_zeros();
-            for index in first..n {
-                if !self.written[index] {
-                    put_chunk(
-                        self.open.as_mut(),
-                        &self.path,
-                        self.compressor.as_mut(),
-                        index as u64,
-                        &self.zeros,
-                    )?;
-                }
-            }
-        }
-        Ok(())
+        let open = self.open.as_mut().ok_or_else(|| closed_error(&self.path))?;
+        grow_data(open, &self.path, count)
     }
 
     /// Grows the record datasets to `count` rows and writes the rows since the last checkpoint.
@@ -1051,19 +1066,25 @@ fn put_chunk(
         })?,
         None => image,
     };
-    if index >= open.data_rows {
-        // A direct chunk write must lie inside the extent. Only in memory until the next
-        // checkpoint (evictions are off), so a crash never leaves rows without records.
+    // A direct chunk write must lie inside the extent.
+    grow_data(open, path, index + 1)?;
+    write_raw_chunk(&open.data, path, index, chunk)
+}
+
+/// Grows `data` to at least `rows` rows. Only in memory until the next checkpoint (evictions are
+/// off), so a crash never leaves rows without records.
+fn grow_data(open: &mut Open, path: &Path, rows: u64) -> Result<(), FileError> {
+    if rows > open.data_rows {
         open.data
-            .resize((index as usize + 1, open.image_shape.0, open.image_shape.1))
+            .resize((rows as usize, open.image_shape.0, open.image_shape.1))
             .map_err(|source| FileError::Hdf5 {
                 path: path.to_owned(),
                 op: "growing the data dataset",
                 source,
             })?;
-        open.data_rows = index + 1;
+        open.data_rows = rows;
     }
-    write_raw_chunk(&open.data, path, index, chunk)
+    Ok(())
 }
 
 /// `H5Dwrite_chunk` of `chunk`, the stored bytes of the chunk at `[index, 0, 0]`, with filter mask
@@ -1127,9 +1148,11 @@ fn create_layout(
         .empty_as(&type_descriptor(path, spec.dtype)?)
         // One image per chunk, so every image is one direct chunk write.
         .chunk((1, spec.height as usize, spec.width as usize))
-        // Chunks are allocated when written, never pre-filled (see the module docs).
+        // Chunks are allocated when written; an unallocated one reads as the fill value 0
+        // (rows without pixels cost no write, see the module docs).
         .alloc_time(Some(AllocTime::Incr))
-        .fill_time(FillTime::Never)
+        .fill_value(zero_of(spec.dtype))
+        .fill_time(FillTime::IfSet)
         // Direct chunk writes bypass the chunk cache; do not reserve memory for one.
         .chunk_cache(0, 0, 1.0)
         .set_filters(&match spec.compression {
@@ -1263,6 +1286,20 @@ pub(crate) fn validate_spec(path: &Path, spec: &ImageFileSpec) -> Result<usize, 
     Ok(image_bytes as usize)
 }
 
+/// The fill value of `data`: a 0 of the image type.
+fn zero_of(dtype: Dtype) -> hdf5::types::OwnedDynValue {
+    match dtype {
+        Dtype::Uint8 => 0u8.into(),
+        Dtype::Uint16 => 0u16.into(),
+        Dtype::Uint32 => 0u32.into(),
+        Dtype::Uint64 => 0u64.into(),
+        Dtype::Int16 => 0i16.into(),
+        Dtype::Int32 => 0i32.into(),
+        // Unknown is refused by validate_spec before any dataset exists.
+        Dtype::Float32 | Dtype::Unknown => 0f32.into(),
+    }
+}
+
 /// The in-file type of the images: native (little-endian here) integers or float.
 pub(crate) fn type_descriptor(path: &Path, dtype: Dtype) -> Result<TypeDescriptor, FileError> {
     Ok(match dtype {
@@ -1359,6 +1396,67 @@ mod tests {
             missing_packets: (i * 7) as u32,
             ..ImageRecord::default()
         }
+    }
+
+    /// The rows of `data` that have a chunk in the file.
+    fn allocated_rows(data: &Dataset) -> Vec<u64> {
+        (0..data.num_chunks().unwrap())
+            .map(|i| data.chunk_info(i).unwrap().offset[0])
+            .collect()
+    }
+
+    /// A lost image (no chunk yet) costs no write, in raw and compressed files; written pixels
+    /// replaced by zeros get a zero chunk; the file reads zeros for both and the chunk of the
+    /// lost row is not allocated (the chunk query lists only the rows with pixels).
+    #[test]
+    fn rows_without_pixels_cost_no_chunk_and_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kinds = vec![Compression::None];
+        if bitshuffle_filter().is_available() {
+            kinds.push(Compression::BitshuffleLz4);
+        }
+        for compression in kinds {
+            let path = dir.path().join(format!("{compression:?}.h5"));
+            let spec = ImageFileSpec {
+                compression,
+                ..spec(Dtype::Uint16, 10)
+            };
+            let mut f = ImageFile::create(&path, &spec).unwrap();
+            f.start_swmr().unwrap();
+            let lost = |i| ImageRecord {
+                status: 4,
+                ..record(i)
+            };
+            f.write_image(0, &u16_image(0, 6, 8), record(0)).unwrap();
+            f.write_zero_image(1, lost(1)).unwrap();
+            assert!(!f.has_chunk(1));
+            f.write_image(2, &u16_image(2, 6, 8), record(2)).unwrap();
+            f.write_zero_image(2, lost(2)).unwrap();
+            assert!(f.has_chunk(2));
+            assert_eq!(f.checkpoint().unwrap(), 3);
+            // The last row has no chunk: the extent still covers it.
+            f.write_zero_image(3, lost(3)).unwrap();
+            assert_eq!(f.close().unwrap(), 4);
+
+            let file = File::open(&path).unwrap();
+            let data = file.dataset("jf-test/data").unwrap();
+            assert_eq!(data.shape(), [4, 6, 8], "{compression:?}");
+            assert_eq!(allocated_rows(&data), [0, 2], "{compression:?}");
+            let values = data.read_raw::<u16>().unwrap();
+            assert_eq!(&values[..48], &u16_bytes_as_u16(&u16_image(0, 6, 8))[..]);
+            assert!(values[48..].iter().all(|&v| v == 0), "{compression:?}");
+            let one: Vec<u16> = data.read_slice_1d((1, 0, ..)).unwrap().to_vec();
+            assert_eq!(one, vec![0; 8]);
+            let status = file.dataset("jf-test/status").unwrap();
+            assert_eq!(status.read_raw::<u16>().unwrap(), [1, 4, 4, 4]);
+        }
+    }
+
+    fn u16_bytes_as_u16(bytes: &[u8]) -> Vec<u16> {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect()
     }
 
     fn read_u16(path: &Path) -> (Vec<usize>, Vec<u16>) {
@@ -1476,7 +1574,13 @@ mod tests {
         assert!(data.is_resizable());
         assert_eq!(data.dtype().unwrap().size(), 2);
         let dcpl = data.dcpl().unwrap();
-        assert_eq!(dcpl.fill_time(), FillTime::Never);
+        // Unallocated chunks (rows without pixels) read as a defined 0.
+        assert_eq!(dcpl.fill_time(), FillTime::IfSet);
+        assert_eq!(
+            dcpl.fill_value_defined(),
+            hdf5::plist::dataset_create::FillValue::UserDefined
+        );
+        assert_eq!(dcpl.fill_value_as::<u16>(), Some(0));
         assert_eq!(dcpl.alloc_time(), AllocTime::Incr);
     }
 
@@ -1676,7 +1780,8 @@ mod tests {
 
         let file = File::open(&path).unwrap();
         let data = file.dataset("jf-test/data").unwrap();
-        assert_eq!(data.num_chunks(), Some(4), "every chunk must exist");
+        // Skipped rows cost no chunk: they read as the fill value.
+        assert_eq!(allocated_rows(&data), [0, 3]);
         let (shape, values) = read_u16(&path);
         assert_eq!(shape, vec![4, 6, 8]);
         assert!(values[48..144].iter().all(|&v| v == 0));
@@ -1832,19 +1937,21 @@ mod tests {
             f.write_image(2, &image(2), record(2)).unwrap();
             f.write_image(3, &image(3), record(3)).unwrap();
             f.write_zero_image(3, record(3)).unwrap();
-            assert_eq!(f.close().unwrap(), 4);
+            f.write_zero_image(4, record(4)).unwrap();
+            assert_eq!(f.close().unwrap(), 5);
 
             let file = File::open(&path).unwrap();
             let data = file.dataset("jf-test/data").unwrap();
-            assert_eq!(data.shape(), vec![4, 6, 8]);
-            assert_eq!(data.num_chunks(), Some(4), "{dtype:?}");
+            assert_eq!(data.shape(), vec![5, 6, 8]);
+            // Index 3 was overwritten with a zero chunk; 1 and 4 never had one.
+            assert_eq!(allocated_rows(&data), [0, 2, 3], "{dtype:?}");
             let filters = data.filters();
             assert_eq!(filters.len(), 1, "{dtype:?}");
             assert_eq!(filters[0].id(), 32008);
             let mut expected = image(0);
             expected.extend(vec![0; 48 * size]);
             expected.extend(image(2));
-            expected.extend(vec![0; 48 * size]);
+            expected.extend(vec![0; 2 * 48 * size]);
             let got: Vec<u8> = match dtype {
                 Dtype::Uint8 => data.read_raw::<u8>().unwrap(),
                 Dtype::Uint16 => bytemuck::cast_slice(&data.read_raw::<u16>().unwrap()).to_vec(),
