@@ -43,6 +43,11 @@ struct Args {
     /// (h5py swmr=True) see the file grow checkpoint by checkpoint.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_interval_ms: u64,
+    /// Which of the config's `number_of_writers` writers this is (0-based). Writer K > 0 takes
+    /// its commands at `ipc://<ipc_dir>/std-daq-<detector>-writer-K` and reports to Redis as
+    /// `std-daq.<detector>.h5-writer-K`; writer 0 is named as a single writer is.
+    #[arg(long, default_value_t = 0)]
+    writer_index: u32,
 }
 
 fn main() -> Result<()> {
@@ -51,6 +56,20 @@ fn main() -> Result<()> {
     let cfg = load_config(args.config.as_deref(), &redis)?;
     init_logging(&cfg.log_level);
     warn_notices(&cfg);
+    let writer_index = args.writer_index;
+    if writer_index >= cfg.number_of_writers {
+        anyhow::bail!(
+            "--writer-index {writer_index} is not below the config's number_of_writers ({}): \
+             writers are numbered 0..{}",
+            cfg.number_of_writers,
+            cfg.number_of_writers
+        );
+    }
+    // Writer 0 keeps the single writer's names, so one-writer setups are unchanged.
+    let service_name = match writer_index {
+        0 => format!("std-daq.{}.h5-writer", cfg.detector_name),
+        k => format!("std-daq.{}.h5-writer-{k}", cfg.detector_name),
+    };
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
     let ctx = zmq::Context::new();
@@ -62,7 +81,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("connecting to {image_endpoint}"))?;
     let rep = ctx.socket(zmq::REP)?;
     rep.set_linger(0)?;
-    let command_endpoint = names::writer_command_endpoint(&cfg);
+    let command_endpoint = names::writer_command_endpoint_of(&cfg, writer_index);
     rep.bind(&command_endpoint)
         .with_context(|| format!("binding {command_endpoint}"))?;
 
@@ -83,6 +102,8 @@ fn main() -> Result<()> {
         image_buffer = %ring.path().display(),
         stream = %image_endpoint,
         commands = %command_endpoint,
+        writer = writer_index,
+        writers = cfg.number_of_writers,
         "ready"
     );
     // The flag's values are the config's (clap checked them).
@@ -108,22 +129,23 @@ fn main() -> Result<()> {
         .with_checkpoint_interval(std::time::Duration::from_millis(
             args.checkpoint_interval_ms,
         ))
-        .with_writing_marker(names::writer_marker_path(&cfg));
+        .with_writing_marker(names::writer_marker_path_of(&cfg, writer_index))
+        .with_share(writer_index, cfg.number_of_writers)?;
     let board = StatusBoard::default();
+    // The config has one metrics port for the writer: writer 0's. Others serve metrics only
+    // where --metrics-addr says.
+    let config_metrics = match writer_index {
+        0 => cfg.metrics_addr(MetricsService::Writer),
+        _ => None,
+    };
     std_daq_common::metrics::serve_if(
-        args.metrics_addr
-            .or(cfg.metrics_addr(MetricsService::Writer)),
-        &format!("std-daq.{}.h5-writer", cfg.detector_name),
+        args.metrics_addr.or(config_metrics),
+        &service_name,
         &board,
         vec![writer.latency.clone()],
     )
     .context("starting the metrics server")?;
-    let _status = StatusReporter::start(
-        &redis,
-        &format!("std-daq.{}.h5-writer", cfg.detector_name),
-        &cfg,
-        board.clone(),
-    );
+    let _status = StatusReporter::start(&redis, &service_name, &cfg, board.clone());
     service::run(&mut writer, &sub, &rep, &board, &shutdown)?;
     drop((sub, rep));
     names::remove_ipc_file(&command_endpoint);

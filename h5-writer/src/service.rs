@@ -8,11 +8,24 @@
 //!
 //! Before an image counts as written, the slot's sequence is checked again: an image overwritten
 //! while it was being written out is replaced by zeros and flagged `LostInBuffer`, never kept as
-//! good.
+//! good. A row without pixels (lost, or an id that never came) costs no chunk write
+//! ([`ImageFile::write_zero_image`]), so overload degrades gracefully instead of snowballing.
+//!
+//! **N writers.** A writer is writer `k` of `n` ([`Writer::with_share`]). A start without a deal
+//! writes every image in arrival order, as a single writer does. A start with a [`Deal`] writes
+//! this writer's share by run position (`common::writer_command`'s module docs): row `r` of the
+//! file is the image with id `first_image_id + r * n + k`. On the start it first catches up
+//! from the ImageBuffer on the ids of its share it already saw go by (up to
+//! [`WriterStatus::latest_image_id`]); a position whose image never came is a row with status 0,
+//! its expected id and zero pixels. Ids below the run's range, or of a position already passed,
+//! are ignored and counted ([`Writer::ids_ignored`]). The writer must never put an image at a
+//! row other than its position's, nor drop a row: row `r` always means position `r * n + k`.
 
-use crate::command::{Command, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED};
-use crate::file::{Compression, ImageFile, ImageFileSpec, ImageRecord};
-use image_buffer::{Expect, RingReader};
+use crate::command::{
+    Command, Deal, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED,
+};
+use crate::file::{Compression, FileError, ImageFile, ImageFileSpec, ImageRecord};
+use image_buffer::{Expect, ReadError, RingReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,11 +40,17 @@ const MAX_IMAGES_PER_POLL: usize = 32;
 const UNBOUNDED_FILE_IMAGES: u64 = i64::MAX as u64;
 /// Default of `--checkpoint-interval-ms`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// The most rows of a dealt run filled at once, as ids that never came (a jump of the id ahead)
+/// or caught up at the start: beyond this an id is ignored (counted in [`Writer::ids_ignored`])
+/// and a start refused, since each row costs memory (its record) and this much time.
+pub const MAX_ROWS_AT_ONCE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
     #[error("ZMQ: {0}")]
     Zmq(#[from] zmq::Error),
+    #[error("writer index {index} is not below the number of writers {writers}")]
+    NoSuchWriter { index: u32, writers: u32 },
 }
 
 #[derive(Debug)]
@@ -40,6 +59,32 @@ struct Run {
     summary: RunSummary,
     first_image_at: Option<Instant>,
     last_checkpoint: Instant,
+    /// This writer's share when the start carried a deal: rows by run position.
+    deal: Option<Deal>,
+    /// Rows at which the run ends by itself (`None`: only a stop ends it), and the run's `end`
+    /// then.
+    target_rows: Option<u64>,
+    end_at_target: &'static str,
+}
+
+/// What one row of the file became.
+#[derive(Debug, Clone, Copy)]
+enum RowOutcome {
+    /// The image, with its ImageMetadata.
+    Image(ImageMetadata),
+    /// Overwritten in the ImageBuffer (or torn) before it was written out: zeros, status 4.
+    Lost { missing_packets: u32 },
+    /// Its id never came: zeros, status 0.
+    NeverCame,
+}
+
+/// Where a row's ImageMetadata comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// The image stream: the ring's slot must still hold that image.
+    Stream(&'a ImageMetadata),
+    /// Catch-up: the ring's slot, if it still holds the id (its ImageMetadata comes with it).
+    Ring,
 }
 
 /// Writer state without sockets.
@@ -72,6 +117,14 @@ pub struct Writer {
     /// Names the `.part` of the run in progress, so a restarted writer can clear the SWMR flags
     /// of the file its killed predecessor left ([`Writer::with_writing_marker`]).
     writing_marker: Option<PathBuf>,
+    /// This writer's index and how many writers share a run ([`Writer::with_share`]).
+    writer_index: u32,
+    writers: u32,
+    /// The id of the last valid ImageMetadata on the stream, running or idle.
+    latest_image_id: Option<u64>,
+    /// Ids on the stream a dealt run ignored: below its `first_image_id`, of a position already
+    /// passed (a jump back), or more than [`MAX_ROWS_AT_ONCE`] rows ahead.
+    pub ids_ignored: u64,
 }
 
 impl Writer {
@@ -100,7 +153,22 @@ impl Writer {
                 "ImageMetadata received -> image written into the file",
             ),
             writing_marker: None,
+            writer_index: 0,
+            writers: 1,
+            latest_image_id: None,
+            ids_ignored: 0,
         }
+    }
+
+    /// This is writer `index` of `writers` (`--writer-index`, the config's `number_of_writers`):
+    /// it accepts only deals for that share, and says so in its status.
+    pub fn with_share(mut self, index: u32, writers: u32) -> Result<Self, WriterError> {
+        if index >= writers {
+            return Err(WriterError::NoSuchWriter { index, writers });
+        }
+        self.writer_index = index;
+        self.writers = writers;
+        Ok(self)
     }
 
     /// Keeps a marker file at `marker` naming the `.part` while a run is in progress. If one is
@@ -273,6 +341,12 @@ impl Writer {
         board.set("runs_completed", status.runs_completed);
         board.set("invalid_messages", self.invalid_messages);
         board.set("connected", u8::from(status.connected));
+        board.set("writer_index", status.writer_index);
+        board.set("writers", status.writers);
+        if let Some(id) = status.latest_image_id {
+            board.set("latest_image_id", id);
+        }
+        board.set("ids_ignored", self.ids_ignored);
         if let Some(run) = status.current.as_ref().or(status.last_run.as_ref()) {
             board.set("output_file", &run.output_file);
             board.set("images_written", run.images_written);
@@ -298,7 +372,9 @@ impl Writer {
             current: self.run.as_ref().map(|r| r.summary.clone()),
             last_run: self.last_run.clone(),
             runs_completed: self.runs_completed,
-            ..WriterStatus::default()
+            latest_image_id: self.latest_image_id,
+            writer_index: self.writer_index,
+            writers: self.writers,
         }
     }
 
@@ -346,6 +422,34 @@ impl Writer {
         if path.exists() {
             return Reply::error(format!("output_file {output_file:?} already exists"));
         }
+        let limit = n_images.or(max_images);
+        let (target_rows, end_at_target) = match (context.deal, n_images) {
+            (None, Some(_)) => (limit, "completed"),
+            (None, None) => (limit, MAX_IMAGES_REACHED),
+            (Some(deal), _) => {
+                if let Err(message) = self.check_deal(&deal) {
+                    return Reply::error(message);
+                }
+                let ends = if n_images.is_some() {
+                    "completed"
+                } else {
+                    MAX_IMAGES_REACHED
+                };
+                (limit.map(|n| deal.rows_of(n)), ends)
+            }
+        };
+        let catch_up_rows = context
+            .deal
+            .map_or(0, |deal| self.catch_up_rows(&deal, target_rows));
+        if catch_up_rows > MAX_ROWS_AT_ONCE {
+            return Reply::error(format!(
+                "first_image_id {} is too far behind the newest image {} on the stream: {} rows \
+                 to catch up, more than {MAX_ROWS_AT_ONCE}",
+                context.deal.map_or(0, |d| d.first_image_id),
+                self.latest_image_id.unwrap_or(0),
+                catch_up_rows
+            ));
+        }
         let nxmx = match &context.nxmx {
             None => self.nxmx.clone(),
             Some(over) => match self.detector.nxmx_with(over) {
@@ -357,7 +461,7 @@ impl Writer {
         let spec = ImageFileSpec {
             detector_name: self.detector_name.clone(),
             // The file grows image by image whatever this is; it only bounds the index.
-            n_images: n_images.or(max_images).unwrap_or(UNBOUNDED_FILE_IMAGES),
+            n_images: target_rows.unwrap_or(UNBOUNDED_FILE_IMAGES),
             height: self.height,
             width: self.width,
             dtype: self.dtype,
@@ -397,7 +501,7 @@ impl Writer {
                         tracing::warn!(marker = %marker.display(), "cannot write the marker: {e}");
                     }
                 }
-                tracing::info!(output_file, n_images, max_images, "run started");
+                tracing::info!(output_file, n_images, max_images, deal = ?context.deal, "run started");
                 self.run = Some(Run {
                     file,
                     summary: RunSummary {
@@ -406,17 +510,184 @@ impl Writer {
                         n_images,
                         max_images,
                         partial_file: Some(partial.display().to_string()),
+                        deal: context.deal,
                         ..RunSummary::default()
                     },
                     first_image_at: None,
                     last_checkpoint: Instant::now(),
+                    deal: context.deal,
+                    target_rows,
+                    end_at_target,
                 });
-                Reply {
-                    ok: true,
-                    ..Reply::default()
+                if let Some(deal) = context.deal {
+                    self.catch_up(&deal, catch_up_rows);
+                }
+                match &self.run {
+                    Some(_) => Reply {
+                        ok: true,
+                        ..Reply::default()
+                    },
+                    // Ended at once: an empty share, every row caught up, or a failed write.
+                    None => {
+                        let run = self.last_run.clone();
+                        let failed = run.as_ref().filter(|r| r.end.starts_with("failed"));
+                        match failed {
+                            Some(r) => Reply {
+                                run: run.clone(),
+                                ..Reply::error(r.end.clone())
+                            },
+                            None => Reply {
+                                ok: true,
+                                run,
+                                ..Reply::default()
+                            },
+                        }
+                    }
                 }
             }
             Err(e) => Reply::error(e.to_string()),
+        }
+    }
+
+    /// Why this writer refuses `deal`, if it does.
+    fn check_deal(&self, deal: &Deal) -> Result<(), String> {
+        if deal.writers < 2 {
+            return Err(format!(
+                "a deal shares a run between 2 or more writers, not {}: start without a deal to \
+                 write every image",
+                deal.writers
+            ));
+        }
+        if deal.writer != self.writer_index || deal.writers != self.writers {
+            return Err(format!(
+                "the deal is for writer {} of {}, but this is writer {} of {} (--writer-index, \
+                 number_of_writers)",
+                deal.writer, deal.writers, self.writer_index, self.writers
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows of `deal`'s share whose ids were already on the stream (up to `latest_image_id`),
+    /// at most `target_rows`.
+    fn catch_up_rows(&self, deal: &Deal, target_rows: Option<u64>) -> u64 {
+        let seen = self
+            .latest_image_id
+            .and_then(|latest| latest.checked_sub(deal.first_image_id))
+            .map_or(0, |p| deal.rows_of(p.saturating_add(1)));
+        target_rows.map_or(seen, |t| seen.min(t))
+    }
+
+    /// Writes the first `rows` rows of the new run from the ImageBuffer (their ids went by
+    /// before the start came), then ends the run if that is all it has.
+    fn catch_up(&mut self, deal: &Deal, rows: u64) {
+        for row in 0..rows {
+            let id = id_of_row(deal, row);
+            if !self.write_row(id, Source::Ring, None) {
+                return;
+            }
+        }
+        self.end_if_done();
+    }
+
+    /// Writes the next row of the run, the image with id `id`, and counts it. False if the run
+    /// failed (and was ended).
+    fn write_row(&mut self, id: u64, source: Source<'_>, received: Option<Instant>) -> bool {
+        let Some(run) = self.run.as_mut() else {
+            return false;
+        };
+        let index = run.summary.images_written;
+        match write_from_ring(&mut run.file, &self.ring, index, id, source) {
+            Ok(outcome) => {
+                if let Some(received) = received {
+                    run.first_image_at.get_or_insert_with(Instant::now);
+                    self.latency.observe(received.elapsed());
+                }
+                count_row(&mut run.summary, id, &outcome, run.file.image_bytes());
+                true
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                self.finish(&format!("failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// A row for the id `id` of this writer's share that never came: zeros, status 0.
+    fn write_never_came(&mut self, id: u64) -> bool {
+        let Some(run) = self.run.as_mut() else {
+            return false;
+        };
+        let index = run.summary.images_written;
+        let record = ImageRecord {
+            image_id: id,
+            ..ImageRecord::default()
+        };
+        match run.file.write_zero_image(index, record) {
+            Ok(()) => {
+                count_row(
+                    &mut run.summary,
+                    id,
+                    &RowOutcome::NeverCame,
+                    run.file.image_bytes(),
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                self.finish(&format!("failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Ends the run if it has all its rows; true if it ended.
+    fn end_if_done(&mut self) -> bool {
+        let Some(run) = &self.run else {
+            return true;
+        };
+        if run.target_rows == Some(run.summary.images_written) {
+            let end = run.end_at_target;
+            self.finish(end);
+            return true;
+        }
+        false
+    }
+
+    /// The stream's image `meta` for a dealt run: rows for the positions of this writer's share
+    /// before it that never came, then its own row if the position is this writer's.
+    fn on_dealt_image(&mut self, meta: &ImageMetadata, deal: Deal, received: Instant) {
+        let Some(run) = self.run.as_ref() else {
+            return;
+        };
+        let Some(position) = meta.image_id.checked_sub(deal.first_image_id) else {
+            self.ids_ignored += 1;
+            return;
+        };
+        let next = run.summary.images_written;
+        // This writer's positions below `position`: rows 0..before.
+        let before = deal.rows_of(position);
+        let mine = position % u64::from(deal.writers) == u64::from(deal.writer);
+        if before < next || before - next > MAX_ROWS_AT_ONCE {
+            // A position already passed (a jump back), or too far ahead to fill at once.
+            self.ids_ignored += 1;
+            return;
+        }
+        let gap_end = run.target_rows.map_or(before, |t| before.min(t));
+        for row in next..gap_end {
+            if !self.write_never_came(id_of_row(&deal, row)) {
+                return;
+            }
+        }
+        if self.end_if_done() {
+            return;
+        }
+        if mine && !self.write_row(meta.image_id, Source::Stream(meta), Some(received)) {
+            return;
+        }
+        if !self.end_if_done() {
+            self.checkpoint_if_due();
         }
     }
 
@@ -428,70 +699,38 @@ impl Writer {
             return;
         }
         let meta = match ImageMetadata::from_bytes(bytes) {
-            Ok(m)
-                if m.height == self.height && m.width == self.width && m.dtype() == self.dtype =>
-            {
-                m
-            }
+            Ok(m) if self.fits(&m) => m,
             _ => {
                 self.invalid_messages += 1;
                 return;
             }
         };
+        self.latest_image_id = Some(meta.image_id);
         let Some(run) = self.run.as_mut() else {
             return;
         };
-        let index = run.summary.images_written;
-        let mut record = ImageRecord::from(&meta);
-        let image_bytes = run.file.image_bytes();
-        let file = &mut run.file;
-        let written = self
-            .ring
-            .read(meta.image_id, |_, data| match data.get(..image_bytes) {
-                Some(image) => file.write_image(index, image, record),
-                None => file.write_zero_image(index, record.without_checksum()),
-            });
-        let result = match written {
-            Ok(result) => result,
-            Err(_) => {
-                // Overwritten before or while it was written out: zeros, flagged.
-                run.summary.images_lost_in_buffer += 1;
-                record.status = ImageStatus::LostInBuffer as u16;
-                record = record.without_checksum();
-                run.file.write_zero_image(index, record)
-            }
-        };
-        if let Err(e) = result {
-            tracing::error!("{e}");
-            self.finish(&format!("failed: {e}"));
+        if let Some(deal) = run.deal {
+            self.on_dealt_image(&meta, deal, received);
             return;
         }
-        run.first_image_at.get_or_insert_with(Instant::now);
-        self.latency.observe(received.elapsed());
+        // Every image in arrival order.
         let s = &mut run.summary;
-        s.images_written += 1;
-        s.bytes_written += image_bytes as u64;
-        s.first_image_id.get_or_insert(meta.image_id);
         if let Some(last) = s
             .last_image_id
             .filter(|last| meta.image_id > last.saturating_add(1))
         {
             s.image_ids_skipped = s.image_ids_skipped.saturating_add(meta.image_id - last - 1);
         }
-        s.last_image_id = Some(meta.image_id);
-        s.missing_packets += u64::from(meta.missing_packets);
-        if record.status == ImageStatus::Good as u16 {
-            s.images_good += 1;
-        } else {
-            s.images_flagged += 1;
-        }
-        if s.n_images == Some(s.images_written) {
-            self.finish("completed");
-        } else if s.max_images == Some(s.images_written) {
-            self.finish(MAX_IMAGES_REACHED);
-        } else {
+        if self.write_row(meta.image_id, Source::Stream(&meta), Some(received))
+            && !self.end_if_done()
+        {
             self.checkpoint_if_due();
         }
+    }
+
+    /// Whether `m` is an image of this detector (geometry and type).
+    fn fits(&self, m: &ImageMetadata) -> bool {
+        m.height == self.height && m.width == self.width && m.dtype() == self.dtype
     }
 
     /// Closes the current run's file, if any, and returns its summary.
@@ -571,6 +810,112 @@ impl Writer {
     }
 }
 
+/// The id of row `row` of `deal`'s share: `first_image_id + row * writers + writer`.
+fn id_of_row(deal: &Deal, row: u64) -> u64 {
+    row.saturating_mul(u64::from(deal.writers))
+        .saturating_add(u64::from(deal.writer))
+        .saturating_add(deal.first_image_id)
+}
+
+/// Writes image `id` from its ImageBuffer slot as row `index`. An image no longer in its slot
+/// (or torn while written out) becomes zeros flagged lost in buffer; in a catch-up ([`Source::Ring`])
+/// a slot that never held it (empty, or an older image) means the id never came.
+fn write_from_ring(
+    file: &mut ImageFile,
+    ring: &RingReader<ImageMetadata>,
+    index: u64,
+    id: u64,
+    source: Source<'_>,
+) -> Result<RowOutcome, FileError> {
+    let image_bytes = file.image_bytes();
+    let (height, width) = (file.spec().height, file.spec().width);
+    let dtype = file.spec().dtype;
+    let read = ring.read(id, |slot_meta, data| {
+        let meta = match source {
+            Source::Stream(m) => m,
+            Source::Ring => slot_meta,
+        };
+        if meta.image_id != id
+            || meta.height != height
+            || meta.width != width
+            || meta.dtype() != dtype
+        {
+            // Not an image of this detector in the slot: keep nothing of it.
+            return Ok(None);
+        }
+        let record = ImageRecord::from(meta);
+        match data.get(..image_bytes) {
+            Some(image) => file.write_image(index, image, record)?,
+            None => file.write_zero_image(index, record.without_checksum())?,
+        }
+        Ok(Some(*meta))
+    });
+    let lost = |missing_packets| RowOutcome::Lost { missing_packets };
+    let outcome = match read {
+        Ok(Ok(Some(meta))) => return Ok(RowOutcome::Image(meta)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(None)) => lost(0),
+        Err(ReadError::Overwritten { found_image_id }) if found_image_id < id => match source {
+            Source::Ring => RowOutcome::NeverCame,
+            Source::Stream(m) => lost(m.missing_packets),
+        },
+        Err(ReadError::NotPresent | ReadError::InvalidImageId)
+            if matches!(source, Source::Ring) =>
+        {
+            RowOutcome::NeverCame
+        }
+        Err(_) => match source {
+            Source::Stream(m) => lost(m.missing_packets),
+            Source::Ring => lost(0),
+        },
+    };
+    // Zeros: no chunk write unless the image's chunk went in before the slot changed.
+    let record = match (outcome, source) {
+        (RowOutcome::NeverCame, _) => ImageRecord {
+            image_id: id,
+            ..ImageRecord::default()
+        },
+        (_, Source::Stream(m)) => ImageRecord {
+            status: ImageStatus::LostInBuffer as u16,
+            ..ImageRecord::from(m).without_checksum()
+        },
+        (_, Source::Ring) => ImageRecord {
+            image_id: id,
+            status: ImageStatus::LostInBuffer as u16,
+            ..ImageRecord::default()
+        },
+    };
+    file.write_zero_image(index, record)?;
+    Ok(outcome)
+}
+
+/// Counts one row written into the run's summary.
+fn count_row(s: &mut RunSummary, id: u64, outcome: &RowOutcome, image_bytes: usize) {
+    s.images_written += 1;
+    s.bytes_written += image_bytes as u64;
+    s.first_image_id.get_or_insert(id);
+    s.last_image_id = Some(id);
+    match outcome {
+        RowOutcome::Image(meta) => {
+            s.missing_packets += u64::from(meta.missing_packets);
+            if meta.status == ImageStatus::Good as u16 {
+                s.images_good += 1;
+            } else {
+                s.images_flagged += 1;
+            }
+        }
+        RowOutcome::Lost { missing_packets } => {
+            s.missing_packets += u64::from(*missing_packets);
+            s.images_lost_in_buffer += 1;
+            s.images_flagged += 1;
+        }
+        RowOutcome::NeverCame => {
+            s.image_ids_skipped += 1;
+            s.images_flagged += 1;
+        }
+    }
+}
+
 /// Where a run's file is written until it is complete: `<output_file>.part`.
 pub use std_daq_common::writer_command::partial_path;
 
@@ -586,6 +931,7 @@ pub fn run(
     let mut buf = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut last_invalid_report = 0;
     let mut last_report = Instant::now();
+    let (mut last_ignored_report, mut last_ignored_at) = (0, Instant::now());
     while !shutdown.is_triggered() {
         let (images, command) = {
             let mut items = [sub.as_poll_item(zmq::POLLIN), rep.as_poll_item(zmq::POLLIN)];
@@ -627,6 +973,17 @@ pub fn run(
             );
             last_invalid_report = writer.invalid_messages;
             last_report = Instant::now();
+        }
+        if writer.ids_ignored != last_ignored_report
+            && last_ignored_at.elapsed() >= Duration::from_secs(5)
+        {
+            tracing::warn!(
+                count = writer.ids_ignored,
+                "image ids a dealt run ignored: below its first_image_id, a jump back, or too \
+                 far ahead"
+            );
+            last_ignored_report = writer.ids_ignored;
+            last_ignored_at = Instant::now();
         }
     }
     writer.finish("stopped: the writer was shut down");
