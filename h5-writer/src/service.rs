@@ -70,8 +70,8 @@ struct Run {
 /// What one row of the file became.
 #[derive(Debug, Clone, Copy)]
 enum RowOutcome {
-    /// The image, with its ImageMetadata.
-    Image(ImageMetadata),
+    /// The image, with its status and missing packets (from its ImageMetadata).
+    Image { status: u16, missing_packets: u32 },
     /// Overwritten in the ImageBuffer (or torn) before it was written out: zeros, status 4.
     Lost { missing_packets: u32 },
     /// Its id never came: zeros, status 0.
@@ -848,11 +848,14 @@ fn write_from_ring(
             Some(image) => file.write_image(index, image, record)?,
             None => file.write_zero_image(index, record.without_checksum())?,
         }
-        Ok(Some(*meta))
+        Ok(Some(RowOutcome::Image {
+            status: meta.status,
+            missing_packets: meta.missing_packets,
+        }))
     });
     let lost = |missing_packets| RowOutcome::Lost { missing_packets };
     let outcome = match read {
-        Ok(Ok(Some(meta))) => return Ok(RowOutcome::Image(meta)),
+        Ok(Ok(Some(image))) => return Ok(image),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(None)) => lost(0),
         Err(ReadError::Overwritten { found_image_id }) if found_image_id < id => match source {
@@ -896,9 +899,12 @@ fn count_row(s: &mut RunSummary, id: u64, outcome: &RowOutcome, image_bytes: usi
     s.first_image_id.get_or_insert(id);
     s.last_image_id = Some(id);
     match outcome {
-        RowOutcome::Image(meta) => {
-            s.missing_packets += u64::from(meta.missing_packets);
-            if meta.status == ImageStatus::Good as u16 {
+        RowOutcome::Image {
+            status,
+            missing_packets,
+        } => {
+            s.missing_packets += u64::from(*missing_packets);
+            if *status == ImageStatus::Good as u16 {
                 s.images_good += 1;
             } else {
                 s.images_flagged += 1;
@@ -1120,6 +1126,10 @@ mod tests {
         let data: Vec<u16> = f.dataset("wtest/data").unwrap().read_raw().unwrap();
         let per_image = 512 * 1024;
         assert!(data[..per_image].iter().all(|v| *v == 0));
+        // The lost image cost no chunk write.
+        let ds = f.dataset("wtest/data").unwrap();
+        assert_eq!(ds.num_chunks(), Some(2));
+        assert_eq!(ds.chunk_info(0).unwrap().offset, [1, 0, 0]);
         assert!(data[per_image..2 * per_image].iter().all(|v| *v == 0x0202));
         assert!(data[2 * per_image..].iter().all(|v| *v == 0x0303));
         drop(f);
@@ -1324,5 +1334,279 @@ mod tests {
             assert!(!reply.ok);
             assert_eq!(reply.error.as_deref(), Some(message));
         }
+    }
+
+    /// Image `id`'s pixels in the dealt tests: every u16 pixel `id * 3 + p % 7`, distinct per id.
+    fn dealt_pixels(cfg: &DetectorConfig, id: u64) -> Vec<u16> {
+        let n = cfg.image_bytes() / 2;
+        (0..n).map(|p| (id * 3 + (p % 7) as u64) as u16).collect()
+    }
+
+    /// Publishes image `id` with [`dealt_pixels`] and its real checksum (so `verify` checks it).
+    fn publish_dealt(ring: &mut RingOwner<ImageMetadata>, cfg: &DetectorConfig, id: u64) {
+        let pixels = dealt_pixels(cfg, id);
+        let bytes: &[u8] = bytemuck::cast_slice(&pixels);
+        let mut slot = ring.begin_write(id).unwrap();
+        slot.data_mut()[..bytes.len()].copy_from_slice(bytes);
+        *slot.meta_mut() = dealt_meta(cfg, id);
+        slot.commit();
+    }
+
+    fn dealt_meta(cfg: &DetectorConfig, id: u64) -> ImageMetadata {
+        let pixels = dealt_pixels(cfg, id);
+        ImageMetadata {
+            checksum: std_daq_common::checksum::image_checksum(bytemuck::cast_slice(&pixels)),
+            checksum_kind: std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS,
+            ..meta(cfg, id)
+        }
+    }
+
+    /// A ring of `slots` and `writers` writers over it (writer k = `with_share(k, writers)`).
+    fn dealt_setup(
+        tag: &str,
+        slots: u64,
+        writers: u32,
+    ) -> (
+        DetectorConfig,
+        RingOwner<ImageMetadata>,
+        Vec<Writer>,
+        tempfile::TempDir,
+    ) {
+        let cfg = DetectorConfig::from_json_str(ONE_MODULE, "test").unwrap();
+        let name = format!("std-daq.{tag}-{}.image", std::process::id());
+        let ring = RingOwner::create(&name, slots, cfg.image_bytes() as u64).unwrap();
+        let all = (0..writers)
+            .map(|k| {
+                let reader = RingReader::attach(&name, Expect::default()).unwrap();
+                Writer::new(&cfg, reader).with_share(k, writers).unwrap()
+            })
+            .collect();
+        (cfg, ring, all, tempfile::tempdir().unwrap())
+    }
+
+    fn dealt_start(file: &Path, n_images: u64, deal: Deal) -> Command {
+        Command::Start {
+            output_file: file.display().to_string(),
+            n_images,
+            request_id: None,
+            context: RunContext {
+                deal: Some(deal),
+                ..RunContext::default()
+            },
+        }
+    }
+
+    fn deal(writer: u32, writers: u32, first_image_id: u64) -> Deal {
+        Deal {
+            writer,
+            writers,
+            first_image_id,
+        }
+    }
+
+    /// What a closed file holds: (image ids, status, pixels per row, rows with a chunk).
+    fn rows_of_file(file: &Path) -> (Vec<u64>, Vec<u16>, Vec<Vec<u16>>, Vec<u64>) {
+        let f = hdf5::File::open(file).unwrap();
+        let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
+        let status: Vec<u16> = f.dataset("wtest/status").unwrap().read_raw().unwrap();
+        let data = f.dataset("wtest/data").unwrap();
+        let pixels: Vec<u16> = data.read_raw().unwrap();
+        let per_image = 512 * 1024;
+        assert_eq!(pixels.len(), ids.len() * per_image);
+        let rows = pixels.chunks(per_image).map(<[u16]>::to_vec).collect();
+        let chunks = (0..data.num_chunks().unwrap())
+            .map(|i| data.chunk_info(i).unwrap().offset[0])
+            .collect();
+        (ids, status, rows, chunks)
+    }
+
+    /// Two writers with deals over one ring and one stream (the same messages to both): their
+    /// files hold exactly the interleaved run positions, pixel for pixel, and verify.
+    #[test]
+    fn two_dealt_writers_hold_exactly_the_interleaved_positions() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wdeal2", 8, 2);
+        let files: Vec<_> = (0..2)
+            .map(|k| dir.path().join(format!("run_writer{k}.h5")))
+            .collect();
+        for (k, w) in writers.iter_mut().enumerate() {
+            let reply = w.handle_command(dealt_start(&files[k], 9, deal(k as u32, 2, 100)));
+            assert!(reply.ok, "{reply:?}");
+        }
+        // An id below the run is ignored by both.
+        for id in [99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110] {
+            publish_dealt(&mut ring, &cfg, id);
+            for w in &mut writers {
+                w.on_message(dealt_meta(&cfg, id).as_bytes());
+            }
+        }
+        let runs: Vec<RunSummary> = writers
+            .iter()
+            .map(|w| w.status().last_run.unwrap())
+            .collect();
+        // 9 positions: writer 0 has 100 102 104 106 108, writer 1 has 101 103 105 107.
+        let want: [Vec<u64>; 2] = [vec![100, 102, 104, 106, 108], vec![101, 103, 105, 107]];
+        for k in 0..2 {
+            let run = &runs[k];
+            assert_eq!(run.end, "completed", "writer {k}");
+            assert_eq!(run.deal, Some(deal(k as u32, 2, 100)));
+            assert_eq!(run.images_written, want[k].len() as u64);
+            assert_eq!(run.images_good, want[k].len() as u64);
+            assert_eq!((run.image_ids_skipped, run.images_lost_in_buffer), (0, 0));
+            assert_eq!(run.first_image_id, Some(want[k][0]));
+            assert_eq!(run.last_image_id, want[k].last().copied());
+            let (ids, status, rows, chunks) = rows_of_file(&files[k]);
+            assert_eq!(ids, want[k]);
+            assert!(status.iter().all(|s| *s == 1));
+            for (row, id) in rows.iter().zip(&want[k]) {
+                assert!(*row == dealt_pixels(&cfg, *id), "writer {k} image {id}");
+            }
+            assert_eq!(chunks.len(), want[k].len());
+            let report = crate::verify::verify_file(&files[k]).unwrap();
+            assert!(report.ok(), "{report:?}");
+            assert_eq!(report.checked, want[k].len() as u64);
+        }
+        // Writer 0 ignored 99; writer 1 also 99 (110 came after its run ended).
+        assert_eq!((writers[0].ids_ignored, writers[1].ids_ignored), (1, 1));
+        let status = writers[1].status();
+        assert_eq!(
+            (status.writer_index, status.writers, status.latest_image_id),
+            (1, 2, Some(110))
+        );
+    }
+
+    /// Writer 0 is started after it saw ids 100..106 go by (104 never came): it catches up
+    /// from the ring, 102's slot overwritten = lost in buffer (zeros, no chunk), 104 never in
+    /// the ring = status 0; then it follows the stream. Every image it has verifies.
+    #[test]
+    fn a_writer_started_late_catches_up_from_the_ring() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wdeal3", 4, 2);
+        let w = &mut writers[0];
+        assert_eq!(w.status().latest_image_id, None);
+        for id in [100, 101, 102, 103, 105, 106] {
+            publish_dealt(&mut ring, &cfg, id);
+            w.on_message(dealt_meta(&cfg, id).as_bytes());
+        }
+        assert_eq!(w.status().latest_image_id, Some(106));
+        let file = dir.path().join("late_writer0.h5");
+        let reply = w.handle_command(dealt_start(&file, 10, deal(0, 2, 100)));
+        assert!(reply.ok, "{reply:?}");
+        let current = w.status().current.unwrap();
+        assert_eq!(current.images_written, 4, "caught up on 100 102 104 106");
+        for id in 107..110 {
+            publish_dealt(&mut ring, &cfg, id);
+            w.on_message(dealt_meta(&cfg, id).as_bytes());
+        }
+        let run = w.status().last_run.unwrap();
+        assert_eq!(run.end, "completed");
+        assert_eq!(run.images_written, 5);
+        assert_eq!(
+            (
+                run.images_good,
+                run.images_lost_in_buffer,
+                run.image_ids_skipped,
+                run.images_flagged
+            ),
+            (3, 1, 1, 2)
+        );
+        let (ids, status, rows, chunks) = rows_of_file(&file);
+        assert_eq!(ids, [100, 102, 104, 106, 108]);
+        assert_eq!(status, [1, 4, 0, 1, 1]);
+        assert!(rows[0] == dealt_pixels(&cfg, 100));
+        assert!(rows[1].iter().chain(&rows[2]).all(|p| *p == 0));
+        assert!(rows[3] == dealt_pixels(&cfg, 106));
+        assert!(rows[4] == dealt_pixels(&cfg, 108));
+        // The lost row and the one that never came cost no chunk.
+        assert_eq!(chunks, [0, 3, 4]);
+        let report = crate::verify::verify_file(&file).unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.checked, report.without_checksum), (3, 2));
+    }
+
+    /// Ids of this writer's share that never came are status-0 rows with their expected id;
+    /// a jump back within the run is ignored and counted; a jump past the run's end completes
+    /// it with status-0 rows.
+    #[test]
+    fn dealt_ids_that_never_came_are_status_zero_rows() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wdeal4", 16, 2);
+        let w = &mut writers[1];
+        let file = dir.path().join("gaps_writer1.h5");
+        let reply = w.handle_command(dealt_start(&file, 14, deal(1, 2, 100)));
+        assert!(reply.ok, "{reply:?}");
+        // 103 and 105 never come; 101 comes again (a jump back); then the detector jumps to 120.
+        for id in [100, 101, 102, 104, 106, 107, 101, 108, 120] {
+            publish_dealt(&mut ring, &cfg, id);
+            w.on_message(dealt_meta(&cfg, id).as_bytes());
+        }
+        let run = w.status().last_run.unwrap();
+        assert_eq!(run.end, "completed");
+        // Positions 1 3 5 7 9 11 13: 101 103 105 107 109 111 113.
+        assert_eq!(run.images_written, 7);
+        assert_eq!((run.images_good, run.image_ids_skipped), (2, 5));
+        assert_eq!(w.ids_ignored, 1);
+        let (ids, status, rows, chunks) = rows_of_file(&file);
+        assert_eq!(ids, [101, 103, 105, 107, 109, 111, 113]);
+        assert_eq!(status, [1, 0, 0, 1, 0, 0, 0]);
+        assert!(rows[0] == dealt_pixels(&cfg, 101));
+        assert!(rows[3] == dealt_pixels(&cfg, 107));
+        assert!(rows[1].iter().all(|p| *p == 0));
+        assert_eq!(chunks, [0, 3]);
+        let f = hdf5::File::open(&file).unwrap();
+        let kinds: Vec<u16> = f
+            .dataset("wtest/checksum_kind")
+            .unwrap()
+            .read_raw()
+            .unwrap();
+        assert_eq!(kinds, [1, 0, 0, 1, 0, 0, 0]);
+    }
+
+    /// A deal for another share, or for a single writer, is refused; a share of nothing
+    /// completes at once with an empty file.
+    #[test]
+    fn a_deal_for_another_writer_is_refused() {
+        let (cfg, ring, mut writers, dir) = dealt_setup("wdeal5", 4, 2);
+        let file = dir.path().join("r_writer0.h5");
+        let w = &mut writers[0];
+        let cases = [
+            (
+                deal(1, 2, 5),
+                "the deal is for writer 1 of 2, but this is writer 0 of 2 (--writer-index, \
+                 number_of_writers)",
+            ),
+            (
+                deal(0, 3, 5),
+                "the deal is for writer 0 of 3, but this is writer 0 of 2 (--writer-index, \
+                 number_of_writers)",
+            ),
+            (
+                deal(0, 1, 5),
+                "a deal shares a run between 2 or more writers, not 1: start without a deal to \
+                 write every image",
+            ),
+        ];
+        for (d, message) in cases {
+            let reply = w.handle_command(dealt_start(&file, 4, d));
+            assert_eq!(reply.error.as_deref(), Some(message));
+            assert!(!file.exists() && !partial_path(&file).exists());
+        }
+        assert!(matches!(
+            Writer::new(
+                &cfg,
+                RingReader::attach(ring.name(), Expect::default()).unwrap()
+            )
+            .with_share(2, 2),
+            Err(WriterError::NoSuchWriter {
+                index: 2,
+                writers: 2
+            })
+        ));
+        // One image over two writers: writer 1 has no row.
+        let empty = dir.path().join("r_writer1.h5");
+        let reply = writers[1].handle_command(dealt_start(&empty, 1, deal(1, 2, 5)));
+        assert!(reply.ok, "{reply:?}");
+        let run = reply.run.unwrap();
+        assert_eq!((run.end.as_str(), run.images_written), ("completed", 0));
+        assert_eq!(writers[1].status().state, "idle");
+        let (ids, ..) = rows_of_file(&empty);
+        assert!(ids.is_empty());
     }
 }

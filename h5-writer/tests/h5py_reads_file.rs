@@ -103,3 +103,63 @@ with h5py.File(sys.argv[1], "r") as f:
         "h5py output:\n{stdout}"
     );
 }
+
+/// Rows without pixels (a lost image, a trailing one) have no chunk and h5py reads them as
+/// zeros (the dataset's defined fill value), between and after rows with pixels.
+#[test]
+fn h5py_reads_rows_without_a_chunk_as_zeros() {
+    let probe = Command::new(PYTHON).args(["-c", "import h5py"]).output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        eprintln!("SKIPPED h5py_reads_rows_without_a_chunk_as_zeros: {PYTHON} cannot import h5py");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holes.h5");
+    let spec = ImageFileSpec {
+        detector_name: "jf-test".into(),
+        n_images: 4,
+        height: 6,
+        width: 8,
+        dtype: Dtype::Uint16,
+        compression: Compression::None,
+        n_modules: 1,
+    };
+    let image = |i: u64| -> Vec<u8> {
+        (0..6)
+            .flat_map(|y| (0..8).map(move |x| (y, x)))
+            .flat_map(|(y, x)| pixel(i, y, x).to_le_bytes())
+            .collect()
+    };
+    let lost = |i: u64| ImageRecord {
+        image_id: 5000 + i,
+        status: 4,
+        ..ImageRecord::default()
+    };
+    let mut f = ImageFile::create(&path, &spec).unwrap();
+    f.write_image(0, &image(0), ImageRecord::default()).unwrap();
+    f.write_zero_image(1, lost(1)).unwrap();
+    f.write_image(2, &image(2), ImageRecord::default()).unwrap();
+    f.write_zero_image(3, lost(3)).unwrap();
+    assert_eq!(f.close().unwrap(), 4);
+    let script = r#"
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    d = f["jf-test/data"]
+    a = d[()]
+    print(d.shape, d.fillvalue, d.id.get_num_chunks(), int(a[1].max()), int(a[3].max()), int(a[2, 5, 7]))
+"#;
+    let out = Command::new(PYTHON)
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "h5py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        format!("(4, 6, 8) 0 2 0 0 {}", pixel(2, 5, 7))
+    );
+}
