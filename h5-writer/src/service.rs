@@ -599,8 +599,8 @@ impl Writer {
         let index = run.summary.images_written;
         match write_from_ring(&mut run.file, &self.ring, index, id, source) {
             Ok(outcome) => {
+                run.first_image_at.get_or_insert_with(Instant::now);
                 if let Some(received) = received {
-                    run.first_image_at.get_or_insert_with(Instant::now);
                     self.latency.observe(received.elapsed());
                 }
                 count_row(&mut run.summary, id, &outcome, run.file.image_bytes());
@@ -669,12 +669,13 @@ impl Writer {
         // This writer's positions below `position`: rows 0..before.
         let before = deal.rows_of(position);
         let mine = position % u64::from(deal.writers) == u64::from(deal.writer);
-        if before < next || before - next > MAX_ROWS_AT_ONCE {
+        // Rows that never came, up to this position or the run's end.
+        let gap_end = run.target_rows.map_or(before, |t| before.min(t));
+        if before < next || gap_end.saturating_sub(next) > MAX_ROWS_AT_ONCE {
             // A position already passed (a jump back), or too far ahead to fill at once.
             self.ids_ignored += 1;
             return;
         }
-        let gap_end = run.target_rows.map_or(before, |t| before.min(t));
         for row in next..gap_end {
             if !self.write_never_came(id_of_row(&deal, row)) {
                 return;
@@ -1608,5 +1609,53 @@ mod tests {
         assert_eq!(writers[1].status().state, "idle");
         let (ids, ..) = rows_of_file(&empty);
         assert!(ids.is_empty());
+    }
+
+    /// An unbounded dealt run ends at its share of max_images (writer 0 of 2, max 5: positions
+    /// 0 2 4), and one without a limit writes its share until stopped.
+    #[test]
+    fn an_unbounded_dealt_run_ends_at_its_share_of_max_images_or_at_stop() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wdeal6", 16, 2);
+        let w = &mut writers[0];
+        let capped = dir.path().join("capped_writer0.h5");
+        let start = |file: &Path, max_images| Command::StartUnbounded {
+            output_file: file.display().to_string(),
+            max_images,
+            request_id: None,
+            context: RunContext {
+                deal: Some(deal(0, 2, 10)),
+                ..RunContext::default()
+            },
+        };
+        assert!(w.handle_command(start(&capped, Some(5))).ok);
+        for id in 10..20 {
+            publish_dealt(&mut ring, &cfg, id);
+            w.on_message(dealt_meta(&cfg, id).as_bytes());
+        }
+        let run = w.status().last_run.unwrap();
+        assert_eq!(
+            (run.end.as_str(), run.images_written),
+            (MAX_IMAGES_REACHED, 3)
+        );
+        assert_eq!(rows_of_file(&capped).0, [10, 12, 14]);
+
+        let open = dir.path().join("open_writer0.h5");
+        assert!(w.handle_command(start(&open, None)).ok);
+        // The same first_image_id 10: ids 10..19 went by already and are caught up from the
+        // ring (10 12 14 16 18).
+        assert_eq!(w.status().current.unwrap().images_written, 5);
+        for id in 20..23 {
+            publish_dealt(&mut ring, &cfg, id);
+            w.on_message(dealt_meta(&cfg, id).as_bytes());
+        }
+        let run = w
+            .handle_command(Command::Stop { reason: None })
+            .run
+            .unwrap();
+        assert_eq!((run.end.as_str(), run.images_written), ("stopped", 7));
+        let (ids, status, rows, _) = rows_of_file(&open);
+        assert_eq!(ids, [10, 12, 14, 16, 18, 20, 22]);
+        assert!(status.iter().all(|s| *s == 1));
+        assert!(rows[3] == dealt_pixels(&cfg, 16));
     }
 }
