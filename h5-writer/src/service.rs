@@ -1658,4 +1658,94 @@ mod tests {
         assert!(status.iter().all(|s| *s == 1));
         assert!(rows[3] == dealt_pixels(&cfg, 16));
     }
+
+    /// The files of two dealt writers (one position that never came, one image lost in the
+    /// ring) make a master (master.rs) that reads the run in position order: pixels, ids and
+    /// status, zeros where there were no pixels.
+    #[test]
+    fn dealt_writers_files_make_a_master_of_the_run_in_position_order() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wdeal7", 4, 2);
+        let output = dir.path().join("run.h5");
+        let files: Vec<_> = (0..2)
+            .map(|k| std_daq_common::writer_command::writer_data_file(&output, k))
+            .collect();
+        for (k, w) in writers.iter_mut().enumerate() {
+            let reply = w.handle_command(dealt_start(&files[k], 8, deal(k as u32, 2, 40)));
+            assert!(reply.ok, "{reply:?}");
+        }
+        // 43 never comes; 45 is overwritten (by 49) before the writers are told about it.
+        let mut feed = |ring: &mut RingOwner<ImageMetadata>, publish: &[u64], tell: &[u64]| {
+            for id in publish {
+                publish_dealt(ring, &cfg, *id);
+            }
+            for id in tell {
+                for w in writers.iter_mut() {
+                    w.on_message(dealt_meta(&cfg, *id).as_bytes());
+                }
+            }
+        };
+        // The ring has 4 slots: each image is told before its slot is reused, except 45.
+        feed(&mut ring, &[40, 41, 42], &[40, 41, 42]);
+        feed(&mut ring, &[44], &[44]);
+        feed(&mut ring, &[45, 49], &[45]);
+        feed(&mut ring, &[46, 47], &[46, 47]);
+        let runs: Vec<RunSummary> = writers
+            .iter()
+            .map(|w| w.status().last_run.unwrap())
+            .collect();
+        assert_eq!(
+            runs.iter()
+                .map(|r| (r.end.as_str(), r.images_written))
+                .collect::<Vec<_>>(),
+            [("completed", 4), ("completed", 4)]
+        );
+        assert_eq!(runs[0].images_good, 4);
+        assert_eq!(
+            (runs[1].images_lost_in_buffer, runs[1].image_ids_skipped),
+            (1, 1)
+        );
+        let request = crate::command::MasterRequest {
+            output_file: output.display().to_string(),
+            writers: 2,
+            first_image_id: 40,
+            n_images: Some(8),
+            sources: (0..2)
+                .map(|k| crate::command::MasterSource {
+                    writer: k,
+                    file: files[k as usize].display().to_string(),
+                    rows: runs[k as usize].images_written,
+                })
+                .collect(),
+            request_id: None,
+            metadata: None,
+            traceparent: None,
+            nxmx: None,
+            run_summary: None,
+        };
+        let spec = ImageFileSpec {
+            detector_name: "wtest".into(),
+            n_images: 8,
+            height: 512,
+            width: 1024,
+            dtype: Dtype::Uint16,
+            compression: Compression::None,
+            n_modules: 1,
+        };
+        let summary = crate::master::write_master(&request, &spec, None, "{}").unwrap();
+        assert_eq!(summary.images, 8);
+        let f = hdf5::File::open(&output).unwrap();
+        let ids: Vec<u64> = f.dataset("wtest/image_id").unwrap().read_raw().unwrap();
+        let status: Vec<u16> = f.dataset("wtest/status").unwrap().read_raw().unwrap();
+        let pixels: Vec<u16> = f.dataset("wtest/data").unwrap().read_raw().unwrap();
+        assert_eq!(ids, (40..48).collect::<Vec<u64>>());
+        assert_eq!(status, [1, 1, 1, 0, 1, 4, 1, 1]);
+        for (p, row) in pixels.chunks(512 * 1024).enumerate() {
+            let id = 40 + p as u64;
+            if matches!(id, 43 | 45) {
+                assert!(row.iter().all(|v| *v == 0), "position {p}");
+            } else {
+                assert!(*row == dealt_pixels(&cfg, id)[..], "position {p}");
+            }
+        }
+    }
 }
