@@ -28,15 +28,20 @@
 //! the whole image stream. A `start` carrying a [`Deal`] gives writer `writer` of `writers` its
 //! share of the run: run position `p` is the image with id `first_image_id + p`, and belongs to
 //! writer `p % writers` at row `p / writers` of that writer's own file
-//! ([`writer_data_file`]). The agent picks `first_image_id` just past the newest image any
-//! writer has seen (`status.latest_image_id`), so a writer started a moment later takes the images
-//! it already passed from the ImageBuffer. A position whose image never came is a row with status
+//! ([`writer_data_file`]). The agent starts every writer with `await_first_image_id`: each
+//! creates its file, writes nothing yet and reports the first image it sees
+//! (`first_image_after_start`); once all have seen one, the agent sends `set_first_image_id` with
+//! the largest (the first image every writer saw, whatever the ids were before: a detector that
+//! restarted its frame numbers is fine), and each writer takes the images it passed meanwhile
+//! from the ImageBuffer. A position whose image never came is a row with status
 //! 0 and zero pixels. When every writer has ended, `make_master` asks one writer to write the
 //! master file at the requested `output_file`: virtual datasets over the writers' files, holding
 //! run positions `0..images` where `images` is the longest prefix every writer really wrote.
 //! ```text
 //! {"command":"start","output_file":"/data/run1_writer1.h5","n_images":1000,
-//!  "deal":{"writer":1,"writers":2,"first_image_id":5001}}             -> {"ok":true,...}
+//!  "deal":{"writer":1,"writers":2,"first_image_id":0,"await_first_image_id":true}}
+//!                                                                    -> {"ok":true,...}
+//! {"command":"set_first_image_id","first_image_id":5001}             -> {"ok":true,...}
 //! {"command":"make_master","output_file":"/data/run1.h5","writers":2,"first_image_id":5001,
 //!  "n_images":1000,"sources":[{"writer":0,"file":"/data/run1_writer0.h5","rows":500},
 //!                             {"writer":1,"file":"/data/run1_writer1.h5","rows":500}]}
@@ -83,6 +88,10 @@ pub enum Command {
     },
     /// Write the master file of a run written by several writers (see the module docs).
     MakeMaster(MasterRequest),
+    /// The first image id of a dealt run started with `await_first_image_id`.
+    SetFirstImageId {
+        first_image_id: u64,
+    },
 }
 
 /// This writer's share of a run written by `writers` writers (see the module docs).
@@ -94,6 +103,11 @@ pub struct Deal {
     pub writers: u32,
     /// Run position `p` is the image with id `first_image_id + p`: the same for every writer.
     pub first_image_id: u64,
+    /// `first_image_id` is not known yet: the writer creates its file, writes nothing, reports
+    /// the first image it sees (`first_image_after_start`) and waits for `set_first_image_id`
+    /// (then takes the images it passed from the ImageBuffer). How the agent starts a run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub await_first_image_id: bool,
 }
 
 impl Deal {
@@ -279,6 +293,9 @@ pub enum WireCommand {
         reason: Option<String>,
     },
     MakeMaster(MasterRequest),
+    SetFirstImageId {
+        first_image_id: u64,
+    },
 }
 
 impl TryFrom<WireCommand> for Command {
@@ -321,6 +338,9 @@ impl TryFrom<WireCommand> for Command {
             WireCommand::Status => Command::Status,
             WireCommand::CancelIfEmpty { reason } => Command::CancelIfEmpty { reason },
             WireCommand::MakeMaster(request) => Command::MakeMaster(request),
+            WireCommand::SetFirstImageId { first_image_id } => {
+                Command::SetFirstImageId { first_image_id }
+            }
         })
     }
 }
@@ -362,6 +382,9 @@ impl From<Command> for WireCommand {
             Command::Status => WireCommand::Status,
             Command::CancelIfEmpty { reason } => WireCommand::CancelIfEmpty { reason },
             Command::MakeMaster(request) => WireCommand::MakeMaster(request),
+            Command::SetFirstImageId { first_image_id } => {
+                WireCommand::SetFirstImageId { first_image_id }
+            }
         }
     }
 }
@@ -404,6 +427,9 @@ pub struct RunSummary {
     /// This writer's share of a run of several writers (its `start`'s deal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deal: Option<Deal>,
+    /// A dealt run waiting for its `first_image_id`: the first image id seen since the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_image_after_start: Option<u64>,
     /// From the first image received to the file closed.
     pub seconds: f64,
     pub bytes_written: u64,
@@ -480,6 +506,7 @@ mod tests {
             writer,
             writers: 3,
             first_image_id: 100,
+            await_first_image_id: false,
         };
         // 10 positions over 3 writers: 0,3,6,9 | 1,4,7 | 2,5,8
         assert_eq!(
@@ -547,7 +574,8 @@ mod tests {
             Some(Deal {
                 writer: 1,
                 writers: 2,
-                first_image_id: 7
+                first_image_id: 7,
+                await_first_image_id: false,
             })
         );
         let back: Command = serde_json::from_str(&serde_json::to_string(&start).unwrap()).unwrap();

@@ -107,6 +107,7 @@ fn measure(
                 writer: k,
                 writers,
                 first_image_id: 0,
+                await_first_image_id: false,
             });
             std::thread::spawn(move || write_run(&cfg, &ring_name, &file, images, deal, &barrier))
         })

@@ -132,11 +132,12 @@ fn main() -> Result<()> {
         .with_writing_marker(names::writer_marker_path_of(&cfg, writer_index))
         .with_share(writer_index, cfg.number_of_writers)?;
     let board = StatusBoard::default();
-    // The config has one metrics port for the writer: writer 0's. Others serve metrics only
-    // where --metrics-addr says.
+    // Writer 0 at base + 1, writers 1.. after the receivers (docs/configuration.md).
     let config_metrics = match writer_index {
         0 => cfg.metrics_addr(MetricsService::Writer),
-        _ => None,
+        k => u16::try_from(k)
+            .ok()
+            .and_then(|k| cfg.metrics_addr(MetricsService::OtherWriter(k))),
     };
     std_daq_common::metrics::serve_if(
         args.metrics_addr.or(config_metrics),

@@ -22,7 +22,7 @@
 //! row other than its position's, nor drop a row: row `r` always means position `r * n + k`.
 
 use crate::command::{
-    Command, Deal, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED,
+    Command, Deal, MasterRequest, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED,
 };
 use crate::file::{Compression, FileError, ImageFile, ImageFileSpec, ImageRecord};
 use image_buffer::{Expect, ReadError, RingReader};
@@ -65,6 +65,8 @@ struct Run {
     /// then.
     target_rows: Option<u64>,
     end_at_target: &'static str,
+    /// Started with `await_first_image_id`: nothing is written until `set_first_image_id`.
+    awaiting_first_image_id: bool,
 }
 
 /// What one row of the file became.
@@ -261,7 +263,8 @@ impl Writer {
             Command::CancelIfEmpty { reason } => {
                 self.cancel_if_empty(reason.as_deref().unwrap_or("cancelled before any image"))
             }
-            Command::MakeMaster(_) => Reply::error("make_master is not implemented yet"),
+            Command::MakeMaster(request) => self.make_master(&request),
+            Command::SetFirstImageId { first_image_id } => self.set_first_image_id(first_image_id),
         }
     }
 
@@ -438,9 +441,11 @@ impl Writer {
                 (limit.map(|n| deal.rows_of(n)), ends)
             }
         };
-        let catch_up_rows = context
-            .deal
-            .map_or(0, |deal| self.catch_up_rows(&deal, target_rows));
+        let awaiting = context.deal.is_some_and(|d| d.await_first_image_id);
+        let catch_up_rows = match context.deal {
+            Some(deal) if !awaiting => self.catch_up_rows(&deal, target_rows),
+            _ => 0,
+        };
         if catch_up_rows > MAX_ROWS_AT_ONCE {
             return Reply::error(format!(
                 "first_image_id {} is too far behind the newest image {} on the stream: {} rows \
@@ -518,7 +523,9 @@ impl Writer {
                     deal: context.deal,
                     target_rows,
                     end_at_target,
+                    awaiting_first_image_id: awaiting,
                 });
+                // An empty share ends at once, awaiting or not.
                 if let Some(deal) = context.deal {
                     self.catch_up(&deal, catch_up_rows);
                 }
@@ -546,6 +553,91 @@ impl Writer {
                 }
             }
             Err(e) => Reply::error(e.to_string()),
+        }
+    }
+
+    /// `set_first_image_id` of a run started with `await_first_image_id`: from now on rows by
+    /// position, the ones already passed taken from the ImageBuffer.
+    fn set_first_image_id(&mut self, first_image_id: u64) -> Reply {
+        let Some(run) = self.run.as_mut() else {
+            return Reply::error("no run is in progress");
+        };
+        let Some(mut deal) = run.deal else {
+            return Reply::error("the run in progress is not shared with other writers");
+        };
+        if !run.awaiting_first_image_id {
+            if deal.first_image_id == first_image_id {
+                return Reply {
+                    ok: true,
+                    ..Reply::default()
+                };
+            }
+            return Reply::error(format!(
+                "the run's first_image_id is {} already",
+                deal.first_image_id
+            ));
+        }
+        deal.first_image_id = first_image_id;
+        deal.await_first_image_id = false;
+        let target_rows = run.target_rows;
+        let rows = self.catch_up_rows(&deal, target_rows);
+        if rows > MAX_ROWS_AT_ONCE {
+            return Reply::error(format!(
+                "first_image_id {first_image_id} is too far behind the newest image {} on the                  stream: {rows} rows to catch up, more than {MAX_ROWS_AT_ONCE}",
+                self.latest_image_id.unwrap_or(0)
+            ));
+        }
+        let Some(run) = self.run.as_mut() else {
+            return Reply::error("no run is in progress");
+        };
+        run.deal = Some(deal);
+        run.summary.deal = Some(deal);
+        run.awaiting_first_image_id = false;
+        tracing::info!(first_image_id, catch_up_rows = rows, "first image id set");
+        self.catch_up(&deal, rows);
+        Reply {
+            ok: true,
+            run: self.run.as_ref().map(|r| r.summary.clone()),
+            ..Reply::default()
+        }
+    }
+
+    /// `make_master`: the master file over the run's writers' files (crate::master).
+    fn make_master(&self, request: &MasterRequest) -> Reply {
+        let nxmx = match &request.nxmx {
+            None => self.nxmx.clone(),
+            Some(over) => match self.detector.nxmx_with(over) {
+                Ok(n) => Some(n),
+                Err(e) => return Reply::error(format!("the request's {e}")),
+            },
+        };
+        let spec = ImageFileSpec {
+            detector_name: self.detector_name.clone(),
+            n_images: request.n_images.unwrap_or(UNBOUNDED_FILE_IMAGES),
+            height: self.height,
+            width: self.width,
+            dtype: self.dtype,
+            compression: self.compression,
+            n_modules: self.detector.n_modules,
+        };
+        match crate::master::write_master(request, &spec, nxmx.as_ref(), &self.config_json) {
+            Ok(master) => {
+                tracing::info!(
+                    output_file = master.output_file,
+                    images = master.images,
+                    left_out = master.images_left_out,
+                    "master file written"
+                );
+                Reply {
+                    ok: true,
+                    master: Some(master),
+                    ..Reply::default()
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                Reply::error(e.to_string())
+            }
         }
     }
 
@@ -710,6 +802,12 @@ impl Writer {
         let Some(run) = self.run.as_mut() else {
             return;
         };
+        if run.awaiting_first_image_id {
+            run.summary
+                .first_image_after_start
+                .get_or_insert(meta.image_id);
+            return;
+        }
         if let Some(deal) = run.deal {
             self.on_dealt_image(&meta, deal, received);
             return;
@@ -1402,6 +1500,7 @@ mod tests {
             writer,
             writers,
             first_image_id,
+            await_first_image_id: false,
         }
     }
 
@@ -1419,6 +1518,79 @@ mod tests {
             .map(|i| data.chunk_info(i).unwrap().offset[0])
             .collect();
         (ids, status, rows, chunks)
+    }
+
+    /// The agent's start: writers awaiting the first image id write nothing and report the first
+    /// image they saw; writer 1 started later saw a later one. Set to the later id, both take the
+    /// images they passed from the ring and their files hold the interleaved run from there.
+    #[test]
+    fn writers_awaiting_the_first_image_id_start_where_it_is_set() {
+        let (cfg, mut ring, mut writers, dir) = dealt_setup("wawait", 16, 2);
+        let files: Vec<_> = (0..2)
+            .map(|k| dir.path().join(format!("run_writer{k}.h5")))
+            .collect();
+        let awaiting = |k| Deal {
+            await_first_image_id: true,
+            ..deal(k, 2, 0)
+        };
+        // The detector's ids restarted: the stream saw 5000 before; the run's images are 7.. .
+        publish_dealt(&mut ring, &cfg, 5000);
+        for w in &mut writers {
+            w.on_message(dealt_meta(&cfg, 5000).as_bytes());
+        }
+        assert!(
+            writers[0]
+                .handle_command(dealt_start(&files[0], 6, awaiting(0)))
+                .ok
+        );
+        publish_dealt(&mut ring, &cfg, 7);
+        writers[0].on_message(dealt_meta(&cfg, 7).as_bytes());
+        assert!(
+            writers[1]
+                .handle_command(dealt_start(&files[1], 6, awaiting(1)))
+                .ok
+        );
+        for id in 8..=9 {
+            publish_dealt(&mut ring, &cfg, id);
+            for w in &mut writers {
+                w.on_message(dealt_meta(&cfg, id).as_bytes());
+            }
+        }
+        let first: Vec<Option<u64>> = writers
+            .iter()
+            .map(|w| w.status().current.unwrap().first_image_after_start)
+            .collect();
+        assert_eq!(first, vec![Some(7), Some(8)]);
+        assert!(writers
+            .iter()
+            .all(|w| w.status().current.unwrap().images_written == 0));
+        for w in &mut writers {
+            let reply = w.handle_command(Command::SetFirstImageId { first_image_id: 8 });
+            assert!(reply.ok, "{reply:?}");
+        }
+        // Caught up from the ring: writer 0 has 8, writer 1 has 9.
+        for id in 10..=13 {
+            publish_dealt(&mut ring, &cfg, id);
+            for w in &mut writers {
+                w.on_message(dealt_meta(&cfg, id).as_bytes());
+            }
+        }
+        let want: [Vec<u64>; 2] = [vec![8, 10, 12], vec![9, 11, 13]];
+        for k in 0..2 {
+            let run = writers[k].status().last_run.unwrap();
+            assert_eq!(run.end, "completed", "writer {k}: {run:?}");
+            assert_eq!(run.deal.unwrap().first_image_id, 8);
+            assert_eq!(run.images_good, 3);
+            let (ids, status, rows, _) = rows_of_file(&files[k]);
+            assert_eq!(ids, want[k]);
+            assert!(status.iter().all(|s| *s == 1));
+            for (row, id) in rows.iter().zip(&want[k]) {
+                assert_eq!(row, &dealt_pixels(&cfg, *id), "writer {k} image {id}");
+            }
+        }
+        // Only a dealt run that awaits takes a first image id.
+        let again = writers[0].handle_command(Command::SetFirstImageId { first_image_id: 8 });
+        assert_eq!(again.error.as_deref(), Some("no run is in progress"));
     }
 
     /// Two writers with deals over one ring and one stream (the same messages to both): their

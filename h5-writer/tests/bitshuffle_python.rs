@@ -31,7 +31,10 @@ fn have_python_bitshuffle() -> bool {
 }
 
 fn python(script: &str, args: &[&Path]) -> String {
+    // Not locking: a python started by a test running beside this one may have inherited
+    // (fork) this process's descriptor of the file with HDF5's lock on it.
     let out = Command::new(PYTHON)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
         .arg("-c")
         .arg(script)
         .args(args)

@@ -72,7 +72,10 @@ with h5py.File(sys.argv[1], "r") as f:
     print([int(v) for v in g["lost_in_buffer"]], [hex(int(v)) for v in g["checksum"]], [int(v) for v in g["checksum_kind"]], [int(v) for v in g["calibration_id"]])
     print(g["module_missing_packets"].attrs["units"], g["bunch_id"].attrs["description"][:24])
 "#;
+    // Not locking: a python started by a test running beside this one may have inherited
+    // (fork) this process's descriptor of the file with HDF5's lock on it.
     let out = Command::new(PYTHON)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
         .args(["-c", script])
         .arg(&path)
         .output()
@@ -148,7 +151,10 @@ with h5py.File(sys.argv[1], "r") as f:
     a = d[()]
     print(d.shape, d.fillvalue, d.id.get_num_chunks(), int(a[1].max()), int(a[3].max()), int(a[2, 5, 7]))
 "#;
+    // Not locking: a python started by a test running beside this one may have inherited
+    // (fork) this process's descriptor of the file with HDF5's lock on it.
     let out = Command::new(PYTHON)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
         .args(["-c", script])
         .arg(&path)
         .output()

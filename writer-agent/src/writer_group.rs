@@ -2,10 +2,12 @@
 //! goes to the one writer unchanged; with N > 1 the group speaks the N-writer protocol of
 //! `std_daq_common::writer_command` (module docs there) and answers the agent as one writer would.
 //!
-//! - `start`: asks every writer for its status (all must answer and be idle), picks the run's
-//!   `first_image_id` just past the newest image any writer has seen, and starts writer k on
-//!   `<stem>_writer<k>.h5` with its [`Deal`]. A writer that refuses cancels the ones already
-//!   started (nothing stays on disk) and the start is refused naming it.
+//! - `start`: asks every writer for its status (all must answer, be idle and be the writer of
+//!   its index), then starts writer k on `<stem>_writer<k>.h5` with its [`Deal`], awaiting the
+//!   first image id. A writer that refuses cancels the ones already started (nothing stays on
+//!   disk) and the start is refused naming it. Once every writer has seen an image since its
+//!   start, the next `status` sets the run's first image id to the largest of those (the first
+//!   image all of them saw) on every writer.
 //! - `status`: the writers' runs summed into one. When every writer has ended, one of them writes
 //!   the master file at the requested `output_file` (`make_master`) and the run's summary says
 //!   what the master holds. A writer that no longer knows the run (restarted) or stops answering
@@ -49,7 +51,8 @@ struct GroupRun {
     max_images: Option<u64>,
     request_id: Option<String>,
     context: RunContext,
-    first_image_id: u64,
+    /// Set once every writer has seen an image since the start.
+    first_image_id: Option<u64>,
     /// What each writer last said about its part of the run.
     seen: Vec<Seen>,
     last_answer: Vec<Instant>,
@@ -122,9 +125,10 @@ impl WriterGroup {
             Command::Status => return self.status(&mut st),
             Command::Stop { reason } => self.stop(&mut st, reason.as_deref()),
             Command::CancelIfEmpty { reason } => self.cancel_if_empty(&mut st, reason.as_deref()),
-            Command::MakeMaster(_) => {
-                Reply::error("make_master is for one writer, not for the writer agent's group")
-            }
+            Command::MakeMaster(_) | Command::SetFirstImageId { .. } => Reply::error(
+                "make_master and set_first_image_id are for one writer, not for the writer \
+                 agent's group",
+            ),
         })
     }
 
@@ -178,7 +182,6 @@ impl WriterGroup {
         if output.exists() || partial_path(output).exists() {
             return Reply::error(format!("output_file {output_file:?} already exists"));
         }
-        let mut newest: Option<u64> = None;
         for (k, r) in self.all(&Command::Status).into_iter().enumerate() {
             match r {
                 Ok(Reply {
@@ -202,7 +205,6 @@ impl WriterGroup {
                             self.clients.len()
                         ));
                     }
-                    newest = newest.max(s.latest_image_id);
                 }
                 Ok(r) => {
                     return Reply::error(format!(
@@ -219,14 +221,14 @@ impl WriterGroup {
                 }
             }
         }
-        let first_image_id = newest.map_or(0, |id| id.saturating_add(1));
         let writers = self.clients.len() as u32;
         let start_of = |k: u32| {
             let context = RunContext {
                 deal: Some(Deal {
                     writer: k,
                     writers,
-                    first_image_id,
+                    first_image_id: 0,
+                    await_first_image_id: true,
                 }),
                 ..context.clone()
             };
@@ -269,19 +271,14 @@ impl WriterGroup {
                 refused.join("; ")
             ));
         }
-        tracing::info!(
-            output_file,
-            writers,
-            first_image_id,
-            "run started on every writer"
-        );
+        tracing::info!(output_file, writers, "run started on every writer");
         st.run = Some(GroupRun {
             output_file: output_file.to_string(),
             n_images,
             max_images,
             request_id: request_id.clone(),
             context: context.clone(),
-            first_image_id,
+            first_image_id: None,
             seen: vec![Seen::Running(RunSummary::default()); self.clients.len()],
             last_answer: vec![Instant::now(); self.clients.len()],
             started_at: Instant::now(),
@@ -364,6 +361,9 @@ impl WriterGroup {
             return self.idle_status(st, replies);
         };
         self.observe(&mut run, replies);
+        if run.first_image_id.is_none() {
+            self.set_first_image_id(&mut run);
+        }
         let lost = run.seen.iter().any(|s| matches!(s, Seen::Lost { .. }));
         let all_ended = run.seen.iter().all(|s| matches!(s, Seen::Ended(_)));
         if lost {
@@ -438,6 +438,58 @@ impl WriterGroup {
             }
         }
         Ok(reply)
+    }
+
+    /// When every running writer has seen an image since its start: the largest of those ids
+    /// (the first image all of them saw) becomes the run's first image id on every writer.
+    fn set_first_image_id(&self, run: &mut GroupRun) {
+        let mut first: Option<u64> = None;
+        for seen in &run.seen {
+            match seen {
+                Seen::Running(r) => match r.first_image_after_start {
+                    Some(id) => first = first.max(Some(id)),
+                    None => return,
+                },
+                // An empty share ended at once; a lost writer ends the run anyway.
+                Seen::Ended(_) | Seen::Lost { .. } => {}
+            }
+        }
+        let Some(first) = first else { return };
+        let running: Vec<bool> = run
+            .seen
+            .iter()
+            .map(|s| matches!(s, Seen::Running(_)))
+            .collect();
+        let replies = self.each(|k| {
+            if running[k as usize] {
+                Command::SetFirstImageId {
+                    first_image_id: first,
+                }
+            } else {
+                Command::Status
+            }
+        });
+        for (k, r) in replies.into_iter().enumerate().filter(|(k, _)| running[*k]) {
+            let why = match r {
+                Ok(Reply { ok: true, .. }) => continue,
+                Ok(r) => format!(
+                    "{} refused first_image_id {first}: {}",
+                    self.name(k),
+                    r.error.unwrap_or_default()
+                ),
+                Err(e) => format!("{} did not take first_image_id {first}: {e}", self.name(k)),
+            };
+            let last = match &run.seen[k] {
+                Seen::Running(s) => Some(s.clone()),
+                _ => None,
+            };
+            run.seen[k] = Seen::Lost { why, last };
+        }
+        tracing::info!(
+            first_image_id = first,
+            "the run's first image id is set on every writer"
+        );
+        run.first_image_id = Some(first);
     }
 
     /// Stops every writer still running the run (they close their files with what they wrote).
@@ -567,7 +619,7 @@ impl WriterGroup {
         let request = MasterRequest {
             output_file: run.output_file.clone(),
             writers: writers as u32,
-            first_image_id: run.first_image_id,
+            first_image_id: run.first_image_id.unwrap_or(0),
             n_images: run.n_images,
             sources: sources.clone(),
             request_id: run.request_id.clone(),
@@ -696,7 +748,7 @@ fn combined(run: &GroupRun, writers: usize) -> RunSummary {
         output_file: run.output_file.clone(),
         n_images: run.n_images,
         max_images: run.max_images,
-        first_image_id: Some(run.first_image_id),
+        first_image_id: run.first_image_id,
         ..RunSummary::default()
     };
     for seen in &run.seen {
@@ -821,7 +873,7 @@ mod tests {
             max_images: None,
             request_id: Some("r1".into()),
             context: RunContext::default(),
-            first_image_id: 100,
+            first_image_id: Some(100),
             last_answer: vec![Instant::now(); seen.len()],
             seen,
             started_at: Instant::now(),
@@ -841,6 +893,7 @@ mod tests {
                 writer: k,
                 writers: 2,
                 first_image_id: 100,
+                await_first_image_id: false,
             }),
             ..RunSummary::default()
         }
