@@ -56,7 +56,6 @@ struct GroupRun {
     /// What each writer last said about its part of the run.
     seen: Vec<Seen>,
     last_answer: Vec<Instant>,
-    started_at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -281,7 +280,6 @@ impl WriterGroup {
             first_image_id: None,
             seen: vec![Seen::Running(RunSummary::default()); self.clients.len()],
             last_answer: vec![Instant::now(); self.clients.len()],
-            started_at: Instant::now(),
         });
         Reply {
             ok: true,
@@ -665,7 +663,6 @@ impl WriterGroup {
         } else {
             summary.images_checkpointed = 0;
         }
-        summary.seconds = run.started_at.elapsed().as_secs_f64();
         tracing::info!(
             output_file = summary.output_file,
             images = summary.images_written,
@@ -876,7 +873,6 @@ mod tests {
             first_image_id: Some(100),
             last_answer: vec![Instant::now(); seen.len()],
             seen,
-            started_at: Instant::now(),
         }
     }
 
