@@ -731,4 +731,40 @@ mod tests {
         );
         assert_eq!(specs.len(), plain.len() + 1);
     }
+
+    /// `number_of_writers` 3: writer 0 as with one writer, writers 1 and 2 with their index.
+    #[test]
+    fn every_writer_of_number_of_writers_is_a_service() {
+        let json = serde_json::json!({
+            "detector_name": "nw", "detector_type": "jungfrau-raw", "n_modules": 1,
+            "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
+            "start_udp_port": 50000, "number_of_writers": 3,
+            "module_positions": {"0": [0, 0, 1023, 511]},
+        });
+        let cfg = DetectorConfig::from_json_str(&json.to_string(), "test").unwrap();
+        let specs = services_for(&cfg, Path::new("/etc/nw.json"), &UpOptions::default());
+        let writers: Vec<(&str, Vec<&str>)> = specs
+            .iter()
+            .filter(|s| s.binary == "std-h5-writer")
+            .map(|s| (s.name.as_str(), s.args.iter().map(String::as_str).collect()))
+            .collect();
+        assert_eq!(
+            writers,
+            vec![
+                ("std-h5-writer", vec!["--config", "/etc/nw.json"]),
+                (
+                    "std-h5-writer-1",
+                    vec!["--config", "/etc/nw.json", "--writer-index", "1"]
+                ),
+                (
+                    "std-h5-writer-2",
+                    vec!["--config", "/etc/nw.json", "--writer-index", "2"]
+                ),
+            ]
+        );
+        assert!(specs
+            .iter()
+            .filter(|s| s.binary == "std-h5-writer")
+            .all(|s| ServiceKind::of(&s.binary, &s.args) == Some(ServiceKind::Writer)));
+    }
 }

@@ -363,10 +363,19 @@ impl WriterGroup {
             self.set_first_image_id(&mut run);
         }
         let lost = run.seen.iter().any(|s| matches!(s, Seen::Lost { .. }));
+        // A writer that failed (disk full, ...) bounds the master where its file ends: the
+        // others stop too rather than write what the master cannot map.
+        let failed = run
+            .seen
+            .iter()
+            .any(|s| matches!(s, Seen::Ended(r) if r.end.starts_with("failed")));
         let all_ended = run.seen.iter().all(|s| matches!(s, Seen::Ended(_)));
         if lost {
             self.stop_running(&mut run, "stopped: another writer of the run was lost");
+        } else if failed && !all_ended {
+            self.stop_running(&mut run, "stopped: another writer of the run failed");
         }
+        let lost = lost || failed;
         if lost || all_ended {
             self.end_run(st, run);
             return Ok(self.reply_status(st, None));
@@ -955,6 +964,40 @@ mod tests {
             end.contains("1 later images are only in the writers' files"),
             "{end}"
         );
+    }
+
+    /// A writer that failed (disk full): its `.part` holds its checkpoint, the master maps the
+    /// prefix, the run fails naming the writer and its reason.
+    #[test]
+    fn a_failed_writer_bounds_the_master_and_fails_the_run() {
+        let mut failed = part(1, 4, 2, "failed: writing: No space left on device");
+        failed.partial_file = Some("/d/run_writer1.h5.part".into());
+        let run = run_of(vec![
+            Seen::Ended(part(0, 5, 5, "stopped: another writer of the run failed")),
+            Seen::Ended(failed),
+        ]);
+        let sources: Vec<MasterSource> = run
+            .seen
+            .iter()
+            .enumerate()
+            .map(|(k, s)| source_of(&run, k, s))
+            .collect();
+        assert_eq!(
+            (sources[1].file.as_str(), sources[1].rows),
+            ("/d/run_writer1.h5.part", 2),
+            "a failed writer's file stays .part at its last checkpoint"
+        );
+        let master = Ok(MasterSummary {
+            output_file: "/d/run.h5".into(),
+            images: 5,
+            images_left_out: 2,
+        });
+        let end = combined_end(&run, &master, &[]);
+        assert!(
+            end.starts_with("failed: writer 1: failed: writing: No space left on device"),
+            "{end}"
+        );
+        assert!(end.contains("holds images 0..5 of the run"), "{end}");
     }
 
     #[test]
