@@ -8,6 +8,8 @@
 //!
 //! A receiver that writes one image from several threads turns its owner into a [`SharedRing`]:
 //! threads claim disjoint byte ranges of a slot and one thread commits (module `shared`).
+//! The assembler's worker threads write one image together, each in its own fixed regions (sets of
+//! row segments checked disjoint once, at set-up): a [`RegionRing`] (module `regions`).
 //!
 //! ## What this crate must never do
 //! - Let a reader create, truncate, write or unlink a segment.
@@ -84,6 +86,7 @@ compile_error!("image-buffer needs a 64-bit unix target with 64-bit atomics");
 mod layout;
 mod owner;
 mod reader;
+mod regions;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -91,6 +94,10 @@ use std::time::Duration;
 
 pub use owner::{RingOwner, SlotWriter};
 pub use reader::{Expect, ReadError, RingReader};
+pub use regions::{
+    OutsideRegion, PlanError, RegionError, RegionPlan, RegionRing, RegionWriter, SlotView,
+    MAX_REGION_WRITERS,
+};
 pub use shared::{ClaimError, PartWriter, SharedRing};
 
 /// First 8 bytes of every segment.
