@@ -12,3 +12,4 @@ pub mod pixels;
 pub mod place;
 pub mod service;
 pub mod sync;
+pub mod workers;

@@ -31,6 +31,11 @@ struct Args {
     /// the config key `metrics_base_address` (the assembler's port is base + 0).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Worker threads that place and convert the modules of each image (and hash it), at most
+    /// one per module; 1 = the service loop does it alone. Overrides the config key
+    /// `assembler_threads`; without either, one per module up to the cores this process may use.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(std_daq_common::config::MAX_ASSEMBLER_THREADS)))]
+    threads: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -97,7 +102,17 @@ fn main() -> Result<()> {
         publish = %image_endpoint,
         "assembling"
     );
-    let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| cfg.assembler_threads_or_default());
+    let mut assembler = Assembler::with_pixels(&cfg, pixels, module_rings, image_ring)
+        .with_threads(threads)
+        .context("starting the assembler worker threads")?;
+    tracing::info!(
+        requested = threads,
+        threads = assembler.threads(),
+        "assembler threads (at most one per module; 1 = no worker threads)"
+    );
     // Hot swap: a replaced calibration_file is loaded off the hot path, taken between images.
     assembler
         .watch_calibration(&cfg)

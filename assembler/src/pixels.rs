@@ -6,11 +6,16 @@
 //! interleaved with the quadrant's other stream (m % 2); 12-bit pairs are unpacked to u16 (3 bytes
 //! -> 2 pixels) and north quadrants are mirrored vertically, as PSI's converter places them.
 //!
-//! Never: allocate or log per image (the row buffer is allocated once), or convert the zeroed
+//! The tables and geometry ([`ModulePixels`]) are read-only while images are made, so worker
+//! threads share them (`Arc`); each thread brings its own row buffers ([`Scratch`]) and writes
+//! through an [`ImageTarget`] (its regions of the slot).
+//!
+//! Never: allocate or log per image (the row buffers are allocated once), or convert the zeroed
 //! rows of a packet that did not arrive (they stay 0, not `(0 - pedestal) * gain`).
 
 use crate::calib::{self, Calibration, CalibrationError, ConvertedPixel, ModuleCalibration, Scale};
-use crate::place::Geometry;
+use crate::place::{Geometry, ImageTarget};
+use std::ops::Range;
 use std_daq_common::config::{ConvertedOutput, DetectorType, DoublePixels};
 use std_daq_common::{DetectorConfig, ModuleFrame};
 
@@ -23,14 +28,20 @@ enum Mode {
         calibration: Calibration,
         double_pixels: DoublePixels,
         output: ConvertedOutput,
-        /// One module row of output pixels (4-byte words, so any output type fits aligned).
-        row: Vec<u32>,
     },
     /// GigaFRoST 12-bit packed streams to u16 quadrants.
-    Gigafrost {
-        stream: GigafrostStream,
-        row: Vec<u16>,
-    },
+    Gigafrost { stream: GigafrostStream },
+}
+
+/// One thread's row buffers for [`ModulePixels::write_into`] ([`ModulePixels::scratch`] sizes
+/// them for the geometry, once).
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    /// One module row of converted pixels (4-byte words, so any output type fits aligned), for
+    /// image bytes not aligned for the output type.
+    row: Vec<u32>,
+    /// One GigaFRoST stream row unpacked.
+    unpacked: Vec<u16>,
 }
 
 /// Where GigaFRoST stream rows go in the image (PSI's `std_data_convert_gf` placement).
@@ -47,6 +58,12 @@ impl GigafrostStream {
     pub fn stream_height(&self) -> usize {
         self.image_height / 4
     }
+    /// Byte offset in the (u16) image of the first pixel of row `r` of stream `m`.
+    pub fn row_start(&self, m: usize, r: usize) -> usize {
+        let (y, x) = self.target(m, r);
+        (y * self.image_width + x) * 2
+    }
+
     /// Image (row, first column) of row `r` of stream `m`.
     pub fn target(&self, m: usize, r: usize) -> (usize, usize) {
         let (quadrant, link) = (m % 8 / 2, m % 2);
@@ -81,6 +98,8 @@ pub struct ModulePixels {
     mode: Mode,
     /// Module rows carried by one packet (JUNGFRAU: 4).
     rows_per_packet: usize,
+    /// The row buffers [`Self::write`] uses.
+    scratch: Scratch,
 }
 
 impl ModulePixels {
@@ -105,30 +124,43 @@ impl ModulePixels {
         let packets = cfg.packets_per_frame().max(1) as usize;
         let rows_per_packet = (geometry.layout.module_height / packets).max(1);
         let mode = match calibration {
-            _ if cfg.detector_type == DetectorType::Gigafrost => {
-                let stream = GigafrostStream {
+            _ if cfg.detector_type == DetectorType::Gigafrost => Mode::Gigafrost {
+                stream: GigafrostStream {
                     image_width: cfg.image_pixel_width as usize,
                     image_height: cfg.image_pixel_height as usize,
-                };
-                Mode::Gigafrost {
-                    stream,
-                    row: vec![0; stream.stream_width()],
-                }
-            }
+                },
+            },
             Some(calibration) if cfg.detector_type == DetectorType::JungfrauConverted => {
                 Mode::Converted {
                     calibration,
                     double_pixels: cfg.double_pixels,
                     output: cfg.converted_output,
-                    row: vec![0; geometry.layout.module_width],
                 }
             }
             _ => Mode::Raw,
         };
-        ModulePixels {
+        let mut pixels = ModulePixels {
             geometry,
             mode,
             rows_per_packet,
+            scratch: Scratch::default(),
+        };
+        pixels.scratch = pixels.scratch();
+        pixels
+    }
+
+    /// Row buffers sized for this geometry, for one thread's [`Self::write_into`].
+    pub fn scratch(&self) -> Scratch {
+        match &self.mode {
+            Mode::Raw => Scratch::default(),
+            Mode::Converted { .. } => Scratch {
+                row: vec![0; self.geometry.layout.module_width],
+                unpacked: Vec::new(),
+            },
+            Mode::Gigafrost { stream } => Scratch {
+                row: Vec::new(),
+                unpacked: vec![0; stream.stream_width()],
+            },
         }
     }
 
@@ -154,45 +186,100 @@ impl ModulePixels {
         }
     }
 
+    /// The image bytes module `m` writes (its rectangle's rows; GigaFRoST: its stream's rows,
+    /// interleaved with its quadrant's other stream). Set-up time (allocates): the regions of
+    /// the worker that places module `m`.
+    pub fn module_byte_ranges(&self, m: usize) -> Vec<Range<usize>> {
+        match &self.mode {
+            Mode::Gigafrost { stream } => {
+                let w = stream.stream_width();
+                (0..stream.stream_height())
+                    .map(|r| {
+                        let start = stream.row_start(m, r);
+                        start..start + 2 * w
+                    })
+                    .collect()
+            }
+            _ => self.geometry.rect_byte_ranges(m),
+        }
+    }
+
     /// Writes module `m`'s frame (`src`, as in its FrameBuffer slot; `frame` its metadata) into
     /// `image`, every pixel of the module's rectangle included.
     pub fn write(&mut self, m: usize, frame: &ModuleFrame, src: &[u8], image: &mut [u8]) {
-        match &mut self.mode {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.write_into(&mut scratch, m, frame, src, image);
+        self.scratch = scratch;
+    }
+
+    /// As [`Self::write`], with the caller's row buffers (from [`Self::scratch`]), into any
+    /// [`ImageTarget`] holding module `m`'s bytes ([`Self::module_byte_ranges`]).
+    pub fn write_into<T: ImageTarget + ?Sized>(
+        &self,
+        scratch: &mut Scratch,
+        m: usize,
+        frame: &ModuleFrame,
+        src: &[u8],
+        image: &mut T,
+    ) {
+        match &self.mode {
             Mode::Raw => self.geometry.place(m, src, image),
-            Mode::Gigafrost { stream, row } => {
+            Mode::Gigafrost { stream } => {
                 // Missing packets' rows were zero-filled by the receiver and unpack to zeros.
                 let w = stream.stream_width();
+                let row = &mut scratch.unpacked[..w];
                 for (r, packed) in src
                     .chunks_exact(w * 3 / 2)
                     .take(stream.stream_height())
                     .enumerate()
                 {
                     unpack_12bit(packed, row);
-                    let (y, x) = stream.target(m, r);
-                    let start = (y * stream.image_width + x) * 2;
-                    image[start..start + 2 * w].copy_from_slice(bytemuck::cast_slice(row));
+                    image
+                        .bytes_mut(stream.row_start(m, r), 2 * w)
+                        .copy_from_slice(bytemuck::cast_slice(row));
                 }
             }
             Mode::Converted {
                 calibration,
                 double_pixels,
                 output,
-                row,
             } => {
                 let g = &self.geometry;
                 let cal = &calibration.modules[m];
                 let rows_per_packet = self.rows_per_packet;
                 let received = |r: usize| frame.packet_received(r / rows_per_packet);
+                let row = &mut scratch.row;
                 match output {
-                    ConvertedOutput::Float32 => {
-                        convert_module::<f32>(g, m, cal, src, received, *double_pixels, row, image)
-                    }
-                    ConvertedOutput::PhotonsInt16 => {
-                        convert_module::<i16>(g, m, cal, src, received, *double_pixels, row, image)
-                    }
-                    ConvertedOutput::PhotonsInt32 => {
-                        convert_module::<i32>(g, m, cal, src, received, *double_pixels, row, image)
-                    }
+                    ConvertedOutput::Float32 => convert_module::<f32, T>(
+                        g,
+                        m,
+                        cal,
+                        src,
+                        received,
+                        *double_pixels,
+                        row,
+                        image,
+                    ),
+                    ConvertedOutput::PhotonsInt16 => convert_module::<i16, T>(
+                        g,
+                        m,
+                        cal,
+                        src,
+                        received,
+                        *double_pixels,
+                        row,
+                        image,
+                    ),
+                    ConvertedOutput::PhotonsInt32 => convert_module::<i32, T>(
+                        g,
+                        m,
+                        cal,
+                        src,
+                        received,
+                        *double_pixels,
+                        row,
+                        image,
+                    ),
                 }
             }
         }
@@ -200,7 +287,7 @@ impl ModulePixels {
 
     /// Zeroes module `m`'s rectangle (the module is missing); photon counts: fills it with the
     /// "no value" pixel (MIN of the type).
-    pub fn zero(&self, m: usize, image: &mut [u8]) {
+    pub fn zero<T: ImageTarget + ?Sized>(&self, m: usize, image: &mut T) {
         match &self.mode {
             Mode::Converted {
                 output: ConvertedOutput::PhotonsInt16,
@@ -210,12 +297,10 @@ impl ModulePixels {
                 output: ConvertedOutput::PhotonsInt32,
                 ..
             } => self.geometry.fill(m, i32::INVALID, image),
-            Mode::Gigafrost { stream, .. } => {
+            Mode::Gigafrost { stream } => {
                 let w = stream.stream_width();
                 for r in 0..stream.stream_height() {
-                    let (y, x) = stream.target(m, r);
-                    let start = (y * stream.image_width + x) * 2;
-                    image[start..start + 2 * w].fill(0);
+                    image.bytes_mut(stream.row_start(m, r), 2 * w).fill(0);
                 }
             }
             _ => self.geometry.zero(m, image),
@@ -224,8 +309,13 @@ impl ModulePixels {
 }
 
 /// Converts module `m`'s frame into `image` as pixels `P`, then handles its double pixels.
+///
+/// Row segment by row segment straight into the image's pixels (ImageBuffer slots are page
+/// aligned: no row buffer, no second copy), mirrored segments in reverse order; a segment whose
+/// bytes are not aligned for `P` goes through `row`. Rows `r` with `!received(r)` (their packet
+/// did not arrive) are `P::INVALID` (+0.0 as f32).
 #[allow(clippy::too_many_arguments)]
-fn convert_module<P: ConvertedPixel>(
+fn convert_module<P: ConvertedPixel, T: ImageTarget + ?Sized>(
     g: &Geometry,
     m: usize,
     cal: &ModuleCalibration,
@@ -233,37 +323,12 @@ fn convert_module<P: ConvertedPixel>(
     received: impl Fn(usize) -> bool,
     double_pixels: DoublePixels,
     row: &mut [u32],
-    image: &mut [u8],
-) {
-    let image_bytes = g.image_bytes();
-    // ImageBuffer slots are page aligned: convert straight into the image's pixels (no row
-    // buffer, no second copy); otherwise through the row buffer.
-    match bytemuck::try_cast_slice_mut::<u8, P>(&mut image[..image_bytes]) {
-        Ok(pixels) => convert_direct(g, m, cal, src, received, pixels),
-        Err(_) => {
-            // u32 words hold 1 (f32, i32) or 2 (i16) pixels, aligned for either.
-            let row: &mut [P] = bytemuck::cast_slice_mut(row);
-            let row = &mut row[..g.layout.module_width];
-            convert_via_row(g, m, cal, src, received, row, image)
-        }
-    }
-    if g.layout.gap > 0 {
-        g.finish_double_pixels_as::<P>(m, double_pixels, image);
-    }
-}
-
-/// Converts module `m`'s rows straight into the image (`image`: its pixels as `P`), segment by
-/// segment, mirrored segments in reverse order. Rows `r` with `!received(r)` (their packet did
-/// not arrive) are `P::INVALID` (+0.0 as f32).
-fn convert_direct<P: ConvertedPixel>(
-    g: &Geometry,
-    m: usize,
-    cal: &ModuleCalibration,
-    src: &[u8],
-    received: impl Fn(usize) -> bool,
-    image: &mut [P],
+    image: &mut T,
 ) {
     let w = g.layout.module_width;
+    let size = std::mem::size_of::<P>();
+    // u32 words hold 1 (f32, i32) or 2 (i16) pixels, aligned for either.
+    let row: &mut [P] = bytemuck::cast_slice_mut(row);
     for (r, raw_row) in src
         .chunks_exact(2 * w)
         .take(g.layout.module_height)
@@ -271,40 +336,25 @@ fn convert_direct<P: ConvertedPixel>(
     {
         let received = received(r);
         for s in g.row_segments(m, r) {
-            let out = &mut image[s.image_pixel..s.image_pixel + s.len];
+            let bytes = image.bytes_mut(s.image_pixel * size, s.len * size);
             let raw = &raw_row[2 * s.column..2 * (s.column + s.len)];
-            match (received, s.reversed) {
+            let convert = |out: &mut [P]| match (received, s.reversed) {
                 (false, _) => out.fill(P::INVALID),
                 (true, false) => calib::convert_row(cal, r * w + s.column, raw, out),
                 (true, true) => calib::convert_row_reversed(cal, r * w + s.column, raw, out),
+            };
+            match bytemuck::try_cast_slice_mut::<u8, P>(bytes) {
+                Ok(out) => convert(out),
+                Err(_) => {
+                    let out = &mut row[..s.len];
+                    convert(out);
+                    bytes.copy_from_slice(bytemuck::cast_slice(out));
+                }
             }
         }
     }
-}
-
-/// As [`convert_direct`], through `row` (one module row) and [`Geometry::place_row`], for an
-/// image that is not aligned for `P`.
-fn convert_via_row<P: ConvertedPixel>(
-    g: &Geometry,
-    m: usize,
-    cal: &ModuleCalibration,
-    src: &[u8],
-    received: impl Fn(usize) -> bool,
-    row: &mut [P],
-    image: &mut [u8],
-) {
-    let w = g.layout.module_width;
-    for (r, raw_row) in src
-        .chunks_exact(2 * w)
-        .take(g.layout.module_height)
-        .enumerate()
-    {
-        if received(r) {
-            calib::convert_row(cal, r * w, raw_row, row);
-        } else {
-            row.fill(P::INVALID);
-        }
-        g.place_row(m, r, bytemuck::cast_slice(row), image);
+    if g.layout.gap > 0 {
+        g.finish_double_pixels_as::<P, T>(m, double_pixels, image);
     }
 }
 

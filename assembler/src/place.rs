@@ -10,12 +10,50 @@
 //! Pixels here are opaque `bytes_per_pixel` units of the *image* format (u8/u16/u32 raw, f32 or
 //! i16/i32 converted); conversion happens before (`calib.rs`).
 //!
+//! Placement writes through an [`ImageTarget`]: the whole image as one `[u8]` (one thread), or
+//! one worker's regions of the ImageBuffer slot (`image_buffer::RegionWriter`, which checks that
+//! every range lies inside them; [`Geometry::rect_byte_ranges`] names a module's regions).
+//!
 //! Never: write outside the module's own rectangle, or leave a pixel of the rectangle holding a
-//! previous image's value (gap pixels are always rewritten). No allocation here.
+//! previous image's value (gap pixels are always rewritten). No allocation here (except the
+//! set-up-time [`Geometry::rect_byte_ranges`]).
 
 use crate::calib::ConvertedPixel;
+use std::ops::Range;
 use std_daq_common::config::{DetectorType, DoublePixels};
 use std_daq_common::DetectorConfig;
+
+/// The image bytes placement writes into, by byte offset and length.
+pub trait ImageTarget {
+    /// Image bytes `offset..offset + len`. A range outside the target is a bug in the geometry
+    /// (config validation keeps every module inside the image, and a worker's regions are made
+    /// from the same geometry), not bad input: it panics, as slice indexing does.
+    fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8];
+}
+
+impl ImageTarget for [u8] {
+    #[inline]
+    fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        &mut self[offset..offset + len]
+    }
+}
+
+impl ImageTarget for Vec<u8> {
+    #[inline]
+    fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        &mut self[offset..offset + len]
+    }
+}
+
+impl<M: bytemuck::Pod> ImageTarget for image_buffer::RegionWriter<M> {
+    #[inline]
+    fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        match image_buffer::RegionWriter::bytes_mut(self, offset, len) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("{e}: the region plan and the placement disagree"),
+        }
+    }
+}
 
 /// The chip structure of one module frame (as the receiver delivers it) and the gap between
 /// chips in the image.
@@ -210,11 +248,17 @@ impl Geometry {
     }
 
     /// Writes module row `r` (`row`: `row_bytes()` bytes in image pixel format) into `image`.
-    pub fn place_row(&self, module: usize, r: usize, row: &[u8], image: &mut [u8]) {
+    pub fn place_row<T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        r: usize,
+        row: &[u8],
+        image: &mut T,
+    ) {
         let bpp = self.bytes_per_pixel;
         for s in self.row_segments(module, r) {
             let src = &row[s.column * bpp..(s.column + s.len) * bpp];
-            let dst = &mut image[s.image_pixel * bpp..(s.image_pixel + s.len) * bpp];
+            let dst = image.bytes_mut(s.image_pixel * bpp, s.len * bpp);
             if s.reversed {
                 copy_reversed(dst, src, bpp);
             } else {
@@ -225,7 +269,7 @@ impl Geometry {
 
     /// Copies module `module`'s raw frame `src` (image pixel format) into `image` and zeroes its
     /// gap pixels. `src` must hold at least `module_height * row_bytes()` bytes.
-    pub fn place(&self, module: usize, src: &[u8], image: &mut [u8]) {
+    pub fn place<T: ImageTarget + ?Sized>(&self, module: usize, src: &[u8], image: &mut T) {
         let rb = self.row_bytes();
         let p = self.modules[module];
         // A module as wide as the image, not mirrored, without gaps: its rows are contiguous in
@@ -233,7 +277,7 @@ impl Geometry {
         if self.layout.gap == 0 && !p.flip_x && !p.flip_y && p.width == self.image_width {
             let n = self.layout.module_height * rb;
             let start = self.offset(&p, 0, 0);
-            image[start..start + n].copy_from_slice(&src[..n]);
+            image.bytes_mut(start, n).copy_from_slice(&src[..n]);
             return;
         }
         for (r, row) in src
@@ -246,36 +290,71 @@ impl Geometry {
         self.zero_gaps(module, image);
     }
 
+    /// Byte offset of the first byte of rectangle row `y` of module `p` in the image (the
+    /// lowest address of the row, whether mirrored or not).
+    fn rect_row_start(&self, p: &Placement, y: usize) -> usize {
+        self.offset(p, 0, y).min(self.offset(p, p.width - 1, y))
+    }
+
+    /// The image bytes module `module` writes: one range per rectangle row (set-up time, e.g.
+    /// for a worker's region plan; allocates).
+    pub fn rect_byte_ranges(&self, module: usize) -> Vec<Range<usize>> {
+        let p = self.modules[module];
+        let row_bytes = p.width * self.bytes_per_pixel;
+        (0..p.height)
+            .map(|y| {
+                let start = self.rect_row_start(&p, y);
+                start..start + row_bytes
+            })
+            .collect()
+    }
+
     /// Zeroes module `module`'s whole rectangle in `image` (a missing module).
-    pub fn zero(&self, module: usize, image: &mut [u8]) {
+    pub fn zero<T: ImageTarget + ?Sized>(&self, module: usize, image: &mut T) {
         let p = self.modules[module];
         for y in 0..p.height {
-            let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
-            image[start..start + p.width * self.bytes_per_pixel].fill(0);
+            let start = self.rect_row_start(&p, y);
+            image
+                .bytes_mut(start, p.width * self.bytes_per_pixel)
+                .fill(0);
         }
     }
 
     /// Fills module `module`'s whole rectangle in `image` with `value` (a missing module of
     /// photon counts: the "no value" pixel). Pixels of `value`'s size.
-    pub fn fill<P: bytemuck::Pod>(&self, module: usize, value: P, image: &mut [u8]) {
+    pub fn fill<P: bytemuck::Pod, T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        value: P,
+        image: &mut T,
+    ) {
         let p = self.modules[module];
         let bytes = bytemuck::bytes_of(&value);
         debug_assert_eq!(bytes.len(), self.bytes_per_pixel);
         for y in 0..p.height {
-            let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
-            for px in image[start..start + p.width * bytes.len()].chunks_exact_mut(bytes.len()) {
+            let start = self.rect_row_start(&p, y);
+            for px in image
+                .bytes_mut(start, p.width * bytes.len())
+                .chunks_exact_mut(bytes.len())
+            {
                 px.copy_from_slice(bytes);
             }
         }
     }
 
-    fn zero_pixel(&self, p: &Placement, x: usize, y: usize, image: &mut [u8]) {
+    fn zero_pixel<T: ImageTarget + ?Sized>(
+        &self,
+        p: &Placement,
+        x: usize,
+        y: usize,
+        image: &mut T,
+    ) {
         let o = self.offset(p, x, y);
-        image[o..o + self.bytes_per_pixel].fill(0);
+        image.bytes_mut(o, self.bytes_per_pixel).fill(0);
     }
 
     /// Zeroes the gap columns and rows of module `module`'s rectangle.
-    pub fn zero_gaps(&self, module: usize, image: &mut [u8]) {
+    pub fn zero_gaps<T: ImageTarget + ?Sized>(&self, module: usize, image: &mut T) {
         let p = self.modules[module];
         let l = &self.layout;
         for gx in l.gap_columns() {
@@ -287,15 +366,22 @@ impl Geometry {
         }
         for gy in l.gap_rows() {
             for y in gy..gy + l.gap {
-                let start = self.offset(&p, 0, y).min(self.offset(&p, p.width - 1, y));
-                image[start..start + p.width * self.bytes_per_pixel].fill(0);
+                let start = self.rect_row_start(&p, y);
+                image
+                    .bytes_mut(start, p.width * self.bytes_per_pixel)
+                    .fill(0);
             }
         }
     }
 
     /// JUNGFRAU converted (f32 pixels) with 2-pixel gaps: [`Self::finish_double_pixels_as`].
-    pub fn finish_double_pixels(&self, module: usize, mode: DoublePixels, image: &mut [u8]) {
-        self.finish_double_pixels_as::<f32>(module, mode, image);
+    pub fn finish_double_pixels<T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        mode: DoublePixels,
+        image: &mut T,
+    ) {
+        self.finish_double_pixels_as::<f32, T>(module, mode, image);
     }
 
     /// JUNGFRAU converted (pixels `P`) with 2-pixel gaps: after all rows of module `module` are
@@ -306,11 +392,11 @@ impl Geometry {
     /// done for columns (data rows), then for rows (all columns), so a pixel double in both
     /// directions spreads v/4 over 2x2 pixels. `Mask`: border and gap pixels become
     /// `P::MASKED_DOUBLE` (f32: 0; photon counts: MIN).
-    pub fn finish_double_pixels_as<P: ConvertedPixel>(
+    pub fn finish_double_pixels_as<P: ConvertedPixel, T: ImageTarget + ?Sized>(
         &self,
         module: usize,
         mode: DoublePixels,
-        image: &mut [u8],
+        image: &mut T,
     ) {
         let l = self.layout;
         if l.gap == 0 {
@@ -319,13 +405,15 @@ impl Geometry {
         let size = std::mem::size_of::<P>();
         debug_assert!(l.gap == 2 && self.bytes_per_pixel == size);
         let p = self.modules[module];
-        let get = |image: &[u8], x: usize, y: usize| {
+        let get = |image: &mut T, x: usize, y: usize| {
             let o = self.offset(&p, x, y);
-            bytemuck::pod_read_unaligned::<P>(&image[o..o + size])
+            bytemuck::pod_read_unaligned::<P>(image.bytes_mut(o, size))
         };
-        let set = |image: &mut [u8], x: usize, y: usize, v: P| {
+        let set = |image: &mut T, x: usize, y: usize, v: P| {
             let o = self.offset(&p, x, y);
-            image[o..o + size].copy_from_slice(bytemuck::bytes_of(&v));
+            image
+                .bytes_mut(o, size)
+                .copy_from_slice(bytemuck::bytes_of(&v));
         };
         match mode {
             DoublePixels::Split => {

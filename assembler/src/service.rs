@@ -3,10 +3,16 @@
 //!
 //! The PUB also carries an empty message every `HEARTBEAT` so that subscribers can tell the
 //! assembler is up (and that their subscription has reached it) before a run starts.
+//!
+//! With one thread ([`Assembler::with_threads`] not called, or 1) the service loop places every
+//! module itself; with more, the per-module work and the checksum's block digests go to the
+//! worker threads of [`crate::workers`], and this loop stays the synchroniser: it waits for them,
+//! builds the metadata from all modules in module order and publishes in image_id order.
 
 use crate::calib::{Calibration, CalibrationError};
-use crate::pixels::ModulePixels;
+use crate::pixels::{ModulePixels, Scratch};
 use crate::sync::{ReadyImage, Synchronizer};
+use crate::workers::{Outcome, WorkerError, WorkerStats, Workers};
 use image_buffer::{Expect, ReadError, RingOwner, RingReader};
 use std::fmt;
 use std::sync::Arc;
@@ -60,15 +66,36 @@ pub enum AssemblerError {
     Zmq(#[from] zmq::Error),
     #[error(transparent)]
     Calibration(#[from] CalibrationError),
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
+}
+
+/// The ImageBuffer, written by the service loop alone or by the worker threads.
+#[derive(Debug)]
+enum ImageRing {
+    Single(RingOwner<ImageMetadata>),
+    Workers(Workers),
+}
+
+/// What the modules of one image said, gathered in module order.
+#[derive(Debug, Default)]
+struct Tally {
+    lost_in_buffer: bool,
+    frame_index: Option<u64>,
+    id_mismatch: bool,
 }
 
 /// Synchroniser, geometry and the rings, without sockets.
 #[derive(Debug)]
 pub struct Assembler {
-    pixels: ModulePixels,
+    /// Shared with the worker threads while they make an image; only here between images.
+    pixels: Arc<ModulePixels>,
+    /// The service loop's row buffers (one thread).
+    scratch: Scratch,
     sync: Synchronizer,
-    module_rings: Vec<RingReader<ModuleFrame>>,
-    image_ring: RingOwner<ImageMetadata>,
+    /// Shared with the worker threads (each image's job carries its modules' rings).
+    module_rings: Vec<Arc<RingReader<ModuleFrame>>>,
+    image_ring: ImageRing,
     dtype: Dtype,
     packets_per_frame: u32,
     pub stats: AssemblerStats,
@@ -112,14 +139,15 @@ impl Assembler {
         image_ring: RingOwner<ImageMetadata>,
     ) -> Self {
         Assembler {
-            pixels,
+            scratch: pixels.scratch(),
+            pixels: Arc::new(pixels),
             sync: Synchronizer::new(
                 usize::from(cfg.n_modules),
                 Duration::from_millis(u64::from(cfg.module_sync_timeout_ms)),
                 cfg.module_sync_queue_size as usize,
             ),
-            module_rings,
-            image_ring,
+            module_rings: module_rings.into_iter().map(Arc::new).collect(),
+            image_ring: ImageRing::Single(image_ring),
             dtype: cfg.image_dtype(),
             packets_per_frame: cfg.packets_per_frame(),
             stats: AssemblerStats::default(),
@@ -130,6 +158,43 @@ impl Assembler {
             calibration_watch: None,
             calibration_swaps: 0,
             checksums: true,
+        }
+    }
+
+    /// Spreads the per-module work over `threads` worker threads (at most one per module),
+    /// started now; 0 or 1 keeps the single-threaded assembly.
+    pub fn with_threads(self, threads: u32) -> Result<Self, AssemblerError> {
+        let n_modules = self.module_rings.len();
+        let n = (threads as usize).min(n_modules);
+        let ImageRing::Single(ring) = self.image_ring else {
+            return Ok(self);
+        };
+        if n <= 1 {
+            return Ok(Assembler {
+                image_ring: ImageRing::Single(ring),
+                ..self
+            });
+        }
+        let workers = Workers::start(n, &self.pixels, n_modules, ring)?;
+        Ok(Assembler {
+            image_ring: ImageRing::Workers(workers),
+            ..self
+        })
+    }
+
+    /// Threads that place modules: the worker threads, or 1 (the service loop itself).
+    pub fn threads(&self) -> usize {
+        match &self.image_ring {
+            ImageRing::Single(_) => 1,
+            ImageRing::Workers(w) => w.n_workers(),
+        }
+    }
+
+    /// How the worker threads kept up (all zero with one thread).
+    pub fn worker_stats(&self) -> WorkerStats {
+        match &self.image_ring {
+            ImageRing::Single(_) => WorkerStats::default(),
+            ImageRing::Workers(w) => w.stats,
         }
     }
 
@@ -163,7 +228,9 @@ impl Assembler {
         };
         if let Some(new) = watch.take() {
             let id = new.id;
-            let old = self.pixels.swap_calibration(new);
+            // The workers dropped their references when they answered for the last image, so
+            // this is the only one and nothing is cloned.
+            let old = Arc::make_mut(&mut self.pixels).swap_calibration(new);
             tracing::info!(
                 calibration_id = id,
                 previous_id = old.id,
@@ -190,6 +257,11 @@ impl Assembler {
         board.set("pending_images", self.sync.n_pending());
         board.set("calibration_id", self.pixels.calibration_id());
         board.set("calibration_swaps", self.calibration_swaps);
+        let w = self.worker_stats();
+        board.set("assembler_threads", self.threads());
+        board.set("worker_wait_us", w.wait_us);
+        board.set("worker_straggle_us", w.straggle_us);
+        board.set("worker_stalls", w.stalls);
     }
 
     /// A receiver that restarted created a new FrameBuffer under the same name: map the new
@@ -211,7 +283,7 @@ impl Assembler {
                     buffer = ring.name(),
                     "receiver restarted: FrameBuffer re-attached"
                 );
-                *ring = new;
+                *ring = Arc::new(new);
                 self.stats.receiver_restarts += 1;
             }
         }
@@ -249,13 +321,14 @@ impl Assembler {
         }
     }
 
-    /// Assembles and publishes every image that is ready (all of them when `flush`).
+    /// Assembles and publishes every image that is ready (all of them when `flush`). Fails only
+    /// when a worker thread is lost (a bug; the image in progress is not published).
     pub fn emit_ready(
         &mut self,
         now: Instant,
         flush: bool,
         publish: &mut impl FnMut(&ImageMetadata),
-    ) {
+    ) -> Result<(), AssemblerError> {
         loop {
             let ready = if flush {
                 self.sync.pop_any(now)
@@ -263,92 +336,80 @@ impl Assembler {
                 self.sync.pop_ready(now)
             };
             let Some(ready) = ready else { break };
-            let meta = self.assemble(&ready);
+            let meta = match self.image_ring {
+                ImageRing::Single(_) => Ok(self.assemble(&ready)),
+                ImageRing::Workers(_) => self.assemble_with_workers(&ready),
+            };
             let last_frame_at = ready.last_frame_at;
             self.sync.recycle(ready.frames);
-            if let Some(meta) = meta {
+            if let Some(meta) = meta? {
                 publish(&meta);
                 self.latency.observe(last_frame_at.elapsed());
             }
         }
+        Ok(())
     }
 
-    fn assemble(&mut self, ready: &ReadyImage) -> Option<ImageMetadata> {
+    /// The metadata every image starts from.
+    fn new_meta(&self, image_id: u64, n_modules: usize) -> ImageMetadata {
         let geometry = &self.pixels.geometry;
-        let mut meta = ImageMetadata {
-            image_id: ready.image_id,
+        ImageMetadata {
+            image_id,
             data_bytes: geometry.image_bytes() as u64,
             height: geometry.image_height as u32,
             width: geometry.image_width as u32,
-            n_modules: ready.frames.len() as u16,
+            n_modules: n_modules as u16,
             dtype: self.dtype as u16,
             version: IMAGE_METADATA_VERSION,
             calibration_id: self.pixels.calibration_id(),
             ..bytemuck::Zeroable::zeroed()
+        }
+    }
+
+    /// One thread: every module placed here, in module order.
+    fn assemble(&mut self, ready: &ReadyImage) -> Option<ImageMetadata> {
+        let mut meta = self.new_meta(ready.image_id, ready.frames.len());
+        let ImageRing::Single(image_ring) = &mut self.image_ring else {
+            return None;
         };
         // Receivers only hand on ids below MAX_IMAGE_ID, so this cannot fail for valid input.
-        let mut slot = match self.image_ring.begin_write(ready.image_id) {
+        let mut slot = match image_ring.begin_write(ready.image_id) {
             Ok(slot) => slot,
             Err(e) => {
                 tracing::error!(image_id = ready.image_id, "cannot write image: {e}");
                 return None;
             }
         };
-        let mut lost_in_buffer = false;
-        let mut frame_index: Option<u64> = None;
-        let mut id_mismatch = false;
+        let mut tally = Tally::default();
         let image = slot.data_mut();
         for (m, frame) in ready.frames.iter().enumerate() {
-            let placed = frame.and_then(|frame| {
-                let pixels = &mut self.pixels;
-                // The slot's own metadata says which packets the bytes hold.
-                match self.module_rings[m].read(ready.image_id, |slot_frame, src| {
-                    pixels.write(m, slot_frame, src, image)
-                }) {
-                    Ok(()) => Some(frame),
-                    Err(_) => {
-                        self.stats.module_frames_overwritten += 1;
-                        lost_in_buffer = true;
-                        None
+            let outcome = match frame {
+                None => Outcome::Absent,
+                Some(_) => {
+                    let (pixels, scratch) = (&self.pixels, &mut self.scratch);
+                    // The slot's own metadata says which packets the bytes hold.
+                    match self.module_rings[m].read(ready.image_id, |slot_frame, src| {
+                        pixels.write_into(scratch, m, slot_frame, src, image)
+                    }) {
+                        Ok(()) => Outcome::Placed,
+                        Err(_) => Outcome::Overwritten,
                     }
                 }
-            });
-            match placed {
-                Some(frame) => {
-                    meta.missing_packets += u32::from(frame.n_missing_packets);
-                    if let Some(count) = meta.module_missing_packets.get_mut(m) {
-                        *count = frame.n_missing_packets;
-                    }
-                    meta.bunch_id_bits = frame.bunch_id_bits;
-                    id_mismatch |= frame_index.is_some_and(|f| f != frame.frame_index);
-                    frame_index.get_or_insert(frame.frame_index);
-                    meta.frame_index = frame.frame_index;
-                    meta.timestamp = frame.timestamp;
-                }
-                None => {
-                    self.pixels.zero(m, image);
-                    meta.set_module_missing(m);
-                    meta.missing_packets += self.packets_per_frame;
-                    if let Some(count) = meta.module_missing_packets.get_mut(m) {
-                        *count = u16::try_from(self.packets_per_frame).unwrap_or(u16::MAX);
-                    }
-                }
+            };
+            if outcome != Outcome::Placed {
+                self.pixels.zero(m, image);
             }
+            account_into(
+                &mut self.stats,
+                self.packets_per_frame,
+                &mut meta,
+                &mut tally,
+                m,
+                *frame,
+                outcome,
+            );
         }
-        let status = if id_mismatch {
-            self.stats.images_id_mismatch += 1;
-            ImageStatus::IdMismatch
-        } else if meta.missing_packets == 0 {
-            self.stats.images_good += 1;
-            ImageStatus::Good
-        } else if lost_in_buffer {
-            self.stats.images_lost_in_buffer += 1;
-            ImageStatus::LostInBuffer
-        } else {
-            self.stats.images_missing_packets += 1;
-            ImageStatus::MissingPackets
-        };
-        meta.status = status as u16;
+        finish_status(&mut self.stats, &mut meta, &tally);
         if self.checksums {
             // The image was just written: the bytes are still in cache.
             let bytes = (meta.data_bytes as usize).min(image.len());
@@ -360,6 +421,114 @@ impl Assembler {
         self.stats.images += 1;
         Some(meta)
     }
+
+    /// Worker threads: they place the modules and hash the blocks; the metadata is built here,
+    /// in module order, as with one thread.
+    fn assemble_with_workers(
+        &mut self,
+        ready: &ReadyImage,
+    ) -> Result<Option<ImageMetadata>, AssemblerError> {
+        let mut meta = self.new_meta(ready.image_id, ready.frames.len());
+        let ImageRing::Workers(workers) = &mut self.image_ring else {
+            return Ok(None);
+        };
+        let outcomes = match workers.place(
+            ready.image_id,
+            &ready.frames,
+            &self.module_rings,
+            &self.pixels,
+        ) {
+            Ok(outcomes) => outcomes,
+            // Another image still in the slot cannot happen (one image at a time), and an id
+            // beyond MAX_IMAGE_ID is never handed on by receivers: as `begin_write` failing.
+            Err(WorkerError::Region {
+                source: source @ image_buffer::RegionError::ImageIdTooLarge { .. },
+                ..
+            }) => {
+                tracing::error!(image_id = ready.image_id, "cannot write image: {source}");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut tally = Tally::default();
+        for (m, frame) in ready.frames.iter().enumerate() {
+            let outcome = outcomes.get(m).copied().unwrap_or(Outcome::Absent);
+            account_into(
+                &mut self.stats,
+                self.packets_per_frame,
+                &mut meta,
+                &mut tally,
+                m,
+                *frame,
+                outcome,
+            );
+        }
+        if self.checksums {
+            meta.checksum = workers.checksum(ready.image_id, meta.data_bytes as usize)?;
+            meta.checksum_kind = std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS;
+        }
+        finish_status(&mut self.stats, &mut meta, &tally);
+        let ImageRing::Workers(workers) = &self.image_ring else {
+            return Ok(None);
+        };
+        workers.commit(meta)?;
+        self.stats.images += 1;
+        Ok(Some(meta))
+    }
+}
+
+/// Adds module `m` (its frame message, what became of its pixels) to the image's metadata.
+fn account_into(
+    stats: &mut AssemblerStats,
+    packets_per_frame: u32,
+    meta: &mut ImageMetadata,
+    tally: &mut Tally,
+    m: usize,
+    frame: Option<ModuleFrame>,
+    outcome: Outcome,
+) {
+    if outcome == Outcome::Overwritten {
+        stats.module_frames_overwritten += 1;
+        tally.lost_in_buffer = true;
+    }
+    match frame.filter(|_| outcome == Outcome::Placed) {
+        Some(frame) => {
+            meta.missing_packets += u32::from(frame.n_missing_packets);
+            if let Some(count) = meta.module_missing_packets.get_mut(m) {
+                *count = frame.n_missing_packets;
+            }
+            meta.bunch_id_bits = frame.bunch_id_bits;
+            tally.id_mismatch |= tally.frame_index.is_some_and(|f| f != frame.frame_index);
+            tally.frame_index.get_or_insert(frame.frame_index);
+            meta.frame_index = frame.frame_index;
+            meta.timestamp = frame.timestamp;
+        }
+        None => {
+            meta.set_module_missing(m);
+            meta.missing_packets += packets_per_frame;
+            if let Some(count) = meta.module_missing_packets.get_mut(m) {
+                *count = u16::try_from(packets_per_frame).unwrap_or(u16::MAX);
+            }
+        }
+    }
+}
+
+/// The image's status from all its modules (and the counters).
+fn finish_status(stats: &mut AssemblerStats, meta: &mut ImageMetadata, tally: &Tally) {
+    let status = if tally.id_mismatch {
+        stats.images_id_mismatch += 1;
+        ImageStatus::IdMismatch
+    } else if meta.missing_packets == 0 {
+        stats.images_good += 1;
+        ImageStatus::Good
+    } else if tally.lost_in_buffer {
+        stats.images_lost_in_buffer += 1;
+        ImageStatus::LostInBuffer
+    } else {
+        stats.images_missing_packets += 1;
+        ImageStatus::MissingPackets
+    };
+    meta.status = status as u16;
 }
 
 /// Runs until shutdown: receives on `pull`, publishes on `publisher`. At shutdown every pending
@@ -406,7 +575,7 @@ pub fn run(
         // Between images: a calibration the watcher loaded converts from the next image on.
         assembler.take_new_calibration();
         let now = Instant::now();
-        assembler.emit_ready(now, stopping && !readable, &mut publish);
+        assembler.emit_ready(now, stopping && !readable, &mut publish)?;
         if stopping && !readable {
             break;
         }
@@ -416,7 +585,16 @@ pub fn run(
             assembler.reattach_restarted_receivers();
         }
         if now.duration_since(last_report) >= stats_period {
-            tracing::info!(pending = assembler.sync.n_pending(), "{}", assembler.stats);
+            let w = assembler.worker_stats();
+            tracing::info!(
+                pending = assembler.sync.n_pending(),
+                threads = assembler.threads(),
+                worker_wait_us = w.wait_us,
+                worker_straggle_us = w.straggle_us,
+                worker_stalls = w.stalls,
+                "{}",
+                assembler.stats
+            );
             assembler.publish_status(board);
             last_report = now;
         }
@@ -511,7 +689,8 @@ mod tests {
         fn emit(&mut self) -> Vec<ImageMetadata> {
             let mut out = Vec::new();
             self.assembler
-                .emit_ready(Instant::now(), true, &mut |m| out.push(*m));
+                .emit_ready(Instant::now(), true, &mut |m| out.push(*m))
+                .unwrap();
             out
         }
 
