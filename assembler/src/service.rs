@@ -852,4 +852,263 @@ mod tests {
         assert!((0..4).all(|y| (1030..2060).all(|x| at(x, y) == 0.0)));
         assert_eq!(at(1500, 4), 16000.0);
     }
+
+    /// A detector of several modules for the thread tests: (config, calibration, bytes of one
+    /// packet in a module frame).
+    fn multi_config(kind: &str) -> (DetectorConfig, Option<Calibration>, usize) {
+        let mut json = match kind {
+            "gigafrost" => {
+                // Fixed quadrant geometry; the positions are only carried along (quadrant m/2).
+                let positions: serde_json::Map<String, serde_json::Value> = (0..8u32)
+                    .map(|m| {
+                        let q = m / 2;
+                        let (x0, y0) = ((q % 2) * 240, if q < 2 { 64 } else { 0 });
+                        (
+                            m.to_string(),
+                            serde_json::json!([x0, y0, x0 + 239, y0 + 63]),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "detector_type": "gigafrost", "n_modules": 8, "bit_depth": 12,
+                    "image_pixel_height": 128, "image_pixel_width": 480,
+                    "module_positions": positions,
+                })
+            }
+            // 2x2 JUNGFRAU modules with gaps: module 1 mirrored in x, 2 in y, 3 in both.
+            _ => serde_json::json!({
+                "detector_type": kind, "n_modules": 4, "bit_depth": 16, "chip_gaps": true,
+                "image_pixel_height": 1028, "image_pixel_width": 2060,
+                "module_positions": {
+                    "0": [0, 0, 1029, 513], "1": [2059, 0, 1030, 513],
+                    "2": [0, 1027, 1029, 514], "3": [2059, 1027, 1030, 514],
+                },
+            }),
+        };
+        json["detector_name"] = format!("threads-{kind}").into();
+        json["start_udp_port"] = 50000.into();
+        if kind == "jungfrau-converted" {
+            json["calibration_file"] = "/unused.h5".into();
+        }
+        let cfg = DetectorConfig::from_json_str(&json.to_string(), "test").unwrap();
+        let calibration = (kind == "jungfrau-converted").then(|| {
+            let module = |m: usize| {
+                let p: [Vec<f32>; 3] = std::array::from_fn(|s| {
+                    (0..PIXELS)
+                        .map(|i| ((i * 13 + s + m) % 700) as f32)
+                        .collect()
+                });
+                let g: [Vec<f32>; 3] = std::array::from_fn(|s| {
+                    (0..PIXELS)
+                        .map(|i| [37.0, -1.1, -0.07][s] * (1.0 + ((i + m) % 53) as f32 * 1e-3))
+                        .collect()
+                });
+                let mask: Vec<bool> = (0..PIXELS).map(|i| i % 101 == m).collect();
+                ModuleCalibration::from_values(
+                    [&p[0], &p[1], &p[2]],
+                    [&g[0], &g[1], &g[2]],
+                    &mask,
+                    &mut MaskCounts::default(),
+                )
+            };
+            Calibration {
+                modules: (0..4).map(module).collect(),
+                masked: MaskCounts::default(),
+                id: 7,
+            }
+        });
+        // GigaFRoST 240x32 streams: 2 packets of 20 and 12 rows of 360 bytes.
+        let packet_bytes = if kind == "gigafrost" { 20 * 360 } else { 8192 };
+        (cfg, calibration, packet_bytes)
+    }
+
+    /// Runs one scenario through an assembler with `threads` threads; returns every published
+    /// ImageMetadata (in publication order) with the image bytes its slot held right then.
+    fn run_scenario(
+        kind: &str,
+        cfg: &DetectorConfig,
+        calibration: Option<Calibration>,
+        packet_bytes: usize,
+        threads: u32,
+    ) -> Vec<(ImageMetadata, Vec<u8>)> {
+        let n_modules = usize::from(cfg.n_modules);
+        let tag = format!("{kind}-{threads}-{}", std::process::id());
+        let frame_bytes = cfg.module_frame_bytes() as u64;
+        let mut modules: Vec<RingOwner<ModuleFrame>> = (0..n_modules)
+            .map(|m| RingOwner::create(&format!("asm-thr-{tag}-m{m}"), 4, frame_bytes).unwrap())
+            .collect();
+        let readers = (0..n_modules)
+            .map(|m| RingReader::attach(&format!("asm-thr-{tag}-m{m}"), Expect::default()).unwrap())
+            .collect();
+        let image_name = format!("asm-thr-{tag}-image");
+        let owner = RingOwner::create(&image_name, 4, cfg.image_bytes() as u64).unwrap();
+        let images = RingReader::<ImageMetadata>::attach(&image_name, Expect::default()).unwrap();
+        let mut assembler = Assembler::with_calibration(cfg, calibration, readers, owner)
+            .with_threads(threads)
+            .unwrap();
+        assert_eq!(assembler.threads(), (threads as usize).min(n_modules));
+        let n_packets = cfg.packets_per_frame() as usize;
+        // Module m's frame of `id` into its FrameBuffer (packet `lost` missing, its bytes zero,
+        // as the receiver leaves them); announced unless `silent`.
+        let mut send = |assembler: &mut Assembler,
+                        m: usize,
+                        id: u64,
+                        frame_index: u64,
+                        lost: Option<usize>,
+                        silent: bool| {
+            let mut frame = ModuleFrame::new(id, m as u16, n_packets as u16);
+            for p in (0..n_packets).filter(|p| Some(*p) != lost) {
+                frame.mark_received(p);
+            }
+            frame.n_missing_packets = u16::from(lost.is_some());
+            frame.frame_index = frame_index;
+            frame.timestamp = 1000 + frame_index;
+            frame.bunch_id_bits = (frame_index as f64 * 2.0).to_bits();
+            let mut slot = modules[m].begin_write(id).unwrap();
+            for (i, b) in slot.data_mut().iter_mut().enumerate() {
+                let h = (i as u64 ^ (id << 32) ^ ((m as u64) << 48))
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                *b = if lost.is_some_and(|p| i / packet_bytes == p) {
+                    0
+                } else {
+                    (h >> 56) as u8
+                };
+            }
+            *slot.meta_mut() = frame;
+            slot.commit();
+            if !silent {
+                assembler.on_message(frame.as_bytes(), Instant::now());
+            }
+        };
+        let mut out = Vec::new();
+        let mut emit = |assembler: &mut Assembler| {
+            let mut metas = Vec::new();
+            assembler
+                .emit_ready(Instant::now(), true, &mut |m| metas.push(*m))
+                .unwrap();
+            // Between images the workers hold no reference: a hot swap takes it in place.
+            assert_eq!(Arc::strong_count(&assembler.pixels), 1);
+            for meta in metas {
+                let bytes = images
+                    .read(meta.image_id, |slot_meta, data| {
+                        assert_eq!(*slot_meta, meta, "the slot holds the published metadata");
+                        data[..meta.data_bytes as usize].to_vec()
+                    })
+                    .unwrap();
+                out.push((meta, bytes));
+            }
+        };
+        // 1: complete. 2: modules 1 and the last lose packet 0.
+        for m in 0..n_modules {
+            send(&mut assembler, m, 1, 10, None, false);
+        }
+        emit(&mut assembler);
+        for m in 0..n_modules {
+            let lost = (m == 1 || m == n_modules - 1).then_some(0);
+            send(&mut assembler, m, 2, 11, lost, false);
+        }
+        emit(&mut assembler);
+        // 3: module 2 never arrives. 4: module 0 disagrees on the frame.
+        for m in (0..n_modules).filter(|m| *m != 2) {
+            send(&mut assembler, m, 3, 12, None, false);
+        }
+        emit(&mut assembler);
+        for m in 0..n_modules {
+            send(
+                &mut assembler,
+                m,
+                4,
+                if m == 0 { 99 } else { 13 },
+                None,
+                false,
+            );
+        }
+        emit(&mut assembler);
+        // 5: module 0's frame is overwritten in its FrameBuffer (by 9) before it is read.
+        for m in 0..n_modules {
+            send(&mut assembler, m, 5, 14, None, false);
+        }
+        send(&mut assembler, 0, 9, 18, None, true);
+        emit(&mut assembler);
+        // 6..8: complete again, several pending at once.
+        for id in 6..9 {
+            for m in 0..n_modules {
+                send(&mut assembler, m, id, 9 + id, None, false);
+            }
+        }
+        emit(&mut assembler);
+        out
+    }
+
+    /// 2 and 3 worker threads make byte-identical images, identical metadata (checksum included)
+    /// in the same order as one thread: JUNGFRAU converted and raw (4 modules, gaps, mirrored)
+    /// and GigaFRoST (8 interleaved streams), with missing packets, a lost module, an id mismatch
+    /// and a frame overwritten in its FrameBuffer.
+    #[test]
+    fn worker_threads_make_the_same_images_as_one_thread() {
+        use std_daq_common::checksum::{image_checksum, CHECKSUM_XXH3_BLOCKS};
+        for kind in ["jungfrau-converted", "jungfrau-raw", "gigafrost"] {
+            let (cfg, calibration, packet_bytes) = multi_config(kind);
+            let one = run_scenario(kind, &cfg, calibration.clone(), packet_bytes, 1);
+            // Real behaviour of the reference run first.
+            let summary: Vec<(u64, u16)> =
+                one.iter().map(|(m, _)| (m.image_id, m.status)).collect();
+            let (good, missing, lost, mismatch) = (1, 2, 4, 3);
+            assert_eq!(
+                summary,
+                vec![
+                    (1, good),
+                    (2, missing),
+                    (3, missing),
+                    (4, mismatch),
+                    (5, lost),
+                    (6, good),
+                    (7, good),
+                    (8, good)
+                ],
+                "{kind}"
+            );
+            let n_packets = cfg.packets_per_frame() as u16;
+            assert_eq!(
+                &one[1].0.module_missing_packets[..4],
+                &[0, 1, 0, if kind == "gigafrost" { 0 } else { 1 }]
+            );
+            assert_eq!(
+                one[2].0.module_missing_packets[2], n_packets,
+                "{kind}: lost module"
+            );
+            assert_eq!(
+                one[4].0.module_missing_packets[0], n_packets,
+                "{kind}: overwritten"
+            );
+            for (meta, bytes) in &one {
+                assert_eq!(meta.checksum_kind, CHECKSUM_XXH3_BLOCKS);
+                assert_eq!(
+                    meta.checksum,
+                    image_checksum(bytes),
+                    "{kind} {}",
+                    meta.image_id
+                );
+                let nonzero = bytes.iter().filter(|b| **b != 0).count();
+                assert!(
+                    nonzero > bytes.len() / 2,
+                    "{kind} {}: {nonzero}",
+                    meta.image_id
+                );
+            }
+            assert_ne!(one[0].1, one[5].1, "{kind}: images differ");
+            for threads in [2, 3] {
+                let many = run_scenario(kind, &cfg, calibration.clone(), packet_bytes, threads);
+                assert_eq!(many.len(), one.len(), "{kind}, {threads} threads");
+                for ((a, a_bytes), (b, b_bytes)) in one.iter().zip(&many) {
+                    assert_eq!(a, b, "{kind}, {threads} threads: metadata");
+                    assert!(
+                        a_bytes == b_bytes,
+                        "{kind}, {threads} threads: pixels of image {}",
+                        a.image_id
+                    );
+                }
+            }
+        }
+    }
 }
