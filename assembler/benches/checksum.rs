@@ -97,7 +97,8 @@ impl Rig {
         let mut published = 0;
         let t = Instant::now();
         self.assembler
-            .emit_ready(Instant::now(), true, &mut |_| published += 1);
+            .emit_ready(Instant::now(), true, &mut |_| published += 1)
+            .expect("one thread: emit_ready cannot fail");
         let dt = t.elapsed();
         assert_eq!(published, 1);
         dt
