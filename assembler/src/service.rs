@@ -260,6 +260,7 @@ impl Assembler {
         let w = self.worker_stats();
         board.set("assembler_threads", self.threads());
         board.set("worker_wait_us", w.wait_us);
+        board.set("worker_busy_us", w.busy_us);
         board.set("worker_straggle_us", w.straggle_us);
         board.set("worker_stalls", w.stalls);
     }
@@ -590,6 +591,7 @@ pub fn run(
                 pending = assembler.sync.n_pending(),
                 threads = assembler.threads(),
                 worker_wait_us = w.wait_us,
+                worker_busy_us = w.busy_us,
                 worker_straggle_us = w.straggle_us,
                 worker_stalls = w.stalls,
                 "{}",

@@ -45,7 +45,10 @@ const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
 pub struct WorkerStats {
     /// Time the synchroniser waited for the workers (all steps of all images), in µs.
     pub wait_us: u64,
-    /// Of that, time between the first and the last worker finishing their modules, in µs.
+    /// Of that, time the slowest worker of each step was busy (the rest is hand-over: waking
+    /// the workers and the synchroniser), in µs.
+    pub busy_us: u64,
+    /// Time between the first and the last worker finishing their modules, in µs.
     pub straggle_us: u64,
     /// Images whose last worker finished its modules more than [`WORKER_STALL`] after the first.
     pub stalls: u64,
@@ -105,6 +108,7 @@ struct Job {
     data_bytes: usize,
     blocks: Range<usize>,
     digests: Vec<u64>,
+    started: Instant,
     finished: Instant,
     error: Option<RegionError>,
 }
@@ -175,6 +179,7 @@ impl Workers {
                 data_bytes: 0,
                 blocks: blocks.clone(),
                 digests: Vec::with_capacity(blocks.len()),
+                started: Instant::now(),
                 finished: Instant::now(),
                 error: None,
             };
@@ -316,11 +321,13 @@ impl Workers {
         }
         // Every job sent is waited for, even after a failure: no worker may still be writing.
         let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+        let mut busy = Duration::ZERO;
         for (w, link) in self.links.iter_mut().enumerate().take(sent) {
             match link.done.recv_timeout(WORKER_WATCHDOG) {
                 Ok(mut job) => {
                     first = Some(first.map_or(job.finished, |f| f.min(job.finished)));
                     last = Some(last.map_or(job.finished, |l| l.max(job.finished)));
+                    busy = busy.max(job.finished.saturating_duration_since(job.started));
                     if let Some(source) = job.error.take() {
                         failure.get_or_insert(WorkerError::Region {
                             worker: w,
@@ -339,6 +346,7 @@ impl Workers {
             }
         }
         self.stats.wait_us += duration_us(started.elapsed());
+        self.stats.busy_us += duration_us(busy);
         match (failure, first, last) {
             (Some(e), _, _) => Err(e),
             (None, Some(first), Some(last)) => Ok((first, last)),
@@ -393,6 +401,7 @@ fn work(
     done: SyncSender<Job>,
 ) {
     while let Ok(mut job) = jobs.recv() {
+        job.started = Instant::now();
         match job.step {
             Step::Place => place(w, &ring, &mut scratch, &mut job),
             Step::Hash => hash(&ring, &mut job),
