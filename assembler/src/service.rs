@@ -433,13 +433,15 @@ impl Assembler {
         let ImageRing::Workers(workers) = &mut self.image_ring else {
             return Ok(None);
         };
-        let outcomes = match workers.place(
+        let hash_bytes = self.checksums.then_some(meta.data_bytes as usize);
+        let (outcomes, checksum) = match workers.assemble(
             ready.image_id,
             &ready.frames,
             &self.module_rings,
             &self.pixels,
+            hash_bytes,
         ) {
-            Ok(outcomes) => outcomes,
+            Ok(done) => done,
             // Another image still in the slot cannot happen (one image at a time), and an id
             // beyond MAX_IMAGE_ID is never handed on by receivers: as `begin_write` failing.
             Err(WorkerError::Region {
@@ -464,8 +466,8 @@ impl Assembler {
                 outcome,
             );
         }
-        if self.checksums {
-            meta.checksum = workers.checksum(ready.image_id, meta.data_bytes as usize)?;
+        if let Some(checksum) = checksum {
+            meta.checksum = checksum;
             meta.checksum_kind = std_daq_common::checksum::CHECKSUM_XXH3_BLOCKS;
         }
         finish_status(&mut self.stats, &mut meta, &tally);

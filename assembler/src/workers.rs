@@ -6,12 +6,13 @@
 //! write are its modules' rows ([`ModulePixels::module_byte_ranges`]), checked disjoint by
 //! [`RegionPlan`]; the image blocks `[w * b / n, (w + 1) * b / n)` are worker `w`'s to hash.
 //!
-//! Per image, driven by the synchroniser's thread ([`Workers::assemble`]), in two steps:
-//! 1. `begin` the slot; every worker takes its [`image_buffer::RegionWriter`] and writes its
-//!    modules straight into the slot (no extra copy), then drops it.
-//! 2. Every worker hashes its blocks through a shared [`image_buffer::SlotView`]; the
-//!    synchroniser combines the digests in block order, then builds the metadata from all modules
-//!    (in module order, exactly as one thread does) and commits.
+//! Per image, driven by the synchroniser's thread ([`Workers::assemble`]): it `begin`s the slot
+//! and sends every worker its job; each worker takes its [`image_buffer::RegionWriter`], writes
+//! its modules straight into the slot (no extra copy) and drops it; the workers meet at a
+//! barrier (then no writer is live), and each hashes its blocks through a shared
+//! [`image_buffer::SlotView`] and answers. The synchroniser, woken once per image, combines the
+//! digests in block order, builds the metadata from all modules (in module order, exactly as one
+//! thread does) and commits.
 //!
 //! Messages are one [`Job`] per worker that travels to the worker and back (bounded channels of
 //! one): its buffers are allocated at set-up and reused, so nothing is allocated per image. The
@@ -27,8 +28,9 @@
 use crate::pixels::{ModulePixels, Scratch};
 use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use std_daq_common::checksum::{block_count, block_digest, BLOCK_BYTES};
@@ -63,6 +65,8 @@ pub enum WorkerError {
     },
     #[error("the module regions of the image cannot be split over workers: {0}")]
     Plan(#[from] image_buffer::PlanError),
+    #[error("assembler worker {worker} panicked on image {image_id} (a bug)")]
+    Panicked { worker: usize, image_id: u64 },
     #[error("assembler worker {worker} stopped answering (image {image_id})")]
     Lost { worker: usize, image_id: u64 },
     #[error("assembler worker {worker}, image {image_id}: {source}")]
@@ -91,26 +95,24 @@ struct ModuleTask {
     outcome: Outcome,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Place,
-    Hash,
-}
-
-/// One worker's part of one step; travels to the worker and back.
+/// One worker's part of one image; travels to the worker and back.
 #[derive(Debug)]
 struct Job {
     image_id: u64,
-    step: Step,
     pixels: Option<Arc<ModulePixels>>,
     modules: Vec<ModuleTask>,
-    /// Image bytes to hash (the image's `data_bytes`) and this worker's blocks of them.
+    /// Whether to hash, the image bytes to hash (its `data_bytes`) and this worker's blocks.
+    hash: bool,
     data_bytes: usize,
     blocks: Range<usize>,
     digests: Vec<u64>,
     started: Instant,
+    /// Its modules written (before the barrier), hashing started (after it), all done.
+    placed: Instant,
+    resumed: Instant,
     finished: Instant,
     error: Option<RegionError>,
+    panicked: bool,
 }
 
 #[derive(Debug)]
@@ -131,6 +133,8 @@ pub struct Workers {
     /// Every block digest of an image, in block order.
     digests: Vec<u64>,
     outcomes: Vec<Outcome>,
+    /// A worker stopped answering: its peers may be stuck at the barrier, so nobody is joined.
+    lost: bool,
     pub stats: WorkerStats,
 }
 
@@ -158,6 +162,7 @@ impl Workers {
         let ring = image_ring.into_regions(plan)?;
         let image_bytes = pixels.geometry.image_bytes().min(slot_bytes);
         let n_blocks = block_count(image_bytes);
+        let barrier = Arc::new(Barrier::new(n));
         let mut links = Vec::with_capacity(n);
         for w in 0..n {
             let (jobs, jobs_rx) = sync_channel::<Job>(1);
@@ -171,23 +176,31 @@ impl Workers {
                 })
                 .collect();
             let blocks = block_share(n_blocks, n, w);
+            let now = Instant::now();
             let job = Job {
                 image_id: 0,
-                step: Step::Place,
                 pixels: None,
                 modules,
+                hash: false,
                 data_bytes: 0,
                 blocks: blocks.clone(),
                 digests: Vec::with_capacity(blocks.len()),
-                started: Instant::now(),
-                finished: Instant::now(),
+                started: now,
+                placed: now,
+                resumed: now,
+                finished: now,
                 error: None,
+                panicked: false,
             };
-            let ring = ring.clone();
-            let scratch = pixels.scratch();
+            let worker = Worker {
+                w,
+                ring: ring.clone(),
+                scratch: pixels.scratch(),
+                barrier: Arc::clone(&barrier),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("asm-worker-{w}"))
-                .spawn(move || work(w, ring, scratch, jobs_rx, done_tx))
+                .spawn(move || worker.run(jobs_rx, done_tx))
                 .map_err(|source| WorkerError::Spawn { worker: w, source })?;
             links.push(Link {
                 jobs,
@@ -202,6 +215,7 @@ impl Workers {
             n_modules,
             digests: vec![0; n_blocks],
             outcomes: vec![Outcome::Absent; n_modules],
+            lost: false,
             stats: WorkerStats::default(),
         })
     }
@@ -214,16 +228,24 @@ impl Workers {
         &self.ring
     }
 
-    /// Step 1 for image `image_id` (frames: which modules arrived): begins the slot and has
-    /// every module placed; returns each module's outcome, in module order. On an error the
-    /// image is abandoned.
-    pub fn place(
+    /// Image `image_id` (`frames`: which modules arrived): begins the slot, has every module
+    /// placed and, with `hash_bytes`, the checksum of its first `hash_bytes` bytes computed;
+    /// returns each module's outcome (in module order) and the checksum. The slot is then ready
+    /// for [`Self::commit`]; on an error the image is abandoned.
+    pub fn assemble(
         &mut self,
         image_id: u64,
         frames: &[Option<ModuleFrame>],
         module_rings: &[Arc<RingReader<ModuleFrame>>],
         pixels: &Arc<ModulePixels>,
-    ) -> Result<&[Outcome], WorkerError> {
+        hash_bytes: Option<usize>,
+    ) -> Result<(&[Outcome], Option<u64>), WorkerError> {
+        if self.lost {
+            return Err(WorkerError::Lost {
+                worker: 0,
+                image_id,
+            });
+        }
         self.ring
             .begin(image_id)
             .map_err(|source| WorkerError::Region {
@@ -231,28 +253,17 @@ impl Workers {
                 image_id,
                 source,
             })?;
-        let started = Instant::now();
-        let result = self.run_step(image_id, started, |job| {
-            job.step = Step::Place;
-            job.pixels = Some(Arc::clone(pixels));
-            for task in &mut job.modules {
-                let arrived = frames.get(task.m).is_some_and(Option::is_some);
-                task.ring = arrived
-                    .then(|| module_rings.get(task.m).map(Arc::clone))
-                    .flatten();
-            }
-        });
-        let (first, last) = match result {
-            Ok(span) => span,
-            Err(e) => {
-                self.ring.abandon();
-                return Err(e);
-            }
-        };
-        let straggle = last.saturating_duration_since(first);
-        self.stats.straggle_us += duration_us(straggle);
-        if straggle > WORKER_STALL {
-            self.stats.stalls += 1;
+        let data_bytes = hash_bytes.unwrap_or(0).min(self.ring.slot_bytes() as usize);
+        if let Err(e) = self.run(
+            image_id,
+            frames,
+            module_rings,
+            pixels,
+            hash_bytes.is_some(),
+            data_bytes,
+        ) {
+            self.ring.abandon();
+            return Err(e);
         }
         for link in &self.links {
             for task in link.job.iter().flat_map(|job| &job.modules) {
@@ -261,74 +272,71 @@ impl Workers {
                 }
             }
         }
-        Ok(&self.outcomes[..self.n_modules])
-    }
-
-    /// Step 2: the checksum of the image's first `data_bytes` bytes, from the workers' block
-    /// digests.
-    pub fn checksum(&mut self, image_id: u64, data_bytes: usize) -> Result<u64, WorkerError> {
-        let data_bytes = data_bytes.min(self.ring.slot_bytes() as usize);
-        let n_blocks = block_count(data_bytes);
-        let started = Instant::now();
-        let result = self.run_step(image_id, started, |job| {
-            job.step = Step::Hash;
-            job.data_bytes = data_bytes;
-        });
-        if let Err(e) = result {
-            self.ring.abandon();
-            return Err(e);
-        }
-        for link in &self.links {
-            if let Some(job) = &link.job {
+        let checksum = hash_bytes.map(|_| {
+            for job in self.links.iter().filter_map(|link| link.job.as_ref()) {
                 if let Some(out) = self.digests.get_mut(job.blocks.start..job.blocks.end) {
                     out[..job.digests.len()].copy_from_slice(&job.digests);
                 }
             }
-        }
-        let n = n_blocks.min(self.digests.len());
-        Ok(std_daq_common::checksum::combine(&self.digests[..n]))
+            let n = block_count(data_bytes).min(self.digests.len());
+            std_daq_common::checksum::combine(&self.digests[..n])
+        });
+        Ok((&self.outcomes[..self.n_modules], checksum))
     }
 
-    /// Sends every worker its job (`fill` sets it up) and waits for all of them; returns when
-    /// the first and the last finished.
-    fn run_step(
+    /// Sends every worker its job and waits for all of them.
+    fn run(
         &mut self,
         image_id: u64,
-        started: Instant,
-        mut fill: impl FnMut(&mut Job),
-    ) -> Result<(Instant, Instant), WorkerError> {
-        let mut sent = 0;
-        let mut failure = None;
+        frames: &[Option<ModuleFrame>],
+        module_rings: &[Arc<RingReader<ModuleFrame>>],
+        pixels: &Arc<ModulePixels>,
+        hash: bool,
+        data_bytes: usize,
+    ) -> Result<(), WorkerError> {
+        let started = Instant::now();
         for (w, link) in self.links.iter_mut().enumerate() {
+            let lost = WorkerError::Lost {
+                worker: w,
+                image_id,
+            };
             let Some(mut job) = link.job.take() else {
-                failure.get_or_insert(WorkerError::Lost {
-                    worker: w,
-                    image_id,
-                });
-                break;
+                self.lost = true;
+                return Err(lost);
             };
             job.image_id = image_id;
             job.error = None;
-            fill(&mut job);
-            if link.jobs.send(job).is_err() {
-                failure.get_or_insert(WorkerError::Lost {
-                    worker: w,
-                    image_id,
-                });
-                break;
+            job.pixels = Some(Arc::clone(pixels));
+            job.hash = hash;
+            job.data_bytes = data_bytes;
+            for task in &mut job.modules {
+                let arrived = frames.get(task.m).is_some_and(Option::is_some);
+                task.ring = arrived
+                    .then(|| module_rings.get(task.m).map(Arc::clone))
+                    .flatten();
             }
-            sent += 1;
+            if link.jobs.send(job).is_err() {
+                // The workers sent a job wait at the barrier for this one forever.
+                self.lost = true;
+                return Err(lost);
+            }
         }
-        // Every job sent is waited for, even after a failure: no worker may still be writing.
+        let mut failure = None;
         let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-        let mut busy = Duration::ZERO;
-        for (w, link) in self.links.iter_mut().enumerate().take(sent) {
+        let (mut place_busy, mut hash_busy) = (Duration::ZERO, Duration::ZERO);
+        for (w, link) in self.links.iter_mut().enumerate() {
             match link.done.recv_timeout(WORKER_WATCHDOG) {
                 Ok(mut job) => {
-                    first = Some(first.map_or(job.finished, |f| f.min(job.finished)));
-                    last = Some(last.map_or(job.finished, |l| l.max(job.finished)));
-                    busy = busy.max(job.finished.saturating_duration_since(job.started));
-                    if let Some(source) = job.error.take() {
+                    first = Some(first.map_or(job.placed, |f| f.min(job.placed)));
+                    last = Some(last.map_or(job.placed, |l| l.max(job.placed)));
+                    place_busy = place_busy.max(job.placed.saturating_duration_since(job.started));
+                    hash_busy = hash_busy.max(job.finished.saturating_duration_since(job.resumed));
+                    if job.panicked {
+                        failure.get_or_insert(WorkerError::Panicked {
+                            worker: w,
+                            image_id,
+                        });
+                    } else if let Some(source) = job.error.take() {
                         failure.get_or_insert(WorkerError::Region {
                             worker: w,
                             image_id,
@@ -338,6 +346,7 @@ impl Workers {
                     link.job = Some(job);
                 }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    self.lost = true;
                     failure.get_or_insert(WorkerError::Lost {
                         worker: w,
                         image_id,
@@ -346,15 +355,15 @@ impl Workers {
             }
         }
         self.stats.wait_us += duration_us(started.elapsed());
-        self.stats.busy_us += duration_us(busy);
-        match (failure, first, last) {
-            (Some(e), _, _) => Err(e),
-            (None, Some(first), Some(last)) => Ok((first, last)),
-            _ => Err(WorkerError::Lost {
-                worker: 0,
-                image_id,
-            }),
+        self.stats.busy_us += duration_us(place_busy + hash_busy);
+        if let (Some(first), Some(last)) = (first, last) {
+            let straggle = last.saturating_duration_since(first);
+            self.stats.straggle_us += duration_us(straggle);
+            if straggle > WORKER_STALL {
+                self.stats.stalls += 1;
+            }
         }
+        failure.map_or(Ok(()), Err)
     }
 
     /// Publishes the image in progress with `meta`.
@@ -376,7 +385,7 @@ impl Drop for Workers {
             let Link { jobs, thread, .. } = link;
             // A closed channel ends the worker's loop.
             drop(jobs);
-            if let Some(thread) = thread {
+            if let (Some(thread), false) = (thread, self.lost) {
                 let _ = thread.join();
             }
         }
@@ -392,74 +401,89 @@ fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Worker `w`'s loop: one job at a time until the synchroniser closes the channel.
-fn work(
+/// One worker thread's own state.
+struct Worker {
     w: usize,
     ring: RegionRing<ImageMetadata>,
-    mut scratch: Scratch,
-    jobs: Receiver<Job>,
-    done: SyncSender<Job>,
-) {
-    while let Ok(mut job) = jobs.recv() {
-        job.started = Instant::now();
-        match job.step {
-            Step::Place => place(w, &ring, &mut scratch, &mut job),
-            Step::Hash => hash(&ring, &mut job),
-        }
-        job.finished = Instant::now();
-        if done.send(job).is_err() {
-            break;
-        }
-    }
+    scratch: Scratch,
+    /// All workers meet here between writing their modules and hashing.
+    barrier: Arc<Barrier>,
 }
 
-fn place(w: usize, ring: &RegionRing<ImageMetadata>, scratch: &mut Scratch, job: &mut Job) {
-    // Dropped before answering: between images the synchroniser holds the only reference.
-    let Some(pixels) = job.pixels.take() else {
-        job.error = Some(RegionError::NoImage);
-        return;
-    };
-    let mut writer = match ring.writer(w) {
-        Ok(writer) => writer,
-        Err(e) => {
-            job.error = Some(e);
-            return;
+impl Worker {
+    /// One job at a time until the synchroniser closes the channel.
+    fn run(mut self, jobs: Receiver<Job>, done: SyncSender<Job>) {
+        while let Ok(mut job) = jobs.recv() {
+            job.started = Instant::now();
+            job.panicked = false;
+            // A panic here is a bug; caught so that this worker still reaches the barrier (its
+            // peers wait there) and the synchroniser hears of it.
+            job.panicked |= catch_unwind(AssertUnwindSafe(|| self.place(&mut job))).is_err();
+            // Dropped before answering: between images the synchroniser holds the only one.
+            job.pixels = None;
+            job.placed = Instant::now();
+            // Every worker reaches the barrier once per job, also after an error: after it no
+            // RegionWriter of this image is live, so the slot may be read.
+            self.barrier.wait();
+            job.resumed = Instant::now();
+            job.digests.clear();
+            if job.hash && job.error.is_none() && !job.panicked {
+                job.panicked |= catch_unwind(AssertUnwindSafe(|| self.hash(&mut job))).is_err();
+            }
+            job.finished = Instant::now();
+            if done.send(job).is_err() {
+                break;
+            }
         }
-    };
-    let image_id = job.image_id;
-    for task in &mut job.modules {
-        task.outcome = match task.ring.take() {
-            None => Outcome::Absent,
-            // The slot's own metadata says which packets the bytes hold.
-            Some(frames) => match frames.read(image_id, |slot_frame, src| {
-                pixels.write_into(scratch, task.m, slot_frame, src, &mut writer)
-            }) {
-                Ok(()) => Outcome::Placed,
-                Err(_) => Outcome::Overwritten,
-            },
+    }
+
+    fn place(&mut self, job: &mut Job) {
+        let Some(pixels) = job.pixels.as_ref() else {
+            job.error = Some(RegionError::NoImage);
+            return;
         };
-        if task.outcome != Outcome::Placed {
-            pixels.zero(task.m, &mut writer);
+        let mut writer = match self.ring.writer(self.w) {
+            Ok(writer) => writer,
+            Err(e) => {
+                job.error = Some(e);
+                return;
+            }
+        };
+        let image_id = job.image_id;
+        let scratch = &mut self.scratch;
+        for task in &mut job.modules {
+            task.outcome = match task.ring.take() {
+                None => Outcome::Absent,
+                // The slot's own metadata says which packets the bytes hold.
+                Some(frames) => match frames.read(image_id, |slot_frame, src| {
+                    pixels.write_into(scratch, task.m, slot_frame, src, &mut writer)
+                }) {
+                    Ok(()) => Outcome::Placed,
+                    Err(_) => Outcome::Overwritten,
+                },
+            };
+            if task.outcome != Outcome::Placed {
+                pixels.zero(task.m, &mut writer);
+            }
         }
     }
-}
 
-fn hash(ring: &RegionRing<ImageMetadata>, job: &mut Job) {
-    job.digests.clear();
-    let view = match ring.view() {
-        Ok(view) => view,
-        Err(e) => {
-            job.error = Some(e);
-            return;
-        }
-    };
-    let data = view.data();
-    let data = &data[..job.data_bytes.min(data.len())];
-    let blocks = data
-        .chunks(BLOCK_BYTES)
-        .skip(job.blocks.start)
-        .take(job.blocks.len());
-    job.digests.extend(blocks.map(block_digest));
+    fn hash(&self, job: &mut Job) {
+        let view = match self.ring.view() {
+            Ok(view) => view,
+            Err(e) => {
+                job.error = Some(e);
+                return;
+            }
+        };
+        let data = view.data();
+        let data = &data[..job.data_bytes.min(data.len())];
+        let blocks = data
+            .chunks(BLOCK_BYTES)
+            .skip(job.blocks.start)
+            .take(job.blocks.len());
+        job.digests.extend(blocks.map(block_digest));
+    }
 }
 
 #[cfg(test)]
