@@ -17,7 +17,8 @@
 //! other jobs share, the best round is the one they disturbed least), and the worker counters
 //! (wait, straggle, stalls). Before and after the cases, the machine's own ceiling: the same
 //! compute-bound work (xxh3 of a 256 KiB buffer that stays in L2) on 1 thread and on 2 threads
-//! at once, as a throughput ratio; a VM whose 2 vCPUs do not deliver 2 cores shows it there.
+//! at once, as a throughput ratio (a VM whose 2 vCPUs do not deliver 2 cores shows it there), and
+//! the same for memory-bound work (32 MiB copies).
 
 #![allow(clippy::unwrap_used)] // a bench: any failure is a set-up error to see at once
 
@@ -177,6 +178,31 @@ impl Rig {
     }
 }
 
+/// Throughput of 2 threads copying independently (each 32 MiB from one buffer to another, so
+/// memory-bound) over 1 thread doing the same.
+fn memory_ceiling() -> f64 {
+    let len = 32 << 20;
+    let make = || (vec![1u8; len], vec![0u8; len]);
+    let work = |bufs: &mut (Vec<u8>, Vec<u8>)| {
+        let t = Instant::now();
+        for _ in 0..10 {
+            bufs.1.copy_from_slice(&bufs.0);
+            std::hint::black_box(&mut bufs.1);
+        }
+        t.elapsed().as_secs_f64()
+    };
+    let (mut a, mut b) = (make(), make());
+    work(&mut a);
+    work(&mut b);
+    let one = work(&mut a);
+    let two = std::thread::scope(|s| {
+        let t = s.spawn(|| work(&mut a));
+        let u = work(&mut b);
+        t.join().unwrap().max(u)
+    });
+    2.0 * one / two
+}
+
 /// Throughput of 2 threads hashing independently over 1 thread doing the same per thread.
 fn machine_ceiling() -> f64 {
     let buf: Vec<u8> = (0..256 * 1024).map(|i| (i * 31 % 251) as u8).collect();
@@ -223,7 +249,7 @@ fn main() {
          straggle us/image | stalls |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let ceiling_before = machine_ceiling();
+    let ceiling_before = (machine_ceiling(), memory_ceiling());
     let mut ratios = Vec::new();
     for n_modules in [2u16, 4] {
         let cfg = config(n_modules);
@@ -262,9 +288,12 @@ fn main() {
     }
     println!();
     println!(
-        "machine ceiling (2 threads / 1 thread of in-cache xxh3, before / after the cases): \
-         {ceiling_before:.2}x / {:.2}x",
-        machine_ceiling()
+        "machine ceiling, 2 threads / 1 thread, before / after the cases: compute (in-cache \
+         xxh3) {:.2}x / {:.2}x, memory (32 MiB copies) {:.2}x / {:.2}x",
+        ceiling_before.0,
+        machine_ceiling(),
+        ceiling_before.1,
+        memory_ceiling()
     );
     for (n, r, b) in ratios {
         let met = |r: f64| if r >= 1.7 { "met" } else { "NOT met" };
