@@ -382,7 +382,8 @@ pub struct RegionWriter<M: Pod> {
     image_id: u64,
     /// Offset of the slot's data in the mapping.
     data_offset: usize,
-    /// Index of the range the last request fell in: requests mostly walk the ranges in order.
+    /// Index of the range the last request fell in: requests mostly walk the ranges in order
+    /// (or in reverse order, for modules mirrored vertically).
     hint: usize,
 }
 
@@ -421,6 +422,9 @@ impl<M: Pod> RegionWriter<M> {
             self.hint
         } else if inside(self.hint + 1) {
             self.hint + 1
+        } else if self.hint > 0 && inside(self.hint - 1) {
+            // Mirrored modules walk their rows downwards in memory.
+            self.hint - 1
         } else {
             // The last range starting at or before `offset`.
             let i = ranges.partition_point(|r| r.start <= offset);
@@ -606,6 +610,8 @@ mod tests {
         assert!(w0.bytes_mut(0, 8).is_ok());
         assert!(w0.bytes_mut(16, 8).is_ok(), "the next row");
         assert!(w0.bytes_mut(112, 8).is_ok(), "far away (binary search)");
+        assert!(w0.bytes_mut(96, 8).is_ok(), "the row before");
+        assert!(w0.bytes_mut(0, 8).is_ok(), "far back");
         for (offset, len) in [(4, 8), (8, 1), (120, 8), (usize::MAX, 2), (128, 0)] {
             assert_eq!(
                 w0.bytes_mut(offset, len).map(|_| ()),
