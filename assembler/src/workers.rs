@@ -29,7 +29,7 @@ use crate::pixels::{ModulePixels, Scratch};
 use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,8 +39,6 @@ use std_daq_common::{ImageMetadata, ModuleFrame};
 /// An image whose last worker finished its modules more than this after the first one counts
 /// as a worker stall.
 pub const WORKER_STALL: Duration = Duration::from_millis(1);
-/// How long an idle worker polls for its next job before it sleeps.
-pub const JOB_SPIN: Duration = Duration::from_micros(50);
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
 const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
 
@@ -404,21 +402,6 @@ fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The next job: polled for up to [`JOB_SPIN`] first (at a high image rate the next one comes
-/// within microseconds, and waking a sleeping thread costs tens of them, more on a loaded
-/// machine), then waited for. `None`: the synchroniser closed the channel.
-fn next_job(jobs: &Receiver<Job>) -> Option<Job> {
-    let spin_until = Instant::now() + JOB_SPIN;
-    loop {
-        match jobs.try_recv() {
-            Ok(job) => return Some(job),
-            Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) if Instant::now() < spin_until => std::hint::spin_loop(),
-            Err(TryRecvError::Empty) => return jobs.recv().ok(),
-        }
-    }
-}
-
 /// One worker thread's own state.
 struct Worker {
     w: usize,
@@ -431,7 +414,7 @@ struct Worker {
 impl Worker {
     /// One job at a time until the synchroniser closes the channel.
     fn run(mut self, jobs: Receiver<Job>, done: SyncSender<Job>) {
-        while let Some(mut job) = next_job(&jobs) {
+        while let Ok(mut job) = jobs.recv() {
             job.started = Instant::now();
             job.panicked = false;
             // A panic here is a bug; caught so that this worker still reaches the barrier (its
