@@ -29,8 +29,9 @@ use crate::pixels::{ModulePixels, Scratch};
 use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use std_daq_common::checksum::{block_count, block_digest, BLOCK_BYTES};
@@ -39,6 +40,10 @@ use std_daq_common::{ImageMetadata, ModuleFrame};
 /// An image whose last worker finished its modules more than this after the first one counts
 /// as a worker stall.
 pub const WORKER_STALL: Duration = Duration::from_millis(1);
+/// How long a worker that reached the barrier first polls for its peers before it sleeps: the
+/// straggle between workers is typically 100-500 us, and waking a sleeping thread costs tens of
+/// microseconds (more in a VM); the worker has nothing else to do meanwhile.
+const BARRIER_SPIN: Duration = Duration::from_micros(500);
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
 const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
 
@@ -163,7 +168,7 @@ impl Workers {
         let ring = image_ring.into_regions(plan)?;
         let image_bytes = pixels.geometry.image_bytes().min(slot_bytes);
         let n_blocks = block_count(image_bytes);
-        let barrier = Arc::new(Barrier::new(n));
+        let barrier = Arc::new(SpinBarrier::new(n));
         let mut links = Vec::with_capacity(n);
         for w in 0..n {
             let (jobs, jobs_rx) = sync_channel::<Job>(1);
@@ -402,13 +407,64 @@ fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// A reusable barrier for `n` threads: the last to arrive releases the others, who poll for up
+/// to [`BARRIER_SPIN`] before they sleep. Only a rendezvous: what the image's bytes may be used
+/// for is checked by the region ring, not implied by this.
+#[derive(Debug)]
+struct SpinBarrier {
+    n: usize,
+    /// (threads arrived in this round, round number).
+    state: Mutex<(usize, u64)>,
+    released: Condvar,
+    /// The round number, for polling without the lock.
+    round: AtomicU64,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        SpinBarrier {
+            n,
+            state: Mutex::new((0, 0)),
+            released: Condvar::new(),
+            round: AtomicU64::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let round = state.1;
+        state.0 += 1;
+        if state.0 >= self.n {
+            *state = (0, round + 1);
+            self.round.store(round + 1, Ordering::Release);
+            self.released.notify_all();
+            return;
+        }
+        drop(state);
+        let spin_until = Instant::now() + BARRIER_SPIN;
+        while Instant::now() < spin_until {
+            if self.round.load(Ordering::Acquire) != round {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while state.1 == round {
+            state = self
+                .released
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 /// One worker thread's own state.
 struct Worker {
     w: usize,
     ring: RegionRing<ImageMetadata>,
     scratch: Scratch,
     /// All workers meet here between writing their modules and hashing.
-    barrier: Arc<Barrier>,
+    barrier: Arc<SpinBarrier>,
 }
 
 impl Worker {
