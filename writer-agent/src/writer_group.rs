@@ -21,7 +21,8 @@
 
 use crate::writer_client::{ClientError, WriterClient};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use std_daq_common::writer_command::{
     partial_path, writer_data_file, Command, Deal, MasterRequest, MasterSource, MasterSummary,
@@ -31,7 +32,7 @@ use std_daq_common::writer_command::{
 /// One writer or several, as the agent drives them.
 #[derive(Debug)]
 pub struct WriterGroup {
-    clients: Vec<WriterClient>,
+    clients: Arc<Vec<WriterClient>>,
     endpoints: Vec<String>,
     lost_after: Duration,
     state: Mutex<GroupState>,
@@ -55,6 +56,8 @@ struct GroupRun {
     first_image_id: Option<u64>,
     /// What each writer last said about its part of the run.
     seen: Vec<Seen>,
+    /// What the thread that sets the run's first image id found ([`set_first_image_id`]).
+    anchor: Arc<AnchorState>,
     last_answer: Vec<Instant>,
 }
 
@@ -77,10 +80,12 @@ impl WriterGroup {
         lost_after: Duration,
     ) -> Self {
         WriterGroup {
-            clients: endpoints
-                .iter()
-                .map(|e| WriterClient::new(ctx, e, timeout))
-                .collect(),
+            clients: Arc::new(
+                endpoints
+                    .iter()
+                    .map(|e| WriterClient::new(ctx, e, timeout))
+                    .collect(),
+            ),
             endpoints: endpoints.to_vec(),
             lost_after,
             state: Mutex::new(GroupState::default()),
@@ -271,6 +276,19 @@ impl WriterGroup {
             ));
         }
         tracing::info!(output_file, writers, "run started on every writer");
+        let anchor = Arc::new(AnchorState::default());
+        {
+            let (clients, state) = (Arc::clone(&self.clients), Arc::clone(&anchor));
+            let files: Vec<String> = (0..writers)
+                .map(|k| writer_data_file(output, k).display().to_string())
+                .collect();
+            let request_id = request_id.clone();
+            std::thread::Builder::new()
+                .name("first-image-id".into())
+                .spawn(move || set_first_image_id(&clients, &files, &request_id, &state))
+                .map_err(|e| tracing::error!("cannot start the first-image-id thread: {e}"))
+                .ok();
+        }
         st.run = Some(GroupRun {
             output_file: output_file.to_string(),
             n_images,
@@ -278,6 +296,7 @@ impl WriterGroup {
             request_id: request_id.clone(),
             context: context.clone(),
             first_image_id: None,
+            anchor,
             seen: vec![Seen::Running(RunSummary::default()); self.clients.len()],
             last_answer: vec![Instant::now(); self.clients.len()],
         });
@@ -359,9 +378,7 @@ impl WriterGroup {
             return self.idle_status(st, replies);
         };
         self.observe(&mut run, replies);
-        if run.first_image_id.is_none() {
-            self.set_first_image_id(&mut run);
-        }
+        self.take_anchor(&mut run);
         let lost = run.seen.iter().any(|s| matches!(s, Seen::Lost { .. }));
         // A writer that failed (disk full, ...) bounds the master where its file ends: the
         // others stop too rather than write what the master cannot map.
@@ -447,55 +464,31 @@ impl WriterGroup {
         Ok(reply)
     }
 
-    /// When every running writer has seen an image since its start: the largest of those ids
-    /// (the first image all of them saw) becomes the run's first image id on every writer.
-    fn set_first_image_id(&self, run: &mut GroupRun) {
-        let mut first: Option<u64> = None;
-        for seen in &run.seen {
-            match seen {
-                Seen::Running(r) => match r.first_image_after_start {
-                    Some(id) => first = first.max(Some(id)),
-                    None => return,
-                },
-                // An empty share ended at once; a lost writer ends the run anyway.
-                Seen::Ended(_) | Seen::Lost { .. } => {}
-            }
+    /// Takes the first image id the anchoring thread set, if it has; a writer that refused it
+    /// is lost.
+    fn take_anchor(&self, run: &mut GroupRun) {
+        if run.first_image_id.is_some() {
+            return;
         }
-        let Some(first) = first else { return };
-        let running: Vec<bool> = run
-            .seen
-            .iter()
-            .map(|s| matches!(s, Seen::Running(_)))
-            .collect();
-        let replies = self.each(|k| {
-            if running[k as usize] {
-                Command::SetFirstImageId {
-                    first_image_id: first,
-                }
-            } else {
-                Command::Status
-            }
-        });
-        for (k, r) in replies.into_iter().enumerate().filter(|(k, _)| running[*k]) {
-            let why = match r {
-                Ok(Reply { ok: true, .. }) => continue,
-                Ok(r) => format!(
-                    "{} refused first_image_id {first}: {}",
-                    self.name(k),
-                    r.error.unwrap_or_default()
-                ),
-                Err(e) => format!("{} did not take first_image_id {first}: {e}", self.name(k)),
-            };
+        let taken = run
+            .anchor
+            .result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some((first, refusals)) = taken else {
+            return;
+        };
+        for (k, why) in refusals {
             let last = match &run.seen[k] {
                 Seen::Running(s) => Some(s.clone()),
                 _ => None,
             };
-            run.seen[k] = Seen::Lost { why, last };
+            run.seen[k] = Seen::Lost {
+                why: format!("{}: {why}", self.name(k)),
+                last,
+            };
         }
-        tracing::info!(
-            first_image_id = first,
-            "the run's first image id is set on every writer"
-        );
         run.first_image_id = Some(first);
     }
 
@@ -614,7 +607,9 @@ impl WriterGroup {
     }
 
     /// Every writer has ended (or was lost): writes the master and sets the run's summary.
-    fn end_run(&self, st: &mut GroupState, run: GroupRun) {
+    fn end_run(&self, st: &mut GroupState, mut run: GroupRun) {
+        run.anchor.cancel.store(true, Ordering::Relaxed);
+        self.take_anchor(&mut run);
         let writers = self.clients.len();
         let sources: Vec<MasterSource> = run
             .seen
@@ -709,6 +704,84 @@ impl WriterGroup {
             errors.push("no writer is left to write it".into());
         }
         Err(errors.join("; "))
+    }
+}
+
+/// The run's first image id and the writers (index, why) that refused it.
+type Anchored = (u64, Vec<(usize, String)>);
+
+/// What the anchoring thread found.
+#[derive(Debug, Default)]
+struct AnchorState {
+    result: Mutex<Option<Anchored>>,
+    /// The run ended: stop looking.
+    cancel: AtomicBool,
+}
+
+/// How often the anchoring thread asks the writers whether they have seen an image.
+const ANCHOR_POLL: Duration = Duration::from_millis(2);
+
+/// Runs beside the run until every writer running it has seen an image since its start, then
+/// sets the largest of those ids (the first image all of them saw) on each: images that went by
+/// meanwhile stay in the ImageBuffer for a few ms at most, whoever polls the group and how
+/// often. A writer that does not answer is waited for (the group's status decides when it is
+/// lost).
+fn set_first_image_id(
+    clients: &[WriterClient],
+    files: &[String],
+    request_id: &Option<String>,
+    state: &AnchorState,
+) {
+    while !state.cancel.load(Ordering::Relaxed) {
+        let mut first: Option<u64> = None;
+        let mut running = vec![false; clients.len()];
+        let mut ready = true;
+        for (k, client) in clients.iter().enumerate() {
+            let mine = |r: &RunSummary| &r.request_id == request_id && r.output_file == files[k];
+            match client.request(&Command::Status) {
+                Ok(Reply {
+                    ok: true,
+                    status: Some(s),
+                    ..
+                }) => {
+                    if let Some(cur) = s.current.filter(|c| mine(c)) {
+                        running[k] = true;
+                        match cur.first_image_after_start {
+                            Some(id) => first = first.max(Some(id)),
+                            None => ready = false,
+                        }
+                    }
+                }
+                _ => ready = false,
+            }
+        }
+        if let (true, Some(first)) = (ready, first) {
+            let mut refusals = Vec::new();
+            for (k, client) in clients.iter().enumerate().filter(|(k, _)| running[*k]) {
+                match client.request(&Command::SetFirstImageId {
+                    first_image_id: first,
+                }) {
+                    Ok(Reply { ok: true, .. }) => {}
+                    Ok(r) => refusals.push((
+                        k,
+                        format!(
+                            "refused first_image_id {first}: {}",
+                            r.error.unwrap_or_default()
+                        ),
+                    )),
+                    Err(e) => {
+                        refusals.push((k, format!("did not take first_image_id {first}: {e}")))
+                    }
+                }
+            }
+            tracing::info!(
+                first_image_id = first,
+                "the run's first image id is set on its writers"
+            );
+            *state.result.lock().unwrap_or_else(|e| e.into_inner()) = Some((first, refusals));
+            return;
+        }
+        std::thread::sleep(ANCHOR_POLL);
     }
 }
 
@@ -880,6 +953,7 @@ mod tests {
             request_id: Some("r1".into()),
             context: RunContext::default(),
             first_image_id: Some(100),
+            anchor: Arc::default(),
             last_answer: vec![Instant::now(); seen.len()],
             seen,
         }

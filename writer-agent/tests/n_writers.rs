@@ -275,3 +275,43 @@ async fn a_compressed_master_reads_exact_through_hdf5plugin() {
     assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
     std::fs::remove_dir_all(work).unwrap();
 }
+
+/// Nobody polls the writers while the detector runs (the demo's way: start, run the simulator,
+/// then wait): the run still starts at its first image, so a ring much smaller than the run loses
+/// nothing. (When the first image id was only set by a status poll, all but the last ring's worth
+/// of images were lost here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_image_id_is_set_without_anyone_polling() {
+    let mut opts = std_daq_tests::options("nwritersnopoll").unwrap();
+    // 16 slots of 2 MiB for a run of 150 images.
+    opts.ram_buffer_gb = 0.03125;
+    opts.extra_config = vec![("number_of_writers".into(), 2.into())];
+    let detector = opts.detector_name.clone();
+    let work = opts.work_dir.clone();
+    let folder = work.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut p =
+            Pipeline::start_detector(opts, SimulatedDetector::Jungfrau, Duration::from_secs(60))
+                .unwrap();
+        let file = work.join("nopoll.h5");
+        p.start_run(&file, 150).unwrap();
+        p.run_simulator(150, 100.0, "", false).unwrap();
+        let run = p.wait_run(Duration::from_secs(10)).unwrap();
+        assert_eq!((run.end.as_str(), run.images_written), ("completed", 150));
+        let stop = p.stop().unwrap();
+        assert!(
+            stop.failed.is_empty() && stop.leftovers.is_empty(),
+            "{stop:?}"
+        );
+        verify_h5_with(&file, &detector, "", "jungfrau", &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(report["exact_images"], 150, "{report}");
+    assert_eq!(
+        report["status_counts"],
+        serde_json::json!({"1": 150}),
+        "{report}"
+    );
+    std::fs::remove_dir_all(folder).unwrap();
+}
