@@ -18,16 +18,11 @@ use std_writer_agent::writer_client::WriterClient;
 use std_writer_agent::writer_group::WriterGroup;
 
 mod netns_common;
-use netns_common::{sh, verify, Netns, Proc};
+use netns_common::{netns_possible, verify, Netns, Proc};
 
 #[test]
 fn a_far_writer_fed_by_replication_and_a_near_writer_make_one_exact_master() {
-    if !sh("[ $(id -u) = 0 ] && command -v ip >/dev/null && command -v unshare >/dev/null") {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "CI=true: this test needs root, ip and unshare"
-        );
-        eprintln!("SKIPPED: needs root, ip and unshare");
+    if !netns_possible() {
         return;
     }
     let bin = default_bin_dir().unwrap();

@@ -61,6 +61,17 @@ struct GroupRun {
     last_answer: Vec<Instant>,
 }
 
+impl GroupRun {
+    /// Writer k is lost for the run, for `why`; what it last said stays (its checkpoint).
+    fn lose(&mut self, k: usize, why: String) {
+        let last = match &self.seen[k] {
+            Seen::Running(s) | Seen::Ended(s) => Some(s.clone()),
+            Seen::Lost { last, .. } => last.clone(),
+        };
+        self.seen[k] = Seen::Lost { why, last };
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Seen {
     Running(RunSummary),
@@ -319,11 +330,7 @@ impl WriterGroup {
     /// Takes in what each writer says now.
     fn observe(&self, run: &mut GroupRun, replies: Vec<Result<Reply, ClientError>>) {
         for (k, r) in replies.into_iter().enumerate() {
-            let last = match &run.seen[k] {
-                Seen::Running(s) | Seen::Ended(s) => Some(s.clone()),
-                Seen::Lost { .. } => continue,
-            };
-            if matches!(run.seen[k], Seen::Ended(_)) {
+            if !matches!(run.seen[k], Seen::Running(_)) {
                 continue;
             }
             match r {
@@ -338,34 +345,28 @@ impl WriterGroup {
                     } else if let Some(done) = s.last_run.filter(|c| Self::is_part(run, k, c)) {
                         run.seen[k] = Seen::Ended(done);
                     } else {
-                        run.seen[k] = Seen::Lost {
-                            why: format!(
-                                "{} no longer knows the run (was it restarted?)",
-                                self.name(k)
-                            ),
-                            last,
-                        };
+                        let why = format!(
+                            "{} no longer knows the run (was it restarted?)",
+                            self.name(k)
+                        );
+                        run.lose(k, why);
                     }
                 }
                 Ok(r) => {
-                    run.seen[k] = Seen::Lost {
-                        why: format!(
-                            "{} gave an unusable status: {}",
-                            self.name(k),
-                            r.error.unwrap_or_default()
-                        ),
-                        last,
-                    }
+                    let why = format!(
+                        "{} gave an unusable status: {}",
+                        self.name(k),
+                        r.error.unwrap_or_default()
+                    );
+                    run.lose(k, why);
                 }
                 Err(e) if run.last_answer[k].elapsed() > self.lost_after => {
-                    run.seen[k] = Seen::Lost {
-                        why: format!(
-                            "{} stopped answering for {} s: {e}",
-                            self.name(k),
-                            self.lost_after.as_secs()
-                        ),
-                        last,
-                    }
+                    let why = format!(
+                        "{} stopped answering for {} s: {e}",
+                        self.name(k),
+                        self.lost_after.as_secs()
+                    );
+                    run.lose(k, why);
                 }
                 Err(e) => tracing::warn!("{}: {e}", self.name(k)),
             }
@@ -480,14 +481,7 @@ impl WriterGroup {
             return;
         };
         for (k, why) in refusals {
-            let last = match &run.seen[k] {
-                Seen::Running(s) => Some(s.clone()),
-                _ => None,
-            };
-            run.seen[k] = Seen::Lost {
-                why: format!("{}: {why}", self.name(k)),
-                last,
-            };
+            run.lose(k, format!("{}: {why}", self.name(k)));
         }
         run.first_image_id = Some(first);
     }
@@ -519,14 +513,7 @@ impl WriterGroup {
                     let status = self.clients[k].request(&Command::Status);
                     self.observe(run, fill(k, status, self.clients.len()));
                     if matches!(run.seen[k], Seen::Running(_)) {
-                        let last = match &run.seen[k] {
-                            Seen::Running(s) => Some(s.clone()),
-                            _ => None,
-                        };
-                        run.seen[k] = Seen::Lost {
-                            why: format!("{} did not stop", self.name(k)),
-                            last,
-                        };
+                        run.lose(k, format!("{} did not stop", self.name(k)));
                     }
                 }
             }

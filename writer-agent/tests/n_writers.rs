@@ -109,6 +109,34 @@ async fn request(
     (id, handle)
 }
 
+/// A request for `n` images that the simulator fills (frames from 1): its final status.
+async fn complete_run(
+    tag: &str,
+    p: &Pipeline,
+    observed: &mut tokio::sync::mpsc::UnboundedReceiver<std_writer_agent::StatusMessage>,
+    file: &Path,
+    n: u64,
+) -> std_writer_agent::StatusMessage {
+    let (id, done) = request(tag, file, n).await;
+    assert_eq!(next_for(observed, &id).await.action, action::REQUEST_START);
+    let sim = simulator(p, n, 50.0, 1);
+    let ok = done.await.unwrap().unwrap();
+    finish_simulator(sim).await;
+    assert_eq!(ok.action, action::REQUEST_SUCCESS, "{ok:?}");
+    ok
+}
+
+/// Stops the agent and the pipeline (nothing failed, nothing left) and removes the work folder.
+async fn finish(agent: RunningAgent, p: Pipeline, work: PathBuf) {
+    agent.stop().await;
+    let report = tokio::task::spawn_blocking(move || p.stop().unwrap())
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
+    std::fs::remove_dir_all(work).unwrap();
+}
+
 /// Waits for a progress of at least `k` images.
 async fn progress_at_least(
     observed: &mut tokio::sync::mpsc::UnboundedReceiver<std_writer_agent::StatusMessage>,
@@ -138,15 +166,7 @@ async fn two_writers_complete_kill_and_lose_a_writer_with_an_honest_master() {
     // 1. A complete run: the master holds every image, exact, in order, all good; each writer's
     //    file holds its half.
     let file = root.join("full.h5");
-    let (id, done) = request(&tag, &file, 60).await;
-    assert_eq!(
-        next_for(&mut observed, &id).await.action,
-        action::REQUEST_START
-    );
-    let sim = simulator(&p, 60, 50.0, 1);
-    let ok = done.await.unwrap().unwrap();
-    finish_simulator(sim).await;
-    assert_eq!(ok.action, action::REQUEST_SUCCESS, "{ok:?}");
+    let ok = complete_run(&tag, &p, &mut observed, &file, 60).await;
     assert_eq!(
         ok.message,
         format!("wrote 60 of 60 images to {}", file.display())
@@ -225,13 +245,7 @@ async fn two_writers_complete_kill_and_lose_a_writer_with_an_honest_master() {
     assert_eq!(report["exact_images"], k, "{report}");
     assert_eq!(report["status_counts"]["1"], k, "{report}");
 
-    agent.stop().await;
-    let report = tokio::task::spawn_blocking(move || p.stop().unwrap())
-        .await
-        .unwrap();
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
-    std::fs::remove_dir_all(work).unwrap();
+    finish(agent, p, work).await;
 }
 
 /// bitshuffle + LZ4: the master reads through PyPI's hdf5plugin (the project's venv), every
@@ -248,15 +262,7 @@ async fn a_compressed_master_reads_exact_through_hdf5plugin() {
     let agent = agent_for(&tag, &p, &root).await;
     let mut observed = observe_statuses().await;
     let file = root.join("lz4.h5");
-    let (id, done) = request(&tag, &file, 40).await;
-    assert_eq!(
-        next_for(&mut observed, &id).await.action,
-        action::REQUEST_START
-    );
-    let sim = simulator(&p, 40, 50.0, 1);
-    let ok = done.await.unwrap().unwrap();
-    finish_simulator(sim).await;
-    assert_eq!(ok.action, action::REQUEST_SUCCESS, "{ok:?}");
+    complete_run(&tag, &p, &mut observed, &file, 40).await;
     let report = verify_master(&file, &detector, true);
     assert_eq!(report["images"], 40, "{report}");
     assert_eq!(report["exact_images"], 40, "{report}");
@@ -267,13 +273,7 @@ async fn a_compressed_master_reads_exact_through_hdf5plugin() {
     );
     let filters = data_filters(&writer_data_file(&file, 0), &detector).unwrap();
     assert!(filters.get("32008").is_some(), "{filters}");
-    agent.stop().await;
-    let report = tokio::task::spawn_blocking(move || p.stop().unwrap())
-        .await
-        .unwrap();
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
-    std::fs::remove_dir_all(work).unwrap();
+    finish(agent, p, work).await;
 }
 
 /// Nobody polls the writers while the detector runs (the demo's way: start, run the simulator,

@@ -6,6 +6,20 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// Whether this test can make network namespaces (root, `ip`, `unshare`). In CI the prerequisites
+/// are part of the job: missing, they are a failure, not a skip.
+pub fn netns_possible() -> bool {
+    if sh("[ $(id -u) = 0 ] && command -v ip >/dev/null && command -v unshare >/dev/null") {
+        return true;
+    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "CI=true: this test needs root, ip and unshare"
+    );
+    eprintln!("SKIPPED: needs root, ip and unshare");
+    false
+}
+
 pub fn sh(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", cmd])
