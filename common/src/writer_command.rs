@@ -194,6 +194,14 @@ pub fn writer_data_file(output: &std::path::Path, writer: u32) -> std::path::Pat
     output.with_file_name(format!("{stem}_writer{writer}.h5"))
 }
 
+/// The master file of a run whose writer `writer` writes `data_file` (the inverse of
+/// [`writer_data_file`]); `None` if `data_file` is not such a name.
+pub fn master_file_of(data_file: &std::path::Path, writer: u32) -> Option<std::path::PathBuf> {
+    let name = data_file.file_name()?.to_str()?;
+    let stem = name.strip_suffix(&format!("_writer{writer}.h5"))?;
+    Some(data_file.with_file_name(format!("{stem}.h5")))
+}
+
 /// What a run carries beyond its images: opaque metadata and the trace context of the request,
 /// stored as the file's root attributes `metadata` (JSON text) and `traceparent`. Both optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -557,6 +565,12 @@ mod tests {
             writer_data_file(out, 3),
             std::path::PathBuf::from("/data/p1/run1_writer3.h5")
         );
+        assert_eq!(
+            master_file_of(&writer_data_file(out, 3), 3).as_deref(),
+            Some(out)
+        );
+        assert_eq!(master_file_of(&writer_data_file(out, 3), 2), None);
+        assert_eq!(master_file_of(out, 0), None);
     }
 
     #[test]

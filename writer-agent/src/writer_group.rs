@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use std_daq_common::writer_command::{
-    partial_path, writer_data_file, Command, Deal, MasterRequest, MasterSource, MasterSummary,
-    Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED,
+    master_file_of, partial_path, writer_data_file, Command, Deal, MasterRequest, MasterSource,
+    MasterSummary, Reply, RunContext, RunSummary, WriterStatus, MAX_IMAGES_REACHED,
 };
 
 /// One writer or several, as the agent drives them.
@@ -287,19 +287,7 @@ impl WriterGroup {
             ));
         }
         tracing::info!(output_file, writers, "run started on every writer");
-        let anchor = Arc::new(AnchorState::default());
-        {
-            let (clients, state) = (Arc::clone(&self.clients), Arc::clone(&anchor));
-            let files: Vec<String> = (0..writers)
-                .map(|k| writer_data_file(output, k).display().to_string())
-                .collect();
-            let request_id = request_id.clone();
-            std::thread::Builder::new()
-                .name("first-image-id".into())
-                .spawn(move || set_first_image_id(&clients, &files, &request_id, &state))
-                .map_err(|e| tracing::error!("cannot start the first-image-id thread: {e}"))
-                .ok();
-        }
+        let anchor = self.spawn_anchor(output, request_id);
         st.run = Some(GroupRun {
             output_file: output_file.to_string(),
             n_images,
@@ -315,6 +303,77 @@ impl WriterGroup {
             ok: true,
             ..Reply::default()
         }
+    }
+
+    /// Starts the thread that sets the first image id of the run at `output`.
+    fn spawn_anchor(&self, output: &Path, request_id: &Option<String>) -> Arc<AnchorState> {
+        let anchor = Arc::new(AnchorState::default());
+        let (clients, state) = (Arc::clone(&self.clients), Arc::clone(&anchor));
+        let files: Vec<String> = (0..self.clients.len() as u32)
+            .map(|k| writer_data_file(output, k).display().to_string())
+            .collect();
+        let request_id = request_id.clone();
+        std::thread::Builder::new()
+            .name("first-image-id".into())
+            .spawn(move || set_first_image_id(&clients, &files, &request_id, &state))
+            .map_err(|e| tracing::error!("cannot start the first-image-id thread: {e}"))
+            .ok();
+        anchor
+    }
+
+    /// Takes up a run every writer is running for one request without the group knowing it
+    /// (the agent restarted mid-run): following it again ends it with its master file. The
+    /// run's metadata and traceparent are not known any more; the master goes without them.
+    fn adopt(&self, replies: &[Result<Reply, ClientError>]) -> Option<GroupRun> {
+        let n = self.clients.len();
+        let mut parts = Vec::with_capacity(n);
+        for (k, r) in replies.iter().enumerate() {
+            let Ok(Reply {
+                ok: true,
+                status: Some(s),
+                ..
+            }) = r
+            else {
+                return None;
+            };
+            let cur = s.current.clone()?;
+            let deal = cur.deal?;
+            if deal.writer as usize != k || deal.writers as usize != n || cur.request_id.is_none() {
+                return None;
+            }
+            parts.push(cur);
+        }
+        let first = parts.first()?;
+        let master = master_file_of(Path::new(&first.output_file), 0)?;
+        let same_run = parts.iter().enumerate().all(|(k, p)| {
+            p.request_id == first.request_id
+                && p.output_file == writer_data_file(&master, k as u32).display().to_string()
+        });
+        if !same_run {
+            return None;
+        }
+        let deal = first.deal?;
+        tracing::info!(
+            output_file = %master.display(),
+            request_id = first.request_id,
+            "taking up the run every writer is running"
+        );
+        let anchored = !deal.await_first_image_id;
+        Some(GroupRun {
+            output_file: master.display().to_string(),
+            n_images: first.n_images,
+            max_images: first.max_images,
+            request_id: first.request_id.clone(),
+            context: RunContext::default(),
+            first_image_id: anchored.then_some(deal.first_image_id),
+            anchor: if anchored {
+                Arc::default()
+            } else {
+                self.spawn_anchor(&master, &first.request_id)
+            },
+            last_answer: vec![Instant::now(); n],
+            seen: parts.into_iter().map(Seen::Running).collect(),
+        })
     }
 
     /// Whether `r` is writer k's part of `run`.
@@ -375,6 +434,9 @@ impl WriterGroup {
 
     fn status(&self, st: &mut GroupState) -> Result<Reply, ClientError> {
         let replies = self.all(&Command::Status);
+        if st.run.is_none() {
+            st.run = self.adopt(&replies);
+        }
         let Some(mut run) = st.run.take() else {
             return self.idle_status(st, replies);
         };

@@ -315,3 +315,72 @@ async fn the_first_image_id_is_set_without_anyone_polling() {
     );
     std::fs::remove_dir_all(folder).unwrap();
 }
+
+/// The agent restarted mid-run: a new writer group (the new agent's) takes up the run every
+/// writer is running for one request, follows it to its end and writes the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_takes_up_the_run_its_writers_are_running() {
+    use std_daq_common::writer_command::Command as WCmd;
+    use std_writer_agent::writer_group::WriterGroup;
+    let mut opts = std_daq_tests::options("nwritersadopt").unwrap();
+    opts.extra_config = vec![("number_of_writers".into(), 2.into())];
+    let detector = opts.detector_name.clone();
+    let work = opts.work_dir.clone();
+    let folder = work.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let p =
+            Pipeline::start_detector(opts, SimulatedDetector::Jungfrau, Duration::from_secs(60))
+                .unwrap();
+        let file = work.join("adopted.h5");
+        let started = p
+            .client
+            .request(&WCmd::Start {
+                output_file: file.display().to_string(),
+                n_images: 40,
+                request_id: Some("adopt-1".into()),
+                context: Default::default(),
+            })
+            .unwrap();
+        assert!(started.ok, "{started:?}");
+        // The first group (agent) is gone; a new one sees the run as its own.
+        let endpoints: Vec<String> = (0..2)
+            .map(|k| names::writer_command_endpoint_of(&p.config, k))
+            .collect();
+        let group = WriterGroup::new(
+            &zmq::Context::new(),
+            &endpoints,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        );
+        let status = group.request(&WCmd::Status).unwrap().status.unwrap();
+        let current = status.current.expect("the new group takes up the run");
+        assert_eq!(current.request_id.as_deref(), Some("adopt-1"));
+        assert_eq!(current.output_file, file.display().to_string());
+        p.run_simulator(40, 50.0, "", false).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let run = loop {
+            let st = group.request(&WCmd::Status).unwrap().status.unwrap();
+            if st.current.is_none() {
+                break st.last_run.unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "the run did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!((run.end.as_str(), run.images_written), ("completed", 40));
+        let stop = p.stop().unwrap();
+        assert!(
+            stop.failed.is_empty() && stop.leftovers.is_empty(),
+            "{stop:?}"
+        );
+        verify_h5_with(&file, &detector, "", "jungfrau", &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(report["exact_images"], 40, "{report}");
+    assert_eq!(
+        report["status_counts"],
+        serde_json::json!({"1": 40}),
+        "{report}"
+    );
+    std::fs::remove_dir_all(folder).unwrap();
+}
