@@ -187,18 +187,27 @@ pub fn scrape_metrics(port: u16) -> Result<std::collections::HashMap<String, f64
 /// The first of `n` consecutive TCP ports on 127.0.0.1 that were all free a moment ago (for a
 /// `metrics_base_address`, whose services' ports follow from it).
 pub fn free_port_range(n: u16) -> Result<u16> {
-    for _ in 0..100 {
-        let base = free_port()?;
-        if u32::from(base) + u32::from(n) > 65535 {
-            continue;
-        }
+    // Below the kernel's ephemeral range (32768-60999 by default): ports reserved here for a child
+    // to bind later cannot be taken meanwhile as the local port of an outgoing connection (a
+    // metrics scrape, a broker client), which happened with ranges picked inside it.
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Tests of one binary run in parallel: each call starts elsewhere.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let seed = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(call.wrapping_mul(2003));
+    for attempt in 0..200u32 {
+        let offset = seed.wrapping_add(attempt.wrapping_mul(997)) % (SPAN - u32::from(n));
+        let base = u16::try_from(LOW + offset).context("port range")?;
         let all_free =
             (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return Ok(base);
         }
     }
-    bail!("found no {n} consecutive free TCP ports on 127.0.0.1")
+    bail!("found no {n} consecutive free TCP ports on 127.0.0.1 between 20000 and 32000")
 }
 
 /// The filters of `/<detector>/data` in an HDF5 file, as h5py reports them (e.g.

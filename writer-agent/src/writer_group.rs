@@ -767,13 +767,18 @@ struct AnchorState {
     cancel: AtomicBool,
 }
 
-/// How often the anchoring thread asks the writers whether they have seen an image.
+/// How often the anchoring thread asks the writers whether they have seen an image: often in
+/// the first second (a detector usually starts right after the request), then less (a run
+/// started long before its detector should not keep the writers answering 500 times a second).
+/// Either way the images that go by meanwhile are a few of the ImageBuffer's slots.
 const ANCHOR_POLL: Duration = Duration::from_millis(2);
+const ANCHOR_POLL_LATER: Duration = Duration::from_millis(10);
+const ANCHOR_FAST_POLLS: u32 = 500;
 
 /// Runs beside the run until every writer running it has seen an image since its start, then
 /// sets the largest of those ids (the first image all of them saw) on each: images that went by
-/// meanwhile stay in the ImageBuffer for a few ms at most, whoever polls the group and how
-/// often. A writer that does not answer is waited for (the group's status decides when it is
+/// meanwhile stay in the ImageBuffer for a few ms at most (`ANCHOR_POLL`), whoever polls the
+/// group and how often. A writer that does not answer is waited for (the group's status decides when it is
 /// lost).
 fn set_first_image_id(
     clients: &[WriterClient],
@@ -781,6 +786,7 @@ fn set_first_image_id(
     request_id: &Option<String>,
     state: &AnchorState,
 ) {
+    let mut polls: u32 = 0;
     while !state.cancel.load(Ordering::Relaxed) {
         let mut first: Option<u64> = None;
         let mut running = vec![false; clients.len()];
@@ -830,7 +836,12 @@ fn set_first_image_id(
             *state.result.lock().unwrap_or_else(|e| e.into_inner()) = Some((first, refusals));
             return;
         }
-        std::thread::sleep(ANCHOR_POLL);
+        polls = polls.saturating_add(1);
+        std::thread::sleep(if polls < ANCHOR_FAST_POLLS {
+            ANCHOR_POLL
+        } else {
+            ANCHOR_POLL_LATER
+        });
     }
 }
 
