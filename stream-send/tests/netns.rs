@@ -25,7 +25,7 @@ use std_daq_common::writer_command::{Command as WCmd, Reply};
 use std_writer_agent::writer_client::WriterClient;
 
 mod netns_common;
-use netns_common::{netns_possible, verify, Netns, Proc};
+use netns_common::{netns_possible, start_sender, verify, FarHost, Netns};
 
 /// `std-daq verify` on a far file: (exit ok, report). The far file's checksums are the near
 /// assembler's, carried by replication.
@@ -97,83 +97,35 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
     let ns = Netns::create();
     let near = Pipeline::start(opts, Duration::from_secs(60)).unwrap();
 
-    // Far config: the same detector, its own ipc_dir.
-    let far_dir = work.join("far");
-    std::fs::create_dir_all(far_dir.join("ipc")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&near.config_path).unwrap()).unwrap();
-    cfg["ipc_dir"] = far_dir.join("ipc").display().to_string().into();
-    // After the outage the sender catches up at link speed, faster than the far writer writes
-    // HDF5: the far ring (256 slots) must absorb that burst, or the writer itself flags images
-    // lost_in_buffer. Slot size (the layout replication relies on) is the same on both hosts.
-    cfg["ram_buffer_gb"] = 0.5.into();
-    let far_cfg = far_dir.join("detector.json");
-    std::fs::write(&far_cfg, cfg.to_string()).unwrap();
-    let far_config = std_daq_common::DetectorConfig::from_file(&far_cfg).unwrap();
+    // Far host: the same detector, its own ipc_dir. After the outage the sender catches up at
+    // link speed, faster than the far writer writes HDF5: the far ring (256 slots) must absorb
+    // that burst, or the writer itself flags images lost_in_buffer. Slot size (the layout
+    // replication relies on) is the same on both hosts.
     let port = 41_000 + (id % 1000) as u16 * 8;
-    let recv = env!("CARGO_BIN_EXE_std-stream-recv");
-    // The writer is stopped with the receiver (trap), so no process outlives the test.
-    let script = format!(
-        "set -e; mount -t tmpfs tmpfs /dev/shm; \
-         {writer} --config {cfg} >/dev/null 2>{dir}/writer.log & W=$!; \
-         {recv} --config {cfg} --listen {addr}:{port} 2>{dir}/recv.log & R=$!; \
-         trap 'kill -TERM $R $W' TERM INT; \
-         wait $R || true; kill -TERM $W 2>/dev/null || true; wait $W || true",
-        writer = bin.join("std-h5-writer").display(),
-        cfg = far_cfg.display(),
-        dir = far_dir.display(),
-        addr = ns.far_addr(),
+    let far = FarHost::start(
+        &ns,
+        &near.config_path,
+        &work.join("far"),
+        port,
+        Some(0.5),
+        "",
     );
-    // `unshare --mount` makes mounts private by default; the tmpfs vanishes with the namespace.
-    let far = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.far, "unshare", "--mount", "sh", "-c"])
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let (far_dir, far_config) = (far.dir.clone(), far.config.clone());
     let client = WriterClient::new(
         &zmq::Context::new(),
         &names::writer_command_endpoint(&far_config),
         Duration::from_secs(5),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Reply {
-            status: Some(st), ..
-        }) = client.request(&WCmd::Status)
-        {
-            if st.connected {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "far writer not connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let sender = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.near])
-            .arg(env!("CARGO_BIN_EXE_std-stream-send"))
-            .arg("--config")
-            .arg(&near.config_path)
-            .args(["--target", &format!("{}:{port}", ns.far_addr())])
-            .args(["--connections", "2", "--parts", "2", "--link-timeout", "1"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(work.join("send.log")).unwrap())
-            .spawn()
-            .unwrap(),
+    far.wait_writer_connected(&names::writer_command_endpoint(&far_config));
+    let sender = start_sender(
+        &ns,
+        &near.config_path,
+        port,
+        &["--connections", "2", "--parts", "2", "--link-timeout", "1"],
+        &work.join("send.log"),
     );
-
     // The sender connects only once its subscription to the near stream is live.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(far_dir.join("recv.log"))
-        .unwrap_or_default()
-        .contains("replication session open")
-    {
-        assert!(Instant::now() < deadline, "the sender never connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    far.wait_session_open();
 
     // 1: a run streamed across is pixel-exact on the far side.
     let file1 = far_dir.join("run1.h5");
@@ -234,7 +186,7 @@ fn replication_over_a_veth_pair_is_exact_and_a_cut_link_is_accounted() {
     let sent: serde_json::Value =
         serde_json::from_str(sender.wait_output("std-stream-send").trim()).unwrap();
     let received: serde_json::Value =
-        serde_json::from_str(far.wait_output("std-stream-recv").trim()).unwrap();
+        serde_json::from_str(far.proc.wait_output("std-stream-recv").trim()).unwrap();
     let report = verify(&file2, &detector);
     let lost_in_file = report["status_counts"]["4"].as_u64().unwrap_or(0);
     eprintln!("sender {sent}\nreceiver {received}\nfile {report}");

@@ -9,16 +9,14 @@
 //! Needs root (CI runs as root); skipped with a message otherwise (a failure with CI=true).
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use std_daq::pipeline::{default_bin_dir, Pipeline, PipelineOptions};
 use std_daq_common::names;
 use std_daq_common::writer_command::{writer_data_file, Command as WCmd, Reply};
-use std_writer_agent::writer_client::WriterClient;
 use std_writer_agent::writer_group::WriterGroup;
 
 mod netns_common;
-use netns_common::{netns_possible, verify, Netns, Proc};
+use netns_common::{netns_possible, start_sender, verify, FarHost, Netns};
 
 #[test]
 fn a_far_writer_fed_by_replication_and_a_near_writer_make_one_exact_master() {
@@ -47,65 +45,20 @@ fn a_far_writer_fed_by_replication_and_a_near_writer_make_one_exact_master() {
     near.stop_writer_k(1).unwrap();
 
     // The far host: same detector and writers, its own ipc_dir (and its own /dev/shm).
-    let far_dir = work.join("far");
-    std::fs::create_dir_all(far_dir.join("ipc")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&near.config_path).unwrap()).unwrap();
-    cfg["ipc_dir"] = far_dir.join("ipc").display().to_string().into();
-    let far_cfg = far_dir.join("detector.json");
-    std::fs::write(&far_cfg, cfg.to_string()).unwrap();
-    let far_config = std_daq_common::DetectorConfig::from_file(&far_cfg).unwrap();
     let port = 43_000 + (id % 1000) as u16 * 8;
-    let script = format!(
-        "set -e; mount -t tmpfs tmpfs /dev/shm; \
-         {writer} --config {cfg} --writer-index 1 >/dev/null 2>{dir}/writer.log & W=$!; \
-         {recv} --config {cfg} --listen {addr}:{port} 2>{dir}/recv.log & R=$!; \
-         trap 'kill -TERM $R $W' TERM INT; \
-         wait $R || true; kill -TERM $W 2>/dev/null || true; wait $W || true",
-        writer = bin.join("std-h5-writer").display(),
-        recv = env!("CARGO_BIN_EXE_std-stream-recv"),
-        cfg = far_cfg.display(),
-        dir = far_dir.display(),
-        addr = ns.far_addr(),
+    let far = FarHost::start(
+        &ns,
+        &near.config_path,
+        &work.join("far"),
+        port,
+        None,
+        "--writer-index 1",
     );
-    let far = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.far, "unshare", "--mount", "sh", "-c"])
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let far_writer = names::writer_command_endpoint_of(&far_config, 1);
-    let far_client = WriterClient::new(&zmq::Context::new(), &far_writer, Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !far_client
-        .request(&WCmd::Status)
-        .is_ok_and(|r| r.status.is_some_and(|s| s.connected))
-    {
-        assert!(Instant::now() < deadline, "far writer not connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _sender = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.near])
-            .arg(env!("CARGO_BIN_EXE_std-stream-send"))
-            .arg("--config")
-            .arg(&near.config_path)
-            .args(["--target", &format!("{}:{port}", ns.far_addr())])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.join("send.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(far_dir.join("recv.log"))
-        .unwrap_or_default()
-        .contains("replication session open")
-    {
-        assert!(Instant::now() < deadline, "the sender never connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let far_dir = far.dir.clone();
+    let far_writer = names::writer_command_endpoint_of(&far.config, 1);
+    far.wait_writer_connected(&far_writer);
+    let _sender = start_sender(&ns, &near.config_path, port, &[], &work.join("send.log"));
+    far.wait_session_open();
 
     // One run over both hosts, driven as the writer agent drives it.
     let group = WriterGroup::new(

@@ -389,46 +389,51 @@ impl WriterGroup {
     /// Takes in what each writer says now.
     fn observe(&self, run: &mut GroupRun, replies: Vec<Result<Reply, ClientError>>) {
         for (k, r) in replies.into_iter().enumerate() {
-            if !matches!(run.seen[k], Seen::Running(_)) {
-                continue;
-            }
-            match r {
-                Ok(Reply {
-                    ok: true,
-                    status: Some(s),
-                    ..
-                }) => {
-                    run.last_answer[k] = Instant::now();
-                    if let Some(cur) = s.current.filter(|c| Self::is_part(run, k, c)) {
-                        run.seen[k] = Seen::Running(cur);
-                    } else if let Some(done) = s.last_run.filter(|c| Self::is_part(run, k, c)) {
-                        run.seen[k] = Seen::Ended(done);
-                    } else {
-                        let why = format!(
-                            "{} no longer knows the run (was it restarted?)",
-                            self.name(k)
-                        );
-                        run.lose(k, why);
-                    }
-                }
-                Ok(r) => {
+            self.observe_one(run, k, r);
+        }
+    }
+
+    /// Takes in what writer k says now (only while it is running the run).
+    fn observe_one(&self, run: &mut GroupRun, k: usize, r: Result<Reply, ClientError>) {
+        if !matches!(run.seen[k], Seen::Running(_)) {
+            return;
+        }
+        match r {
+            Ok(Reply {
+                ok: true,
+                status: Some(s),
+                ..
+            }) => {
+                run.last_answer[k] = Instant::now();
+                if let Some(cur) = s.current.filter(|c| Self::is_part(run, k, c)) {
+                    run.seen[k] = Seen::Running(cur);
+                } else if let Some(done) = s.last_run.filter(|c| Self::is_part(run, k, c)) {
+                    run.seen[k] = Seen::Ended(done);
+                } else {
                     let why = format!(
-                        "{} gave an unusable status: {}",
-                        self.name(k),
-                        r.error.unwrap_or_default()
+                        "{} no longer knows the run (was it restarted?)",
+                        self.name(k)
                     );
                     run.lose(k, why);
                 }
-                Err(e) if run.last_answer[k].elapsed() > self.lost_after => {
-                    let why = format!(
-                        "{} stopped answering for {} s: {e}",
-                        self.name(k),
-                        self.lost_after.as_secs()
-                    );
-                    run.lose(k, why);
-                }
-                Err(e) => tracing::warn!("{}: {e}", self.name(k)),
             }
+            Ok(r) => {
+                let why = format!(
+                    "{} gave an unusable status: {}",
+                    self.name(k),
+                    r.error.unwrap_or_default()
+                );
+                run.lose(k, why);
+            }
+            Err(e) if run.last_answer[k].elapsed() > self.lost_after => {
+                let why = format!(
+                    "{} stopped answering for {} s: {e}",
+                    self.name(k),
+                    self.lost_after.as_secs()
+                );
+                run.lose(k, why);
+            }
+            Err(e) => tracing::warn!("{}: {e}", self.name(k)),
         }
     }
 
@@ -460,7 +465,7 @@ impl WriterGroup {
             self.end_run(st, run);
             return Ok(self.reply_status(st, None));
         }
-        let current = combined(&run, self.clients.len());
+        let current = combined(&run);
         st.run = Some(run);
         Ok(self.reply_status(st, Some(current)))
     }
@@ -573,7 +578,7 @@ impl WriterGroup {
                 // It ended by itself just before the stop: its status says how.
                 _ => {
                     let status = self.clients[k].request(&Command::Status);
-                    self.observe(run, fill(k, status, self.clients.len()));
+                    self.observe_one(run, k, status);
                     if matches!(run.seen[k], Seen::Running(_)) {
                         run.lose(k, format!("{} did not stop", self.name(k)));
                     }
@@ -635,7 +640,7 @@ impl WriterGroup {
             }
         }
         if run.seen.iter().all(|s| matches!(s, Seen::Ended(_))) {
-            let mut summary = combined(&run, self.clients.len());
+            let mut summary = combined(&run);
             summary.end = ends.first().cloned().unwrap_or_default();
             summary.images_written = 0;
             st.last_run = Some(summary.clone());
@@ -666,7 +671,7 @@ impl WriterGroup {
             .enumerate()
             .map(|(k, s)| source_of(&run, k, s))
             .collect();
-        let mut summary = combined(&run, writers);
+        let mut summary = combined(&run);
         let request = MasterRequest {
             output_file: run.output_file.clone(),
             writers: writers as u32,
@@ -851,15 +856,6 @@ struct PerWriter {
     writers: Vec<Option<RunSummary>>,
 }
 
-/// A status reply for writer `k` alone, the others unchanged (an error keeps them as they are).
-fn fill(k: usize, reply: Result<Reply, ClientError>, n: usize) -> Vec<Result<Reply, ClientError>> {
-    let mut out: Vec<Result<Reply, ClientError>> = (0..n)
-        .map(|_| Err(ClientError::BadReply("not asked".into())))
-        .collect();
-    out[k] = reply;
-    out
-}
-
 /// What of writer k's file the master may map.
 fn source_of(run: &GroupRun, k: usize, seen: &Seen) -> MasterSource {
     let data = writer_data_file(Path::new(&run.output_file), k as u32);
@@ -881,7 +877,7 @@ fn source_of(run: &GroupRun, k: usize, seen: &Seen) -> MasterSource {
 }
 
 /// The writers' summaries summed (the counts of a run in progress).
-fn combined(run: &GroupRun, writers: usize) -> RunSummary {
+fn combined(run: &GroupRun) -> RunSummary {
     let mut s = RunSummary {
         request_id: run.request_id.clone(),
         output_file: run.output_file.clone(),
@@ -907,7 +903,6 @@ fn combined(run: &GroupRun, writers: usize) -> RunSummary {
         s.last_image_id = s.last_image_id.max(r.last_image_id);
         s.seconds = s.seconds.max(r.seconds);
     }
-    let _ = writers;
     s
 }
 
@@ -1051,7 +1046,7 @@ mod tests {
         });
         let files = vec!["a".into(), "b".into()];
         assert_eq!(combined_end(&run, &master, &files), "completed");
-        let s = combined(&run, 2);
+        let s = combined(&run);
         assert_eq!((s.images_written, s.images_good), (10, 10));
         assert!(WriterGroup::is_part(&run, 1, &part(1, 5, 5, "completed")));
         assert!(!WriterGroup::is_part(&run, 0, &part(1, 5, 5, "completed")));
