@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod calib;
+pub mod mask;
 pub mod pedestal;
 pub mod pixels;
 pub mod place;

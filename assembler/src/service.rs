@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use std_daq_common::messages::IMAGE_METADATA_VERSION;
 use std_daq_common::metrics::Histogram;
 use std_daq_common::service::Shutdown;
-use std_daq_common::status::StatusBoard;
+use std_daq_common::status::{StatusBoard, BOARD_PERIOD};
 use std_daq_common::{DetectorConfig, Dtype, ImageMetadata, ImageStatus, ModuleFrame};
 
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -547,6 +547,10 @@ pub fn run(
     let mut buf = [0u8; std_daq_common::messages::RECV_BUFFER_BYTES];
     let mut last_heartbeat: Option<Instant> = None;
     let mut last_report = Instant::now();
+    let mut last_board = Instant::now();
+    // Counters from the start (zeros): a run starting at once reads them, not an empty board.
+    assembler.publish_status(board);
+    board.stamp_counters();
     let mut publish = |meta: &ImageMetadata| {
         // PUB never blocks; a subscriber too slow for its HWM loses messages, which it sees as
         // gaps in image_id.
@@ -587,7 +591,15 @@ pub fn run(
             last_heartbeat = Some(now);
             assembler.reattach_restarted_receivers();
         }
+        if now.duration_since(last_board) >= BOARD_PERIOD
+            && now.duration_since(last_report) < stats_period
+        {
+            assembler.publish_status(board);
+            board.stamp_counters();
+            last_board = now;
+        }
         if now.duration_since(last_report) >= stats_period {
+            last_board = now;
             let w = assembler.worker_stats();
             tracing::info!(
                 pending = assembler.sync.n_pending(),
@@ -600,11 +612,13 @@ pub fn run(
                 assembler.stats
             );
             assembler.publish_status(board);
+            board.stamp_counters();
             last_report = now;
         }
     }
     tracing::info!(sync = ?assembler.sync.stats, "final: {}", assembler.stats);
     assembler.publish_status(board);
+    board.stamp_counters();
     Ok(assembler.stats)
 }
 

@@ -77,6 +77,19 @@ pub struct Nxmx {
     pub underload_value: Option<i64>,
     /// One per NXdetector_module.
     pub modules: Vec<ModuleGeometry>,
+    /// The image's `pixel_mask` (row-major, NXmx bits) when the writer computed one with the
+    /// calibration and the chip geometry (`assembler::mask`); None = [`Self::gap_mask`].
+    pub pixel_mask: Option<PixelMask>,
+}
+
+/// A computed `pixel_mask` and what it was made from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelMask {
+    /// Row-major, one NXmx bit set per pixel: 1 gap, 2 dead (docs/nxmx.md).
+    pub values: std::sync::Arc<[u32]>,
+    /// The calibration file whose bad pixels are included, and its content id
+    /// (`ImageMetadata.calibration_id` of the images it converts); None without calibration.
+    pub calibration: Option<(String, u64)>,
 }
 
 /// Where a module's pixels are in the image and in space.
@@ -205,6 +218,7 @@ impl Nxmx {
             saturation_value,
             underload_value,
             modules,
+            pixel_mask: None,
         })
     }
 

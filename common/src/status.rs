@@ -84,7 +84,14 @@ pub fn load_config(path: Option<&Path>, env: &RedisEnv) -> Result<DetectorConfig
     DetectorConfig::from_json_str(&text, &origin)
 }
 
-/// Live counters a service shows in its status hash; set at the service's stats period.
+/// How often the receivers and the assembler refresh their board's counters (what their metrics
+/// endpoint serves), whatever their log period (`stats_collection_period`).
+pub const BOARD_PERIOD: Duration = Duration::from_millis(100);
+/// The board field saying when its counters were last set ([`StatusBoard::stamp_counters`]).
+pub const COUNTERS_AT: &str = "counters_at";
+
+/// Live counters a service shows in its status hash and metrics endpoint; refreshed every
+/// [`BOARD_PERIOD`] by the receivers and the assembler, at their stats period by others.
 #[derive(Debug, Clone, Default)]
 pub struct StatusBoard(Arc<Mutex<BTreeMap<String, String>>>);
 
@@ -93,6 +100,16 @@ impl StatusBoard {
         if let Ok(mut map) = self.0.lock() {
             map.insert(key.to_string(), value.to_string());
         }
+    }
+
+    /// Sets `counters_at` (UNIX seconds, the board's [`COUNTERS_AT`]) to now: the counters just
+    /// set are as of this moment, so a reader (a writer's run counters) can wait for a fresh
+    /// reading.
+    pub fn stamp_counters(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.set(COUNTERS_AT, format!("{now:.6}"));
     }
 
     /// Every field and its value, sorted by name.

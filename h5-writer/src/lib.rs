@@ -6,8 +6,10 @@
 
 pub mod command;
 pub mod compress;
+pub mod counters;
 pub mod file;
 pub mod master;
 pub mod nxmx;
+pub mod pixel_mask;
 pub mod service;
 pub mod verify;

@@ -87,6 +87,8 @@ struct Share {
     rows_in_file: Vec<(&'static str, usize)>,
     /// The data file's root `start_time` and `end_time`, if it has them; read when checked.
     times: (Option<String>, Option<String>),
+    /// The data file's `run_counters` (every service's counters for the run), if it has them.
+    run_counters: Option<String>,
 }
 
 /// Rows of writer `k` of `n` holding positions `0..images`.
@@ -237,6 +239,7 @@ fn shares(req: &MasterRequest, output: &Path) -> Result<Vec<Share>, MasterError>
                 count: 0,
                 rows_in_file: Vec::new(),
                 times: (None, None),
+                run_counters: None,
             })
         })
         .collect()
@@ -301,6 +304,7 @@ fn check_data_file(
         Some(value.as_str().to_owned())
     };
     share.times = (time("start_time"), time("end_time"));
+    share.run_counters = time("run_counters");
     Ok(())
 }
 
@@ -397,6 +401,22 @@ fn write_layout(file: &File, path: &Path, l: &Master<'_>) -> Result<(), FileErro
         }
         if let Some(summary) = &req.run_summary {
             set_str_attr(file, "run_summary", &summary.to_string())?;
+        }
+        // Every writer read the same services at its own end; the one that ended last wrote the
+        // run's last image, so its end reading counts the whole run.
+        let end_of = |text: &str| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v["end_time"].as_f64())
+                .unwrap_or(f64::MIN)
+        };
+        if let Some(counters) = l
+            .shares
+            .iter()
+            .filter_map(|s| s.run_counters.as_deref())
+            .max_by(|a, b| end_of(a).total_cmp(&end_of(b)))
+        {
+            set_str_attr(file, "run_counters", counters)?;
         }
         // What the master is made of.
         file.new_attr::<u32>()

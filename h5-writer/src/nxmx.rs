@@ -12,7 +12,8 @@
 //! /entry/instrument/detector               NXdetector: description, distance, beam_center_x/y,
 //!                                          sensor_material, sensor_thickness, saturation_value,
 //!                                          underload_value (photon counts),
-//!                                          bit_depth_readout, pixel_mask, depends_on
+//!                                          bit_depth_readout, pixel_mask (gaps, chip gaps,
+//!                                          the calibration's dead pixels), depends_on
 //! /entry/instrument/detector/transformations/det_z     translation along z by the distance
 //! /entry/instrument/detector/module_<m>    NXdetector_module: data_origin, data_size,
 //!                                          module_offset -> det_z, fast/slow_pixel_direction
@@ -140,16 +141,24 @@ pub fn write_entry(
             det.new_dataset::<i64>().create(name)?.write_scalar(&v)?;
         }
     }
-    let mask = ndarray::Array2::from_shape_vec(
-        (height as usize, width as usize),
-        n.gap_mask(width, height),
-    )
-    .map_err(|e| hdf5::Error::from(format!("pixel mask: {e}")))?;
-    det.new_dataset_builder()
+    let values = match &n.pixel_mask {
+        Some(m) => m.values.to_vec(),
+        None => n.gap_mask(width, height),
+    };
+    let mask = ndarray::Array2::from_shape_vec((height as usize, width as usize), values)
+        .map_err(|e| hdf5::Error::from(format!("pixel mask: {e}")))?;
+    let mask = det
+        .new_dataset_builder()
         .with_data(&mask)
         .chunk((height as usize, width as usize))
         .deflate(4)
         .create("pixel_mask")?;
+    if let Some((file, id)) = n.pixel_mask.as_ref().and_then(|m| m.calibration.as_ref()) {
+        attr(&mask, "calibration_file", file)?;
+        mask.new_attr::<u64>()
+            .create("calibration_id")?
+            .write_scalar(id)?;
+    }
     det.new_dataset::<bool>()
         .create("pixel_mask_applied")?
         .write_scalar(&false)?;

@@ -67,6 +67,8 @@ struct Run {
     end_at_target: &'static str,
     /// Started with `await_first_image_id`: nothing is written until `set_first_image_id`.
     awaiting_first_image_id: bool,
+    /// Every service's counters at the start, for the file's `run_counters` (crate::counters).
+    counters: Option<crate::counters::RunCounters>,
 }
 
 /// What one row of the file became.
@@ -102,6 +104,8 @@ pub struct Writer {
     compression: Compression,
     /// The NXmx groups of every file (docs/nxmx.md).
     nxmx: Option<std_daq_common::nxmx::Nxmx>,
+    /// Their `pixel_mask`, made when a run starts from the calibration then in use.
+    pixel_masks: crate::pixel_mask::PixelMasks,
     /// The config, for a request's NXmx values over its own.
     detector: DetectorConfig,
     /// How often a run's file is made crash-consistent ([`ImageFile::checkpoint`]).
@@ -142,6 +146,7 @@ impl Writer {
                 .nxmx()
                 .map_err(|e| tracing::error!("no NXmx groups in the files: {e}"))
                 .ok(),
+            pixel_masks: Default::default(),
             detector: cfg.clone(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             ring,
@@ -455,12 +460,9 @@ impl Writer {
                 catch_up_rows
             ));
         }
-        let nxmx = match &context.nxmx {
-            None => self.nxmx.clone(),
-            Some(over) => match self.detector.nxmx_with(over) {
-                Ok(n) => Some(n),
-                Err(e) => return Reply::error(format!("the request's {e}")),
-            },
+        let nxmx = match self.run_nxmx(context.nxmx.as_ref()) {
+            Ok(n) => n,
+            Err(e) => return Reply::error(e),
         };
         let partial = partial_path(path);
         let spec = ImageFileSpec {
@@ -524,6 +526,7 @@ impl Writer {
                     target_rows,
                     end_at_target,
                     awaiting_first_image_id: awaiting,
+                    counters: crate::counters::RunCounters::start(&self.detector),
                 });
                 // An empty share ends at once, awaiting or not.
                 if let Some(deal) = context.deal {
@@ -602,14 +605,31 @@ impl Writer {
         }
     }
 
-    /// `make_master`: the master file over the run's writers' files (crate::master).
-    fn make_master(&self, request: &MasterRequest) -> Reply {
-        let nxmx = match &request.nxmx {
+    /// The NXmx values of a file made now: the config's, or `over` the request's, with the
+    /// current `pixel_mask`. The error names the request's bad value.
+    fn run_nxmx(
+        &mut self,
+        over: Option<&std_daq_common::nxmx::NxmxRaw>,
+    ) -> Result<Option<std_daq_common::nxmx::Nxmx>, String> {
+        let nxmx = match over {
             None => self.nxmx.clone(),
-            Some(over) => match self.detector.nxmx_with(over) {
-                Ok(n) => Some(n),
-                Err(e) => return Reply::error(format!("the request's {e}")),
-            },
+            Some(over) => Some(
+                self.detector
+                    .nxmx_with(over)
+                    .map_err(|e| format!("the request's {e}"))?,
+            ),
+        };
+        Ok(nxmx.map(|mut n| {
+            n.pixel_mask = Some(self.pixel_masks.current(&self.detector));
+            n
+        }))
+    }
+
+    /// `make_master`: the master file over the run's writers' files (crate::master).
+    fn make_master(&mut self, request: &MasterRequest) -> Reply {
+        let nxmx = match self.run_nxmx(request.nxmx.as_ref()) {
+            Ok(n) => n,
+            Err(e) => return Reply::error(e),
         };
         let spec = ImageFileSpec {
             detector_name: self.detector_name.clone(),
@@ -848,6 +868,9 @@ impl Writer {
         summary.images_checkpointed = summary.images_written;
         if let Ok(json) = serde_json::to_string(&summary) {
             file.set_closing_attribute("run_summary", &json);
+        }
+        if let Some(counters) = run.counters {
+            file.set_closing_attribute("run_counters", &counters.finish().to_string());
         }
         // After a failed write nothing more is written: the .part stays at its last checkpoint.
         let closed = if end.starts_with("failed") {

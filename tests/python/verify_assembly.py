@@ -74,6 +74,31 @@ def with_gaps(module, chips_x, chips_y, chip, gap, double_pixels):
     return rect
 
 
+def expected_pixel_mask(cfg, shape, module_shape, chips, gap, double_pixels, cal):
+    """The NXmx pixel_mask docs/nxmx.md describes: 1 where no module or chip covers a pixel (or a
+    masked double pixel), 2 where the calibration cannot convert it (spread like the pixels)."""
+    mh, mw = module_shape
+    chips_x, chips_y = chips
+    mask = np.ones(shape, dtype=np.uint32)
+    for m in range(cfg["n_modules"]):
+        cov = with_gaps(np.ones((mh, mw)), chips_x, chips_y, 256, gap, double_pixels)
+        rect = np.where(cov != 0, 0, 1).astype(np.uint32)
+        if cal is not None:
+            gains, peds, pmask = cal
+            rows = slice(m * mh, (m + 1) * mh)
+            g, p = gains[:, rows].astype(np.float64), peds[:, rows].astype(np.float64)
+            bad = (pmask[rows] != 0) | np.any((g == 0) | ~np.isfinite(g) | ~np.isfinite(p), axis=0)
+            dead = with_gaps(bad.astype(np.float64), chips_x, chips_y, 256, gap, double_pixels) != 0
+            rect[(rect == 0) & dead] = 2
+        x0, y0, x1, y1 = cfg["module_positions"][str(m)]
+        if x1 < x0:
+            rect = rect[:, ::-1]
+        if y1 < y0:
+            rect = rect[::-1, :]
+        mask[min(y0, y1):max(y0, y1) + 1, min(x0, x1):max(x0, x1) + 1] = rect
+    return mask
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("file")
@@ -195,6 +220,16 @@ def main():
                 report["mismatches"].append({"image_id": frame, "status": int(status[i]), "want": want_status})
             report["consistent_images"] += ok
             report["exact_images"] += ok and exact
+        path = "/entry/instrument/detector/pixel_mask"
+        if path in f:
+            got = f[path][:]
+            want = expected_pixel_mask(cfg, tuple(data.shape[1:]), (mh, mw), (chips_x, chips_y),
+                                       gap, double_pixels, cal)
+            report["pixel_mask_mismatches"] = int(np.count_nonzero(got != want))
+            report["pixel_mask_counts"] = {str(int(k)): int(v) for k, v in zip(*np.unique(got, return_counts=True))}
+            report["pixel_mask_calibration"] = f[path].attrs.get("calibration_file", "")
+            if isinstance(report["pixel_mask_calibration"], bytes):
+                report["pixel_mask_calibration"] = report["pixel_mask_calibration"].decode()
         report["mismatches"] = report["mismatches"][:20]
         report["status"] = [int(s) for s in status]
         report["n_missing_modules"] = [int(v) for v in g["n_missing_modules"][:]]

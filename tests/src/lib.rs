@@ -210,6 +210,34 @@ pub fn free_port_range(n: u16) -> Result<u16> {
     bail!("found no {n} consecutive free TCP ports on 127.0.0.1 between 20000 and 32000")
 }
 
+/// A root attribute of `file` that holds JSON text (`run_summary`, `run_counters`, ...).
+pub fn root_json_attr(file: &Path, name: &str) -> Result<serde_json::Value> {
+    let f = hdf5::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let text = f
+        .attr(name)
+        .and_then(|a| a.read_scalar::<hdf5::types::VarLenUnicode>())
+        .with_context(|| format!("the attribute {name} of {}", file.display()))?;
+    serde_json::from_str(text.as_str()).with_context(|| format!("{name} is not JSON: {text}"))
+}
+
+/// Asserts a file's `run_counters` (docs/file-format.md): each of `modules` receivers took
+/// exactly the run's packets (JUNGFRAU: 128 per frame) and the assembler made exactly `images`,
+/// all good, none lost in its buffer.
+pub fn assert_run_counters(c: &serde_json::Value, modules: u16, images: u64) {
+    for m in 0..modules {
+        let run = &c["services"][format!("udp-recv-{m}")]["run"];
+        assert_eq!(run["packets"], images * 128, "udp-recv-{m}: {c}");
+        assert_eq!(run["frames_complete"], images, "udp-recv-{m}: {c}");
+        assert_eq!(run["malformed_packets"], 0, "udp-recv-{m}: {c}");
+        assert_eq!(run["missing_packets"], 0, "udp-recv-{m}: {c}");
+    }
+    let assembler = &c["services"]["assembler"]["run"];
+    assert_eq!(assembler["images"], images, "{c}");
+    assert_eq!(assembler["images_good"], images, "{c}");
+    assert_eq!(assembler["images_lost_in_buffer"], 0, "{c}");
+    assert!(c["end_time"].as_f64() > c["start_time"].as_f64(), "{c}");
+}
+
 /// The filters of `/<detector>/data` in an HDF5 file, as h5py reports them (e.g.
 /// `{"32008": [0, 3, 2, 0, 2]}` for bitshuffle + LZ4, `{}` for none).
 pub fn data_filters(file: &Path, detector: &str) -> Result<serde_json::Value> {

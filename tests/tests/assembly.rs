@@ -243,29 +243,48 @@ with h5py.File(sys.argv[1], "w") as f:
     Ok(())
 }
 
-/// Two JUNGFRAU modules, converted with a calibration file, with chip gaps (split double
-/// pixels); module 1 below module 0 and rotated by 180 degrees (both corners reversed).
-#[test]
-fn jungfrau_converted_with_calibration_gaps_and_flips_is_exact() {
-    let work = work_dir("jfconv-cal");
+/// Runs `n` images of 2 converted JUNGFRAU modules (1030x1030 with chip gaps, the calibration
+/// of [`write_calibration`]) at `module_positions`, with `extra` config keys; returns the run,
+/// verify_assembly.py's report and the calibration file's path. Services must stop cleanly.
+fn converted_run(
+    tag: &str,
+    module_positions: serde_json::Value,
+    extra: serde_json::Value,
+    n: u64,
+) -> (RunSummary, serde_json::Value, String) {
+    let work = work_dir(&format!("{tag}-cal"));
     std::fs::create_dir_all(&work).unwrap();
     let cal = work.join("calibration.h5");
     write_calibration(&cal).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "detector_type": "jungfrau-converted", "n_modules": 2, "bit_depth": 16,
         "image_pixel_height": 1030, "image_pixel_width": 1030, "chip_gaps": true,
         "calibration_file": cal.display().to_string(),
-        "module_positions": {"0": [0, 0, 1029, 513], "1": [1029, 1029, 0, 516]},
+        "module_positions": module_positions,
     });
-    let mut s = Services::start("jfconv", config).unwrap();
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    let mut s = Services::start(tag, config).unwrap();
     let file = s.work.join("jf.h5");
-    s.start_run(&file, 20).unwrap();
-    let mut sim = s.simulator(20, 50.0).unwrap();
+    s.start_run(&file, n).unwrap();
+    let mut sim = s.simulator(n, 50.0).unwrap();
     let run = s.wait_until("the run to end", |_| false).unwrap();
     assert!(sim.wait().unwrap().success());
     let (failed, s) = s.stop_ref_work();
     let report = s.verify(&file, Some(&cal)).unwrap();
     assert!(failed.is_empty(), "{failed:?}");
+    std::fs::remove_dir_all(&work).unwrap();
+    let _ = std::fs::remove_dir_all(&s.work);
+    (run, report, cal.display().to_string())
+}
+
+/// Two JUNGFRAU modules, converted with a calibration file, with chip gaps (split double
+/// pixels); module 1 below module 0 and rotated by 180 degrees (both corners reversed).
+#[test]
+fn jungfrau_converted_with_calibration_gaps_and_flips_is_exact() {
+    let positions = serde_json::json!({"0": [0, 0, 1029, 513], "1": [1029, 1029, 0, 516]});
+    let (run, report, cal) = converted_run("jfconv", positions, serde_json::json!({}), 20);
     assert_eq!(run.images_written, 20);
     assert_eq!(
         report["shape"],
@@ -274,14 +293,42 @@ fn jungfrau_converted_with_calibration_gaps_and_flips_is_exact() {
     );
     assert_eq!(report["dtype"], "float32");
     assert_eq!(report["consistent_images"], 20, "{report}");
+    // The file's pixel_mask: chip gaps split (not masked), the calibration's bad pixels dead
+    // (bit 1) where the images have no value, as numpy recomputes it from the calibration file.
+    assert_eq!(report["pixel_mask_mismatches"], 0, "{report}");
+    assert!(
+        report["pixel_mask_counts"]["2"].as_u64().unwrap_or(0) > 1000,
+        "{report}"
+    );
+    assert_eq!(report["pixel_mask_calibration"], cal, "{report}");
     assert_eq!(report["ids_strictly_increasing"], true);
     assert_eq!(
         report["status_counts"],
         serde_json::json!({"1": 20}),
         "{report}"
     );
-    std::fs::remove_dir_all(&work).unwrap();
-    let _ = std::fs::remove_dir_all(&s.work);
+}
+
+/// `double_pixels: "mask"`: double pixels and their gap pixels are 0 in the images and gaps
+/// (bit 0) in the file's pixel_mask; the calibration's other bad pixels dead (bit 1), module 0
+/// mirrored in x.
+#[test]
+fn jungfrau_converted_masked_double_pixels_are_gaps_in_the_pixel_mask() {
+    let positions = serde_json::json!({"0": [1029, 0, 0, 513], "1": [0, 516, 1029, 1029]});
+    let extra = serde_json::json!({"double_pixels": "mask"});
+    let (run, report, _) = converted_run("jfmask", positions, extra, 4);
+    assert_eq!(run.images_written, 4);
+    assert_eq!(report["consistent_images"], 4, "{report}");
+    assert_eq!(report["pixel_mask_mismatches"], 0, "{report}");
+    // Per module: 3 chip borders x 4 columns x 514 rows and 4 rows x 1030 columns, crossings
+    // once; plus the 2 rows between the modules.
+    let per_module = 3 * 4 * 514 + 4 * 1030 - 3 * 4 * 4;
+    let gaps = report["pixel_mask_counts"]["1"].as_u64().unwrap_or(0);
+    assert_eq!(gaps, 2 * per_module + 2 * 1030, "{report}");
+    assert!(
+        report["pixel_mask_counts"]["2"].as_u64().unwrap_or(0) > 1000,
+        "{report}"
+    );
 }
 
 /// Photon counts (`converted_output: "photons_int16"`, 8 keV) through the real binaries: two
@@ -446,6 +493,15 @@ fn eiger_half_modules_with_gaps_and_bottom_flips_are_exact() {
     );
     assert_eq!(report["dtype"], "uint16");
     assert_eq!(report["exact_images"], 30, "{report}");
+    // Gaps: each half module's empty chip-gap columns (2 x 256 rows x 4) and the 2 columns and
+    // 2 rows between the half modules that no module covers.
+    let gaps = 2 * 256 * 4 + (2 * 514 + 2 * 1030 - 4);
+    assert_eq!(report["pixel_mask_mismatches"], 0, "{report}");
+    assert_eq!(
+        report["pixel_mask_counts"],
+        serde_json::json!({"0": 514 * 1030 - gaps, "1": gaps}),
+        "{report}"
+    );
     assert_eq!(
         report["status_counts"],
         serde_json::json!({"1": 30}),

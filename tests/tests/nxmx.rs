@@ -118,16 +118,24 @@ fn jungfrau_files_are_nxmx_with_the_configured_geometry_raw_and_compressed() {
     let geometry = json!({"detector_distance_m": 0.2, "beam_center_x_px": 500.5,
         "beam_center_y_px": 530.0, "incident_wavelength_angstrom": 0.9537});
     for (tag, compression) in [("nxjf", "none"), ("nxjfc", "bitshuffle-lz4")] {
-        let (file, det, work) = write_file(
-            tag,
-            SimulatedDetector::Jungfrau,
-            2,
-            vec![
-                ("nxmx".into(), geometry.clone()),
-                ("compression".into(), compression.into()),
-            ],
-            12,
-        );
+        let mut extra = vec![
+            ("nxmx".into(), geometry.clone()),
+            ("compression".into(), compression.into()),
+        ];
+        // The raw file also gets every service's counters for the run (`run_counters`).
+        let metrics = tag == "nxjf";
+        if metrics {
+            let base = std_daq_tests::free_port_range(16).unwrap();
+            extra.push((
+                "metrics_base_address".into(),
+                format!("127.0.0.1:{base}").into(),
+            ));
+        }
+        let (file, det, work) = write_file(tag, SimulatedDetector::Jungfrau, 2, extra, 12);
+        if metrics {
+            let counters = std_daq_tests::root_json_attr(&file, "run_counters").unwrap();
+            std_daq_tests::assert_run_counters(&counters, 2, 12);
+        }
         let r = check_nxmx(&file);
         eprintln!("{tag}: {r}");
         assert_common(&r, 12, [1024, 1024]);

@@ -16,7 +16,7 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 use std_daq_common::service::Shutdown;
-use std_daq_common::status::StatusBoard;
+use std_daq_common::status::{StatusBoard, BOARD_PERIOD};
 use std_daq_common::ModuleFrame;
 
 /// A frame number at or below the last committed one, arriving after the detector sent nothing
@@ -307,8 +307,20 @@ pub fn run_with_clock<F: PacketFormat>(
     let drops_at_start = socket::kernel_drops(settings.udp_port).unwrap_or(0);
     let kernel_drops =
         || socket::kernel_drops(settings.udp_port).map_or(0, |d| d.saturating_sub(drops_at_start));
+    let mut last_board = clock.now();
+    // Counters from the start (zeros): a run starting at once reads them, not an empty board.
+    stats.publish(board);
+    board.stamp_counters();
     let mut report = |stats: &mut ReceiverStats| {
         let now = clock.now();
+        // The board (metrics, run counters) between log lines; /proc is read at the log period.
+        if now.duration_since(last_board) >= BOARD_PERIOD
+            && now.duration_since(last_report) < settings.stats_period
+        {
+            stats.publish(board);
+            board.stamp_counters();
+            last_board = now;
+        }
         if now.duration_since(last_report) >= settings.stats_period {
             stats.kernel_drops = kernel_drops();
             log_stats(
@@ -318,8 +330,10 @@ pub fn run_with_clock<F: PacketFormat>(
                 now.duration_since(last_report),
             );
             stats.publish(board);
+            board.stamp_counters();
             reported = *stats;
             last_report = now;
+            last_board = now;
         }
     };
     // A batch arrived: notes its time and says whether the detector had been quiet before it.
@@ -518,6 +532,9 @@ pub fn run_with_clock<F: PacketFormat>(
         if !publish(&frame) {
             stats.frames_not_published += 1;
         }
+        // Per frame a clock read; the board and the log only at their periods, also while the
+        // detector streams without pause (no receive timeout then).
+        report(&mut stats);
         if matches!(end, FrameEnd::SourceClosed) && pending.is_empty() {
             break 'frames;
         }
@@ -525,6 +542,7 @@ pub fn run_with_clock<F: PacketFormat>(
     stats.kernel_drops = kernel_drops();
     tracing::info!(module = settings.module_id, "final: {stats}");
     stats.publish(board);
+    board.stamp_counters();
     Ok(stats)
 }
 

@@ -252,9 +252,13 @@ async fn two_writers_complete_kill_and_lose_a_writer_with_an_honest_master() {
 /// image exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_master_reads_exact_through_hdf5plugin() {
+    let metrics = format!("127.0.0.1:{}", std_daq_tests::free_port_range(16).unwrap());
     let (p, root, detector) = start(
         "nwriterslz4",
-        vec![("compression".into(), "bitshuffle-lz4".into())],
+        vec![
+            ("compression".into(), "bitshuffle-lz4".into()),
+            ("metrics_base_address".into(), metrics.into()),
+        ],
     )
     .await;
     let work = root.parent().unwrap().to_path_buf();
@@ -273,6 +277,9 @@ async fn a_compressed_master_reads_exact_through_hdf5plugin() {
     );
     let filters = data_filters(&writer_data_file(&file, 0), &detector).unwrap();
     assert!(filters.get("32008").is_some(), "{filters}");
+    // The master carries every service's counters for the run (from writer 0's data file).
+    let counters = std_daq_tests::root_json_attr(&file, "run_counters").unwrap();
+    std_daq_tests::assert_run_counters(&counters, 4, 40);
     finish(agent, p, work).await;
 }
 
