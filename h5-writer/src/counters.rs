@@ -209,6 +209,42 @@ impl RunCounters {
     }
 }
 
+/// The `run_counters` of the file at `path` (None: the file has none or cannot be read).
+pub fn of_file(path: &std::path::Path) -> Option<Value> {
+    let file = hdf5::File::open(path).ok()?;
+    let text = file
+        .attr("run_counters")
+        .ok()?
+        .read_scalar::<hdf5::types::VarLenUnicode>()
+        .ok()?;
+    serde_json::from_str(text.as_str()).ok()
+}
+
+/// One line of what `run_counters` says: the receivers' packets, the assembler's images.
+pub fn summary(c: &Value) -> String {
+    let services = c["services"].as_object();
+    let run = |name: &str, key: &str| c["services"][name]["run"][key].as_i64().unwrap_or(0);
+    let receivers: Vec<&String> = services
+        .map(|s| s.keys().filter(|k| k.starts_with("udp-recv-")).collect())
+        .unwrap_or_default();
+    let sum = |key: &str| receivers.iter().map(|r| run(r, key)).sum::<i64>();
+    let mut line = format!(
+        "{} receivers: {} packets ({} malformed, {} missing); assembler: {} images ({} good, {} lost in buffer)",
+        receivers.len(),
+        sum("packets"),
+        sum("malformed_packets"),
+        sum("missing_packets"),
+        run("assembler", "images"),
+        run("assembler", "images_good"),
+        run("assembler", "images_lost_in_buffer"),
+    );
+    if let Some(u) = c["unreachable"].as_object().filter(|u| !u.is_empty()) {
+        let names: Vec<&str> = u.keys().map(String::as_str).collect();
+        line.push_str(&format!("; not running: {}", names.join(", ")));
+    }
+    line
+}
+
 /// Whole numbers as JSON integers (counters), others as floats (rates).
 fn number(v: f64) -> Value {
     if v.fract() == 0.0 && v.abs() < 9.0e15 {

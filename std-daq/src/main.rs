@@ -332,6 +332,11 @@ struct DemoArgs {
     /// default: one per module, at most the cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     assembler_threads: Option<u32>,
+    /// The services serve Prometheus metrics from this port on 127.0.0.1 (config key
+    /// metrics_base_address; the assembler here, receiver m at + 10 + m, ...), and the file gets
+    /// every service's counters for the run (its run_counters attribute). 0 = off.
+    #[arg(long, default_value_t = 50300)]
+    metrics_port: u16,
 }
 
 fn main() -> Result<()> {
@@ -810,6 +815,12 @@ fn demo(args: DemoArgs) -> Result<()> {
                 args.assembler_threads
                     .map(|t| ("assembler_threads".to_string(), t.into())),
             )
+            .chain((args.metrics_port != 0).then(|| {
+                (
+                    "metrics_base_address".to_string(),
+                    format!("127.0.0.1:{}", args.metrics_port).into(),
+                )
+            }))
             .collect(),
     };
     println!(
@@ -883,6 +894,9 @@ fn demo(args: DemoArgs) -> Result<()> {
             run.images_written as f64 * image_mb / run.seconds,
             run.seconds
         );
+    }
+    if let Some(c) = h5_writer::counters::of_file(&output) {
+        println!("  run counters:       {}", h5_writer::counters::summary(&c));
     }
     println!("  start-up:           {:.2} s", ready.as_secs_f64());
     println!("  run ended:          {}", run.end);

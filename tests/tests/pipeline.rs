@@ -65,6 +65,7 @@ fn demo_command_writes_a_pixel_exact_file() {
     std::fs::create_dir_all(&work).unwrap();
     let file = work.join("demo.h5");
     let port = 30_000 + (std::process::id() % 1000) as u16 * 4;
+    let metrics_port = std_daq_tests::free_port_range(16).unwrap();
     let out = Command::new(default_bin_dir().unwrap().join("std-daq"))
         .args([
             "demo",
@@ -74,6 +75,8 @@ fn demo_command_writes_a_pixel_exact_file() {
             "300",
             "--port",
             &port.to_string(),
+            "--metrics-port",
+            &metrics_port.to_string(),
         ])
         .arg("--output")
         .arg(&file)
@@ -90,6 +93,14 @@ fn demo_command_writes_a_pixel_exact_file() {
         "{stdout}"
     );
     assert!(stdout.contains("clean shutdown:     yes"), "{stdout}");
+    // The file's run_counters, summarised: every packet of 2 modules x 300 frames x 128.
+    assert!(
+        stdout.contains(
+            "run counters:       2 receivers: 76800 packets (0 malformed, 0 missing); \
+             assembler: 300 images (300 good, 0 lost in buffer)"
+        ),
+        "{stdout}"
+    );
 
     let h5ls = Command::new("h5ls").arg(&file).output().unwrap();
     let detector = String::from_utf8_lossy(&h5ls.stdout)
