@@ -43,18 +43,16 @@ pub fn image_pixel_mask(cfg: &DetectorConfig, calibration: Option<&Calibration>)
     let module_pixels = layout.module_width * layout.module_height;
 
     let placed = |frame_of: &dyn Fn(usize) -> Vec<f32>| -> Vec<f32> {
-        let mut image = vec![0u8; w * h * 4];
+        let mut image = vec![0f32; w * h];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut image);
         for m in 0..geometry.modules.len() {
             let frame = frame_of(m);
-            geometry.place(m, bytemuck::cast_slice(&frame), &mut image[..]);
+            geometry.place(m, bytemuck::cast_slice(&frame), bytes);
             if converted {
-                geometry.finish_double_pixels(m, cfg.double_pixels, &mut image[..]);
+                geometry.finish_double_pixels(m, cfg.double_pixels, bytes);
             }
         }
         image
-            .chunks_exact(4)
-            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
     };
 
     let covered = placed(&|_| vec![1.0; module_pixels]);

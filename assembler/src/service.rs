@@ -242,7 +242,7 @@ impl Assembler {
         }
     }
 
-    /// Shows the counters in the service's Redis status hash.
+    /// Shows the counters in the service's Redis status hash and metrics, stamped `counters_at`.
     pub fn publish_status(&self, board: &StatusBoard) {
         let (a, s) = (&self.stats, &self.sync.stats);
         board.set("images", a.images);
@@ -263,6 +263,7 @@ impl Assembler {
         board.set("worker_busy_us", w.busy_us);
         board.set("worker_straggle_us", w.straggle_us);
         board.set("worker_stalls", w.stalls);
+        board.stamp_counters();
     }
 
     /// A receiver that restarted created a new FrameBuffer under the same name: map the new
@@ -550,7 +551,6 @@ pub fn run(
     let mut last_board = Instant::now();
     // Counters from the start (zeros): a run starting at once reads them, not an empty board.
     assembler.publish_status(board);
-    board.stamp_counters();
     let mut publish = |meta: &ImageMetadata| {
         // PUB never blocks; a subscriber too slow for its HWM loses messages, which it sees as
         // gaps in image_id.
@@ -595,7 +595,6 @@ pub fn run(
             && now.duration_since(last_report) < stats_period
         {
             assembler.publish_status(board);
-            board.stamp_counters();
             last_board = now;
         }
         if now.duration_since(last_report) >= stats_period {
@@ -612,13 +611,11 @@ pub fn run(
                 assembler.stats
             );
             assembler.publish_status(board);
-            board.stamp_counters();
             last_report = now;
         }
     }
     tracing::info!(sync = ?assembler.sync.stats, "final: {}", assembler.stats);
     assembler.publish_status(board);
-    board.stamp_counters();
     Ok(assembler.stats)
 }
 

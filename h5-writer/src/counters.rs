@@ -209,15 +209,15 @@ impl RunCounters {
     }
 }
 
-/// The `run_counters` of the file at `path` (None: the file has none or cannot be read).
-pub fn of_file(path: &std::path::Path) -> Option<Value> {
-    let file = hdf5::File::open(path).ok()?;
+/// A root attribute of the file at `path` that holds JSON text (`run_counters`, `run_summary`);
+/// the error says what was missing.
+pub fn root_json_attr(path: &std::path::Path, name: &str) -> Result<Value, String> {
+    let file = hdf5::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
     let text = file
-        .attr("run_counters")
-        .ok()?
-        .read_scalar::<hdf5::types::VarLenUnicode>()
-        .ok()?;
-    serde_json::from_str(text.as_str()).ok()
+        .attr(name)
+        .and_then(|a| a.read_scalar::<hdf5::types::VarLenUnicode>())
+        .map_err(|e| format!("the attribute {name} of {}: {e}", path.display()))?;
+    serde_json::from_str(text.as_str()).map_err(|e| format!("{name} is not JSON ({e}): {text}"))
 }
 
 /// One line of what `run_counters` says: the receivers' packets, the assembler's images.

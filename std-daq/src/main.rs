@@ -895,7 +895,7 @@ fn demo(args: DemoArgs) -> Result<()> {
             run.seconds
         );
     }
-    if let Some(c) = h5_writer::counters::of_file(&output) {
+    if let Ok(c) = h5_writer::counters::root_json_attr(&output, "run_counters") {
         println!("  run counters:       {}", h5_writer::counters::summary(&c));
     }
     println!("  start-up:           {:.2} s", ready.as_secs_f64());

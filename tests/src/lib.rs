@@ -212,12 +212,7 @@ pub fn free_port_range(n: u16) -> Result<u16> {
 
 /// A root attribute of `file` that holds JSON text (`run_summary`, `run_counters`, ...).
 pub fn root_json_attr(file: &Path, name: &str) -> Result<serde_json::Value> {
-    let f = hdf5::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let text = f
-        .attr(name)
-        .and_then(|a| a.read_scalar::<hdf5::types::VarLenUnicode>())
-        .with_context(|| format!("the attribute {name} of {}", file.display()))?;
-    serde_json::from_str(text.as_str()).with_context(|| format!("{name} is not JSON: {text}"))
+    h5_writer::counters::root_json_attr(file, name).map_err(anyhow::Error::msg)
 }
 
 /// Asserts a file's `run_counters` (docs/file-format.md): each of `modules` receivers took

@@ -82,7 +82,7 @@ pub struct ReceiverStats {
 }
 
 impl ReceiverStats {
-    /// Shows the counters in the service's Redis status hash.
+    /// Shows the counters in the service's Redis status hash and metrics, stamped `counters_at`.
     pub fn publish(&self, board: &StatusBoard) {
         board.set("packets", self.packets);
         board.set("bytes", self.bytes);
@@ -97,6 +97,7 @@ impl ReceiverStats {
         board.set("frames_not_published", self.frames_not_published);
         board.set("packets_copied", self.packets_copied);
         board.set("kernel_drops", self.kernel_drops);
+        board.stamp_counters();
     }
 }
 
@@ -310,7 +311,6 @@ pub fn run_with_clock<F: PacketFormat>(
     let mut last_board = clock.now();
     // Counters from the start (zeros): a run starting at once reads them, not an empty board.
     stats.publish(board);
-    board.stamp_counters();
     let mut report = |stats: &mut ReceiverStats| {
         let now = clock.now();
         // The board (metrics, run counters) between log lines; /proc is read at the log period.
@@ -318,7 +318,6 @@ pub fn run_with_clock<F: PacketFormat>(
             && now.duration_since(last_report) < settings.stats_period
         {
             stats.publish(board);
-            board.stamp_counters();
             last_board = now;
         }
         if now.duration_since(last_report) >= settings.stats_period {
@@ -330,7 +329,6 @@ pub fn run_with_clock<F: PacketFormat>(
                 now.duration_since(last_report),
             );
             stats.publish(board);
-            board.stamp_counters();
             reported = *stats;
             last_report = now;
             last_board = now;
@@ -542,7 +540,6 @@ pub fn run_with_clock<F: PacketFormat>(
     stats.kernel_drops = kernel_drops();
     tracing::info!(module = settings.module_id, "final: {stats}");
     stats.publish(board);
-    board.stamp_counters();
     Ok(stats)
 }
 
