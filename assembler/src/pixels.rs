@@ -222,8 +222,49 @@ impl ModulePixels {
         src: &[u8],
         image: &mut T,
     ) {
+        if let Mode::Raw = self.mode {
+            // Keeps the one-copy fast path of a module as wide as the image.
+            return self.geometry.place(m, src, image);
+        }
+        self.write_rows_into(scratch, m, frame, src, 0..self.rows(m), image);
+    }
+
+    /// Module `m`'s rows: the rows of its rectangle in the image (gap rows included), or of its
+    /// GigaFRoST stream. Workers split images by these ([`Self::image_row`]).
+    pub fn rows(&self, m: usize) -> usize {
         match &self.mode {
-            Mode::Raw => self.geometry.place(m, src, image),
+            Mode::Gigafrost { stream } => stream.stream_height(),
+            _ => self.geometry.modules.get(m).map_or(0, |p| p.height),
+        }
+    }
+
+    /// The image row that row `row` of module `m` ([`Self::rows`]) lands in.
+    pub fn image_row(&self, m: usize, row: usize) -> usize {
+        match &self.mode {
+            Mode::Gigafrost { stream } => stream.target(m, row).0,
+            _ => self.geometry.image_row(m, row),
+        }
+    }
+
+    /// Whether rows `row - 1` and `row` of module `m` must be written by the same call of
+    /// [`Self::write_rows_into`] (a gap row and the double pixel its value comes from).
+    pub fn rows_coupled(&self, row: usize) -> bool {
+        matches!(self.mode, Mode::Converted { .. }) && self.geometry.layout.rows_coupled(row)
+    }
+
+    /// As [`Self::write_into`], rows `rows` of module `m` only (every pixel of those rows, gaps
+    /// included); `rows` must not split a [`Self::rows_coupled`] pair.
+    pub fn write_rows_into<T: ImageTarget + ?Sized>(
+        &self,
+        scratch: &mut Scratch,
+        m: usize,
+        frame: &ModuleFrame,
+        src: &[u8],
+        rows: Range<usize>,
+        image: &mut T,
+    ) {
+        match &self.mode {
+            Mode::Raw => self.geometry.place_rows(m, src, rows, image),
             Mode::Gigafrost { stream } => {
                 // Missing packets' rows were zero-filled by the receiver and unpack to zeros.
                 let w = stream.stream_width();
@@ -232,6 +273,8 @@ impl ModulePixels {
                     .chunks_exact(w * 3 / 2)
                     .take(stream.stream_height())
                     .enumerate()
+                    .skip(rows.start)
+                    .take(rows.len())
                 {
                     unpack_12bit(packed, row);
                     image
@@ -249,37 +292,17 @@ impl ModulePixels {
                 let rows_per_packet = self.rows_per_packet;
                 let received = |r: usize| frame.packet_received(r / rows_per_packet);
                 let row = &mut scratch.row;
+                let dp = *double_pixels;
                 match output {
-                    ConvertedOutput::Float32 => convert_module::<f32, T>(
-                        g,
-                        m,
-                        cal,
-                        src,
-                        received,
-                        *double_pixels,
-                        row,
-                        image,
-                    ),
-                    ConvertedOutput::PhotonsInt16 => convert_module::<i16, T>(
-                        g,
-                        m,
-                        cal,
-                        src,
-                        received,
-                        *double_pixels,
-                        row,
-                        image,
-                    ),
-                    ConvertedOutput::PhotonsInt32 => convert_module::<i32, T>(
-                        g,
-                        m,
-                        cal,
-                        src,
-                        received,
-                        *double_pixels,
-                        row,
-                        image,
-                    ),
+                    ConvertedOutput::Float32 => {
+                        convert_rows::<f32, T>(g, m, cal, src, received, dp, rows, row, image)
+                    }
+                    ConvertedOutput::PhotonsInt16 => {
+                        convert_rows::<i16, T>(g, m, cal, src, received, dp, rows, row, image)
+                    }
+                    ConvertedOutput::PhotonsInt32 => {
+                        convert_rows::<i32, T>(g, m, cal, src, received, dp, rows, row, image)
+                    }
                 }
             }
         }
@@ -288,40 +311,47 @@ impl ModulePixels {
     /// Zeroes module `m`'s rectangle (the module is missing); photon counts: fills it with the
     /// "no value" pixel (MIN of the type).
     pub fn zero<T: ImageTarget + ?Sized>(&self, m: usize, image: &mut T) {
+        self.zero_rows(m, 0..self.rows(m), image);
+    }
+
+    /// As [`Self::zero`], rows `rows` of module `m` only.
+    pub fn zero_rows<T: ImageTarget + ?Sized>(&self, m: usize, rows: Range<usize>, image: &mut T) {
         match &self.mode {
             Mode::Converted {
                 output: ConvertedOutput::PhotonsInt16,
                 ..
-            } => self.geometry.fill(m, i16::INVALID, image),
+            } => self.geometry.fill_rows(m, i16::INVALID, rows, image),
             Mode::Converted {
                 output: ConvertedOutput::PhotonsInt32,
                 ..
-            } => self.geometry.fill(m, i32::INVALID, image),
+            } => self.geometry.fill_rows(m, i32::INVALID, rows, image),
             Mode::Gigafrost { stream } => {
                 let w = stream.stream_width();
-                for r in 0..stream.stream_height() {
+                for r in rows.start..rows.end.min(stream.stream_height()) {
                     image.bytes_mut(stream.row_start(m, r), 2 * w).fill(0);
                 }
             }
-            _ => self.geometry.zero(m, image),
+            _ => self.geometry.zero_rows(m, rows, image),
         }
     }
 }
 
-/// Converts module `m`'s frame into `image` as pixels `P`, then handles its double pixels.
+/// Converts rectangle rows `rect` of module `m`'s frame into `image` as pixels `P`, then handles
+/// their double pixels.
 ///
 /// Row segment by row segment straight into the image's pixels (ImageBuffer slots are page
 /// aligned: no row buffer, no second copy), mirrored segments in reverse order; a segment whose
 /// bytes are not aligned for `P` goes through `row`. Rows `r` with `!received(r)` (their packet
 /// did not arrive) are `P::INVALID` (+0.0 as f32).
 #[allow(clippy::too_many_arguments)]
-fn convert_module<P: ConvertedPixel, T: ImageTarget + ?Sized>(
+fn convert_rows<P: ConvertedPixel, T: ImageTarget + ?Sized>(
     g: &Geometry,
     m: usize,
     cal: &ModuleCalibration,
     src: &[u8],
     received: impl Fn(usize) -> bool,
     double_pixels: DoublePixels,
+    rect: Range<usize>,
     row: &mut [u32],
     image: &mut T,
 ) {
@@ -329,10 +359,15 @@ fn convert_module<P: ConvertedPixel, T: ImageTarget + ?Sized>(
     let size = std::mem::size_of::<P>();
     // u32 words hold 1 (f32, i32) or 2 (i16) pixels, aligned for either.
     let row: &mut [P] = bytemuck::cast_slice_mut(row);
+    let module_rows = g.layout.module_rows_in(&rect);
+    // Module rows in frame order (for a module mirrored in y the image rows then go upwards:
+    // measured faster than walking the frame and its tables backwards).
     for (r, raw_row) in src
         .chunks_exact(2 * w)
         .take(g.layout.module_height)
         .enumerate()
+        .skip(module_rows.start)
+        .take(module_rows.len())
     {
         let received = received(r);
         for s in g.row_segments(m, r) {
@@ -354,7 +389,7 @@ fn convert_module<P: ConvertedPixel, T: ImageTarget + ?Sized>(
         }
     }
     if g.layout.gap > 0 {
-        g.finish_double_pixels_as::<P, T>(m, double_pixels, image);
+        g.finish_double_pixels_rows::<P, T>(m, double_pixels, rect, image);
     }
 }
 

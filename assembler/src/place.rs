@@ -117,6 +117,34 @@ impl ChipLayout {
     pub fn rect_y(&self, r: usize) -> usize {
         r + self.gap * (r / self.chip_height)
     }
+    /// Whether rectangle rows `y - 1` and `y` must be made by the same pass: one is a gap row
+    /// whose value comes from the other (the double pixel next to the gap). A split between
+    /// them (workers owning image rows) would read a row another thread writes.
+    pub fn rows_coupled(&self, y: usize) -> bool {
+        let period = self.chip_height + self.gap;
+        self.gap > 0
+            && y > 0
+            && y < self.rect_height()
+            && (y % period == self.chip_height || y.is_multiple_of(period))
+    }
+    /// The module rows whose rectangle rows lie in `rect` (rectangle rows, unmirrored).
+    pub fn module_rows_in(&self, rect: &Range<usize>) -> Range<usize> {
+        // rect_y is increasing: the first module row at or past a rectangle row.
+        let first_at = |y: usize| {
+            let (mut lo, mut hi) = (0, self.module_height);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if self.rect_y(mid) < y {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        };
+        let start = first_at(rect.start);
+        start..first_at(rect.end).max(start)
+    }
     /// First rectangle column of each gap (unmirrored and mirrored alike: gaps are symmetric).
     fn gap_columns(&self) -> impl Iterator<Item = usize> + '_ {
         (1..self.chips_x()).map(move |k| k * (self.chip_width + self.gap) - self.gap)
@@ -280,14 +308,55 @@ impl Geometry {
             image.bytes_mut(start, n).copy_from_slice(&src[..n]);
             return;
         }
+        self.place_rows(module, src, 0..p.height, image);
+    }
+
+    /// As [`Self::place`], only rectangle rows `rect` (unmirrored; a range no
+    /// [`ChipLayout::rows_coupled`] boundary splits, for one worker's image rows).
+    pub fn place_rows<T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        src: &[u8],
+        rect: Range<usize>,
+        image: &mut T,
+    ) {
+        let rb = self.row_bytes();
+        let rows = self.layout.module_rows_in(&rect);
         for (r, row) in src
             .chunks_exact(rb)
-            .take(self.layout.module_height)
             .enumerate()
+            .skip(rows.start)
+            .take(rows.len())
         {
             self.place_row(module, r, row, image);
         }
-        self.zero_gaps(module, image);
+        self.zero_gaps_rows(module, rect, image);
+    }
+
+    /// The rectangle rows (unmirrored) of module `module` that lie in image rows `rows`.
+    pub fn rect_rows_in(&self, module: usize, rows: &Range<usize>) -> Range<usize> {
+        let p = self.modules[module];
+        let clamp = |v: usize| v.min(p.height);
+        let (start, end) = if p.flip_y {
+            // Image row top + height - 1 - y.
+            let base = p.top + p.height;
+            (
+                clamp(base.saturating_sub(rows.end)),
+                clamp(base.saturating_sub(rows.start)),
+            )
+        } else {
+            (
+                clamp(rows.start.saturating_sub(p.top)),
+                clamp(rows.end.saturating_sub(p.top)),
+            )
+        };
+        start..end.max(start)
+    }
+
+    /// The image row of rectangle row `y` of module `module`.
+    pub fn image_row(&self, module: usize, y: usize) -> usize {
+        let p = self.modules[module];
+        p.top + if p.flip_y { p.height - 1 - y } else { y }
     }
 
     /// Byte offset of the first byte of rectangle row `y` of module `p` in the image (the
@@ -311,8 +380,18 @@ impl Geometry {
 
     /// Zeroes module `module`'s whole rectangle in `image` (a missing module).
     pub fn zero<T: ImageTarget + ?Sized>(&self, module: usize, image: &mut T) {
+        self.zero_rows(module, 0..self.modules[module].height, image);
+    }
+
+    /// Zeroes rectangle rows `rect` of module `module`.
+    pub fn zero_rows<T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        rect: Range<usize>,
+        image: &mut T,
+    ) {
         let p = self.modules[module];
-        for y in 0..p.height {
+        for y in rect.start..rect.end.min(p.height) {
             let start = self.rect_row_start(&p, y);
             image
                 .bytes_mut(start, p.width * self.bytes_per_pixel)
@@ -328,10 +407,21 @@ impl Geometry {
         value: P,
         image: &mut T,
     ) {
+        self.fill_rows(module, value, 0..self.modules[module].height, image);
+    }
+
+    /// As [`Self::fill`], rectangle rows `rect` only.
+    pub fn fill_rows<P: bytemuck::Pod, T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        value: P,
+        rect: Range<usize>,
+        image: &mut T,
+    ) {
         let p = self.modules[module];
         let bytes = bytemuck::bytes_of(&value);
         debug_assert_eq!(bytes.len(), self.bytes_per_pixel);
-        for y in 0..p.height {
+        for y in rect.start..rect.end.min(p.height) {
             let start = self.rect_row_start(&p, y);
             for px in image
                 .bytes_mut(start, p.width * bytes.len())
@@ -355,17 +445,28 @@ impl Geometry {
 
     /// Zeroes the gap columns and rows of module `module`'s rectangle.
     pub fn zero_gaps<T: ImageTarget + ?Sized>(&self, module: usize, image: &mut T) {
+        self.zero_gaps_rows(module, 0..self.modules[module].height, image);
+    }
+
+    /// As [`Self::zero_gaps`], in rectangle rows `rect` only.
+    pub fn zero_gaps_rows<T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        rect: Range<usize>,
+        image: &mut T,
+    ) {
         let p = self.modules[module];
         let l = &self.layout;
+        let rect = rect.start..rect.end.min(p.height);
         for gx in l.gap_columns() {
-            for y in 0..p.height {
+            for y in rect.clone() {
                 for x in gx..gx + l.gap {
                     self.zero_pixel(&p, x, y, image);
                 }
             }
         }
         for gy in l.gap_rows() {
-            for y in gy..gy + l.gap {
+            for y in (gy..gy + l.gap).filter(|y| rect.contains(y)) {
                 let start = self.rect_row_start(&p, y);
                 image
                     .bytes_mut(start, p.width * self.bytes_per_pixel)
@@ -398,6 +499,20 @@ impl Geometry {
         mode: DoublePixels,
         image: &mut T,
     ) {
+        let height = self.modules[module].height;
+        self.finish_double_pixels_rows::<P, T>(module, mode, 0..height, image);
+    }
+
+    /// As [`Self::finish_double_pixels_as`], in rectangle rows `rect` only (their rows placed):
+    /// `rect` must not split a [`ChipLayout::rows_coupled`] pair, so every gap row in it has the
+    /// data row its value comes from in it too. Over all rows it is the same sequence of writes.
+    pub fn finish_double_pixels_rows<P: ConvertedPixel, T: ImageTarget + ?Sized>(
+        &self,
+        module: usize,
+        mode: DoublePixels,
+        rect: Range<usize>,
+        image: &mut T,
+    ) {
         let l = self.layout;
         if l.gap == 0 {
             return;
@@ -405,6 +520,7 @@ impl Geometry {
         let size = std::mem::size_of::<P>();
         debug_assert!(l.gap == 2 && self.bytes_per_pixel == size);
         let p = self.modules[module];
+        let rect = rect.start..rect.end.min(p.height);
         let get = |image: &mut T, x: usize, y: usize| {
             let o = self.offset(&p, x, y);
             bytemuck::pod_read_unaligned::<P>(image.bytes_mut(o, size))
@@ -419,7 +535,10 @@ impl Geometry {
             DoublePixels::Split => {
                 for gx in l.gap_columns() {
                     // Data rows only: gap rows are written by the row pass below.
-                    for y in (0..p.height).filter(|y| y % (l.chip_height + l.gap) < l.chip_height) {
+                    for y in rect
+                        .clone()
+                        .filter(|y| y % (l.chip_height + l.gap) < l.chip_height)
+                    {
                         let left = get(image, gx - 1, y).half();
                         set(image, gx - 1, y, left);
                         set(image, gx, y, left);
@@ -429,26 +548,32 @@ impl Geometry {
                     }
                 }
                 for gy in l.gap_rows() {
-                    for x in 0..p.width {
-                        let top = get(image, x, gy - 1).half();
-                        set(image, x, gy - 1, top);
-                        set(image, x, gy, top);
-                        let bottom = get(image, x, gy + 2).half();
-                        set(image, x, gy + 2, bottom);
-                        set(image, x, gy + 1, bottom);
+                    if rect.contains(&gy) {
+                        for x in 0..p.width {
+                            let top = get(image, x, gy - 1).half();
+                            set(image, x, gy - 1, top);
+                            set(image, x, gy, top);
+                        }
+                    }
+                    if rect.contains(&(gy + 1)) {
+                        for x in 0..p.width {
+                            let bottom = get(image, x, gy + 2).half();
+                            set(image, x, gy + 2, bottom);
+                            set(image, x, gy + 1, bottom);
+                        }
                     }
                 }
             }
             DoublePixels::Mask => {
                 for gx in l.gap_columns() {
-                    for y in 0..p.height {
+                    for y in rect.clone() {
                         for x in gx - 1..gx + 3 {
                             set(image, x, y, P::MASKED_DOUBLE);
                         }
                     }
                 }
                 for gy in l.gap_rows() {
-                    for y in gy - 1..gy + 3 {
+                    for y in (gy - 1..gy + 3).filter(|y| rect.contains(y)) {
                         for x in 0..p.width {
                             set(image, x, y, P::MASKED_DOUBLE);
                         }

@@ -161,11 +161,11 @@ impl Assembler {
         }
     }
 
-    /// Spreads the per-module work over `threads` worker threads (at most one per module),
-    /// started now; 0 or 1 keeps the single-threaded assembly.
+    /// Spreads the work of each image over `threads` worker threads, each converting a band of
+    /// image rows ([`crate::workers`]), started now; 0 or 1 keeps the single-threaded assembly.
     pub fn with_threads(self, threads: u32) -> Result<Self, AssemblerError> {
         let n_modules = self.module_rings.len();
-        let n = (threads as usize).min(n_modules);
+        let n = threads as usize;
         let ImageRing::Single(ring) = self.image_ring else {
             return Ok(self);
         };
@@ -263,6 +263,7 @@ impl Assembler {
         board.set("worker_busy_us", w.busy_us);
         board.set("worker_straggle_us", w.straggle_us);
         board.set("worker_stalls", w.stalls);
+        board.set("worker_refills", w.refills);
         board.stamp_counters();
     }
 
@@ -434,13 +435,12 @@ impl Assembler {
         let ImageRing::Workers(workers) = &mut self.image_ring else {
             return Ok(None);
         };
-        let hash_bytes = self.checksums.then_some(meta.data_bytes as usize);
         let (outcomes, checksum) = match workers.assemble(
             ready.image_id,
             &ready.frames,
             &self.module_rings,
             &self.pixels,
-            hash_bytes,
+            self.checksums,
         ) {
             Ok(done) => done,
             // Another image still in the slot cannot happen (one image at a time), and an id
@@ -607,6 +607,7 @@ pub fn run(
                 worker_busy_us = w.busy_us,
                 worker_straggle_us = w.straggle_us,
                 worker_stalls = w.stalls,
+                worker_refills = w.refills,
                 "{}",
                 assembler.stats
             );
@@ -961,7 +962,7 @@ mod tests {
         let mut assembler = Assembler::with_calibration(cfg, calibration, readers, owner)
             .with_threads(threads)
             .unwrap();
-        assert_eq!(assembler.threads(), (threads as usize).min(n_modules));
+        assert_eq!(assembler.threads(), threads.max(1) as usize);
         let n_packets = cfg.packets_per_frame() as usize;
         // Module m's frame of `id` into its FrameBuffer (packet `lost` missing, its bytes zero,
         // as the receiver leaves them); announced unless `silent`.
@@ -1052,13 +1053,17 @@ mod tests {
             }
         }
         emit(&mut assembler);
+        // Workers: image 5's overwritten module was zeroed in every band by a second round.
+        let refills = if threads > 1 { 1 } else { 0 };
+        assert_eq!(assembler.worker_stats().refills, refills, "{kind}");
         out
     }
 
-    /// 2 and 3 worker threads make byte-identical images, identical metadata (checksum included)
-    /// in the same order as one thread: JUNGFRAU converted and raw (4 modules, gaps, mirrored)
-    /// and GigaFRoST (8 interleaved streams), with missing packets, a lost module, an id mismatch
-    /// and a frame overwritten in its FrameBuffer.
+    /// 2, 3 and 5 worker threads (bands of image rows, cutting through modules) make
+    /// byte-identical images, identical metadata (checksum included) in the same order as one
+    /// thread: JUNGFRAU converted and raw (4 modules, gaps, mirrored) and GigaFRoST (8 interleaved
+    /// streams), with missing packets, a lost module, an id mismatch and a frame overwritten in
+    /// its FrameBuffer.
     #[test]
     fn worker_threads_make_the_same_images_as_one_thread() {
         use std_daq_common::checksum::{image_checksum, CHECKSUM_XXH3_BLOCKS};
@@ -1112,7 +1117,7 @@ mod tests {
                 );
             }
             assert_ne!(one[0].1, one[5].1, "{kind}: images differ");
-            for threads in [2, 3] {
+            for threads in [2, 3, 5] {
                 let many = run_scenario(kind, &cfg, calibration.clone(), packet_bytes, threads);
                 assert_eq!(many.len(), one.len(), "{kind}, {threads} threads");
                 for ((a, a_bytes), (b, b_bytes)) in one.iter().zip(&many) {

@@ -87,6 +87,8 @@ pub enum RegionError {
     WriterLive(usize),
     #[error("image {image_id}: {why}")]
     NotNow { image_id: u64, why: &'static str },
+    #[error(transparent)]
+    Outside(#[from] OutsideRegion),
 }
 
 /// Bytes `offset..offset + len` are not inside one of the writer's ranges.

@@ -328,8 +328,8 @@ struct DemoArgs {
     /// datasets are virtual datasets over them, in image order.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     writers: u32,
-    /// Worker threads placing the modules in the assembler (config key assembler_threads;
-    /// default: one per module, at most the cores).
+    /// Worker threads converting each image in the assembler, a band of rows each (config key
+    /// assembler_threads; default: one per module, at most the cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     assembler_threads: Option<u32>,
     /// The services serve Prometheus metrics from this port on 127.0.0.1 (config key
