@@ -12,7 +12,7 @@
 use crate::calib::{Calibration, CalibrationError};
 use crate::pixels::{ModulePixels, Scratch};
 use crate::sync::{ReadyImage, Synchronizer};
-use crate::workers::{Outcome, WorkerError, WorkerStats, Workers};
+use crate::workers::{ImageInput, Outcome, WorkerError, WorkerStats, Workers};
 use image_buffer::{Expect, ReadError, RingOwner, RingReader};
 use std::fmt;
 use std::sync::Arc;
@@ -435,13 +435,13 @@ impl Assembler {
         let ImageRing::Workers(workers) = &mut self.image_ring else {
             return Ok(None);
         };
-        let (outcomes, checksum) = match workers.assemble(
-            ready.image_id,
-            &ready.frames,
-            &self.module_rings,
-            &self.pixels,
-            self.checksums,
-        ) {
+        let (outcomes, checksum) = match workers.assemble(&ImageInput {
+            image_id: ready.image_id,
+            frames: &ready.frames,
+            module_rings: &self.module_rings,
+            pixels: &self.pixels,
+            checksum: self.checksums,
+        }) {
             Ok(done) => done,
             // Another image still in the slot cannot happen (one image at a time), and an id
             // beyond MAX_IMAGE_ID is never handed on by receivers: as `begin_write` failing.

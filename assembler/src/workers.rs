@@ -47,7 +47,7 @@ use std_daq_common::{ImageMetadata, ModuleFrame};
 /// stall.
 pub const WORKER_STALL: Duration = Duration::from_millis(1);
 /// Image rows a worker converts before it hashes the blocks they completed: 32 rows of a
-/// 2-module-wide float32 image are 264 KiB, about one checksum block, so the rows it hashes
+/// 2-module-wide float32 image are 258 KiB, about one checksum block, so the rows it hashes
 /// are still in the core's own cache.
 pub const RUN_ROWS: usize = 32;
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
@@ -221,6 +221,18 @@ pub fn split_image(
     Ok((shares, straddling))
 }
 
+/// What one image is made of, for [`Workers::assemble`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImageInput<'a> {
+    pub image_id: u64,
+    /// Which modules' frames arrived (module order).
+    pub frames: &'a [Option<ModuleFrame>],
+    pub module_rings: &'a [Arc<RingReader<ModuleFrame>>],
+    pub pixels: &'a Arc<ModulePixels>,
+    /// Compute the end-to-end checksum.
+    pub checksum: bool,
+}
+
 #[derive(Debug)]
 struct ModuleTask {
     /// The module's FrameBuffer when its frame arrived (`None`: absent).
@@ -368,18 +380,15 @@ impl Workers {
         self.image_bytes
     }
 
-    /// Image `image_id` (`frames`: which modules arrived): begins the slot, has every module
-    /// placed and, with `checksum`, the checksum of its [`Self::image_bytes`] computed; returns
-    /// each module's outcome (in module order) and the checksum. The slot is then ready for
+    /// Image `input.image_id`: begins the slot, has every module placed and, with
+    /// `input.checksum`, the checksum of its [`Self::image_bytes`] computed; returns each
+    /// module's outcome (in module order) and the checksum. The slot is then ready for
     /// [`Self::commit`]; on an error the image is abandoned.
     pub fn assemble(
         &mut self,
-        image_id: u64,
-        frames: &[Option<ModuleFrame>],
-        module_rings: &[Arc<RingReader<ModuleFrame>>],
-        pixels: &Arc<ModulePixels>,
-        checksum: bool,
+        input: &ImageInput<'_>,
     ) -> Result<(&[Outcome], Option<u64>), WorkerError> {
+        let image_id = input.image_id;
         if self.lost {
             return Err(WorkerError::Lost {
                 worker: 0,
@@ -393,7 +402,7 @@ impl Workers {
                 image_id,
                 source,
             })?;
-        match self.assemble_begun(image_id, frames, module_rings, pixels, checksum) {
+        match self.assemble_begun(input) {
             Ok(checksum) => Ok((&self.outcomes[..self.n_modules], checksum)),
             Err(e) => {
                 self.ring.abandon();
@@ -402,14 +411,14 @@ impl Workers {
         }
     }
 
-    fn assemble_begun(
-        &mut self,
-        image_id: u64,
-        frames: &[Option<ModuleFrame>],
-        module_rings: &[Arc<RingReader<ModuleFrame>>],
-        pixels: &Arc<ModulePixels>,
-        checksum: bool,
-    ) -> Result<Option<u64>, WorkerError> {
+    fn assemble_begun(&mut self, input: &ImageInput<'_>) -> Result<Option<u64>, WorkerError> {
+        let ImageInput {
+            image_id,
+            frames,
+            module_rings,
+            pixels,
+            checksum,
+        } = *input;
         for (m, outcome) in self.outcomes.iter_mut().enumerate() {
             *outcome = if frames.get(m).is_some_and(Option::is_some) {
                 Outcome::Placed
