@@ -2,24 +2,35 @@
 //! FrameBuffer, placement or conversion, zero-filling a missing module) and the block digests of
 //! its end-to-end checksum, spread over `assembler_threads` persistent threads.
 //!
-//! Set-up (once, [`Share`]): the image's rows are cut into `n` bands of about equal height, one
-//! per worker, at row boundaries that split no gap row from the double pixel its value comes
-//! from ([`ModulePixels::rows_coupled`]); worker `w` may write exactly the slot bytes of its band
-//! (one range, checked disjoint by [`RegionPlan`]) and converts, in its band, the rows of every
-//! module. Each band is walked in runs of [`RUN_ROWS`] image rows; after a run the worker hashes
-//! the checksum blocks that run completed, while its bytes are still in the core's cache. The few
-//! blocks that straddle two bands are hashed by the synchroniser, after the workers answered.
+//! Set-up (once, [`split_image`]): the image's rows are cut into runs of about [`RUN_ROWS`] rows,
+//! at row boundaries that split no gap row from the double pixel its value comes from
+//! ([`ModulePixels::rows_coupled`]); run `k` is writer `k` of the slot's [`RegionPlan`] (its rows'
+//! bytes, checked disjoint). The runs are grouped into lanes of consecutive runs, one per pair
+//! of workers, sized by their workers.
 //!
-//! Per image, driven by the synchroniser's thread ([`Workers::assemble`]): it `begin`s the slot
-//! and sends every worker its job; each worker takes its [`image_buffer::RegionWriter`], writes
-//! its band straight into the slot (no extra copy), hashes its blocks, drops the writer and
-//! answers; nobody waits for a peer. The synchroniser, woken once per image, hashes the
-//! straddling blocks through a [`image_buffer::SlotView`], combines the digests in block order,
-//! builds the metadata from all modules (in module order, exactly as one thread does) and commits.
+//! ```text
+//!   image rows   lane 0 (workers 0 and 1)                       lane 1 (worker 2)
+//!   runs         [0][1][2][3][4][5][6][7][8][9][10][11][12] ... [13][14] ...
+//!                 w0 claims -->            <-- w1 claims          w2 -->
+//!                 hashes each block once the runs under it are its own, from its cache
+//! ```
+//!
+//! Per image, driven by the synchroniser's thread ([`Workers::assemble`]): it `begin`s the slot,
+//! resets every lane's claims and sends every worker its job. In each lane one worker claims
+//! runs from the top down, the other from the bottom up (one atomic per lane), so they meet
+//! wherever their speed puts the meeting: a core that other load slows down gets fewer runs.
+//! For each run the worker takes that run's [`image_buffer::RegionWriter`], converts the rows of
+//! every module in it straight into the slot (no extra copy) and drops the writer; then it hashes
+//! the checksum blocks that now lie wholly in runs it made, through an
+//! [`image_buffer::RangeView`], while their bytes are in its core's cache. Nobody waits for a
+//! peer. The synchroniser, woken once per image, hashes the few blocks where two workers or two
+//! lanes met (through a [`image_buffer::SlotView`], every writer dropped), combines the digests
+//! in block order, builds the metadata from all modules (in module order, exactly as one thread
+//! does) and commits.
 //!
 //! A module whose FrameBuffer slot was overwritten while a worker read its part is zero-filled
-//! whole, as with one thread: a second, rare round has every worker zero that module's rows in
-//! its band and hash its blocks again (no frame is read in it, so it cannot fail the same way).
+//! whole, as with one thread: a second, rare round has the workers zero that module's rows in
+//! every run and hash again (no frame is read in it, so it cannot fail the same way).
 //!
 //! Messages are one [`Job`] per worker that travels to the worker and back (bounded channels of
 //! one): its buffers are allocated at set-up and reused, so nothing is allocated per image. The
@@ -29,13 +40,15 @@
 //! A worker that falls behind its peers is measured and flagged ([`WorkerStats`]), never waited
 //! out with a wrong pixel: the image is committed only when every worker has answered.
 //!
-//! Never: write outside a worker's band (the region writer refuses), let a worker touch an image
-//! after it answered, or allocate or log per image.
+//! Never: write outside a claimed run (the region writer refuses), make a run twice in a round
+//! (the lane's claims hand each run out once), let a worker touch an image after it answered,
+//! or allocate or log per image.
 
 use crate::pixels::{ModulePixels, Scratch};
 use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,9 +59,9 @@ use std_daq_common::{ImageMetadata, ModuleFrame};
 /// An image whose last worker finished more than this after the first one counts as a worker
 /// stall.
 pub const WORKER_STALL: Duration = Duration::from_millis(1);
-/// Image rows a worker converts before it hashes the blocks they completed: 32 rows of a
-/// 2-module-wide float32 image are 258 KiB, about one checksum block, so the rows it hashes
-/// are still in the core's own cache.
+/// Image rows of a run (more when the image has more than 64 times as many): what a worker
+/// converts before it hashes the blocks they completed; 32 rows of a 2-module-wide float32 image
+/// are 258 KiB, about one checksum block, so the rows it hashes are still in its core's cache.
 pub const RUN_ROWS: usize = 32;
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
 const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
@@ -102,35 +115,37 @@ pub enum Outcome {
     Overwritten,
 }
 
-/// One run of a worker's band: image rows converted together, then the blocks they completed.
+/// One run of image rows, converted together by one worker; writer `k` of the region plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Run {
-    /// (module, its rows in these image rows), in module order; modules outside them omitted.
-    parts: Vec<(usize, Range<usize>)>,
-    /// The checksum blocks that end in this run and lie wholly in the band.
-    blocks: Range<usize>,
-}
-
-/// One worker's band of the image, fixed at set-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    /// Its image rows.
+pub struct Run {
     pub rows: Range<usize>,
-    /// The slot bytes it writes: exactly those rows.
+    /// The slot bytes of those rows (exactly).
     pub bytes: Range<usize>,
-    /// The checksum blocks it hashes (wholly inside `bytes`).
-    pub blocks: Range<usize>,
-    runs: Vec<Run>,
+    /// (module, its rows in these image rows), in module order; modules outside them omitted.
+    pub parts: Vec<(usize, Range<usize>)>,
 }
 
-/// Cuts the image of `pixels` into `n` bands (see the module docs); returns them and the blocks
-/// of an image of `image_bytes` bytes that no band holds wholly (hashed by the synchroniser).
+/// The image cut for the workers, fixed at set-up: runs of rows (each a writer of the region
+/// plan) and lanes of consecutive runs, one per pair of workers (the last lane has one worker
+/// when their number is odd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub runs: Vec<Run>,
+    /// Lane `j`: runs `lanes[j]`, worked by workers `2j` (from the top down) and `2j + 1` (from
+    /// the bottom up), who meet wherever their speed puts the meeting.
+    pub lanes: Vec<Range<usize>>,
+    pub image_bytes: usize,
+}
+
+/// Cuts the image of `pixels` into runs of about [`RUN_ROWS`] rows (at most
+/// [`image_buffer::MAX_REGION_WRITERS`]; cut only where no gap row is separated from the double
+/// pixel its value comes from) and those into lanes for `n` workers, sized by their workers.
 pub fn split_image(
     pixels: &ModulePixels,
     n_modules: usize,
     n: usize,
     image_bytes: usize,
-) -> Result<(Vec<Share>, Vec<usize>), WorkerError> {
+) -> Result<Split, WorkerError> {
     let g = &pixels.geometry;
     let height = g.image_height;
     let row_bytes = g.image_width * g.bytes_per_pixel;
@@ -155,70 +170,104 @@ pub fn split_image(
                 _ => true,
             })
     };
-    let nearest_cut = |target: usize, floor: usize| {
-        (0..=height)
-            .flat_map(|d| [target.saturating_add(d), target.saturating_sub(d)])
-            .find(|&i| i >= floor && i <= height && may_cut(i))
-            .unwrap_or(height)
-    };
-    let mut cuts = vec![0];
-    for w in 1..n {
-        let floor = cuts[w - 1];
-        cuts.push(nearest_cut(height * w / n, floor));
-    }
-    cuts.push(height);
-    let n_blocks = block_count(image_bytes);
-    let block_end = |k: usize| ((k + 1) * BLOCK_BYTES).min(image_bytes);
-    let mut shares = Vec::with_capacity(n);
-    let mut hashed = vec![false; n_blocks];
-    for band in cuts.windows(2) {
-        let (top, bottom) = (band[0], band[1]);
-        let bytes = (top * row_bytes).min(image_bytes)..(bottom * row_bytes).min(image_bytes);
-        let first_block = bytes.start.div_ceil(BLOCK_BYTES);
-        let mut next_block = first_block;
-        let mut runs = Vec::new();
-        let mut start = top;
-        while start < bottom {
-            let mut end = (start + RUN_ROWS).min(bottom);
-            while end < bottom && !may_cut(end) {
-                end += 1;
-            }
-            let mut parts = Vec::new();
-            for (m, rows) in at.iter().enumerate() {
-                let mine: Vec<usize> = rows[start..end].iter().flatten().copied().collect();
-                let (Some(lo), Some(hi)) = (mine.iter().min(), mine.iter().max()) else {
-                    continue;
-                };
-                let range = *lo..*hi + 1;
-                if range.len() != mine.len() {
-                    return Err(WorkerError::Band {
-                        module: m,
-                        rows: start..end,
-                    });
-                }
-                parts.push((m, range));
-            }
-            let first = next_block;
-            let done = (end * row_bytes).min(bytes.end);
-            while next_block < n_blocks && block_end(next_block) <= done {
-                hashed[next_block] = true;
-                next_block += 1;
-            }
-            runs.push(Run {
-                parts,
-                blocks: first..next_block,
-            });
-            start = end;
+    let run_rows = RUN_ROWS.max(height.div_ceil(image_buffer::MAX_REGION_WRITERS));
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < height {
+        let mut end = (start + run_rows).min(height);
+        while end < height && !may_cut(end) {
+            end += 1;
         }
-        shares.push(Share {
-            rows: top..bottom,
-            bytes,
-            blocks: first_block..next_block.max(first_block),
-            runs,
+        let mut parts = Vec::new();
+        for (m, rows) in at.iter().enumerate() {
+            let mine: Vec<usize> = rows[start..end].iter().flatten().copied().collect();
+            let (Some(lo), Some(hi)) = (mine.iter().min(), mine.iter().max()) else {
+                continue;
+            };
+            let range = *lo..*hi + 1;
+            if range.len() != mine.len() {
+                return Err(WorkerError::Band {
+                    module: m,
+                    rows: start..end,
+                });
+            }
+            parts.push((m, range));
+        }
+        runs.push(Run {
+            rows: start..end,
+            bytes: (start * row_bytes).min(image_bytes)..(end * row_bytes).min(image_bytes),
+            parts,
         });
+        start = end;
     }
-    let straddling = (0..n_blocks).filter(|&k| !hashed[k]).collect();
-    Ok((shares, straddling))
+    // Lanes of 2 workers weigh 2, a lone last worker 1: lane ends at the run nearest to the
+    // share of the rows their weights give.
+    let n_lanes = n.div_ceil(2);
+    let weight = |j: usize| if 2 * j + 1 < n { 2 } else { 1 };
+    let total: usize = (0..n_lanes).map(weight).sum();
+    let mut lanes = Vec::with_capacity(n_lanes);
+    let (mut first, mut weight_so_far) = (0, 0);
+    for j in 0..n_lanes {
+        weight_so_far += weight(j);
+        let target = height * weight_so_far / total.max(1);
+        let end = if j + 1 == n_lanes {
+            runs.len()
+        } else {
+            // At least one run per lane while runs last.
+            let floor = (first + 1).min(runs.len());
+            (floor..=runs.len())
+                .min_by_key(|&k| {
+                    runs.get(k)
+                        .map_or(height, |r| r.rows.start)
+                        .abs_diff(target)
+                })
+                .unwrap_or(runs.len())
+        };
+        lanes.push(first..end);
+        first = end;
+    }
+    Ok(Split {
+        runs,
+        lanes,
+        image_bytes,
+    })
+}
+
+/// A lane's unclaimed runs `top..bottom`, packed in one atomic so that the two workers of the
+/// lane claim from either end without a lock and never the same run.
+#[derive(Debug, Default)]
+struct Claims(AtomicU64);
+
+impl Claims {
+    fn reset(&self, runs: &Range<usize>) {
+        self.0.store(
+            ((runs.start as u64) << 32) | runs.end as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The next run from the top (`down`) or from the bottom, if any is left.
+    fn claim(&self, down: bool) -> Option<usize> {
+        let mut v = self.0.load(Ordering::Relaxed);
+        loop {
+            let (top, bottom) = (v >> 32, v & 0xffff_ffff);
+            if top >= bottom {
+                return None;
+            }
+            let (next, run) = if down {
+                (((top + 1) << 32) | bottom, top)
+            } else {
+                ((top << 32) | (bottom - 1), bottom - 1)
+            };
+            match self
+                .0
+                .compare_exchange_weak(v, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(run as usize),
+                Err(now) => v = now,
+            }
+        }
+    }
 }
 
 /// What one image is made of, for [`Workers::assemble`].
@@ -237,7 +286,7 @@ pub struct ImageInput<'a> {
 struct ModuleTask {
     /// The module's FrameBuffer when its frame arrived (`None`: absent).
     ring: Option<Arc<RingReader<ModuleFrame>>>,
-    /// Its rows in this worker's band: placed, or zero-filled (absent, overwritten).
+    /// Its rows in the runs this worker made: placed, or zero-filled (absent, overwritten).
     outcome: Outcome,
     /// Zero-fill it whatever arrived (the refill round of an overwritten module).
     zero: bool,
@@ -253,7 +302,8 @@ struct Job {
     /// A refill round: only zero the modules marked `zero`, read no frame.
     refill: bool,
     hash: bool,
-    /// The digests of the band's blocks, in block order.
+    /// The blocks this worker hashed and their digests, in block order.
+    blocks: Range<usize>,
     digests: Vec<u64>,
     started: Instant,
     finished: Instant,
@@ -267,7 +317,6 @@ struct Link {
     done: Receiver<Job>,
     /// The job while it is at the synchroniser.
     job: Option<Job>,
-    blocks: Range<usize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -276,12 +325,12 @@ struct Link {
 pub struct Workers {
     ring: RegionRing<ImageMetadata>,
     links: Vec<Link>,
+    split: Arc<Split>,
+    claims: Arc<[Claims]>,
     n_modules: usize,
-    image_bytes: usize,
-    /// Blocks no band holds wholly, hashed here.
-    straddling: Vec<usize>,
-    /// Every block digest of an image, in block order.
+    /// Every block digest of an image, in block order, and whether a worker hashed it.
     digests: Vec<u64>,
+    hashed: Vec<bool>,
     outcomes: Vec<Outcome>,
     /// A worker stopped answering: nobody is joined.
     lost: bool,
@@ -289,30 +338,30 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Splits the image over `n` workers (at least 1, at most one per image row and
-    /// [`image_buffer::MAX_REGION_WRITERS`]) and starts them.
+    /// Splits the image over `n` workers (at least 1, at most one per run of rows) and starts
+    /// them.
     pub fn start(
         n: usize,
         pixels: &ModulePixels,
         n_modules: usize,
         image_ring: image_buffer::RingOwner<ImageMetadata>,
     ) -> Result<Self, WorkerError> {
-        let n = n
-            .min(image_buffer::MAX_REGION_WRITERS)
-            .min(pixels.geometry.image_height)
-            .max(1);
         let slot_bytes = image_ring.slot_bytes() as usize;
         let image_bytes = pixels.geometry.image_bytes().min(slot_bytes);
-        let (shares, straddling) = split_image(pixels, n_modules, n, image_bytes)?;
-        // Checked before the owner is converted (the bands are disjoint by construction, so a
+        let runs = split_image(pixels, n_modules, 1, image_bytes)?.runs.len();
+        let n = n.min(runs).max(1);
+        let split = Arc::new(split_image(pixels, n_modules, n, image_bytes)?);
+        // Checked before the owner is converted (the runs are disjoint by construction, so a
         // refused plan is a bug in the split).
         let plan = RegionPlan::new(
             slot_bytes,
-            shares.iter().map(|s| vec![s.bytes.clone()]).collect(),
+            split.runs.iter().map(|r| vec![r.bytes.clone()]).collect(),
         )?;
         let ring = image_ring.into_regions(plan)?;
+        let claims: Arc<[Claims]> = split.lanes.iter().map(|_| Claims::default()).collect();
+        let n_blocks = block_count(image_bytes);
         let mut links = Vec::with_capacity(n);
-        for (w, share) in shares.into_iter().enumerate() {
+        for w in 0..n {
             let (jobs, jobs_rx) = sync_channel::<Job>(1);
             let (done_tx, done) = sync_channel::<Job>(1);
             let now = Instant::now();
@@ -328,19 +377,20 @@ impl Workers {
                     .collect(),
                 refill: false,
                 hash: false,
-                digests: Vec::with_capacity(share.blocks.len()),
+                blocks: 0..0,
+                digests: Vec::with_capacity(n_blocks),
                 started: now,
                 finished: now,
                 error: None,
                 panicked: false,
             };
-            let blocks = share.blocks.clone();
             let worker = Worker {
-                w,
+                lane: w / 2,
+                down: w % 2 == 0,
                 ring: ring.clone(),
                 scratch: pixels.scratch(),
-                share,
-                image_bytes,
+                split: Arc::clone(&split),
+                claims: Arc::clone(&claims),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("asm-worker-{w}"))
@@ -350,17 +400,17 @@ impl Workers {
                 jobs,
                 done,
                 job: Some(job),
-                blocks,
                 thread: Some(thread),
             });
         }
         Ok(Workers {
             ring,
             links,
+            split,
+            claims,
             n_modules,
-            image_bytes,
-            straddling,
-            digests: vec![0; block_count(image_bytes)],
+            digests: vec![0; n_blocks],
+            hashed: vec![false; n_blocks],
             outcomes: vec![Outcome::Absent; n_modules],
             lost: false,
             stats: WorkerStats::default(),
@@ -377,7 +427,7 @@ impl Workers {
 
     /// The bytes of an image (what the checksum covers).
     pub fn image_bytes(&self) -> usize {
-        self.image_bytes
+        self.split.image_bytes
     }
 
     /// Image `input.image_id`: begins the slot, has every module placed and, with
@@ -442,29 +492,36 @@ impl Workers {
             }
         }
         if overwritten {
-            // Other bands may hold that module's pixels: zero them too, as one thread does.
+            // Other runs may hold that module's pixels: zero them too, as one thread does.
             self.stats.refills += 1;
             self.round(image_id, None, pixels, checksum)?;
         }
         if !checksum {
             return Ok(None);
         }
-        for link in &self.links {
-            if let (Some(job), Some(out)) = (&link.job, self.digests.get_mut(link.blocks.clone())) {
+        self.hashed.fill(false);
+        for job in self.links.iter().filter_map(|link| link.job.as_ref()) {
+            if let (Some(out), Some(hashed)) = (
+                self.digests.get_mut(job.blocks.clone()),
+                self.hashed.get_mut(job.blocks.clone()),
+            ) {
                 let n = job.digests.len().min(out.len());
                 out[..n].copy_from_slice(&job.digests[..n]);
+                hashed[..n].fill(true);
             }
         }
-        if !self.straddling.is_empty() {
+        // Blocks where two workers' runs meet, or two lanes: every worker is done now.
+        if self.hashed.contains(&false) {
             let view = self.ring.view().map_err(|source| WorkerError::Region {
                 worker: 0,
                 image_id,
                 source,
             })?;
             let data = view.data();
-            for &k in &self.straddling {
-                let block = k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(self.image_bytes);
-                if let (Some(bytes), Some(out)) = (data.get(block), self.digests.get_mut(k)) {
+            let image_bytes = self.split.image_bytes;
+            for (k, (out, hashed)) in self.digests.iter_mut().zip(&self.hashed).enumerate() {
+                let block = k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(image_bytes);
+                if let (false, Some(bytes)) = (*hashed, data.get(block)) {
                     *out = block_digest(bytes);
                 }
             }
@@ -482,6 +539,10 @@ impl Workers {
         hash: bool,
     ) -> Result<(), WorkerError> {
         let started = Instant::now();
+        // Before the jobs are sent: the channel orders these stores before the workers' claims.
+        for (claims, runs) in self.claims.iter().zip(&self.split.lanes) {
+            claims.reset(runs);
+        }
         for (w, link) in self.links.iter_mut().enumerate() {
             let lost = WorkerError::Lost {
                 worker: w,
@@ -595,11 +656,13 @@ fn duration_us(d: Duration) -> u64 {
 
 /// One worker thread's own state.
 struct Worker {
-    w: usize,
+    /// Its lane, and whether it claims runs from the top down (else from the bottom up).
+    lane: usize,
+    down: bool,
     ring: RegionRing<ImageMetadata>,
     scratch: Scratch,
-    share: Share,
-    image_bytes: usize,
+    split: Arc<Split>,
+    claims: Arc<[Claims]>,
 }
 
 impl Worker {
@@ -608,8 +671,9 @@ impl Worker {
         while let Ok(mut job) = jobs.recv() {
             job.started = Instant::now();
             job.digests.clear();
+            job.blocks = 0..0;
             // A panic here is a bug; caught so that the synchroniser hears of it.
-            job.panicked = catch_unwind(AssertUnwindSafe(|| self.band(&mut job))).is_err();
+            job.panicked = catch_unwind(AssertUnwindSafe(|| self.lane(&mut job))).is_err();
             // Dropped before answering: between images the synchroniser holds the only one.
             job.pixels = None;
             for task in &mut job.modules {
@@ -622,70 +686,117 @@ impl Worker {
         }
     }
 
-    /// Writes (or, refilling, zeroes) the band run by run, hashing each run's blocks after it.
-    fn band(&mut self, job: &mut Job) {
-        let Some(pixels) = job.pixels.as_ref() else {
-            job.error = Some(RegionError::NoImage);
+    /// Claims runs of its lane from its end until none is left; after each, hashes the blocks
+    /// that now lie wholly in the runs it made (still in this core's cache).
+    fn lane(&mut self, job: &mut Job) {
+        let (Some(lane), Some(claims)) =
+            (self.split.lanes.get(self.lane), self.claims.get(self.lane))
+        else {
             return;
         };
-        let mut writer = match self.ring.writer(self.w) {
-            Ok(writer) => writer,
-            Err(e) => {
+        let runs = &self.split.runs;
+        let image_bytes = self.split.image_bytes;
+        let n_blocks = block_count(image_bytes);
+        let lane_bytes = runs.get(lane.start).map_or(0, |r| r.bytes.start)
+            ..runs
+                .get(lane.end.wrapping_sub(1))
+                .map_or(0, |r| r.bytes.end);
+        // Down: the next block to hash, from the lane's first whole block on. Up: the lowest
+        // block hashed so far, from the lane's last whole block down.
+        let mut next = if self.down {
+            lane_bytes.start.div_ceil(BLOCK_BYTES)
+        } else if lane_bytes.end >= image_bytes {
+            n_blocks
+        } else {
+            lane_bytes.end / BLOCK_BYTES
+        };
+        let first = next;
+        while let Some(k) = claims.claim(self.down) {
+            let Some(run) = runs.get(k) else { break };
+            if let Err(e) = write_run(&self.ring, &mut self.scratch, job, k, run) {
                 job.error = Some(e);
                 return;
             }
-        };
-        let image_id = job.image_id;
-        let scratch = &mut self.scratch;
-        for run in &self.share.runs {
-            for (m, rows) in &run.parts {
-                let Some(task) = job.modules.get_mut(*m) else {
-                    continue;
-                };
-                if job.refill {
-                    if task.zero {
-                        pixels.zero_rows(*m, rows.clone(), &mut writer);
-                    }
-                    continue;
-                }
-                let placed = task.outcome == Outcome::Placed
-                    && task.ring.as_ref().is_some_and(|frames| {
-                        // The slot's own metadata says which packets the bytes hold.
-                        frames
-                            .read(image_id, |slot_frame, src| {
-                                pixels.write_rows_into(
-                                    scratch,
-                                    *m,
-                                    slot_frame,
-                                    src,
-                                    rows.clone(),
-                                    &mut writer,
-                                )
-                            })
-                            .is_ok()
-                    });
-                if !placed {
-                    if task.outcome == Outcome::Placed {
-                        task.outcome = Outcome::Overwritten;
-                    }
-                    pixels.zero_rows(*m, rows.clone(), &mut writer);
-                }
+            if !job.hash {
+                continue;
             }
-            if job.hash {
-                for k in run.blocks.clone() {
-                    let start = k * BLOCK_BYTES;
-                    let len = ((k + 1) * BLOCK_BYTES).min(self.image_bytes) - start;
-                    match writer.bytes_mut(start, len) {
-                        Ok(block) => job.digests.push(block_digest(block)),
-                        Err(e) => {
-                            job.error = Some(e.into());
-                            return;
-                        }
+            loop {
+                let block = if self.down {
+                    let end = ((next + 1) * BLOCK_BYTES).min(image_bytes);
+                    (next < n_blocks && end <= run.bytes.end).then_some(next)
+                } else {
+                    next.checked_sub(1)
+                        .filter(|b| b * BLOCK_BYTES >= run.bytes.start)
+                };
+                let Some(block) = block else { break };
+                let bytes = block * BLOCK_BYTES..((block + 1) * BLOCK_BYTES).min(image_bytes);
+                match self.ring.view_range(bytes) {
+                    Ok(view) => job.digests.push(block_digest(view.data())),
+                    Err(e) => {
+                        job.error = Some(e);
+                        return;
                     }
                 }
+                next = if self.down { block + 1 } else { block };
             }
         }
+        if self.down {
+            job.blocks = first..next;
+        } else {
+            // Hashed from the bottom up: into block order.
+            job.digests.reverse();
+            job.blocks = next..first;
+        }
     }
+}
+
+/// Writes (or, refilling, zeroes) run `k` through writer `k` of `ring`.
+fn write_run(
+    ring: &RegionRing<ImageMetadata>,
+    scratch: &mut Scratch,
+    job: &mut Job,
+    k: usize,
+    run: &Run,
+) -> Result<(), RegionError> {
+    let Some(pixels) = job.pixels.as_ref() else {
+        return Err(RegionError::NoImage);
+    };
+    let mut writer = ring.writer(k)?;
+    let image_id = job.image_id;
+    for (m, rows) in &run.parts {
+        let Some(task) = job.modules.get_mut(*m) else {
+            continue;
+        };
+        if job.refill {
+            if task.zero {
+                pixels.zero_rows(*m, rows.clone(), &mut writer);
+            }
+            continue;
+        }
+        let placed = task.outcome == Outcome::Placed
+            && task.ring.as_ref().is_some_and(|frames| {
+                // The slot's own metadata says which packets the bytes hold.
+                frames
+                    .read(image_id, |slot_frame, src| {
+                        pixels.write_rows_into(
+                            scratch,
+                            *m,
+                            slot_frame,
+                            src,
+                            rows.clone(),
+                            &mut writer,
+                        )
+                    })
+                    .is_ok()
+            });
+        if !placed {
+            if task.outcome == Outcome::Placed {
+                task.outcome = Outcome::Overwritten;
+            }
+            pixels.zero_rows(*m, rows.clone(), &mut writer);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -736,58 +847,45 @@ mod tests {
         ModulePixels::with_calibration(&cfg, calibration)
     }
 
-    /// Every module row is in exactly one run of one band, inside that band's image rows; no
-    /// run splits a coupled pair; the bands tile the image rows and its bytes; every block is
-    /// hashed exactly once (by its band, after the run that completed it, or by the synchroniser).
-    fn check_split(pixels: &ModulePixels, n_modules: usize, n: usize) -> Vec<Share> {
+    /// Every module row is in exactly one run, inside that run's image rows; no run splits a
+    /// coupled pair; the runs tile the image rows and bytes, at most one per region writer; the
+    /// lanes tile the runs, one per pair of workers, none empty.
+    fn check_split(pixels: &ModulePixels, n_modules: usize, n: usize) -> Split {
         let g = &pixels.geometry;
         let row_bytes = g.image_width * g.bytes_per_pixel;
         let image_bytes = g.image_bytes();
-        let (shares, straddling) = split_image(pixels, n_modules, n, image_bytes).unwrap();
-        assert_eq!(shares.len(), n);
-        assert_eq!(shares[0].rows.start, 0);
-        assert_eq!(shares[n - 1].rows.end, g.image_height);
-        assert!(shares.windows(2).all(|p| p[0].rows.end == p[1].rows.start));
+        let split = split_image(pixels, n_modules, n, image_bytes).unwrap();
+        let runs = &split.runs;
+        assert!(runs.len() <= image_buffer::MAX_REGION_WRITERS);
+        assert_eq!(runs[0].rows.start, 0);
+        assert_eq!(runs[runs.len() - 1].rows.end, g.image_height);
+        assert!(runs.windows(2).all(|p| p[0].rows.end == p[1].rows.start));
         let mut seen: Vec<Vec<usize>> = (0..n_modules).map(|m| vec![0; pixels.rows(m)]).collect();
-        let mut hashed = vec![0; block_count(image_bytes)];
-        for share in &shares {
+        for run in runs {
             assert_eq!(
-                share.bytes,
-                share.rows.start * row_bytes..share.rows.end * row_bytes
+                run.bytes,
+                run.rows.start * row_bytes..run.rows.end * row_bytes
             );
-            let mut blocks = share.blocks.start;
-            for run in &share.runs {
-                assert_eq!(
-                    run.blocks.start, blocks,
-                    "runs hash the band's blocks in order"
-                );
-                blocks = run.blocks.end;
-                for (m, rows) in &run.parts {
-                    assert!(!rows.is_empty());
-                    assert!(!pixels.rows_coupled(rows.start) && !pixels.rows_coupled(rows.end));
-                    for r in rows.clone() {
-                        seen[*m][r] += 1;
-                        assert!(share.rows.contains(&pixels.image_row(*m, r)));
-                    }
+            for (m, rows) in &run.parts {
+                assert!(!rows.is_empty());
+                assert!(!pixels.rows_coupled(rows.start) && !pixels.rows_coupled(rows.end));
+                for r in rows.clone() {
+                    seen[*m][r] += 1;
+                    assert!(run.rows.contains(&pixels.image_row(*m, r)));
                 }
             }
-            assert_eq!(blocks, share.blocks.end);
-            for k in share.blocks.clone() {
-                hashed[k] += 1;
-                let end = ((k + 1) * BLOCK_BYTES).min(image_bytes);
-                assert!(share.bytes.start <= k * BLOCK_BYTES && end <= share.bytes.end);
-            }
         }
-        for k in straddling {
-            hashed[k] += 1;
-        }
-        assert!(hashed.iter().all(|h| *h == 1), "{hashed:?}");
         assert!(seen.iter().flatten().all(|s| *s == 1));
-        shares
+        assert_eq!(split.lanes.len(), n.div_ceil(2));
+        assert_eq!(split.lanes[0].start, 0);
+        assert_eq!(split.lanes[split.lanes.len() - 1].end, runs.len());
+        assert!(split.lanes.windows(2).all(|p| p[0].end == p[1].start));
+        assert!(split.lanes.iter().all(|l| !l.is_empty()));
+        split
     }
 
     #[test]
-    fn bands_tile_the_image_and_never_split_a_double_pixel_from_its_gap() {
+    fn runs_tile_the_image_and_never_split_a_double_pixel_from_its_gap() {
         // Side by side, the second mirrored (as in the threads bench): rows interleave.
         let pair = jungfrau(&[[0, 0, 1029, 513], [2059, 0, 1030, 513]], 514, 2060, true);
         // 2x2, mirrored in x, in y and in both.
@@ -810,18 +908,21 @@ mod tests {
             check_split(&one, 1, n);
             check_split(&raw, 1, n);
         }
-        // Two bands of a converted module meet in the middle of the gap rows (256 | 257): each
-        // gap row is made with the data row its double pixels come from.
-        let halves = check_split(&pair, 2, 2);
-        assert_eq!(
-            (halves[0].rows.clone(), halves[1].rows.clone()),
-            (0..257, 257..514)
-        );
-        let halves = check_split(&quad, 4, 2);
-        assert_eq!(halves[0].rows, 0..514);
-        // Raw modules have no coupled rows: cut where asked (514 rows in 3: at 171 and 342).
-        let thirds = check_split(&raw, 1, 3);
-        assert_eq!((thirds[0].rows.end, thirds[1].rows.end), (171, 342));
+        // A converted module is cut in the middle of its gap rows (256 | 257), never at 256 or
+        // 258: each gap row is made with the data row its double pixels come from.
+        let split = check_split(&pair, 2, 2);
+        assert!(split.runs.iter().any(|r| r.rows.end == 257));
+        assert!(split
+            .runs
+            .iter()
+            .all(|r| r.rows.end != 256 && r.rows.end != 258));
+        assert_eq!(split.lanes, vec![0..split.runs.len()]);
+        // Raw modules have no coupled rows: runs of exactly 32 rows.
+        let split = check_split(&raw, 1, 3);
+        assert!(split.runs.iter().any(|r| r.rows.end == 256));
+        // 3 workers: a lane of two (2/3 of the rows) and one of one.
+        let (two, one) = (&split.lanes[0], &split.lanes[1]);
+        assert_eq!((two.len(), one.len()), (11, 6), "{:?}", split.lanes);
         // Converted, a cut at 256 or 258 would split a pair (the data row from its gap row).
         assert!(!pair.rows_coupled(171) && pair.rows_coupled(256) && pair.rows_coupled(258));
         assert!(!pair.rows_coupled(257) && !raw.rows_coupled(256));

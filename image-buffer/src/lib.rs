@@ -95,8 +95,8 @@ use std::time::Duration;
 pub use owner::{RingOwner, SlotWriter};
 pub use reader::{Expect, ReadError, RingReader};
 pub use regions::{
-    OutsideRegion, PlanError, RegionError, RegionPlan, RegionRing, RegionWriter, SlotView,
-    MAX_REGION_WRITERS,
+    OutsideRegion, PlanError, RangeView, RegionError, RegionPlan, RegionRing, RegionWriter,
+    SlotView, MAX_REGION_WRITERS,
 };
 pub use shared::{ClaimError, PartWriter, SharedRing};
 

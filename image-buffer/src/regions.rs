@@ -10,23 +10,30 @@
 //! Per image: one thread calls [`RegionRing::begin`]; writer `w` (any thread) takes its
 //! [`RegionWriter`] with [`RegionRing::writer`], which hands out `&mut` slices only inside `w`'s
 //! own ranges (checked per call, no allocation); once every writer is dropped, any number of
-//! [`SlotView`]s may read the whole slot (e.g. to hash it in blocks); then
+//! [`SlotView`]s may read the whole slot (e.g. to hash it in blocks); while others still write,
+//! a [`RangeView`] reads bytes whose writers are done (a worker hashing what it wrote); then
 //! [`RegionRing::commit`] publishes the image with its meta.
 //!
 //! ## Invariants (all checked under one `Mutex`)
 //! ```text
 //!  state: image in progress (or none) + bitmask of live writers + count of live views
+//!         + per writer, the live range views over its bytes
 //!
 //!  begin(id)       an image in progress -> Busy; else seq := writing(id), fence(Release) (B)
-//!  writer(w)       no image / w >= n_writers / w live / a view live -> refused; else w live
+//!  writer(w)       no image / w >= n_writers / w live / a view live / a range view over w's
+//!                  bytes live -> refused; else w live
 //!  view()          no image / a writer live -> refused; else views += 1
-//!  drop            clears its bit / views -= 1 (the lock release publishes its stores)
-//!  commit(meta)    requires an image, no writer and no view live; writes meta,
+//!  view_range(r)   no image / r outside the slot / a writer of a byte of r live -> refused;
+//!                  else every writer w with a byte in r: reading[w] += 1
+//!  drop            clears its bit / views -= 1 / reading[w] -= 1 (the lock release publishes
+//!                  its stores)
+//!  commit(meta)    requires an image, no writer, no view and no range view live; writes meta,
 //!                  seq := committed(id) with Release (A); image := none
 //!  abandon()       an image with nothing live: seq := 0 (empty), image := none
 //! ```
 //! So a `&mut` byte is reachable through exactly one live writer (the plan's ranges are disjoint,
-//! a writer exists once, and views exclude writers); the "writing" mark is stored before any
+//! a writer exists once, views exclude writers, and a range view excludes the writers of its
+//! bytes); the "writing" mark is stored before any
 //! writer's bytes; and every writer's stores happen before the commit (each drop releases the
 //! lock the commit takes; the commit's Release store (A) is what other processes' readers
 //! Acquire). Readers in other processes see the seqlock protocol of the crate docs unchanged.
@@ -177,13 +184,28 @@ impl RegionPlan {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// (image_id, slot) of the image being written.
     image: Option<(u64, u64)>,
     /// Bit w set: writer w is live.
     writers: u64,
     views: u32,
+    /// Live range views over writer w's bytes.
+    reading: [u32; MAX_REGION_WRITERS],
+    range_views: u32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            image: None,
+            writers: 0,
+            views: 0,
+            reading: [0; MAX_REGION_WRITERS],
+            range_views: 0,
+        }
+    }
 }
 
 struct Inner<M: Pod> {
@@ -305,6 +327,12 @@ impl<M: Pod> RegionRing<M> {
         if state.writers & bit != 0 {
             return Err(RegionError::WriterLive(w));
         }
+        if state.reading.get(w).is_some_and(|n| *n > 0) {
+            return Err(RegionError::NotNow {
+                image_id,
+                why: "the writer's bytes are being read",
+            });
+        }
         state.writers |= bit;
         Ok(RegionWriter {
             ring: self.clone(),
@@ -334,6 +362,50 @@ impl<M: Pod> RegionRing<M> {
         })
     }
 
+    /// Read access to slot bytes `range` of the image in progress while other writers may still
+    /// write elsewhere: refused while a writer with a byte in `range` is live; meanwhile no such
+    /// writer can be taken. Locks once and checks every writer's ranges (binary search).
+    pub fn view_range(&self, range: Range<usize>) -> Result<RangeView<M>, RegionError> {
+        let mut state = lock(&self.inner.state);
+        let Some((image_id, slot)) = state.image else {
+            return Err(RegionError::NoImage);
+        };
+        let plan = &self.inner.plan;
+        if range.start > range.end || range.end > plan.slot_bytes {
+            return Err(RegionError::Outside(OutsideRegion {
+                writer: usize::MAX,
+                offset: range.start,
+                len: range.end.saturating_sub(range.start),
+            }));
+        }
+        let mut covers = 0u64;
+        for w in 0..plan.n_writers() {
+            let ranges = plan.ranges(w);
+            let i = ranges.partition_point(|r| r.end <= range.start);
+            if ranges.get(i).is_some_and(|r| r.start < range.end) {
+                covers |= 1 << w;
+            }
+        }
+        if state.writers & covers != 0 {
+            return Err(RegionError::NotNow {
+                image_id,
+                why: "a writer of these bytes is live",
+            });
+        }
+        for w in 0..plan.n_writers() {
+            if covers & (1 << w) != 0 {
+                state.reading[w] += 1;
+            }
+        }
+        state.range_views += 1;
+        Ok(RangeView {
+            ring: self.clone(),
+            data_offset: self.inner.owner.layout().data_offset(slot),
+            range,
+            covers,
+        })
+    }
+
     /// Publishes the image in progress with `meta`; returns its id. The bytes no writer wrote
     /// keep what the slot held before: the plan must cover the whole image.
     pub fn commit(&self, meta: M) -> Result<u64, RegionError> {
@@ -341,7 +413,7 @@ impl<M: Pod> RegionRing<M> {
         let Some((image_id, slot)) = state.image else {
             return Err(RegionError::NoImage);
         };
-        if state.writers != 0 || state.views != 0 {
+        if state.writers != 0 || state.views != 0 || state.range_views != 0 {
             return Err(RegionError::NotNow {
                 image_id,
                 why: "a writer or view is still live",
@@ -367,7 +439,7 @@ impl<M: Pod> RegionRing<M> {
     pub fn abandon(&self) -> bool {
         let mut state = lock(&self.inner.state);
         match state.image {
-            Some((_, slot)) if state.writers == 0 && state.views == 0 => {
+            Some((_, slot)) if state.writers == 0 && state.views == 0 && state.range_views == 0 => {
                 self.inner.owner.seq(slot).store(0, Ordering::Release);
                 state.image = None;
                 true
@@ -501,10 +573,110 @@ impl<M: Pod> fmt::Debug for SlotView<M> {
     }
 }
 
+/// Shared read access to some bytes of the image in progress whose writers are done (none of
+/// them can be taken meanwhile).
+pub struct RangeView<M: Pod> {
+    ring: RegionRing<M>,
+    data_offset: usize,
+    range: Range<usize>,
+    /// Bit w: writer w has a byte in `range`.
+    covers: u64,
+}
+
+impl<M: Pod> RangeView<M> {
+    /// The slot's bytes `range`.
+    pub fn data(&self) -> &[u8] {
+        let owner = &self.ring.inner.owner;
+        // SAFETY: `range` lies inside the slot's `slot_bytes` (checked by view_range), inside the
+        // mapping that `self.ring` keeps alive. Only a RegionWriter whose ranges share a byte with
+        // `range` could write these bytes (the plan's ranges are disjoint and bytes_mut stays
+        // inside its own); none was live when this view was made, and `reading` keeps every one
+        // of them from being taken until it drops. Other processes only read the slot.
+        unsafe {
+            slice::from_raw_parts(
+                owner
+                    .map_ptr()
+                    .add(self.data_offset + self.range.start)
+                    .cast_const(),
+                self.range.len(),
+            )
+        }
+    }
+}
+
+impl<M: Pod> Drop for RangeView<M> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.ring.inner.state);
+        for w in 0..MAX_REGION_WRITERS {
+            if self.covers & (1 << w) != 0 {
+                state.reading[w] = state.reading[w].saturating_sub(1);
+            }
+        }
+        state.range_views = state.range_views.saturating_sub(1);
+    }
+}
+
+impl<M: Pod> fmt::Debug for RangeView<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RangeView")
+            .field("ring", &self.ring.name())
+            .field("range", &self.range)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Expect, ReadError, RingReader};
+
+    #[test]
+    fn a_range_view_reads_finished_writers_bytes_and_holds_them_off() {
+        let name = format!("test-regions-range-{}", std::process::id());
+        // Writer w owns bytes 32w..32w + 32 of a 128-byte slot.
+        let plan = RegionPlan::new(
+            128,
+            (0..4)
+                .map(|w| std::iter::once(w * 32..w * 32 + 32).collect())
+                .collect(),
+        )
+        .unwrap();
+        let ring = RingOwner::<u64>::create(&name, 4, 128)
+            .unwrap()
+            .into_regions(plan)
+            .unwrap();
+        ring.begin(3).unwrap();
+        for w in 0..2 {
+            ring.writer(w)
+                .unwrap()
+                .bytes_mut(w * 32, 32)
+                .unwrap()
+                .fill(w as u8 + 1);
+        }
+        let live = ring.writer(2).unwrap();
+        // Bytes of writers 0 and 1 (done) while writer 2 writes.
+        let view = ring.view_range(16..64).unwrap();
+        assert_eq!(view.data(), [[1u8; 16], [2; 16], [2; 16]].concat());
+        // Writer 2 is live: its bytes cannot be viewed, and the viewed writers cannot be taken.
+        assert!(matches!(
+            ring.view_range(60..70),
+            Err(RegionError::NotNow { .. })
+        ));
+        assert!(matches!(ring.writer(1), Err(RegionError::NotNow { .. })));
+        assert!(ring.writer(3).is_ok(), "a writer outside the view");
+        assert!(matches!(
+            ring.view_range(120..130),
+            Err(RegionError::Outside(_))
+        ));
+        assert!(matches!(ring.commit(3), Err(RegionError::NotNow { .. })));
+        drop(live);
+        drop(view);
+        assert!(
+            ring.writer(1).is_ok(),
+            "free again once the view is dropped"
+        );
+        assert_eq!(ring.commit(3), Ok(3));
+    }
 
     #[test]
     fn plans_merge_ranges_and_refuse_overlaps_and_outside_bytes() {
