@@ -161,7 +161,7 @@ impl Assembler {
         }
     }
 
-    /// Spreads the work of each image over `threads` worker threads, each converting a band of
+    /// Spreads the work of each image over `threads` worker threads, which convert it in runs of
     /// image rows ([`crate::workers`]), started now; 0 or 1 keeps the single-threaded assembly.
     pub fn with_threads(self, threads: u32) -> Result<Self, AssemblerError> {
         let n_modules = self.module_rings.len();
@@ -1061,7 +1061,7 @@ mod tests {
         out
     }
 
-    /// 2, 3 and 5 worker threads (bands of image rows, cutting through modules) make
+    /// 2, 3 and 5 worker threads (runs of image rows, cutting through modules) make
     /// byte-identical images, identical metadata (checksum included) in the same order as one
     /// thread: JUNGFRAU converted and raw (4 modules, gaps, mirrored) and GigaFRoST (8 interleaved
     /// streams), with missing packets, a lost module, an id mismatch and a frame overwritten in

@@ -328,7 +328,7 @@ struct DemoArgs {
     /// datasets are virtual datasets over them, in image order.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     writers: u32,
-    /// Worker threads converting each image in the assembler, a band of rows each (config key
+    /// Worker threads converting each image in the assembler, in runs of rows (config key
     /// assembler_threads; default: one per module, at most the cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     assembler_threads: Option<u32>,
