@@ -333,26 +333,6 @@ impl Geometry {
         self.zero_gaps_rows(module, rect, image);
     }
 
-    /// The rectangle rows (unmirrored) of module `module` that lie in image rows `rows`.
-    pub fn rect_rows_in(&self, module: usize, rows: &Range<usize>) -> Range<usize> {
-        let p = self.modules[module];
-        let clamp = |v: usize| v.min(p.height);
-        let (start, end) = if p.flip_y {
-            // Image row top + height - 1 - y.
-            let base = p.top + p.height;
-            (
-                clamp(base.saturating_sub(rows.end)),
-                clamp(base.saturating_sub(rows.start)),
-            )
-        } else {
-            (
-                clamp(rows.start.saturating_sub(p.top)),
-                clamp(rows.end.saturating_sub(p.top)),
-            )
-        };
-        start..end.max(start)
-    }
-
     /// The image row of rectangle row `y` of module `module`.
     pub fn image_row(&self, module: usize, y: usize) -> usize {
         let p = self.modules[module];

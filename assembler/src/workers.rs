@@ -134,12 +134,15 @@ pub struct Split {
     /// Lane `j`: runs `lanes[j]`, worked by workers `2j` (from the top down) and `2j + 1` (from
     /// the bottom up), who meet wherever their speed puts the meeting.
     pub lanes: Vec<Range<usize>>,
+    /// Workers the lanes are for: as asked, at most one per run, at least 1.
+    pub workers: usize,
     pub image_bytes: usize,
 }
 
 /// Cuts the image of `pixels` into runs of about [`RUN_ROWS`] rows (at most
 /// [`image_buffer::MAX_REGION_WRITERS`]; cut only where no gap row is separated from the double
-/// pixel its value comes from) and those into lanes for `n` workers, sized by their workers.
+/// pixel its value comes from) and those into lanes for `n` workers (at most one per run),
+/// sized by their workers.
 pub fn split_image(
     pixels: &ModulePixels,
     n_modules: usize,
@@ -200,6 +203,7 @@ pub fn split_image(
         });
         start = end;
     }
+    let n = n.min(runs.len()).max(1);
     // Lanes of 2 workers weigh 2, a lone last worker 1: lane ends at the run nearest to the
     // share of the rows their weights give.
     let n_lanes = n.div_ceil(2);
@@ -229,6 +233,7 @@ pub fn split_image(
     Ok(Split {
         runs,
         lanes,
+        workers: n,
         image_bytes,
     })
 }
@@ -348,9 +353,8 @@ impl Workers {
     ) -> Result<Self, WorkerError> {
         let slot_bytes = image_ring.slot_bytes() as usize;
         let image_bytes = pixels.geometry.image_bytes().min(slot_bytes);
-        let runs = split_image(pixels, n_modules, 1, image_bytes)?.runs.len();
-        let n = n.min(runs).max(1);
         let split = Arc::new(split_image(pixels, n_modules, n, image_bytes)?);
+        let n = split.workers;
         // Checked before the owner is converted (the runs are disjoint by construction, so a
         // refused plan is a bug in the split).
         let plan = RegionPlan::new(
@@ -425,13 +429,8 @@ impl Workers {
         &self.ring
     }
 
-    /// The bytes of an image (what the checksum covers).
-    pub fn image_bytes(&self) -> usize {
-        self.split.image_bytes
-    }
-
     /// Image `input.image_id`: begins the slot, has every module placed and, with
-    /// `input.checksum`, the checksum of its [`Self::image_bytes`] computed; returns each
+    /// `input.checksum`, the checksum of the image's bytes computed; returns each
     /// module's outcome (in module order) and the checksum. The slot is then ready for
     /// [`Self::commit`]; on an error the image is abandoned.
     pub fn assemble(
@@ -520,7 +519,7 @@ impl Workers {
             let data = view.data();
             let image_bytes = self.split.image_bytes;
             for (k, (out, hashed)) in self.digests.iter_mut().zip(&self.hashed).enumerate() {
-                let block = k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(image_bytes);
+                let block = block_bytes(k, image_bytes);
                 if let (false, Some(bytes)) = (*hashed, data.get(block)) {
                     *out = block_digest(bytes);
                 }
@@ -650,6 +649,11 @@ impl Drop for Workers {
     }
 }
 
+/// The image bytes of checksum block `k` (the last one may be short).
+fn block_bytes(k: usize, image_bytes: usize) -> Range<usize> {
+    k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(image_bytes)
+}
+
 fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -722,15 +726,14 @@ impl Worker {
             }
             loop {
                 let block = if self.down {
-                    let end = ((next + 1) * BLOCK_BYTES).min(image_bytes);
-                    (next < n_blocks && end <= run.bytes.end).then_some(next)
+                    (next < n_blocks && block_bytes(next, image_bytes).end <= run.bytes.end)
+                        .then_some(next)
                 } else {
                     next.checked_sub(1)
                         .filter(|b| b * BLOCK_BYTES >= run.bytes.start)
                 };
                 let Some(block) = block else { break };
-                let bytes = block * BLOCK_BYTES..((block + 1) * BLOCK_BYTES).min(image_bytes);
-                match self.ring.view_range(bytes) {
+                match self.ring.view_range(block_bytes(block, image_bytes)) {
                     Ok(view) => job.digests.push(block_digest(view.data())),
                     Err(e) => {
                         job.error = Some(e);
