@@ -9,8 +9,8 @@
 //! `emit_ready` is timed (placement and conversion, the end-to-end checksum, commit, publish);
 //! announcing the module frames (the receivers' work) happens between images, untimed, and only
 //! rewrites the slots' metadata: the pixel data were written once, at set-up (8 different frames
-//! per module cycling through 8 FrameBuffer slots). With 2 threads the workers are the only busy
-//! threads: the synchroniser waits for them blocked.
+//! per module cycling through 8 FrameBuffer slots). With 2 threads the two workers are the only
+//! busy threads: worker 0 is the synchroniser's own thread, worker 1 a thread of its own.
 //!
 //! Printed: GB/s of raw module input (1 MiB per module frame) and images/s of the per-round
 //! medians, the 2-thread / 1-thread ratio of the medians and of the best rounds (on a machine

@@ -235,13 +235,14 @@ impl ConvertedPixel for i32 {
 
 /// Pixels per block in [`convert_row`]: a block whose pixels are all in one gain stage reads
 /// only that stage's tables (8 bytes per pixel instead of 24), which is what most real frames
-/// are (G0 background). 64 pixels = 4 cache lines of each f32 table. (16 and 32 make fewer mixed
-/// blocks around Bragg spots but measured no faster: the conversion is memory-bound.)
+/// are (G0 background); one with two stages reads those two (16 bytes). 64 pixels = 4 cache
+/// lines of each f32 table. (16 and 32 make fewer mixed blocks around Bragg spots but measured
+/// no faster: the conversion is memory-bound.)
 const BLOCK: usize = 64;
 
 /// Converts one row: `raw` holds `out.len()` little-endian u16 pixels starting at module pixel
-/// `start`. Branch-free per pixel (selects), so it vectorises; per block of [`BLOCK`] pixels in
-/// a single gain stage, only that stage's tables are read.
+/// `start`. Branch-free per pixel (selects), so it vectorises; per block of [`BLOCK`] pixels,
+/// only the tables of the gain stages that occur in it are read.
 pub fn convert_row<P: ConvertedPixel>(
     cal: &ModuleCalibration,
     start: usize,
@@ -345,7 +346,7 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
     }
     // Same gain bits in every pixel of the block iff AND and OR agree on bits 15..14.
     if (all ^ any) >> 14 != 0 {
-        return convert_mixed::<P, REV>(cal, px, raw, out);
+        return convert_several::<P, REV>(cal, px, raw, out);
     }
     let s = match any >> 14 {
         0 => 0,
@@ -372,6 +373,69 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
             let adc = f32::from(raw[i] & 0x3fff);
             out[if REV { BLOCK - 1 - i } else { i }] = P::from_scaled((adc - p[i]) * g[i]);
         }
+    }
+}
+
+/// A block with several gain codes: if only two stages occur (and perhaps invalid pixels), only
+/// their tables are read ([`convert_two`]), else all three ([`convert_mixed`]). A G0 background
+/// with scattered G1 pixels makes most mixed blocks G0 + G1, few with G2 as well.
+#[inline(always)]
+fn convert_several<P: ConvertedPixel, const REV: bool>(
+    cal: &ModuleCalibration,
+    px: usize,
+    raw: &[u16; BLOCK],
+    out: &mut [P; BLOCK],
+) {
+    // Bit 15 of each: some pixel has gain code 00 (G0), 01 (G1), 11 (G2).
+    let (mut g0, mut g1, mut g2) = (0u16, 0u16, 0u16);
+    for v in raw {
+        let low = v << 1;
+        g0 |= !(v | low);
+        g1 |= !v & low;
+        g2 |= v & low;
+    }
+    match (g0 >> 15 != 0, g1 >> 15 != 0, g2 >> 15 != 0) {
+        (true, true, true) => convert_mixed::<P, REV>(cal, px, raw, out),
+        (_, _, false) => convert_two::<P, REV>(cal, px, raw, out, 0, 1),
+        (_, false, _) => convert_two::<P, REV>(cal, px, raw, out, 0, 3),
+        (false, _, _) => convert_two::<P, REV>(cal, px, raw, out, 1, 3),
+    }
+}
+
+/// The stage of gain code 0, 1 or 3.
+const fn stage_of(code: u16) -> usize {
+    (code as usize).div_ceil(2)
+}
+
+/// A block whose pixels have gain codes `a`, `b` (G0 = 0, G1 = 1, G2 = 3) or the invalid code:
+/// both stages computed, the pixel's own selected, as [`convert_mixed`] does with three (the
+/// same bits), reading 16 bytes of tables per pixel instead of 24.
+#[inline(always)]
+fn convert_two<P: ConvertedPixel, const REV: bool>(
+    cal: &ModuleCalibration,
+    px: usize,
+    raw: &[u16; BLOCK],
+    out: &mut [P; BLOCK],
+    a: u16,
+    b: u16,
+) {
+    let (sa, sb) = (stage_of(a), stage_of(b));
+    let pa: &[f32; BLOCK] = cal.pedestal[sa][px..px + BLOCK].try_into().expect("block");
+    let ga: &[f32; BLOCK] = cal.inv_gain[sa][px..px + BLOCK].try_into().expect("block");
+    let pb: &[f32; BLOCK] = cal.pedestal[sb][px..px + BLOCK].try_into().expect("block");
+    let gb: &[f32; BLOCK] = cal.inv_gain[sb][px..px + BLOCK].try_into().expect("block");
+    for i in 0..BLOCK {
+        let v = raw[i];
+        let adc = f32::from(v & 0x3fff);
+        let gain_bits = v >> 14;
+        let ea = (adc - pa[i]) * ga[i];
+        let eb = (adc - pb[i]) * gb[i];
+        let e = if gain_bits == b { eb } else { ea };
+        out[if REV { BLOCK - 1 - i } else { i }] = if gain_bits == 2 {
+            P::INVALID
+        } else {
+            P::from_scaled(e)
+        };
     }
 }
 
@@ -834,21 +898,35 @@ mod tests {
         (f32::from(raw & 0x3fff) - c.pedestal[s][px]) * c.inv_gain[s][px]
     }
 
-    #[test]
-    fn blocks_tails_mirrored_rows_and_unaligned_input_give_the_reference_bits() {
-        let c = varied();
-        // Runs of one gain code (single-stage blocks of every code, invalid included) and
-        // stretches where the code changes every few pixels (mixed blocks).
-        let raw: Vec<u16> = (0..3 * MODULE_WIDTH)
+    /// Three module rows of raw pixels in stretches of 256: runs of one gain code
+    /// (single-stage blocks of every code, invalid included), stretches where the code changes
+    /// every few pixels (blocks with every code), and a background code with another code every
+    /// 29 pixels (two-stage blocks: G0 + G1, G0 + G2, G1 + G2, G0 + invalid).
+    fn gain_code_patterns() -> Vec<u16> {
+        (0..3 * MODULE_WIDTH)
             .map(|i| {
-                let code = if (i / 256) % 2 == 0 {
-                    i / 512 % 4
-                } else {
-                    i * 7 / 5 % 4
+                let stretch = i / 256;
+                let code = match stretch % 3 {
+                    0 => stretch / 3 % 4,
+                    1 => i * 7 / 5 % 4,
+                    _ => {
+                        let (background, other) = [(0, 1), (0, 3), (1, 3), (0, 2)][stretch / 3];
+                        if i % 29 == 0 {
+                            other
+                        } else {
+                            background
+                        }
+                    }
                 };
                 ((code as u16) << 14) | ((i * 2654435761) % 16384) as u16
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn blocks_tails_mirrored_rows_and_unaligned_input_give_the_reference_bits() {
+        let c = varied();
+        let raw = gain_code_patterns();
         let aligned: &[u8] = bytemuck::cast_slice(&raw);
         // The same bytes at an odd address: the byte-decoding path.
         let mut store = vec![0u8; aligned.len() + 1];
@@ -1063,16 +1141,7 @@ mod tests {
             Scale::Photons { energy_kev: 12.4 },
             &mut MaskCounts::default(),
         );
-        let raw: Vec<u16> = (0..3 * MODULE_WIDTH)
-            .map(|i| {
-                let code = if (i / 256) % 2 == 0 {
-                    i / 512 % 4
-                } else {
-                    i * 7 / 5 % 4
-                };
-                ((code as u16) << 14) | ((i * 2654435761) % 16384) as u16
-            })
-            .collect();
+        let raw = gain_code_patterns();
         let aligned: &[u8] = bytemuck::cast_slice(&raw);
         let mut store = vec![0u8; aligned.len() + 1];
         let odd = usize::from((store.as_ptr() as usize).is_multiple_of(2));

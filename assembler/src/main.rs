@@ -31,8 +31,9 @@ struct Args {
     /// the config key `metrics_base_address` (the assembler's port is base + 0).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Worker threads that place and convert each image (and hash it), in runs of image rows
-    /// across all modules; 1 = the service loop does it alone. Overrides the config key
+    /// Threads that place and convert each image (and hash it), in runs of image rows across
+    /// all modules: the service loop's own thread and N - 1 worker threads; 1 = the service
+    /// loop does it alone. Overrides the config key
     /// `assembler_threads`; without either, one per module up to the cores this process may use.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(std_daq_common::config::MAX_ASSEMBLER_THREADS)))]
     threads: Option<u32>,

@@ -1,6 +1,7 @@
 //! The assembler's worker threads: the work of an image (reading every module's frame from its
 //! FrameBuffer, placement or conversion, zero-filling a missing module) and the block digests of
-//! its end-to-end checksum, spread over `assembler_threads` persistent threads.
+//! its end-to-end checksum, spread over `assembler_threads` workers: worker 0 is the
+//! synchroniser's own thread, the others persistent threads.
 //!
 //! Set-up (once, [`split_image`]): the image's rows are cut into runs of about [`RUN_ROWS`] rows,
 //! at row boundaries that split no gap row from the double pixel its value comes from
@@ -16,7 +17,9 @@
 //! ```
 //!
 //! Per image, driven by the synchroniser's thread ([`Workers::assemble`]): it `begin`s the slot,
-//! resets every lane's claims and sends every worker its job. In each lane one worker claims
+//! resets every lane's claims, sends every other worker its job and works worker 0's part itself
+//! (one wake-up fewer each way per image, and no core idle while it waits; it then spins briefly
+//! for the others' answers, [`ANSWER_SPIN`], before it blocks). In each lane one worker claims
 //! runs from the top down, the other from the bottom up (one atomic per lane), so they meet
 //! wherever their speed puts the meeting: a core that other load slows down gets fewer runs.
 //! For each run the worker takes that run's [`image_buffer::RegionWriter`], converts the rows of
@@ -49,7 +52,7 @@ use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +66,11 @@ pub const WORKER_STALL: Duration = Duration::from_millis(1);
 /// converts before it hashes the blocks they completed; 32 rows of a 2-module-wide float32 image
 /// are 258 KiB, about one checksum block, so the rows it hashes are still in its core's cache.
 pub const RUN_ROWS: usize = 32;
+/// The smallest run, where the two workers of a lane meet (8 rows of a 2-module float32 image:
+/// about 30 µs of conversion on one core).
+pub const MIN_RUN_ROWS: usize = 8;
+/// How long the synchroniser, its own part done, spins for a peer's answer before it blocks.
+const ANSWER_SPIN: Duration = Duration::from_micros(300);
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
 const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
 
@@ -174,61 +182,122 @@ pub fn split_image(
             })
     };
     let run_rows = RUN_ROWS.max(height.div_ceil(image_buffer::MAX_REGION_WRITERS));
-    let mut runs = Vec::new();
-    let mut start = 0;
-    while start < height {
-        let mut end = (start + run_rows).min(height);
-        while end < height && !may_cut(end) {
-            end += 1;
+    // The next allowed cut at or after `i`, at or before `limit` (itself allowed).
+    let cut_after = |mut i: usize, limit: usize| {
+        while i < limit && !may_cut(i) {
+            i += 1;
         }
-        let mut parts = Vec::new();
-        for (m, rows) in at.iter().enumerate() {
-            let mine: Vec<usize> = rows[start..end].iter().flatten().copied().collect();
-            let (Some(lo), Some(hi)) = (mine.iter().min(), mine.iter().max()) else {
-                continue;
-            };
-            let range = *lo..*hi + 1;
-            if range.len() != mine.len() {
-                return Err(WorkerError::Band {
-                    module: m,
-                    rows: start..end,
-                });
-            }
-            parts.push((m, range));
+        i.min(limit)
+    };
+    let cut_before = |mut i: usize, limit: usize| {
+        while i > limit && !may_cut(i) {
+            i -= 1;
         }
-        runs.push(Run {
-            rows: start..end,
-            bytes: (start * row_bytes).min(image_bytes)..(end * row_bytes).min(image_bytes),
-            parts,
-        });
-        start = end;
-    }
-    let n = n.min(runs.len()).max(1);
-    // Lanes of 2 workers weigh 2, a lone last worker 1: lane ends at the run nearest to the
-    // share of the rows their weights give.
+        i.max(limit)
+    };
+    // Rows start..end cut into runs of `run_rows`, from the top.
+    let uniform = |start: usize, end: usize| {
+        let mut cuts = vec![start];
+        let mut at = start;
+        while at < end {
+            at = cut_after((at + run_rows).min(end), end);
+            cuts.push(at);
+        }
+        cuts
+    };
+    // Rows start..end for two workers meeting in the middle: runs shrink from `run_rows` to
+    // `MIN_RUN_ROWS` towards the middle, so the worker that finds no run left waits for its
+    // peer's last run only briefly (the straggle of each image).
+    let tapered = |start: usize, end: usize| {
+        let middle = cut_after(start + (end - start) / 2, end);
+        let size = |distance: usize| (distance / 2).clamp(MIN_RUN_ROWS, run_rows);
+        let mut cuts = vec![start];
+        let mut at = start;
+        while at < middle {
+            at = cut_after((at + size(middle - at)).min(middle), middle);
+            cuts.push(at);
+        }
+        let mut up = vec![end];
+        let mut at = end;
+        while at > middle {
+            at = cut_before(at.saturating_sub(size(at - middle)).max(middle), middle);
+            up.push(at);
+        }
+        up.pop();
+        cuts.extend(up.into_iter().rev());
+        cuts
+    };
+    let even = uniform(0, height);
+    let n = n.min(even.len() - 1).max(1);
+    // Lanes of 2 workers weigh 2, a lone last worker 1: lane ends at the uniform cut nearest to
+    // the share of the rows their weights give.
     let n_lanes = n.div_ceil(2);
     let weight = |j: usize| if 2 * j + 1 < n { 2 } else { 1 };
     let total: usize = (0..n_lanes).map(weight).sum();
-    let mut lanes = Vec::with_capacity(n_lanes);
+    let mut lane_rows = Vec::with_capacity(n_lanes);
     let (mut first, mut weight_so_far) = (0, 0);
     for j in 0..n_lanes {
         weight_so_far += weight(j);
         let target = height * weight_so_far / total.max(1);
         let end = if j + 1 == n_lanes {
-            runs.len()
+            even.len() - 1
         } else {
             // At least one run per lane while runs last.
-            let floor = (first + 1).min(runs.len());
-            (floor..=runs.len())
-                .min_by_key(|&k| {
-                    runs.get(k)
-                        .map_or(height, |r| r.rows.start)
-                        .abs_diff(target)
-                })
-                .unwrap_or(runs.len())
+            let floor = (first + 1).min(even.len() - 1);
+            (floor..even.len())
+                .min_by_key(|&k| even[k].abs_diff(target))
+                .unwrap_or(even.len() - 1)
         };
-        lanes.push(first..end);
+        lane_rows.push((even[first], even[end], weight(j)));
         first = end;
+    }
+    // Each lane's cuts: tapered for a pair of workers, uniform for a lone one; all uniform if
+    // tapering would make more runs than the region plan has writers.
+    let cuts_of = |taper: bool| {
+        lane_rows
+            .iter()
+            .map(|&(start, end, workers)| {
+                if taper && workers == 2 {
+                    tapered(start, end)
+                } else {
+                    uniform(start, end)
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let runs_in = |cuts: &[Vec<usize>]| cuts.iter().map(|c| c.len() - 1).sum::<usize>();
+    let mut lane_cuts = cuts_of(true);
+    if runs_in(&lane_cuts) > image_buffer::MAX_REGION_WRITERS {
+        lane_cuts = cuts_of(false);
+    }
+    let mut runs = Vec::new();
+    let mut lanes = Vec::with_capacity(n_lanes);
+    for cuts in &lane_cuts {
+        let first = runs.len();
+        for pair in cuts.windows(2) {
+            let (start, end) = (pair[0], pair[1]);
+            let mut parts = Vec::new();
+            for (m, rows) in at.iter().enumerate() {
+                let mine: Vec<usize> = rows[start..end].iter().flatten().copied().collect();
+                let (Some(lo), Some(hi)) = (mine.iter().min(), mine.iter().max()) else {
+                    continue;
+                };
+                let range = *lo..*hi + 1;
+                if range.len() != mine.len() {
+                    return Err(WorkerError::Band {
+                        module: m,
+                        rows: start..end,
+                    });
+                }
+                parts.push((m, range));
+            }
+            runs.push(Run {
+                rows: start..end,
+                bytes: (start * row_bytes).min(image_bytes)..(end * row_bytes).min(image_bytes),
+                parts,
+            });
+        }
+        lanes.push(first..runs.len());
     }
     Ok(Split {
         runs,
@@ -318,8 +387,9 @@ struct Job {
 
 #[derive(Debug)]
 struct Link {
-    jobs: SyncSender<Job>,
-    done: Receiver<Job>,
+    /// To the worker's thread and back; `None` for worker 0, whom the synchroniser's thread
+    /// runs itself ([`Workers::own`]).
+    channel: Option<(SyncSender<Job>, Receiver<Job>)>,
     /// The job while it is at the synchroniser.
     job: Option<Job>,
     thread: Option<JoinHandle<()>>,
@@ -329,7 +399,11 @@ struct Link {
 #[derive(Debug)]
 pub struct Workers {
     ring: RegionRing<ImageMetadata>,
+    /// Worker `w`'s job and channel (worker 0: no channel, no thread).
     links: Vec<Link>,
+    /// Worker 0, run on the synchroniser's thread while the others work: one thread fewer to
+    /// wake and to wait for per image, and no core idle while it waits.
+    own: Worker,
     split: Arc<Split>,
     claims: Arc<[Claims]>,
     n_modules: usize,
@@ -365,9 +439,8 @@ impl Workers {
         let claims: Arc<[Claims]> = split.lanes.iter().map(|_| Claims::default()).collect();
         let n_blocks = block_count(image_bytes);
         let mut links = Vec::with_capacity(n);
+        let mut own = None;
         for w in 0..n {
-            let (jobs, jobs_rx) = sync_channel::<Job>(1);
-            let (done_tx, done) = sync_channel::<Job>(1);
             let now = Instant::now();
             let job = Job {
                 image_id: 0,
@@ -396,20 +469,32 @@ impl Workers {
                 split: Arc::clone(&split),
                 claims: Arc::clone(&claims),
             };
+            if w == 0 {
+                own = Some(worker);
+                links.push(Link {
+                    channel: None,
+                    job: Some(job),
+                    thread: None,
+                });
+                continue;
+            }
+            let (jobs, jobs_rx) = sync_channel::<Job>(1);
+            let (done_tx, done) = sync_channel::<Job>(1);
             let thread = std::thread::Builder::new()
                 .name(format!("asm-worker-{w}"))
                 .spawn(move || worker.run(jobs_rx, done_tx))
                 .map_err(|source| WorkerError::Spawn { worker: w, source })?;
             links.push(Link {
-                jobs,
-                done,
+                channel: Some((jobs, done)),
                 job: Some(job),
                 thread: Some(thread),
             });
         }
+        let own = own.expect("split_image gives at least one worker");
         Ok(Workers {
             ring,
             links,
+            own,
             split,
             claims,
             n_modules,
@@ -574,16 +659,29 @@ impl Workers {
                     }
                 }
             }
-            if link.jobs.send(job).is_err() {
-                self.lost = true;
-                return Err(lost);
+            match &link.channel {
+                Some((jobs, _)) => {
+                    if jobs.send(job).is_err() {
+                        self.lost = true;
+                        return Err(lost);
+                    }
+                }
+                None => link.job = Some(job),
             }
+        }
+        // Worker 0's part, here, while the others work theirs.
+        if let Some(job) = self.links.first_mut().and_then(|link| link.job.as_mut()) {
+            self.own.work(job);
         }
         let mut failure = None;
         let (mut first, mut last) = (None::<Instant>, None::<Instant>);
         let mut busy = Duration::ZERO;
         for (w, link) in self.links.iter_mut().enumerate() {
-            match link.done.recv_timeout(WORKER_WATCHDOG) {
+            let answer = match &link.channel {
+                Some((_, done)) => receive(done),
+                None => link.job.take().ok_or(RecvTimeoutError::Disconnected),
+            };
+            match answer {
                 Ok(mut job) => {
                     first = Some(first.map_or(job.finished, |f| f.min(job.finished)));
                     last = Some(last.map_or(job.finished, |l| l.max(job.finished)));
@@ -639,9 +737,11 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         for link in std::mem::take(&mut self.links) {
-            let Link { jobs, thread, .. } = link;
+            let Link {
+                channel, thread, ..
+            } = link;
             // A closed channel ends the worker's loop.
-            drop(jobs);
+            drop(channel);
             if let (Some(thread), false) = (thread, self.lost) {
                 let _ = thread.join();
             }
@@ -654,11 +754,28 @@ fn block_bytes(k: usize, image_bytes: usize) -> Range<usize> {
     k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(image_bytes)
 }
 
+/// A worker's answer: waited for spinning (yielding the core to anything runnable) for up to
+/// [`ANSWER_SPIN`], then blocked (with the watchdog). The synchroniser waits here only after
+/// its own part, for a peer still on its last run (the straggle, typically well under 0.2 ms):
+/// parking would add a wake-up, tens of µs on a VM, to every image.
+fn receive(done: &Receiver<Job>) -> Result<Job, RecvTimeoutError> {
+    let spin_until = Instant::now() + ANSWER_SPIN;
+    loop {
+        match done.try_recv() {
+            Ok(job) => return Ok(job),
+            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) if Instant::now() < spin_until => std::thread::yield_now(),
+            Err(TryRecvError::Empty) => return done.recv_timeout(WORKER_WATCHDOG),
+        }
+    }
+}
+
 fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// One worker thread's own state.
+/// One worker's own state.
+#[derive(Debug)]
 struct Worker {
     /// Its lane, and whether it claims runs from the top down (else from the bottom up).
     lane: usize,
@@ -673,21 +790,26 @@ impl Worker {
     /// One job at a time until the synchroniser closes the channel.
     fn run(mut self, jobs: Receiver<Job>, done: SyncSender<Job>) {
         while let Ok(mut job) = jobs.recv() {
-            job.started = Instant::now();
-            job.digests.clear();
-            job.blocks = 0..0;
-            // A panic here is a bug; caught so that the synchroniser hears of it.
-            job.panicked = catch_unwind(AssertUnwindSafe(|| self.lane(&mut job))).is_err();
-            // Dropped before answering: between images the synchroniser holds the only one.
-            job.pixels = None;
-            for task in &mut job.modules {
-                task.ring = None;
-            }
-            job.finished = Instant::now();
+            self.work(&mut job);
             if done.send(job).is_err() {
                 break;
             }
         }
+    }
+
+    /// Does `job` (timed), then lets go of what it borrowed.
+    fn work(&mut self, job: &mut Job) {
+        job.started = Instant::now();
+        job.digests.clear();
+        job.blocks = 0..0;
+        // A panic here is a bug; caught so that the synchroniser hears of it.
+        job.panicked = catch_unwind(AssertUnwindSafe(|| self.lane(job))).is_err();
+        // Dropped before answering: between images the synchroniser holds the only one.
+        job.pixels = None;
+        for task in &mut job.modules {
+            task.ring = None;
+        }
+        job.finished = Instant::now();
     }
 
     /// Claims runs of its lane from its end until none is left; after each, hashes the blocks
@@ -923,9 +1045,31 @@ mod tests {
         // Raw modules have no coupled rows: runs of exactly 32 rows.
         let split = check_split(&raw, 1, 3);
         assert!(split.runs.iter().any(|r| r.rows.end == 256));
-        // 3 workers: a lane of two (2/3 of the rows) and one of one.
-        let (two, one) = (&split.lanes[0], &split.lanes[1]);
-        assert_eq!((two.len(), one.len()), (11, 6), "{:?}", split.lanes);
+        // 3 workers: a lane of two (2/3 of the rows: 11 runs of 32) whose runs shrink to 8 rows
+        // where its workers meet, and one of one (runs of 32).
+        let cuts: Vec<usize> = split.runs.iter().map(|r| r.rows.end).collect();
+        assert_eq!(
+            cuts,
+            [
+                32, 64, 96, 128, 152, 164, 172, 176, 180, 188, 200, 224, 256, 288, 320, 352, 384,
+                416, 448, 480, 512, 514
+            ]
+        );
+        assert_eq!(split.lanes, [0..16, 16..22]);
+        // Two workers: one lane of the whole image, its smallest runs about the middle.
+        let sizes: Vec<usize> = check_split(&pair, 2, 2)
+            .runs
+            .iter()
+            .map(|r| r.rows.len())
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 514);
+        assert_eq!(sizes.iter().min(), Some(&MIN_RUN_ROWS));
+        assert_eq!((sizes[0], sizes[sizes.len() - 1]), (RUN_ROWS, RUN_ROWS));
+        // One worker: nothing to meet, runs of 32.
+        assert!(check_split(&quad, 4, 1)
+            .runs
+            .iter()
+            .all(|r| r.rows.len() <= RUN_ROWS + 1));
         // Converted, a cut at 256 or 258 would split a pair (the data row from its gap row).
         assert!(!pair.rows_coupled(171) && pair.rows_coupled(256) && pair.rows_coupled(258));
         assert!(!pair.rows_coupled(257) && !raw.rows_coupled(256));
