@@ -3,16 +3,18 @@
 //! its end-to-end checksum, spread over `assembler_threads` workers: worker 0 is the
 //! synchroniser's own thread, the others persistent threads.
 //!
-//! Set-up (once, [`split_image`]): the image's rows are cut into runs of about [`RUN_ROWS`] rows,
-//! at row boundaries that split no gap row from the double pixel its value comes from
+//! Set-up (once, [`split_image`]): the image's rows are cut into lanes of consecutive rows, one
+//! per pair of workers, sized by their workers, and each lane into runs of [`RUN_ROWS`] rows
+//! that shrink to [`MIN_RUN_ROWS`] towards the middle of a two-worker lane (where its workers
+//! usually meet: the one that finds no run left then waits only for a small last run), at row
+//! boundaries that split no gap row from the double pixel its value comes from
 //! ([`ModulePixels::rows_coupled`]); run `k` is writer `k` of the slot's [`RegionPlan`] (its rows'
-//! bytes, checked disjoint). The runs are grouped into lanes of consecutive runs, one per pair
-//! of workers, sized by their workers.
+//! bytes, checked disjoint).
 //!
 //! ```text
-//!   image rows   lane 0 (workers 0 and 1)                       lane 1 (worker 2)
-//!   runs         [0][1][2][3][4][5][6][7][8][9][10][11][12] ... [13][14] ...
-//!                 w0 claims -->            <-- w1 claims          w2 -->
+//!   image rows   lane 0 (workers 0 and 1)                           lane 1 (worker 2)
+//!   runs         [0   ][1   ][2   ][3 ][4][5][6][7 ][8   ][9   ] ... [10  ][11  ] ...
+//!                 w0 claims -->                <-- w1 claims          w2 -->
 //!                 hashes each block once the runs under it are its own, from its cache
 //! ```
 //!
@@ -147,10 +149,11 @@ pub struct Split {
     pub image_bytes: usize,
 }
 
-/// Cuts the image of `pixels` into runs of about [`RUN_ROWS`] rows (at most
-/// [`image_buffer::MAX_REGION_WRITERS`]; cut only where no gap row is separated from the double
-/// pixel its value comes from) and those into lanes for `n` workers (at most one per run),
-/// sized by their workers.
+/// Cuts the image of `pixels` into lanes for `n` workers (at most one per run of
+/// [`RUN_ROWS`] rows), sized by their workers, and the lanes into runs: of about [`RUN_ROWS`]
+/// rows, shrinking to [`MIN_RUN_ROWS`] towards the middle of a lane of two workers (uniform if
+/// that would make more than [`image_buffer::MAX_REGION_WRITERS`] runs); cut only where no gap
+/// row is separated from the double pixel its value comes from.
 pub fn split_image(
     pixels: &ModulePixels,
     n_modules: usize,
