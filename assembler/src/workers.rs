@@ -441,11 +441,9 @@ impl Workers {
         let ring = image_ring.into_regions(plan)?;
         let claims: Arc<[Claims]> = split.lanes.iter().map(|_| Claims::default()).collect();
         let n_blocks = block_count(image_bytes);
-        let mut links = Vec::with_capacity(n);
-        let mut own = None;
-        for w in 0..n {
+        let new_job = || {
             let now = Instant::now();
-            let job = Job {
+            Job {
                 image_id: 0,
                 pixels: None,
                 modules: (0..n_modules)
@@ -463,24 +461,25 @@ impl Workers {
                 finished: now,
                 error: None,
                 panicked: false,
-            };
-            let worker = Worker {
-                lane: w / 2,
-                down: w % 2 == 0,
-                ring: ring.clone(),
-                scratch: pixels.scratch(),
-                split: Arc::clone(&split),
-                claims: Arc::clone(&claims),
-            };
-            if w == 0 {
-                own = Some(worker);
-                links.push(Link {
-                    channel: None,
-                    job: Some(job),
-                    thread: None,
-                });
-                continue;
             }
+        };
+        let new_worker = |w: usize| Worker {
+            lane: w / 2,
+            down: w.is_multiple_of(2),
+            ring: ring.clone(),
+            scratch: pixels.scratch(),
+            split: Arc::clone(&split),
+            claims: Arc::clone(&claims),
+        };
+        let own = new_worker(0);
+        let mut links = Vec::with_capacity(n);
+        links.push(Link {
+            channel: None,
+            job: Some(new_job()),
+            thread: None,
+        });
+        for w in 1..n {
+            let (job, worker) = (new_job(), new_worker(w));
             let (jobs, jobs_rx) = sync_channel::<Job>(1);
             let (done_tx, done) = sync_channel::<Job>(1);
             let thread = std::thread::Builder::new()
@@ -493,7 +492,6 @@ impl Workers {
                 thread: Some(thread),
             });
         }
-        let own = own.expect("split_image gives at least one worker");
         Ok(Workers {
             ring,
             links,
