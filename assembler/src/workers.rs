@@ -19,10 +19,11 @@
 //! ```
 //!
 //! Per image, driven by the synchroniser's thread ([`Workers::assemble`]): it `begin`s the slot,
-//! resets every lane's claims, sends every other worker its job and works worker 0's part itself
-//! (one wake-up fewer each way per image, and no core idle while it waits; it then spins briefly
-//! for the others' answers, [`ANSWER_SPIN`], before it blocks). In each lane one worker claims
-//! runs from the top down, the other from the bottom up (one atomic per lane), so they meet
+//! resets every lane's claims, sends every other worker its job, works worker 0's part itself
+//! (no thread to wake for that part, none to wake the synchroniser after it, and no core idle
+//! while it waits), then waits for the others' answers, blocked: spinning for them took CPU from
+//! the receivers on a 2-core machine (end to end, fewer lossless rates). In each lane one worker
+//! claims runs from the top down, the other from the bottom up (one atomic per lane), so they meet
 //! wherever their speed puts the meeting: a core that other load slows down gets fewer runs.
 //! For each run the worker takes that run's [`image_buffer::RegionWriter`], converts the rows of
 //! every module in it straight into the slot (no extra copy) and drops the writer; then it hashes
@@ -54,7 +55,7 @@ use image_buffer::{RegionError, RegionPlan, RegionRing, RingReader};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,8 +72,6 @@ pub const RUN_ROWS: usize = 32;
 /// The smallest run, where the two workers of a lane meet (8 rows of a 2-module float32 image:
 /// about 30 µs of conversion on one core).
 pub const MIN_RUN_ROWS: usize = 8;
-/// How long the synchroniser, its own part done, spins for a peer's answer before it blocks.
-const ANSWER_SPIN: Duration = Duration::from_micros(300);
 /// A worker that has not answered after this is taken as lost (a bug: the service stops).
 const WORKER_WATCHDOG: Duration = Duration::from_secs(10);
 
@@ -679,7 +678,7 @@ impl Workers {
         let mut busy = Duration::ZERO;
         for (w, link) in self.links.iter_mut().enumerate() {
             let answer = match &link.channel {
-                Some((_, done)) => receive(done),
+                Some((_, done)) => done.recv_timeout(WORKER_WATCHDOG),
                 None => link.job.take().ok_or(RecvTimeoutError::Disconnected),
             };
             match answer {
@@ -753,22 +752,6 @@ impl Drop for Workers {
 /// The image bytes of checksum block `k` (the last one may be short).
 fn block_bytes(k: usize, image_bytes: usize) -> Range<usize> {
     k * BLOCK_BYTES..((k + 1) * BLOCK_BYTES).min(image_bytes)
-}
-
-/// A worker's answer: waited for spinning (yielding the core to anything runnable) for up to
-/// [`ANSWER_SPIN`], then blocked (with the watchdog). The synchroniser waits here only after
-/// its own part, for a peer still on its last run (the straggle, typically well under 0.2 ms):
-/// parking would add a wake-up, tens of µs on a VM, to every image.
-fn receive(done: &Receiver<Job>) -> Result<Job, RecvTimeoutError> {
-    let spin_until = Instant::now() + ANSWER_SPIN;
-    loop {
-        match done.try_recv() {
-            Ok(job) => return Ok(job),
-            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
-            Err(TryRecvError::Empty) if Instant::now() < spin_until => std::thread::yield_now(),
-            Err(TryRecvError::Empty) => return done.recv_timeout(WORKER_WATCHDOG),
-        }
-    }
 }
 
 fn duration_us(d: Duration) -> u64 {
