@@ -354,8 +354,7 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
         3 => 2,
         _ => return out.fill(P::INVALID),
     };
-    let p: &[f32; BLOCK] = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
-    let g: &[f32; BLOCK] = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
+    let (p, g) = stage_block(cal, s, px);
     if REV && std::mem::size_of::<P>() != 4 {
         // Forward into a stack block, then one reversing copy: a reversed store inside the
         // conversion loop kept it from vectorising for 2-byte pixels. (4-byte pixels keep the
@@ -402,6 +401,14 @@ fn convert_several<P: ConvertedPixel, const REV: bool>(
     }
 }
 
+/// Stage `s`'s pedestal and factor tables for the block from module pixel `px`.
+#[inline(always)]
+fn stage_block(cal: &ModuleCalibration, s: usize, px: usize) -> (&[f32; BLOCK], &[f32; BLOCK]) {
+    let p = cal.pedestal[s][px..px + BLOCK].try_into().expect("block");
+    let g = cal.inv_gain[s][px..px + BLOCK].try_into().expect("block");
+    (p, g)
+}
+
 /// The stage of gain code 0, 1 or 3.
 const fn stage_of(code: u16) -> usize {
     (code as usize).div_ceil(2)
@@ -419,11 +426,10 @@ fn convert_two<P: ConvertedPixel, const REV: bool>(
     a: u16,
     b: u16,
 ) {
-    let (sa, sb) = (stage_of(a), stage_of(b));
-    let pa: &[f32; BLOCK] = cal.pedestal[sa][px..px + BLOCK].try_into().expect("block");
-    let ga: &[f32; BLOCK] = cal.inv_gain[sa][px..px + BLOCK].try_into().expect("block");
-    let pb: &[f32; BLOCK] = cal.pedestal[sb][px..px + BLOCK].try_into().expect("block");
-    let gb: &[f32; BLOCK] = cal.inv_gain[sb][px..px + BLOCK].try_into().expect("block");
+    let ((pa, ga), (pb, gb)) = (
+        stage_block(cal, stage_of(a), px),
+        stage_block(cal, stage_of(b), px),
+    );
     for i in 0..BLOCK {
         let v = raw[i];
         let adc = f32::from(v & 0x3fff);
