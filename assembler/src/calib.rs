@@ -348,13 +348,11 @@ fn convert_block<P: ConvertedPixel, const REV: bool>(
     if (all ^ any) >> 14 != 0 {
         return convert_several::<P, REV>(cal, px, raw, out);
     }
-    let s = match any >> 14 {
-        0 => 0,
-        1 => 1,
-        3 => 2,
-        _ => return out.fill(P::INVALID),
-    };
-    let (p, g) = stage_block(cal, s, px);
+    let code = any >> 14;
+    if code == 2 {
+        return out.fill(P::INVALID);
+    }
+    let (p, g) = stage_block(cal, stage_of(code), px);
     if REV && std::mem::size_of::<P>() != 4 {
         // Forward into a stack block, then one reversing copy: a reversed store inside the
         // conversion loop kept it from vectorising for 2-byte pixels. (4-byte pixels keep the
